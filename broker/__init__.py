@@ -1,0 +1,1 @@
+"""The broker: a ZeroMQ ROUTER between HTTP frontends and GPU workers. Imports no torch."""

@@ -1,0 +1,51 @@
+"""python -m broker: run the broker until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from broker.broker import Broker, BrokerConfig
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = BrokerConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m broker",
+        description="Route image-generation jobs from HTTP frontends to GPU workers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--clients", default=defaults.clients,
+                        help="endpoint the HTTP frontends connect to")
+    parser.add_argument("--workers", default=defaults.workers,
+                        help="endpoint the GPU workers connect to")
+    parser.add_argument("--heartbeat", type=float, default=defaults.heartbeat_interval,
+                        help="seconds between heartbeats; a peer is dead after 3 missed")
+    parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                        help="queued jobs per model before submissions get 429")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s broker %(levelname)s %(message)s")
+    broker = Broker(BrokerConfig(clients=args.clients, workers=args.workers,
+                                 heartbeat_interval=args.heartbeat, max_queue=args.max_queue))
+    try:
+        broker.bind()
+    except Exception as exc:  # e.g. address in use: say so in one line, no traceback
+        logging.error("cannot bind: %s", exc)
+        return 2
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: broker.stop())
+    broker.run()
+    logging.info("broker stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The broker loop: route jobs from frontends to workers that have room, and answers back.
+
+One thread owns both ROUTER sockets, the job table and the worker registry. ``run()`` calls
+``tick()`` until stopped; each tick polls the sockets once, then purges what expired, sends
+heartbeats and dispatches, so tests can drive it step by step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from broker import protocol
+from broker.jobs import Job, JobState, JobTable
+from broker.protocol import ErrorCode, Message, MsgType, ProtocolError
+from broker.registry import Worker, WorkerRegistry, WorkerState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerConfig:
+    clients: str = "tcp://127.0.0.1:5555"
+    workers: str = "tcp://127.0.0.1:5556"
+    heartbeat_interval: float = 1.0
+    heartbeat_liveness: int = 3  # missed heartbeats after which a peer is dead
+    max_queue: int = 256  # queued jobs per model
+    max_attempts: int = 3  # workers lost running one job before it fails
+    max_client_frame: int = 1 << 20
+    max_worker_frame: int = 256 << 20  # a 4K PNG is tens of MB
+
+
+class _DropLog:
+    """Log dropped messages at most once per second, with a count of the ones not logged."""
+
+    def __init__(self) -> None:
+        self._last = 0.0
+        self._suppressed = 0
+
+    def __call__(self, peer: str, reason: str) -> None:
+        now = time.monotonic()
+        if now - self._last < 1.0:
+            self._suppressed += 1
+            return
+        extra = f" ({self._suppressed} more dropped since)" if self._suppressed else ""
+        log.warning("dropped a message from %s: %s%s", peer, reason, extra)
+        self._last, self._suppressed = now, 0
+
+
+class Broker:
+    def __init__(self, config: BrokerConfig, context: zmq.Context | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self._clock = clock
+        self._ctx = context or zmq.Context.instance()
+        self.jobs = JobTable(max_queue=config.max_queue, max_attempts=config.max_attempts)
+        self.workers = WorkerRegistry(
+            liveness=config.heartbeat_interval * config.heartbeat_liveness)
+        self._stop = threading.Event()
+        self._next_heartbeat = 0.0
+        self._drop = _DropLog()
+        self.clients = self._router(config.max_client_frame)
+        self.worker_socket = self._router(config.max_worker_frame)
+        self._poller = zmq.Poller()
+        self._poller.register(self.clients, zmq.POLLIN)
+        self._poller.register(self.worker_socket, zmq.POLLIN)
+
+    def _router(self, max_frame: int) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.setsockopt(zmq.RCVHWM, 10_000)
+        return sock
+
+    def bind(self) -> None:
+        self.clients.bind(self.config.clients)
+        self.worker_socket.bind(self.config.workers)
+        log.info("broker: clients on %s, workers on %s",
+                 self.clients.getsockopt_string(zmq.LAST_ENDPOINT),
+                 self.worker_socket.getsockopt_string(zmq.LAST_ENDPOINT))
+
+    def stop(self) -> None:
+        """Ask the loop to end; safe from any thread or signal handler."""
+        self._stop.set()
+
+    def close(self) -> None:
+        self.clients.close(linger=0)
+        self.worker_socket.close(linger=0)
+
+    def run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.tick(timeout=self.config.heartbeat_interval / 4)
+        finally:
+            self.close()
+
+    def tick(self, *, timeout: float = 0.0) -> None:
+        """One round: read what arrived, purge what expired, heartbeat, dispatch."""
+        self._poll(timeout)
+        now = self._clock()
+        self._purge_expired(now)
+        self._send_heartbeats(now)
+        self._dispatch(now)
+
+    # ---------------------------------------------------------------------------- receiving
+
+    def _poll(self, timeout: float) -> None:
+        events = dict(self._poller.poll(timeout * 1000))
+        # Drain in bounded bursts so neither side can starve the other.
+        for _ in range(1000):
+            got = False
+            if self.worker_socket in events and self._recv(self.worker_socket,
+                                                           self._on_worker_message):
+                got = True
+            if self.clients in events and self._recv(self.clients, self._on_client_message):
+                got = True
+            if not got:
+                return
+
+    def _recv(self, sock: zmq.Socket, handler) -> bool:
+        try:
+            frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        identity = frames[0].bytes
+        try:
+            msg = protocol.decode(frames[1:])
+        except ProtocolError as exc:
+            self._drop(identity.hex(), str(exc))
+            return True
+        try:
+            handler(identity, msg, self._clock())
+        except Exception:  # a bug handling one message must not take the broker down
+            log.exception("error handling %s from %s", msg.type.value, identity.hex())
+        return True
+
+    def _on_client_message(self, client: bytes, msg: Message, now: float) -> None:
+        if msg.type is MsgType.SUBMIT:
+            self._on_submit(client, msg["job"], now)
+        elif msg.type is MsgType.CANCEL:
+            self._on_cancel(msg["job_id"])
+        elif msg.type is MsgType.STATUS:
+            self._send(self.clients, client, protocol.encode(MsgType.STATUS_REPLY, self.status()))
+        else:
+            self._drop(client.hex(), f"{msg.type.value} is not a client message")
+
+    def _on_submit(self, client: bytes, spec: protocol.JobSpec, now: float) -> None:
+        existing = self.jobs.get(spec.id)
+        if existing is not None:  # a resubmission: answers go to whoever asked last
+            existing.client = client
+            self._send(self.clients, client, protocol.encode(
+                MsgType.ACCEPTED, {"job_id": spec.id, "position": 0}))
+            return
+        if not self.workers.serves(spec.model):
+            self._fail(client, spec.id, ErrorCode.NO_WORKER,
+                       f"no worker serves model {spec.model!r} right now", retryable=True)
+            return
+        if self.jobs.is_full(spec.model):
+            self._fail(client, spec.id, ErrorCode.QUEUE_FULL,
+                       f"the queue for {spec.model!r} is full", retryable=True)
+            return
+        job = Job(spec=spec, client=client, deadline=now + spec.timeout, attempt=spec.attempt)
+        position = self.jobs.add(job)
+        self._send(self.clients, client, protocol.encode(
+            MsgType.ACCEPTED, {"job_id": spec.id, "position": position}))
+
+    def _on_cancel(self, job_id: str) -> None:
+        job = self.jobs.finish(job_id)
+        if job is None:
+            return
+        if job.state is JobState.RUNNING and job.worker is not None:
+            self._send(self.worker_socket, job.worker,
+                       protocol.encode(MsgType.CANCEL, {"job_id": job_id}))
+        log.info("job %s cancelled by its client", job_id)
+
+    def _on_worker_message(self, identity: bytes, msg: Message, now: float) -> None:
+        if msg.type is MsgType.READY:
+            self._on_ready(identity, msg, now)
+            return
+        worker = self.workers.touch(identity, now)
+        if worker is None:
+            # We do not know this worker (we restarted, or declared it dead): ask it to
+            # register again. Whatever it sent is dropped; its jobs were already requeued.
+            self._send(self.worker_socket, identity, protocol.encode(MsgType.RECONNECT))
+            return
+        if msg.type in (MsgType.PROGRESS, MsgType.RESULT, MsgType.FAILED):
+            self._on_job_message(worker, msg)
+        elif msg.type is MsgType.BYE:
+            self._on_bye(worker)
+        elif msg.type is not MsgType.HEARTBEAT:
+            self._drop(identity.hex(), f"{msg.type.value} is not a worker message")
+
+    def _on_ready(self, identity: bytes, msg: Message, now: float) -> None:
+        old = self.workers.remove(identity)
+        if old is not None:  # it restarted its loop: what it held is lost
+            self._lose_jobs(old)
+        worker = self.workers.register(identity, msg, now)
+        log.info("worker %s ready: host=%s device=%s models=%s capacity=%d max_batch=%d",
+                 worker.worker_id, worker.host, worker.device, ",".join(worker.models),
+                 worker.capacity, worker.max_batch)
+
+    def _on_job_message(self, worker: Worker, msg: Message) -> None:
+        job_id = msg["job_id"]
+        job = self.jobs.get(job_id)
+        if job is None or job.worker != worker.identity:
+            # Late (the job was re-leased, cancelled or answered) or never ours: drop it, so
+            # each job gets exactly one answer.
+            worker.running.discard(job_id)
+            return
+        if msg.type is not MsgType.PROGRESS:
+            self.jobs.finish(job_id)
+            worker.running.discard(job_id)
+            if msg.type is MsgType.RESULT:
+                worker.jobs_done += 1
+        self._forward(job.client, msg)
+
+    def _on_bye(self, worker: Worker) -> None:
+        log.info("worker %s said goodbye", worker.worker_id)
+        self.workers.remove(worker.identity)
+        for job_id in sorted(worker.running):
+            job = self.jobs.get(job_id)
+            if job is not None:
+                self.jobs.hand_back(job)
+
+    # ---------------------------------------------------------------------------- timers
+
+    def _purge_expired(self, now: float) -> None:
+        for worker in self.workers.expired(now):
+            log.warning("worker %s missed its heartbeats; declaring it dead", worker.worker_id)
+            self.workers.remove(worker.identity)
+            self._lose_jobs(worker)
+        for job in self.jobs.expired(now):
+            if job.state is JobState.RUNNING and job.worker is not None:
+                self._send(self.worker_socket, job.worker,
+                           protocol.encode(MsgType.CANCEL, {"job_id": job.id}))
+                worker = self.workers.get(job.worker)
+                if worker is not None:
+                    worker.running.discard(job.id)
+            self._fail(job.client, job.id, ErrorCode.TIMEOUT,
+                       "the job passed its deadline before it finished")
+
+    def _lose_jobs(self, worker: Worker) -> None:
+        """Requeue the jobs of a worker that vanished; fail those that used up their attempts."""
+        for job_id in sorted(worker.running):
+            job = self.jobs.get(job_id)
+            if job is None or job.worker != worker.identity:
+                continue
+            if self.jobs.requeue(job):
+                log.warning("job %s requeued after losing worker %s (attempt %d)",
+                            job_id, worker.worker_id, job.attempt)
+            else:
+                self.jobs.finish(job_id)
+                self._fail(job.client, job_id, ErrorCode.WORKER_LOST,
+                           f"the job was lost with {job.attempt} workers that ran it")
+        worker.running.clear()
+
+    def _send_heartbeats(self, now: float) -> None:
+        if now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + self.config.heartbeat_interval
+        beat = protocol.encode(MsgType.HEARTBEAT)
+        for worker in self.workers:
+            self._send(self.worker_socket, worker.identity, beat)
+
+    # ---------------------------------------------------------------------------- dispatch
+
+    def _dispatch(self, now: float) -> None:
+        for model in self.jobs.models_waiting():
+            for worker in self.workers.with_free_capacity(model):
+                batch = self.jobs.take_batch(model, worker.identity, worker.max_batch)
+                if not batch:
+                    break
+                self._lease(worker, batch, now)
+
+    def _lease(self, worker: Worker, batch: list[Job], now: float) -> None:
+        specs = [_with_attempt(job) for job in batch]
+        if not self._send(self.worker_socket, worker.identity, protocol.jobs(specs)):
+            for job in batch:
+                self.jobs.hand_back(job)
+            self.workers.remove(worker.identity)
+            return
+        worker.running.update(job.id for job in batch)
+        worker.last_dispatch = now
+
+    # ---------------------------------------------------------------------------- sending
+
+    def _send(self, sock: zmq.Socket, identity: bytes, frames: list[Any]) -> bool:
+        try:
+            sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EHOSTUNREACH, zmq.EAGAIN):
+                raise
+            log.info("could not send to %s: %s", identity.hex(), exc.strerror)
+            return False
+
+    def _forward(self, client: bytes, msg: Message) -> None:
+        fields = {k: v for k, v in msg.fields.items() if k != "images"}
+        if msg.type is MsgType.RESULT:
+            fields["images"] = [dataclasses.asdict(i) for i in msg["images"]]
+        self._send(self.clients, client, protocol.encode(msg.type, fields, msg.payloads))
+
+    def _fail(self, client: bytes, job_id: str, code: ErrorCode, message: str, *,
+              retryable: bool = False) -> None:
+        self._send(self.clients, client,
+                   protocol.failed(job_id, code, message, retryable=retryable))
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "workers": [w.describe() for w in self.workers],
+            "queues": self.jobs.depths(),
+        }
+
+
+def _with_attempt(job: Job) -> protocol.JobSpec:
+    return dataclasses.replace(job.spec, attempt=job.attempt)
+
+
+__all__ = ["Broker", "BrokerConfig", "WorkerState"]

@@ -1,0 +1,150 @@
+"""The broker's job table: every job it holds, one FIFO per model, deadlines and leases."""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from broker.protocol import JobSpec
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+
+
+@dataclass(eq=False)
+class Job:
+    spec: JobSpec
+    client: bytes  # ROUTER identity of the frontend that submitted it
+    deadline: float  # time.monotonic() on the broker's clock
+    state: JobState = JobState.QUEUED
+    attempt: int = 0
+    worker: bytes | None = None  # identity of the worker holding the lease while RUNNING
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def model(self) -> str:
+        return self.spec.model
+
+
+class JobTable:
+    """Owns job state; only the broker thread touches it.
+
+    Queues hold job ids and are cleaned lazily: a cancelled or expired job stays in its deque
+    until it reaches the head, so removal is O(1) and dispatch skips stale ids.
+    """
+
+    def __init__(self, *, max_queue: int, max_attempts: int) -> None:
+        self.max_queue = max_queue
+        self.max_attempts = max_attempts
+        self._jobs: dict[str, Job] = {}
+        self._queues: dict[str, deque[str]] = {}
+        self._queued: dict[str, int] = {}  # model -> number of QUEUED jobs
+        self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, job id)
+
+    def __contains__(self, job_id: str) -> bool:
+        return job_id in self._jobs
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def queue_depth(self, model: str) -> int:
+        return self._queued.get(model, 0)
+
+    def depths(self) -> dict[str, int]:
+        return {model: n for model, n in self._queued.items() if n}
+
+    def models_waiting(self) -> list[str]:
+        return [model for model, n in self._queued.items() if n]
+
+    def is_full(self, model: str) -> bool:
+        return self.queue_depth(model) >= self.max_queue
+
+    def add(self, job: Job) -> int:
+        """Queue a new job at the tail; return its position (0 = next)."""
+        self._jobs[job.id] = job
+        self._enqueue(job, at_head=False)
+        heapq.heappush(self._deadlines, (job.deadline, job.id))
+        return self.queue_depth(job.model) - 1
+
+    def _enqueue(self, job: Job, *, at_head: bool) -> None:
+        job.state, job.worker = JobState.QUEUED, None
+        queue = self._queues.setdefault(job.model, deque())
+        queue.appendleft(job.id) if at_head else queue.append(job.id)
+        self._queued[job.model] = self._queued.get(job.model, 0) + 1
+
+    def _live_queued(self, queue: deque[str]) -> Iterator[Job]:
+        for job_id in queue:
+            job = self._jobs.get(job_id)
+            if job is not None and job.state is JobState.QUEUED:
+                yield job
+
+    def take_batch(self, model: str, worker: bytes, max_batch: int) -> list[Job]:
+        """Lease the oldest queued job of ``model`` plus queued jobs with its batch key."""
+        queue = self._queues.get(model)
+        if not queue:
+            return []
+        while queue and self._is_stale(queue[0]):
+            queue.popleft()
+        if not queue:
+            return []
+        head = self._jobs[queue.popleft()]
+        batch = [head]
+        if max_batch > 1:
+            key = head.spec.batch_key()
+            for job in list(self._live_queued(queue)):
+                if len(batch) >= max_batch:
+                    break
+                if job.spec.batch_key() == key:
+                    batch.append(job)
+            taken = {job.id for job in batch[1:]}
+            if taken:
+                self._queues[model] = deque(i for i in queue if i not in taken)
+        for job in batch:
+            job.state, job.worker = JobState.RUNNING, worker
+            self._queued[model] -= 1
+        return batch
+
+    def _is_stale(self, job_id: str) -> bool:
+        job = self._jobs.get(job_id)
+        return job is None or job.state is not JobState.QUEUED
+
+    def finish(self, job_id: str) -> Job | None:
+        """Forget a job (answered, cancelled or failed); return it if it was known."""
+        job = self._jobs.pop(job_id, None)
+        if job is not None and job.state is JobState.QUEUED:
+            self._queued[job.model] -= 1
+        return job
+
+    def requeue(self, job: Job) -> bool:
+        """Put a lost job back at the head of its queue; False when it used up its attempts."""
+        job.attempt += 1
+        if job.attempt >= self.max_attempts:
+            return False
+        self._enqueue(job, at_head=True)
+        return True
+
+    def hand_back(self, job: Job) -> None:
+        """Put a job a worker returned unstarted back at the head, without counting an attempt."""
+        self._enqueue(job, at_head=True)
+
+    def expired(self, now: float) -> list[Job]:
+        """Pop every job whose deadline has passed, queued or running."""
+        gone: list[Job] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, job_id = heapq.heappop(self._deadlines)
+            job = self._jobs.get(job_id)
+            if job is not None and job.deadline <= now:
+                self.finish(job_id)
+                gone.append(job)
+        return gone

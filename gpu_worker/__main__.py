@@ -1,0 +1,82 @@
+"""python -m gpu_worker: serve one model on one device for a broker."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from gpu_worker import models
+from gpu_worker.worker import Worker, WorkerConfig
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of one worker; launch.py's `worker` command takes the same."""
+    parser.add_argument("--broker", default="tcp://127.0.0.1:5556",
+                        help="the broker's worker endpoint")
+    parser.add_argument("--model", default=None,
+                        help="registry alias (see `launch.py models`), Hugging Face repo id, "
+                             "or directory with model_index.json; default: flux-schnell on "
+                             "CUDA, tiny (random weights, makes noise) otherwise")
+    parser.add_argument("--device", default=None,
+                        help="torch device, e.g. cuda:0 or cpu; default cuda:0 if available")
+    parser.add_argument("--worker-id", default=None,
+                        help="name shown in /v1/models and logs; default host-pid-device")
+    parser.add_argument("--max-batch", type=int, default=1,
+                        help="most queued jobs with equal settings taken at once")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (CPU workers); default: torch's choice")
+    parser.add_argument("--heartbeat", type=float, default=1.0,
+                        help="seconds between heartbeats; must match the broker's")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where the tiny model is written; default ~/.cache/diffusion-cluster")
+    parser.add_argument("--no-warm-up", action="store_true",
+                        help="register without a warm-up generation")
+    parser.add_argument("--offload", action="store_true",
+                        help="model CPU offload, for GPUs too small to hold the model")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the denoiser (slow start, faster steps)")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    device = args.device
+    if device is None:
+        import torch
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    model = args.model or models.default_model(device.startswith("cuda"))
+    return WorkerConfig(broker=args.broker, model=model, device=device,
+                        worker_id=args.worker_id, max_batch=args.max_batch,
+                        heartbeat=args.heartbeat, threads=args.threads,
+                        cache_dir=args.cache_dir, warm_up=not args.no_warm_up,
+                        offload=args.offload, compile=args.compile)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(),
+                        format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s")
+    worker = Worker(config_from_args(args))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop())
+    try:
+        worker.run()
+    except Exception as exc:  # load failures: one clear line, then a non-zero exit
+        logging.getLogger(__name__).exception("worker failed: %s", exc)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpu_worker",
+        description="Serve one diffusers model on one device for a diffusion-cluster broker.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_worker_arguments(parser)
+    return run_worker(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

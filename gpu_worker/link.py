@@ -1,0 +1,177 @@
+"""The worker's link to the broker: one I/O thread owns the DEALER socket.
+
+It registers (READY), heartbeats while the main thread runs long jobs, reconnects with capped
+back-off when the broker goes silent, hands received jobs to the main thread through a queue
+and sends what the main thread queues for it. Other threads never touch the socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import socket
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from broker import protocol
+from broker.protocol import JobSpec, Message, MsgType, ProtocolError
+
+log = logging.getLogger(__name__)
+
+
+class BrokerLink:
+    def __init__(self, endpoint: str, ready: dict[str, Any], *, heartbeat: float = 1.0,
+                 liveness: int = 3, max_frame: int = 1 << 20,
+                 context: zmq.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self.ready = ready  # READY fields, re-sent on every (re)connect
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self.max_frame = max_frame
+        self.jobs: queue.Queue[JobSpec] = queue.Queue()
+        self._ctx = context or zmq.Context.instance()
+        self._outbox: queue.Queue[list[Any]] = queue.Queue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._cancelled: set[str] = set()
+        self._running: set[str] = set()
+        self._lock = threading.Lock()  # guards _cancelled and _running
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="broker-link", daemon=True)
+        self.connected = threading.Event()  # set after the broker first answered us
+
+    # ---------------------------------------------------------------- called from any thread
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, *, bye: bool = True, timeout: float = 2.0) -> None:
+        if bye:
+            self.send(protocol.encode(MsgType.BYE))
+        self._stop.set()
+        self._wake()
+        self._thread.join(timeout)
+
+    def send(self, frames: list[Any]) -> None:
+        self._outbox.put(frames)
+        self._wake()
+
+    def is_cancelled(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._cancelled
+
+    def job_started(self, job_id: str) -> None:
+        with self._lock:
+            self._running.add(job_id)
+
+    def job_done(self, job_id: str) -> None:
+        with self._lock:
+            self._running.discard(job_id)
+            self._cancelled.discard(job_id)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending, or we are closing
+
+    # ---------------------------------------------------------------- the I/O thread
+
+    def _connect(self) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
+        sock.connect(self.endpoint)
+        sock.send_multipart(protocol.encode(MsgType.READY, self.ready))
+        return sock
+
+    def _run(self) -> None:
+        sock = self._connect()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        now = time.monotonic()
+        broker_deadline = now + self.heartbeat * self.liveness
+        next_beat = now + self.heartbeat
+        backoff = self.heartbeat
+        while not self._stop.is_set():
+            events = dict(poller.poll(self.heartbeat * 250))
+            now = time.monotonic()
+            if sock in events:
+                while self._recv(sock):
+                    broker_deadline = now + self.heartbeat * self.liveness
+                    backoff = self.heartbeat
+            if self._wake_r.fileno() in events:
+                self._drain_wake()
+            self._flush(sock)
+            if now >= next_beat:
+                with self._lock:
+                    running = sorted(self._running)
+                self._send(sock, protocol.encode(MsgType.HEARTBEAT, {"running": running}))
+                next_beat = now + self.heartbeat
+            if now >= broker_deadline:
+                log.warning("broker silent for %.1f s; reconnecting to %s",
+                            self.heartbeat * self.liveness, self.endpoint)
+                poller.unregister(sock)
+                sock.close(linger=0)
+                self.connected.clear()
+                time.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, 10 * self.heartbeat)
+                sock = self._connect()
+                poller.register(sock, zmq.POLLIN)
+                broker_deadline = time.monotonic() + self.heartbeat * self.liveness
+        self._flush(sock)
+        sock.close(linger=0)
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _flush(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            self._send(sock, frames)
+
+    def _send(self, sock: zmq.Socket, frames: list[Any]) -> None:
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning("broker not reachable; dropped an outgoing message")
+
+    def _recv(self, sock: zmq.Socket) -> bool:
+        try:
+            frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        try:
+            msg = protocol.decode(frames)
+        except ProtocolError as exc:
+            log.warning("dropped a message from the broker: %s", exc)
+            return True
+        self.connected.set()
+        self._handle(sock, msg)
+        return True
+
+    def _handle(self, sock: zmq.Socket, msg: Message) -> None:
+        if msg.type is MsgType.JOBS:
+            for job in msg["jobs"]:
+                self.jobs.put(job)
+        elif msg.type is MsgType.CANCEL:
+            with self._lock:
+                self._cancelled.add(msg["job_id"])
+        elif msg.type is MsgType.RECONNECT:
+            log.info("broker asked us to register again")
+            self._send(sock, protocol.encode(MsgType.READY, self.ready))
+        elif msg.type is not MsgType.HEARTBEAT:
+            log.warning("dropped unexpected %s from the broker", msg.type.value)

@@ -1,0 +1,141 @@
+"""A GPU worker: load one model, register with the broker, run jobs until told to stop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from broker import protocol
+from broker.protocol import ErrorCode, ImageInfo, JobSpec, MsgType
+from gpu_worker import models
+from gpu_worker.encode import encode_image
+from gpu_worker.link import BrokerLink
+from gpu_worker.pipeline import Interrupted, LoadOptions, PipelineRunner
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    broker: str = "tcp://127.0.0.1:5556"
+    model: str = models.TINY
+    device: str = "cpu"
+    worker_id: str | None = None
+    max_batch: int = 1
+    heartbeat: float = 1.0
+    threads: int | None = None
+    cache_dir: str | None = None
+    warm_up: bool = True
+    offload: bool = False
+    compile: bool = False
+    max_frame: int = 256 << 20
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.spec = models.resolve(config.model)
+        self.worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}-{config.device}"
+        self._stop = threading.Event()
+        self.runner: PipelineRunner | None = None
+        self.link: BrokerLink | None = None
+
+    def stop(self) -> None:
+        """Finish the current job, hand back the rest, leave. Safe from a signal handler."""
+        self._stop.set()
+
+    def load(self) -> None:
+        options = LoadOptions(device=self.config.device, cache_dir=self.config.cache_dir,
+                              threads=self.config.threads, offload=self.config.offload,
+                              compile=self.config.compile)
+        self.runner = PipelineRunner(self.spec, options)
+        if self.config.warm_up:
+            seconds = self.runner.warm_up()
+            log.info("warm-up generation took %.2f s", seconds)
+
+    def ready_fields(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.worker_id, "host": socket.gethostname(),
+            "device": self.config.device, "models": [self.spec.name],
+            "max_batch": self.config.max_batch, "capacity": 1, "version": VERSION,
+            "model_info": {self.spec.name: self.spec.limits()},
+        }
+
+    def run(self) -> None:
+        """Load, register, then take jobs until stop(); the caller's thread drives the GPU."""
+        if self.runner is None:
+            self.load()
+        self.link = BrokerLink(self.config.broker, self.ready_fields(),
+                               heartbeat=self.config.heartbeat, max_frame=self.config.max_frame)
+        self.link.start()
+        log.info("worker %s serving %s on %s; broker %s", self.worker_id, self.spec.name,
+                 self.config.device, self.config.broker)
+        try:
+            while not self._stop.is_set():
+                try:
+                    job = self.link.jobs.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                self._run_job(job)
+        finally:
+            # BYE hands every job we still hold back to the broker.
+            self.link.stop(bye=True)
+            log.info("worker %s stopped", self.worker_id)
+
+    def _run_job(self, job: JobSpec) -> None:
+        assert self.link is not None and self.runner is not None
+        link = self.link
+        if link.is_cancelled(job.id):
+            link.job_done(job.id)
+            return
+        link.job_started(job.id)
+        started = time.perf_counter()
+
+        def on_step(step: int, steps: int) -> bool:
+            link.send(protocol.encode(MsgType.PROGRESS,
+                                      {"job_id": job.id, "step": step, "steps": steps}))
+            return not link.is_cancelled(job.id)
+
+        try:
+            # 1. Denoise: the only step on the device.
+            images = self.runner.generate(job, on_step)
+            generated = time.perf_counter()
+            # 2. Encode each image as the client asked.
+            payloads = [encode_image(img, job.output_format, job.output_compression)
+                        for img in images]
+            infos = [ImageInfo(seed=seed, width=img.width, height=img.height,
+                               format=job.output_format)
+                     for seed, img in zip(job.seeds, images)]
+            timings = {"generate_s": generated - started,
+                       "encode_s": time.perf_counter() - generated}
+            # 3. Answer.
+            link.send(protocol.result(job.id, infos, payloads, timings=timings,
+                                      worker_id=self.worker_id))
+            log.info("job %s: %d image(s) %dx%d, %d steps in %.2f s", job.id, job.n,
+                     job.width, job.height, job.steps, time.perf_counter() - started)
+        except Interrupted:
+            log.info("job %s interrupted", job.id)
+        except Exception as exc:
+            log.exception("job %s failed", job.id)
+            link.send(protocol.failed(job.id, ErrorCode.WORKER_ERROR,
+                                      _client_safe(exc)))
+        finally:
+            link.job_done(job.id)
+
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?[/\\][^\s'\"]+")
+
+
+def _client_safe(exc: BaseException) -> str:
+    """A one-line account of a failure, with file paths removed: clients never see paths."""
+    text = _PATH.sub("<path>", str(exc).splitlines()[0] if str(exc) else "")[:300]
+    return f"generation failed: {type(exc).__name__}" + (f": {text}" if text else "")

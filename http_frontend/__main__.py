@@ -1,0 +1,72 @@
+"""python -m http_frontend: serve the API and web UI on waitress."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import waitress
+
+from http_frontend.app import FrontendConfig, create_app
+from http_frontend.broker_client import BrokerClient
+from http_frontend.service import ServiceConfig
+
+log = logging.getLogger("http_frontend")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m http_frontend",
+        description="Serve the OpenAI-compatible Images API and the web UI.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--broker", default="tcp://127.0.0.1:5555",
+                        help="the broker's client endpoint")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--default-model", default=None,
+                        help="model for requests that name none; default: one the workers serve")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds a request may take, queueing included (then 504)")
+    parser.add_argument("--threads", type=int, default=32,
+                        help="waitress threads: requests served at once")
+    parser.add_argument("--max-body", type=int, default=1 << 20,
+                        help="largest request body in bytes (then 413)")
+    parser.add_argument("--heartbeat", type=float, default=1.0,
+                        help="seconds between status polls of the broker")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s frontend %(levelname)s %(message)s")
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    broker = BrokerClient(args.broker, heartbeat=args.heartbeat)
+    broker.start()
+    config = FrontendConfig(
+        service=ServiceConfig(default_model=args.default_model, default_timeout=args.timeout),
+        max_body=args.max_body,
+    )
+    app = create_app(config, broker)
+    server = waitress.create_server(app, host=args.host, port=args.port, threads=args.threads,
+                                    max_request_body_size=args.max_body, ident="diffusion-cluster")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.close())
+    log.info("serving on http://%s:%s (broker %s)", args.host, server.effective_port,
+             args.broker)
+    try:
+        server.run()
+    except OSError:
+        pass  # closing the server from the signal handler ends run() this way
+    finally:
+        broker.close()
+    log.info("frontend stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

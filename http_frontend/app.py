@@ -1,0 +1,38 @@
+"""Wire the Falcon app: routes, error handling, static files. Nothing else happens here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import falcon
+
+from http_frontend import resources
+from http_frontend.broker_client import BrokerClient
+from http_frontend.errors import install_error_handlers
+from http_frontend.service import ImageService, ServiceConfig
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrontendConfig:
+    service: ServiceConfig = ServiceConfig()
+    max_body: int = 1 << 20
+    static_dir: Path = STATIC_DIR
+
+
+def create_app(config: FrontendConfig, broker: BrokerClient) -> falcon.App:
+    service = ImageService(broker, config.service)
+    app = falcon.App()
+    app.req_options.strip_url_path_trailing_slash = True
+    install_error_handlers(app)
+    app.add_route("/v1/images/generations",
+                  resources.ImageGenerations(service, max_body=config.max_body))
+    app.add_route("/v1/models", resources.Models(service))
+    app.add_route("/v1/cluster", resources.Cluster(service))
+    app.add_route("/healthz", resources.Health())
+    app.add_route("/readyz", resources.Ready(service))
+    app.add_route("/", resources.Index(config.static_dir))
+    app.add_static_route("/static", str(config.static_dir))
+    return app

@@ -1,0 +1,256 @@
+"""The frontend's connection to the broker: one I/O thread owns the DEALER socket.
+
+Request threads call ``submit()`` and wait on the returned ``PendingJob``; the I/O thread sends
+what they queue, routes each answer to the job waiting for it, and polls the broker's STATUS
+every heartbeat, which doubles as the liveness check. Answers for jobs nobody waits on are
+dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from broker import protocol
+from broker.protocol import ErrorCode, JobSpec, Message, MsgType, ProtocolError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PendingJob:
+    """A submitted job, as seen by the request thread that waits for it."""
+
+    job_id: str
+    events: queue.Queue[Message] = field(default_factory=queue.Queue)
+    position: int | None = None
+    step: int = 0
+    steps: int = 0
+
+    def wait(self, timeout: float) -> Message | None:
+        """The RESULT or FAILED for this job, or None when ``timeout`` passes first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                msg = self.events.get(timeout=remaining)
+            except queue.Empty:
+                return None
+            if msg.type is MsgType.ACCEPTED:
+                self.position = msg["position"]
+            elif msg.type is MsgType.PROGRESS:
+                self.step, self.steps = msg["step"], msg["steps"]
+            else:
+                return msg
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    """The broker's last STATUS_REPLY."""
+
+    workers: list[dict[str, Any]]
+    queues: dict[str, int]
+    received_at: float
+
+    def served_models(self) -> dict[str, list[dict[str, Any]]]:
+        """Model name -> the ready workers serving it."""
+        served: dict[str, list[dict[str, Any]]] = {}
+        for worker in self.workers:
+            if worker.get("state") != "ready":
+                continue
+            for model in worker.get("models", []):
+                served.setdefault(model, []).append(worker)
+        return served
+
+    def model_info(self, model: str) -> dict[str, Any] | None:
+        for worker in self.workers:
+            info = (worker.get("model_info") or {}).get(model)
+            if isinstance(info, dict):
+                return info
+        return None
+
+
+class BrokerClient:
+    def __init__(self, endpoint: str, *, heartbeat: float = 1.0, liveness: int = 3,
+                 context: zmq.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self._ctx = context or zmq.Context.instance()
+        self._pending: dict[str, PendingJob] = {}
+        self._lock = threading.Lock()  # guards _pending and _status
+        self._status: ClusterStatus | None = None
+        self._last_heard = 0.0
+        self._outbox: queue.Queue[list[Any]] = queue.Queue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="broker-client", daemon=True)
+
+    # ---------------------------------------------------------------- called from any thread
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake()
+        self._thread.join(2.0)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker answered within the last ``liveness`` heartbeats."""
+        return time.monotonic() - self._last_heard < self.heartbeat * self.liveness
+
+    def status(self) -> ClusterStatus | None:
+        """The broker's last status, or None when the broker is not reachable."""
+        with self._lock:
+            return self._status if self.connected else None
+
+    def submit(self, job: JobSpec) -> PendingJob:
+        pending = PendingJob(job.id)
+        with self._lock:
+            self._pending[job.id] = pending
+        if not self.connected:
+            self.forget(job.id)
+            pending.events.put(_failure(job.id, ErrorCode.BROKER_UNAVAILABLE,
+                                        "the broker is not reachable"))
+            return pending
+        self._queue(protocol.submit(job))
+        return pending
+
+    def cancel(self, job_id: str) -> None:
+        self.forget(job_id)
+        self._queue(protocol.encode(MsgType.CANCEL, {"job_id": job_id}))
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            self._pending.pop(job_id, None)
+
+    def _queue(self, frames: list[Any]) -> None:
+        self._outbox.put(frames)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    # ---------------------------------------------------------------- the I/O thread
+
+    def _socket(self) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # do not queue for a broker that is not there
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.connect(self.endpoint)
+        return sock
+
+    def _run(self) -> None:
+        sock = self._socket()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_status = 0.0
+        was_connected = False
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_status:
+                self._send(sock, protocol.encode(MsgType.STATUS))
+                next_status = now + self.heartbeat
+            events = dict(poller.poll(max(0.0, next_status - time.monotonic()) * 1000))
+            if sock in events:
+                while self._recv(sock):
+                    pass
+            if self._wake_r.fileno() in events:
+                _drain(self._wake_r)
+            self._flush(sock)
+            if was_connected and not self.connected:
+                log.warning("broker %s stopped answering", self.endpoint)
+                self._fail_all(ErrorCode.BROKER_UNAVAILABLE, "lost contact with the broker")
+            was_connected = self.connected
+        sock.close(linger=0)
+
+    def _flush(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            if not self._send(sock, frames):
+                self._fail_unsent(frames)
+
+    def _send(self, sock: zmq.Socket, frames: list[Any]) -> bool:
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
+    def _fail_unsent(self, frames: list[Any]) -> None:
+        try:
+            msg = protocol.decode(frames)
+        except ProtocolError:
+            return
+        if msg.type is MsgType.SUBMIT:
+            self._deliver(_failure(msg["job"].id, ErrorCode.BROKER_UNAVAILABLE,
+                                   "the broker is not reachable"))
+
+    def _recv(self, sock: zmq.Socket) -> bool:
+        try:
+            frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        try:
+            msg = protocol.decode(frames)
+        except ProtocolError as exc:
+            log.warning("dropped a message from the broker: %s", exc)
+            return True
+        self._last_heard = time.monotonic()
+        if msg.type is MsgType.STATUS_REPLY:
+            with self._lock:
+                self._status = ClusterStatus(msg["workers"], msg["queues"], self._last_heard)
+        elif msg.type in (MsgType.ACCEPTED, MsgType.PROGRESS, MsgType.RESULT, MsgType.FAILED):
+            self._deliver(msg)
+        else:
+            log.warning("dropped unexpected %s from the broker", msg.type.value)
+        return True
+
+    def _deliver(self, msg: Message) -> None:
+        final = msg.type in (MsgType.RESULT, MsgType.FAILED)
+        with self._lock:
+            pending = self._pending.pop(msg["job_id"], None) if final else \
+                self._pending.get(msg["job_id"])
+        if pending is not None:
+            pending.events.put(msg)
+
+    def _fail_all(self, code: ErrorCode, message: str) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for job in pending.values():
+            job.events.put(_failure(job.job_id, code, message))
+
+
+def _failure(job_id: str, code: ErrorCode, message: str) -> Message:
+    return Message(MsgType.FAILED, {"job_id": job_id, "code": code.value, "message": message,
+                                    "retryable": True})
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass

@@ -1,0 +1,117 @@
+"""Errors as values with codes, turned into OpenAI's error shape at one edge.
+
+Code inside the frontend raises ``APIError`` (or lets Falcon raise its own HTTP errors);
+``install_error_handlers`` makes every failure, Falcon's 404/405/413 and unexpected
+exceptions included, answer ``{"error": {"message", "type", "param", "code"}}``. Tracebacks
+go to the log only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import falcon
+
+from broker.protocol import ErrorCode
+
+log = logging.getLogger(__name__)
+
+INVALID_REQUEST = "invalid_request_error"
+SERVER_ERROR = "server_error"
+
+# Status codes a retry can help with; every other error says x-should-retry: false, so the
+# openai client does not resend a request that can only fail again.
+_RETRYABLE_STATUS = {408, 429, 502, 503, 504}
+
+
+class APIError(Exception):
+    """An error for the client: HTTP status plus OpenAI's type, param and code."""
+
+    def __init__(self, status: int, message: str, *, type: str = INVALID_REQUEST,
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+
+def invalid(param: str | None, message: str, code: str = "invalid_value") -> APIError:
+    """A 400 naming the request field that is wrong."""
+    return APIError(400, message, param=param, code=code)
+
+
+# One table from job failure codes (broker.protocol.ErrorCode) to HTTP.
+_JOB_FAILURES: dict[str, tuple[int, str]] = {
+    ErrorCode.MODEL_NOT_FOUND.value: (404, INVALID_REQUEST),
+    ErrorCode.QUEUE_FULL.value: (429, "rate_limit_error"),
+    ErrorCode.NO_WORKER.value: (503, SERVER_ERROR),
+    ErrorCode.BROKER_UNAVAILABLE.value: (503, SERVER_ERROR),
+    ErrorCode.SHUTTING_DOWN.value: (503, SERVER_ERROR),
+    ErrorCode.TIMEOUT.value: (504, SERVER_ERROR),
+    ErrorCode.WORKER_LOST.value: (500, SERVER_ERROR),
+    ErrorCode.WORKER_ERROR.value: (500, SERVER_ERROR),
+    ErrorCode.INVALID_REQUEST.value: (400, INVALID_REQUEST),
+    ErrorCode.CANCELLED.value: (499, INVALID_REQUEST),
+}
+
+
+def job_failure(code: str, message: str, *, retry_after: int | None = None) -> APIError:
+    """The APIError for a job the broker or a worker failed with ``code``."""
+    status, kind = _JOB_FAILURES.get(code, (500, SERVER_ERROR))
+    param = "model" if code in (ErrorCode.MODEL_NOT_FOUND.value, ErrorCode.NO_WORKER.value) \
+        else None
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return APIError(status, message, type=kind, param=param, code=code, headers=headers)
+
+
+def _respond(resp: falcon.Response, error: APIError) -> None:
+    resp.status = falcon.code_to_http_status(error.status)
+    resp.content_type = falcon.MEDIA_JSON
+    resp.text = json.dumps(error.body())
+    for name, value in error.headers.items():
+        resp.set_header(name, value)
+    resp.set_header("x-should-retry", "true" if error.status in _RETRYABLE_STATUS else "false")
+
+
+def _handle_api_error(req: falcon.Request, resp: falcon.Response, ex: APIError,
+                      params: dict) -> None:
+    _respond(resp, ex)
+
+
+def _handle_http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError,
+                       params: dict) -> None:
+    status = falcon.http_status_to_code(ex.status)
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large",
+            415: "unsupported_media_type"}.get(status, "http_error")
+    message = ex.description or ex.title or "error"
+    if status == 404:
+        message = f"no route for {req.method} {req.path}"
+    elif status == 405:
+        message = f"{req.method} is not allowed on {req.path}"
+    headers = dict(ex.headers or {})
+    _respond(resp, APIError(status, message, type=INVALID_REQUEST if status < 500 else
+                            SERVER_ERROR, code=code, headers=headers))
+
+
+def _handle_unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception,
+                       params: dict) -> None:
+    log.exception("unhandled error on %s %s", req.method, req.path)
+    _respond(resp, APIError(500, "internal server error; the server log has the details",
+                            type=SERVER_ERROR, code="internal_error"))
+
+
+def install_error_handlers(app: falcon.App) -> None:
+    # Falcon picks the most specific handler for an exception's class.
+    app.add_error_handler(Exception, _handle_unexpected)
+    app.add_error_handler(falcon.HTTPError, _handle_http_error)
+    app.add_error_handler(APIError, _handle_api_error)

@@ -1,0 +1,146 @@
+"""The image service: turn a validated request into a job, wait for it, shape the answer.
+
+Knows nothing of Falcon; raises APIError for everything that goes wrong.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from broker.protocol import ErrorCode, JobSpec, MsgType
+from gpu_worker import models
+from gpu_worker.models import ModelSpec
+from http_frontend import schema
+from http_frontend.broker_client import BrokerClient, ClusterStatus
+from http_frontend.errors import APIError, job_failure
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceConfig:
+    default_model: str | None = None  # None: the model the live workers serve
+    default_timeout: float = 300.0  # seconds a request may take, queue included
+    max_timeout: float = 3600.0
+    retry_after: int = 5  # seconds, sent with 429 and 503
+
+
+class ImageService:
+    def __init__(self, broker: BrokerClient, config: ServiceConfig) -> None:
+        self.broker = broker
+        self.config = config
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(self, body: Any) -> dict[str, Any]:
+        request = schema.parse_request(body)
+        name = self._model_name(request.model)
+        spec = self._spec_for(name)
+        fitted = schema.fit_to_model(request, spec)
+        job = self._job(fitted, spec)
+        timeout = job.timeout
+        pending = self.broker.submit(job)
+        answer = pending.wait(timeout + 5.0)  # the broker answers timeouts itself; this is
+        if answer is None:                      # the backstop for a broker that went silent
+            self.broker.cancel(job.id)
+            raise job_failure(ErrorCode.TIMEOUT.value,
+                              f"no answer within the {timeout:.0f} s deadline")
+        if answer.type is MsgType.FAILED:
+            raise self._failure(answer.fields, name)
+        return schema.images_response(
+            fitted, created=int(time.time()), model=spec.name,
+            images=[self._image(info, frame) for info, frame in
+                    zip(answer["images"], answer.payloads)],
+        ) | {"job_id": job.id, "timings": answer.get("timings") or {}}
+
+    def _model_name(self, requested: str | None) -> str:
+        if requested:
+            return models.canonical_name(requested)
+        if self.config.default_model:
+            return models.canonical_name(self.config.default_model)
+        status = self.broker.status()
+        served = sorted(status.served_models()) if status else []
+        return served[0] if served else models.TINY
+
+    def _spec_for(self, name: str) -> ModelSpec:
+        """The registry entry, else what a worker announced, else generic defaults."""
+        spec = models.lookup(name)
+        if spec is not None:
+            return spec
+        status = self.broker.status()
+        info = status.model_info(name) if status else None
+        if info is not None:
+            try:
+                return models.ModelSpec.from_limits(info)
+            except (TypeError, ValueError):
+                log.warning("worker announced unusable limits for %s", name)
+        return models.generic(name)
+
+    def _job(self, fitted: schema.FittedRequest, spec: ModelSpec) -> JobSpec:
+        req = fitted.request
+        first_seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
+        timeout = min(req.timeout or self.config.default_timeout, self.config.max_timeout)
+        return JobSpec(
+            id=uuid.uuid4().hex, model=spec.name, prompt=req.prompt,
+            width=fitted.width, height=fitted.height, steps=fitted.steps,
+            seeds=tuple(first_seed + i for i in range(req.n)),
+            negative_prompt=req.negative_prompt if spec.negative_prompt else None,
+            guidance=fitted.guidance, output_format=req.output_format,
+            output_compression=req.output_compression, timeout=timeout, user=req.user,
+        )
+
+    def _failure(self, failed: dict[str, Any], model: str) -> APIError:
+        code = failed["code"]
+        if code == ErrorCode.NO_WORKER.value and models.lookup(model) is None:
+            return job_failure(ErrorCode.MODEL_NOT_FOUND.value,
+                               f"the model {model!r} does not exist or no worker serves it")
+        retry_after = self.config.retry_after if code in (
+            ErrorCode.QUEUE_FULL.value, ErrorCode.NO_WORKER.value,
+            ErrorCode.BROKER_UNAVAILABLE.value) else None
+        return job_failure(code, failed["message"], retry_after=retry_after)
+
+    @staticmethod
+    def _image(info: Any, frame: Any) -> dict[str, Any]:
+        data = frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+        return {"b64_json": base64.b64encode(data).decode("ascii"), "seed": info.seed,
+                "width": info.width, "height": info.height}
+
+    # ---------------------------------------------------------------- cluster state
+
+    def list_models(self) -> dict[str, Any]:
+        status = self.broker.status()
+        served = status.served_models() if status else {}
+        data = []
+        for name in sorted(served):
+            spec = self._spec_for(name)
+            data.append({
+                "id": name, "object": "model", "created": 0, "owned_by": "diffusion-cluster",
+                "ready_workers": len(served[name]),
+                "queued": status.queues.get(name, 0) if status else 0,
+                "limits": spec.limits(),
+            })
+        return {"object": "list", "data": data}
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        status: ClusterStatus | None = self.broker.status()
+        if status is None:
+            return False, {"ready": False, "reason": "broker not reachable"}
+        ready_workers = sum(1 for w in status.workers if w.get("state") == "ready")
+        detail = {"ready": ready_workers > 0, "workers": ready_workers,
+                  "queues": status.queues}
+        if not ready_workers:
+            detail["reason"] = "no worker is ready"
+        return ready_workers > 0, detail
+
+    def cluster(self) -> dict[str, Any]:
+        status = self.broker.status()
+        if status is None:
+            raise job_failure(ErrorCode.BROKER_UNAVAILABLE.value, "the broker is not reachable",
+                              retry_after=self.config.retry_after)
+        return {"workers": status.workers, "queues": status.queues}
