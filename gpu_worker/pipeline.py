@@ -64,9 +64,10 @@ class PipelineRunner:
     def _load(self) -> Any:
         from diffusers import DiffusionPipeline
 
+        _quiet_libraries()
         source = model_source(self.spec, self.options.cache_dir)
         started = time.perf_counter()
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=_dtype(self.spec, self.device))
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=_dtype(self.spec, self.device))
         if self.device.startswith("cuda"):
             self._optimise_for_cuda(pipe)
         else:
@@ -137,6 +138,17 @@ class PipelineRunner:
                 pipe._interrupt = True
             return callback_kwargs
         return callback
+
+
+def _quiet_libraries() -> None:
+    """Progress bars and import chatter from diffusers and transformers drown worker logs."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def cuda_devices() -> list[str]:

@@ -57,7 +57,8 @@ class ImageService:
             fitted, created=int(time.time()), model=spec.name,
             images=[self._image(info, frame) for info, frame in
                     zip(answer["images"], answer.payloads)],
-        ) | {"job_id": job.id, "timings": answer.get("timings") or {}}
+        ) | {"job_id": job.id, "worker_id": answer.get("worker_id"),
+             "timings": answer.get("timings") or {}}
 
     def _model_name(self, requested: str | None) -> str:
         if requested:

@@ -1,0 +1,203 @@
+"""Start a diffusion-cluster: arguments -> process specs -> a supervisor. Nothing else.
+
+    python launch.py                       # broker + one worker per GPU (or CPU) + frontend
+    python launch.py worker --broker tcp://HEAD:5556 --model sdxl-turbo   # join from elsewhere
+    python launch.py models                # the model registry
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from broker.broker import BrokerConfig
+from gpu_worker import models
+from launcher.cluster import (ProcessSpec, cpu_worker_threads, visible_gpus, wait_for_frontend,
+                              wait_until_ready)
+from launcher.supervisor import Supervisor
+
+log = logging.getLogger("launch")
+PY = sys.executable
+
+
+def _common_worker_flags(args: argparse.Namespace, model: str) -> list[str]:
+    flags = ["--model", model, "--heartbeat", str(args.heartbeat),
+             "--max-batch", str(args.max_batch), "--log-level", args.log_level]
+    if args.cache_dir:
+        flags += ["--cache-dir", args.cache_dir]
+    if args.offload:
+        flags.append("--offload")
+    if args.compile:
+        flags.append("--compile")
+    return flags
+
+
+def worker_specs(args: argparse.Namespace, broker: str) -> list[ProcessSpec]:
+    """One worker per GPU used, else ``--num-workers`` CPU workers."""
+    gpus = visible_gpus(args.num_gpus)
+    model = args.model or models.default_model(cuda=bool(gpus))
+    flags = ["-m", "gpu_worker", "--broker", broker, *_common_worker_flags(args, model)]
+    if gpus:
+        # Each worker sees exactly one GPU, so its device is always cuda:0.
+        return [ProcessSpec(f"worker-gpu{gpu}", [PY, *flags, "--device", "cuda:0"],
+                            env={"CUDA_VISIBLE_DEVICES": gpu})
+                for gpu in gpus]
+    threads = cpu_worker_threads(args.num_workers)
+    return [ProcessSpec(f"worker-cpu{i}", [PY, *flags, "--device", "cpu",
+                                           "--threads", str(threads)],
+                        env={"CUDA_VISIBLE_DEVICES": ""})
+            for i in range(args.num_workers)]
+
+
+def cluster_specs(args: argparse.Namespace) -> list[ProcessSpec]:
+    broker = ProcessSpec("broker", [
+        PY, "-m", "broker", "--clients", args.clients, "--workers", args.workers,
+        "--heartbeat", str(args.heartbeat), "--max-queue", str(args.max_queue),
+        "--log-level", args.log_level,
+    ])
+    frontend_cmd = [
+        PY, "-m", "http_frontend", "--broker", args.clients.replace("*", "127.0.0.1"),
+        "--host", args.host, "--port", str(args.port), "--timeout", str(args.timeout),
+        "--heartbeat", str(args.heartbeat), "--log-level", args.log_level,
+    ]
+    if args.model:
+        frontend_cmd += ["--default-model", args.model]
+    frontend = ProcessSpec("frontend", frontend_cmd)
+    connect = args.workers.replace("*", "127.0.0.1").replace("0.0.0.0", "127.0.0.1")
+    return [broker, *worker_specs(args, connect), frontend]
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    specs = cluster_specs(args)
+    workers = [s for s in specs if s.name.startswith("worker")]
+    if not any(s.name.startswith("worker-gpu") for s in workers):
+        model = args.model or models.TINY
+        print(f"No CUDA GPU found: starting {len(workers)} CPU worker(s) serving {model!r}.")
+        if model == models.TINY:
+            print("  'tiny' has random weights and makes noise: it shows the cluster works.\n"
+                  "  Serve a real model with --model (see `python launch.py models`); on a "
+                  "GPU host\n  the default is flux-schnell.")
+    supervisor = Supervisor(specs, grace=args.grace)
+    supervisor.install_signal_handlers()
+    supervisor.start()
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/"
+    started = time.monotonic()
+    ready = wait_until_ready(args.clients.replace("*", "127.0.0.1"), len(workers),
+                             timeout=args.ready_timeout, should_stop=supervisor.stopping)
+    ready = ready and wait_for_frontend(url, timeout=30.0, should_stop=supervisor.stopping)
+    if ready:
+        print(f"Ready in {time.monotonic() - started:.1f} s: {len(workers)} worker(s). "
+              f"Open {url}", flush=True)
+    elif not supervisor.stopping():
+        print(f"Not every worker was ready after {args.ready_timeout:.0f} s; serving with the "
+              f"ones that are. Open {url}", flush=True)
+    return supervisor.wait()
+
+
+def run_workers(args: argparse.Namespace) -> int:
+    specs = worker_specs(args, args.broker)
+    supervisor = Supervisor(specs, grace=args.grace)
+    supervisor.install_signal_handlers()
+    supervisor.start()
+    print(f"Started {len(specs)} worker(s) for {args.broker}", flush=True)
+    return supervisor.wait()
+
+
+def print_models(_: argparse.Namespace) -> int:
+    print(f"{'alias':<16} {'size':>9} {'steps':>5} {'guid.':>5} {'neg':>3}  repo")
+    for spec in models.REGISTRY.values():
+        size = f"{spec.default_size[0]}x{spec.default_size[1]}"
+        guidance = "-" if spec.default_guidance is None else f"{spec.default_guidance:g}"
+        print(f"{spec.name:<16} {size:>9} {spec.default_steps:>5} {guidance:>5} "
+              f"{'yes' if spec.negative_prompt else 'no':>3}  {spec.repo or '(built in)'}")
+    print("\nAny other diffusers repo id or directory with model_index.json works too.")
+    return 0
+
+
+def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="alias (see `launch.py models`), Hugging Face repo id or "
+                             "directory; default flux-schnell on CUDA, tiny without")
+    parser.add_argument("--num-gpus", type=int, default=None,
+                        help="use the first N visible GPUs (CUDA_VISIBLE_DEVICES is "
+                             "honoured); default all")
+    parser.add_argument("--num-workers", type=int, default=1,
+                        help="CPU workers to start when there is no GPU")
+    parser.add_argument("--max-batch", type=int, default=1,
+                        help="queued jobs with equal settings a worker runs at once")
+    parser.add_argument("--heartbeat", type=float, default=BrokerConfig().heartbeat_interval,
+                        help="seconds between heartbeats; a peer is dead after 3 missed")
+    parser.add_argument("--cache-dir", default=None, help="where the tiny model is written")
+    parser.add_argument("--offload", action="store_true", help="model CPU offload on GPUs")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    parser.add_argument("--grace", type=float, default=8.0,
+                        help="seconds children get to stop before they are killed")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = BrokerConfig()
+    parser = argparse.ArgumentParser(
+        description="Start a diffusion-cluster on this host, or join one.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command")
+    worker = sub.add_parser(
+        "worker", help="join a running cluster from this host",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Start one worker per GPU here (or CPU workers) for a remote broker.")
+    worker.add_argument("--broker", required=True,
+                        help="the head's worker endpoint, e.g. tcp://HEAD:5556")
+    worker.add_argument("--device", default=None,
+                        help="one device for one worker, e.g. cuda:1 or cpu")
+    _add_worker_flags(worker)
+    sub.add_parser("models", help="list the model registry")
+
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="HTTP address to listen on (0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port")
+    parser.add_argument("--clients", default=defaults.clients,
+                        help="broker endpoint for frontends")
+    parser.add_argument("--workers", default=defaults.workers,
+                        help="broker endpoint for workers (bind 0.0.0.0 to let other hosts "
+                             "join)")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds an HTTP request may take, queueing included")
+    parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                        help="queued jobs per model before 429")
+    parser.add_argument("--ready-timeout", type=float, default=600.0,
+                        help="seconds to wait for every worker's warm-up")
+    _add_worker_flags(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s launch %(levelname)s %(message)s")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if args.command == "models":
+        return print_models(args)
+    if args.command == "worker":
+        if args.device:
+            return _run_one_worker(args)
+        return run_workers(args)
+    return run_cluster(args)
+
+
+def _run_one_worker(args: argparse.Namespace) -> int:
+    flags = ["-m", "gpu_worker", "--broker", args.broker, "--device", args.device,
+             *_common_worker_flags(args, args.model or models.default_model(
+                 cuda=args.device.startswith("cuda")))]
+    supervisor = Supervisor([ProcessSpec(f"worker-{args.device}", [PY, *flags])],
+                            grace=args.grace)
+    supervisor.install_signal_handlers()
+    supervisor.start()
+    return supervisor.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

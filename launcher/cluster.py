@@ -1,0 +1,78 @@
+"""What launch.py starts: which GPUs, how many CPU threads, and when the cluster is ready."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import urllib.request
+from collections.abc import Callable
+
+import zmq
+
+from broker import protocol
+from broker.protocol import MsgType, ProtocolError
+from launcher.supervisor import ProcessSpec
+
+__all__ = ["ProcessSpec", "visible_gpus", "cpu_worker_threads", "wait_until_ready", "wait_for_frontend"]
+
+
+def visible_gpus(limit: int | None = None) -> list[str]:
+    """The CUDA device ids this host may use (CUDA_VISIBLE_DEVICES honoured), first ``limit``."""
+    if limit == 0:
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None and listed.strip() in ("", "-1"):
+        return []
+    if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidia0"):
+        return []  # no driver: spare the second it takes to import torch
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    ids = [d.strip() for d in listed.split(",")][:count] if listed else \
+        [str(i) for i in range(count)]
+    return ids[:limit] if limit is not None else ids
+
+
+def cpu_worker_threads(workers: int) -> int:
+    """torch threads per CPU worker, so N workers do not oversubscribe the cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def wait_until_ready(clients_endpoint: str, workers: int, *, timeout: float,
+                     should_stop: Callable[[], bool]) -> bool:
+    """Poll the broker until ``workers`` workers have registered (after their warm-up)."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(clients_endpoint)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not should_stop():
+            sock.send_multipart(protocol.encode(MsgType.STATUS))
+            if sock.poll(500):
+                try:
+                    reply = protocol.decode(sock.recv_multipart())
+                except ProtocolError:
+                    continue
+                ready = [w for w in reply.get("workers", []) if w.get("state") == "ready"]
+                if len(ready) >= workers:
+                    return True
+            time.sleep(0.25)
+        return False
+    finally:
+        sock.close(linger=0)
+
+
+def wait_for_frontend(url: str, *, timeout: float, should_stop: Callable[[], bool]) -> bool:
+    """Poll the frontend's /readyz until it answers 200 (it sees the broker and a worker)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not should_stop():
+        try:
+            with urllib.request.urlopen(f"{url}readyz", timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass  # not listening yet, or 503 until its first status poll
+        time.sleep(0.1)
+    return False

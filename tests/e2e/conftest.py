@@ -1,0 +1,143 @@
+"""Real clusters for end-to-end tests: launch.py (or each component) as real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HEARTBEAT = 0.5
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cluster_env(cache_dir: Path) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+            "DC_CACHE_DIR": str(cache_dir), "CUDA_VISIBLE_DEVICES": ""}
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid``, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class OutputLog:
+    """Collects a process's output in a thread, so tests can wait for a line."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(process,), daemon=True)
+        self._thread.start()
+
+    def _read(self, process: subprocess.Popen) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if text in line:
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not seen in {timeout} s; output:\n" +
+                             "\n".join(self.lines[-60:]))
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+class Cluster:
+    """A whole single-node cluster started with launch.py on free ports."""
+
+    def __init__(self, cache_dir: Path, *, workers: int = 2, extra: list[str] | None = None):
+        self.port = free_port()
+        self.clients = f"tcp://127.0.0.1:{free_port()}"
+        self.workers_endpoint = f"tcp://127.0.0.1:{free_port()}"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cache_dir = cache_dir
+        self.argv = [sys.executable, str(REPO / "launch.py"), "--port", str(self.port),
+                     "--clients", self.clients, "--workers", self.workers_endpoint,
+                     "--num-workers", str(workers), "--heartbeat", str(HEARTBEAT),
+                     "--grace", "5", *(extra or [])]
+        self.process = subprocess.Popen(self.argv, cwd=REPO, env=cluster_env(cache_dir),
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True)
+        self.log = OutputLog(self.process)
+
+    def wait_ready(self, timeout: float = 120.0) -> str:
+        return self.log.wait_for("Ready in", timeout)
+
+    def client(self, timeout: float = 120.0) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout)
+
+    def cluster_status(self) -> dict:
+        return httpx.get(f"{self.url}/v1/cluster", timeout=10).json()
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            for pid in descendants(self.process.pid):
+                os.kill(pid, signal.SIGKILL)
+            self.process.kill()
+            raise
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny-model cache for every cluster of the run."""
+    return tmp_path_factory.mktemp("dc-cache")
+
+
+@pytest.fixture(scope="session")
+def cluster(cache_dir: Path) -> Iterator[Cluster]:
+    """A two-worker tiny cluster shared by the tests that do not break it."""
+    running = Cluster(cache_dir, workers=2)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
