@@ -100,7 +100,7 @@ class BrokerLink:
         next_beat = now + self.heartbeat
         backoff = self.heartbeat
         while not self._stop.is_set():
-            events = dict(poller.poll(self.heartbeat * 250))
+            events = dict(poller.poll(int(self.heartbeat * 250)))
             now = time.monotonic()
             if sock in events:
                 while self._recv(sock):

@@ -114,7 +114,7 @@ class Worker:
                         for img in images]
             infos = [ImageInfo(seed=seed, width=img.width, height=img.height,
                                format=job.output_format)
-                     for seed, img in zip(job.seeds, images)]
+                     for seed, img in zip(job.seeds, images, strict=True)]
             timings = {"generate_s": generated - started,
                        "encode_s": time.perf_counter() - generated}
             # 3. Answer.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import falcon
@@ -17,7 +17,7 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 @dataclass(frozen=True, kw_only=True)
 class FrontendConfig:
-    service: ServiceConfig = ServiceConfig()
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     max_body: int = 1 << 20
     static_dir: Path = STATIC_DIR
 

@@ -170,7 +170,7 @@ class BrokerClient:
             if now >= next_status:
                 self._send(sock, protocol.encode(MsgType.STATUS))
                 next_status = now + self.heartbeat
-            events = dict(poller.poll(max(0.0, next_status - time.monotonic()) * 1000))
+            events = dict(poller.poll(int(max(0.0, next_status - time.monotonic()) * 1000)))
             if sock in events:
                 while self._recv(sock):
                     pass

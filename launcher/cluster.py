@@ -14,7 +14,8 @@ from broker import protocol
 from broker.protocol import MsgType, ProtocolError
 from launcher.supervisor import ProcessSpec
 
-__all__ = ["ProcessSpec", "visible_gpus", "cpu_worker_threads", "wait_until_ready", "wait_for_frontend"]
+__all__ = ["ProcessSpec", "cpu_worker_threads", "visible_gpus", "wait_for_frontend",
+           "wait_until_ready"]
 
 
 def visible_gpus(limit: int | None = None) -> list[str]:
@@ -42,8 +43,7 @@ def cpu_worker_threads(workers: int) -> int:
 def wait_until_ready(clients_endpoint: str, workers: int, *, timeout: float,
                      should_stop: Callable[[], bool]) -> bool:
     """Poll the broker until ``workers`` workers have registered (after their warm-up)."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
+    sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(clients_endpoint)
     deadline = time.monotonic() + timeout

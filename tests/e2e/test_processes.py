@@ -12,8 +12,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import (HEARTBEAT, REPO, Cluster, OutputLog, alive, cluster_env,
-                                descendants, free_port)
+from tests.e2e.conftest import (
+    HEARTBEAT,
+    REPO,
+    Cluster,
+    OutputLog,
+    alive,
+    cluster_env,
+    descendants,
+    free_port,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +108,7 @@ def test_components_run_on_their_own(cache_dir: Path) -> None:
     finally:
         for process in reversed(processes):
             process.send_signal(signal.SIGTERM)
-        for process, log in zip(processes, logs):
+        for process, log in zip(processes, logs, strict=True):
             assert process.wait(10) == 0, log.text()
 
 
