@@ -15,23 +15,53 @@ from http_frontend.service import ImageService
 def read_json(req: falcon.Request, max_body: int) -> Any:
     """The request body as JSON, bounded, with a clear error for each way it can be wrong."""
     if req.content_length is not None and req.content_length > max_body:
-        raise APIError(413, f"the request body is larger than {max_body} bytes",
-                       code="request_too_large")
+        raise _too_large(max_body)
     media_type = (req.content_type or "").split(";")[0].strip().lower()
     if media_type not in ("application/json", ""):
         raise APIError(415, f"send the body as application/json, not {media_type}",
                        code="unsupported_media_type")
-    raw = req.bounded_stream.read(max_body + 1)
+    raw = _read_body(req, max_body)
     if len(raw) > max_body:
-        raise APIError(413, f"the request body is larger than {max_body} bytes",
-                       code="request_too_large")
+        raise _too_large(max_body)
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise invalid(None, "the request body is not valid UTF-8", "invalid_json") from None
     except json.JSONDecodeError as exc:
         raise invalid(None, f"the request body is not valid JSON: {exc.msg} at line "
                             f"{exc.lineno} column {exc.colno}", "invalid_json") from None
+    except (ValueError, RecursionError):  # a 5000-digit number, nesting thousands deep
+        raise invalid(None, "the request body is JSON this server does not take: a number "
+                            "too long or nesting too deep", "invalid_json") from None
+
+
+def _too_large(max_body: int) -> APIError:
+    return APIError(413, f"the request body is larger than {max_body} bytes",
+                    code="request_too_large")
+
+
+def _reject_constant(name: str) -> Any:
+    raise invalid(None, f"the request body is not valid JSON: {name} is not a JSON value",
+                  "invalid_json")
+
+
+def _read_body(req: falcon.Request, max_body: int) -> bytes:
+    """Up to ``max_body + 1`` bytes of the body, so a larger one is noticed without reading it."""
+    if req.content_length is not None:
+        stream: Any = req.bounded_stream
+    elif req.env.get("wsgi.input_terminated"):
+        stream = req.stream  # a de-chunked upload without Content-Length: read to EOF
+    else:
+        return b""  # PEP 3333: no Content-Length and no EOF-terminated input means no body
+    chunks: list[bytes] = []
+    size = 0
+    while size <= max_body:
+        chunk = stream.read(min(1 << 16, max_body + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 class ImageGenerations:
@@ -63,6 +93,8 @@ class Health:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = {"status": "ok"}
 
+    on_head = on_get  # load balancers probe with either
+
 
 class Ready:
     def __init__(self, service: ImageService) -> None:
@@ -72,6 +104,8 @@ class Ready:
         ready, detail = self.service.readiness()
         resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
         resp.media = detail
+
+    on_head = on_get
 
 
 class Index:

@@ -7,6 +7,7 @@ naming the offending ``param``; nothing is clamped or snapped silently.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Any
@@ -75,7 +76,8 @@ def _string(body: dict, name: str, *, max_len: int = 256) -> str | None:
     if not isinstance(value, str):
         raise invalid(name, f"'{name}' must be a string", "invalid_type")
     if len(value) > max_len:
-        raise invalid(name, f"'{name}' is longer than {max_len} characters", "string_above_max_length")
+        raise invalid(name, f"'{name}' is longer than {max_len} characters",
+                      "string_above_max_length")
     return value
 
 
@@ -103,7 +105,8 @@ def parse_size(value: str) -> tuple[int, int] | None:
         return None
     match = _SIZE.match(value)
     if not match:
-        raise invalid("size", f"'size' must be 'auto' or WIDTHxHEIGHT like 1024x1024; got {value!r}")
+        raise invalid("size",
+                      f"'size' must be 'auto' or WIDTHxHEIGHT like 1024x1024; got {value!r}")
     width, height = int(match.group(1)), int(match.group(2))
     if width == 0 or height == 0:
         raise invalid("size", "'size' needs a width and height above 0")
@@ -127,13 +130,18 @@ def parse_request(body: Any) -> ImageRequest:
     if guidance is not None and (not _is_number(guidance) or not 0 <= guidance <= 100):
         raise invalid("guidance", "'guidance' must be a number between 0 and 100")
     timeout = body.get("timeout")
-    if timeout is not None and (not _is_number(timeout) or timeout <= 0):
+    if timeout is not None and (not _is_number(timeout) or not math.isfinite(timeout)
+                                or timeout <= 0):
         raise invalid("timeout", "'timeout' must be a positive number of seconds")
-    size = _string(body, "size", max_len=32) or "auto"
+    size = _string(body, "size", max_len=32)
+    size = "auto" if size is None else size  # "" is a bad size, not a request for the default
     parse_size(size)
+    model = _string(body, "model")
+    if model is not None and not model.strip():
+        raise invalid("model", "'model' must not be empty")
     values: dict[str, Any] = {
         "prompt": prompt,
-        "model": _string(body, "model"),
+        "model": model,
         "n": _integer(body, "n", 1, MAX_N),
         "quality": _choice(body, "quality", _ENUMS["quality"]),
         "response_format": _choice(body, "response_format", RESPONSE_FORMATS),
@@ -175,9 +183,8 @@ class FittedRequest:
 
 def _requested_size(req: ImageRequest, spec: ModelSpec) -> tuple[int, int]:
     parsed = parse_size(req.size)
-    if parsed is not None and (req.width is not None or req.height is not None):
-        if (req.width or parsed[0], req.height or parsed[1]) != parsed:
-            raise invalid("size", "'size' and 'width'/'height' disagree; send one of them")
+    if parsed is not None and (req.width or parsed[0], req.height or parsed[1]) != parsed:
+        raise invalid("size", "'size' and 'width'/'height' disagree; send one of them")
     width, height = parsed or spec.default_size
     return req.width or width, req.height or height
 

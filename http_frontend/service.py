@@ -56,7 +56,7 @@ class ImageService:
         return schema.images_response(
             fitted, created=int(time.time()), model=spec.name,
             images=[self._image(info, frame) for info, frame in
-                    zip(answer["images"], answer.payloads)],
+                    zip(answer["images"], answer.payloads, strict=True)],
         ) | {"job_id": job.id, "worker_id": answer.get("worker_id"),
              "timings": answer.get("timings") or {}}
 
@@ -98,13 +98,20 @@ class ImageService:
 
     def _failure(self, failed: dict[str, Any], model: str) -> APIError:
         code = failed["code"]
-        if code == ErrorCode.NO_WORKER.value and models.lookup(model) is None:
+        if code == ErrorCode.NO_WORKER.value and not self._known(model):
             return job_failure(ErrorCode.MODEL_NOT_FOUND.value,
                                f"the model {model!r} does not exist or no worker serves it")
         retry_after = self.config.retry_after if code in (
             ErrorCode.QUEUE_FULL.value, ErrorCode.NO_WORKER.value,
-            ErrorCode.BROKER_UNAVAILABLE.value) else None
+            ErrorCode.BROKER_UNAVAILABLE.value, ErrorCode.SHUTTING_DOWN.value) else None
         return job_failure(code, failed["message"], retry_after=retry_after)
+
+    def _known(self, model: str) -> bool:
+        """In the registry, or announced by any worker, ready or not: a 503, never a 404."""
+        if models.lookup(model) is not None:
+            return True
+        status = self.broker.status()
+        return status is not None and any(model in w.get("models", []) for w in status.workers)
 
     @staticmethod
     def _image(info: Any, frame: Any) -> dict[str, Any]:
@@ -115,15 +122,15 @@ class ImageService:
     # ---------------------------------------------------------------- cluster state
 
     def list_models(self) -> dict[str, Any]:
-        status = self.broker.status()
-        served = status.served_models() if status else {}
+        status = self._status()
+        served = status.served_models()
         data = []
         for name in sorted(served):
             spec = self._spec_for(name)
             data.append({
                 "id": name, "object": "model", "created": 0, "owned_by": "diffusion-cluster",
                 "ready_workers": len(served[name]),
-                "queued": status.queues.get(name, 0) if status else 0,
+                "queued": status.queues.get(name, 0),
                 "limits": spec.limits(),
             })
         return {"object": "list", "data": data}
@@ -140,8 +147,12 @@ class ImageService:
         return ready_workers > 0, detail
 
     def cluster(self) -> dict[str, Any]:
+        status = self._status()
+        return {"workers": status.workers, "queues": status.queues}
+
+    def _status(self) -> ClusterStatus:
         status = self.broker.status()
         if status is None:
             raise job_failure(ErrorCode.BROKER_UNAVAILABLE.value, "the broker is not reachable",
                               retry_after=self.config.retry_after)
-        return {"workers": status.workers, "queues": status.queues}
+        return status

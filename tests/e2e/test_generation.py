@@ -203,3 +203,19 @@ def test_long_job_does_not_block_an_idle_worker(cluster: Cluster) -> None:
     finally:
         thread.join(120)
     assert slow_done.is_set()
+
+
+def test_deadline_gives_504_and_frees_the_worker(cluster: Cluster) -> None:
+    with cluster.client() as http:
+        resp = http.post("/v1/images/generations",
+                         json={"prompt": "slow", "size": "512x512", "steps": 50, "timeout": 1})
+        assert resp.status_code == 504, resp.text
+        validate(resp.json(), "ErrorResponse")
+        assert resp.json()["error"]["code"] == "timeout"
+        # The interrupted job leaves its worker within a step: both are idle again soon.
+        for _ in range(100):
+            workers = http.get("/v1/cluster").json()["workers"]
+            if not any(w["running"] for w in workers):
+                break
+            threading.Event().wait(0.1)
+        assert not any(w["running"] for w in workers)

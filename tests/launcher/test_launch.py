@@ -1,0 +1,69 @@
+"""launch.py's plan: which processes, with which flags and environment."""
+
+from __future__ import annotations
+
+import pytest
+
+import launch
+from launcher import cluster
+
+
+def plan(monkeypatch: pytest.MonkeyPatch, gpus: list[str], *argv: str) -> list:
+    monkeypatch.setattr(launch, "visible_gpus",
+                        lambda limit=None: gpus[:limit] if limit is not None else gpus)
+    return launch.cluster_specs(launch.parse_args(list(argv)))
+
+
+def test_one_worker_per_gpu_each_seeing_only_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    specs = plan(monkeypatch, ["0", "1", "2"])
+    workers = [s for s in specs if s.name.startswith("worker")]
+    assert [w.env["CUDA_VISIBLE_DEVICES"] for w in workers] == ["0", "1", "2"]
+    for worker in workers:
+        assert worker.argv[worker.argv.index("--device") + 1] == "cuda:0"
+        assert worker.argv[worker.argv.index("--model") + 1] == "flux-schnell"
+    assert [s.name for s in specs][0] == "broker" and specs[-1].name == "frontend"
+
+
+def test_num_gpus_takes_the_first_n(monkeypatch: pytest.MonkeyPatch) -> None:
+    specs = plan(monkeypatch, ["3", "5", "7"], "--num-gpus", "2", "--model", "sdxl-turbo")
+    workers = [s for s in specs if s.name.startswith("worker")]
+    assert [w.env["CUDA_VISIBLE_DEVICES"] for w in workers] == ["3", "5"]
+    assert all("sdxl-turbo" in w.argv for w in workers)
+    frontend = specs[-1].argv
+    assert frontend[frontend.index("--default-model") + 1] == "sdxl-turbo"
+
+
+def test_cpu_workers_split_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cluster.os, "cpu_count", lambda: 8)
+    specs = plan(monkeypatch, [], "--num-workers", "4")
+    workers = [s for s in specs if s.name.startswith("worker")]
+    assert len(workers) == 4
+    for worker in workers:
+        assert worker.argv[worker.argv.index("--device") + 1] == "cpu"
+        assert worker.argv[worker.argv.index("--model") + 1] == "tiny"
+        assert worker.argv[worker.argv.index("--threads") + 1] == "2"
+
+
+def test_endpoints_and_http_flags_reach_each_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    specs = plan(monkeypatch, [], "--clients", "tcp://127.0.0.1:7000", "--workers",
+                 "tcp://0.0.0.0:7001", "--host", "0.0.0.0", "--port", "9000")
+    broker, worker, frontend = specs
+    assert broker.argv[broker.argv.index("--workers") + 1] == "tcp://0.0.0.0:7001"
+    # Local workers connect to the loopback address of a wildcard bind.
+    assert worker.argv[worker.argv.index("--broker") + 1] == "tcp://127.0.0.1:7001"
+    assert frontend.argv[frontend.argv.index("--broker") + 1] == "tcp://127.0.0.1:7000"
+    assert frontend.argv[frontend.argv.index("--port") + 1] == "9000"
+
+
+@pytest.mark.parametrize("value", ["", "-1"])
+def test_cuda_visible_devices_empty_means_no_gpu(monkeypatch: pytest.MonkeyPatch,
+                                                 value: str) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+    assert cluster.visible_gpus() == []
+
+
+def test_cpu_threads_never_below_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cluster.os, "cpu_count", lambda: 2)
+    assert cluster.cpu_worker_threads(1) == 2
+    assert cluster.cpu_worker_threads(2) == 1
+    assert cluster.cpu_worker_threads(5) == 1
