@@ -15,8 +15,13 @@ import time
 
 from broker.broker import BrokerConfig
 from gpu_worker import models
-from launcher.cluster import (ProcessSpec, cpu_worker_threads, visible_gpus, wait_for_frontend,
-                              wait_until_ready)
+from launcher.cluster import (
+    ProcessSpec,
+    cpu_worker_threads,
+    visible_gpus,
+    wait_for_frontend,
+    wait_until_ready,
+)
 from launcher.supervisor import Supervisor
 
 log = logging.getLogger("launch")

@@ -37,15 +37,16 @@ class Job:
 class JobTable:
     """Owns job state; only the broker thread touches it.
 
-    Queues hold job ids and are cleaned lazily: a cancelled or expired job stays in its deque
-    until it reaches the head, so removal is O(1) and dispatch skips stale ids.
+    Queues hold Job objects and are cleaned lazily: a cancelled or expired job stays in its
+    deque until it reaches the head, so removal is O(1) and dispatch skips stale entries. They
+    hold objects, not ids, so a stale entry never stands for a later job that reuses its id.
     """
 
     def __init__(self, *, max_queue: int, max_attempts: int) -> None:
         self.max_queue = max_queue
         self.max_attempts = max_attempts
         self._jobs: dict[str, Job] = {}
-        self._queues: dict[str, deque[str]] = {}
+        self._queues: dict[str, deque[Job]] = {}
         self._queued: dict[str, int] = {}  # model -> number of QUEUED jobs
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, job id)
 
@@ -80,14 +81,11 @@ class JobTable:
     def _enqueue(self, job: Job, *, at_head: bool) -> None:
         job.state, job.worker = JobState.QUEUED, None
         queue = self._queues.setdefault(job.model, deque())
-        queue.appendleft(job.id) if at_head else queue.append(job.id)
+        queue.appendleft(job) if at_head else queue.append(job)
         self._queued[job.model] = self._queued.get(job.model, 0) + 1
 
-    def _live_queued(self, queue: deque[str]) -> Iterator[Job]:
-        for job_id in queue:
-            job = self._jobs.get(job_id)
-            if job is not None and job.state is JobState.QUEUED:
-                yield job
+    def _live_queued(self, queue: deque[Job]) -> Iterator[Job]:
+        return (job for job in queue if not self._is_stale(job))
 
     def take_batch(self, model: str, worker: bytes, max_batch: int) -> list[Job]:
         """Lease the oldest queued job of ``model`` plus queued jobs with its batch key."""
@@ -98,7 +96,7 @@ class JobTable:
             queue.popleft()
         if not queue:
             return []
-        head = self._jobs[queue.popleft()]
+        head = queue.popleft()
         batch = [head]
         if max_batch > 1:
             key = head.spec.batch_key()
@@ -107,17 +105,16 @@ class JobTable:
                     break
                 if job.spec.batch_key() == key:
                     batch.append(job)
-            taken = {job.id for job in batch[1:]}
+            taken = {id(job) for job in batch[1:]}
             if taken:
-                self._queues[model] = deque(i for i in queue if i not in taken)
+                self._queues[model] = deque(j for j in queue if id(j) not in taken)
         for job in batch:
             job.state, job.worker = JobState.RUNNING, worker
             self._queued[model] -= 1
         return batch
 
-    def _is_stale(self, job_id: str) -> bool:
-        job = self._jobs.get(job_id)
-        return job is None or job.state is not JobState.QUEUED
+    def _is_stale(self, job: Job) -> bool:
+        return self._jobs.get(job.id) is not job or job.state is not JobState.QUEUED
 
     def finish(self, job_id: str) -> Job | None:
         """Forget a job (answered, cancelled or failed); return it if it was known."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,8 +116,14 @@ class JobSpec:
             raise ProtocolError("job width, height and steps must be positive")
         values["seeds"] = tuple(seeds)
         if values.get("guidance") is not None:
+            if not math.isfinite(values["guidance"]):
+                raise ProtocolError("job.guidance must be a finite number")
             values["guidance"] = float(values["guidance"])
         if "timeout" in values:
+            # A NaN or infinite deadline would never expire, and a NaN at the top of the
+            # broker's deadline heap would stop every other job from expiring too.
+            if not (math.isfinite(values["timeout"]) and values["timeout"] > 0):
+                raise ProtocolError("job.timeout must be a positive finite number")
             values["timeout"] = float(values["timeout"])
         return cls(**values)
 
@@ -287,7 +294,7 @@ def decode(frames: Sequence[Any]) -> Message:
     if _frame_len(frames[0]) > MAX_HEADER_BYTES:
         raise ProtocolError("header frame too large")
     header = _unpack_header(_frame_bytes(frames[0]))
-    if header.get("v") != VERSION:
+    if not _is_int(header.get("v")) or header["v"] != VERSION:  # not True, not 1.0
         raise ProtocolError(f"unsupported protocol version {header.get('v')!r}")
     try:
         msg_type = MsgType(header.get("t"))
@@ -315,7 +322,24 @@ def _unpack_header(raw: bytes) -> dict[str, Any]:
         raise ProtocolError(f"undecodable header: {type(exc).__name__}") from None
     if not isinstance(header, dict):
         raise ProtocolError("header must be a map")
+    _reject_timestamps(header)
     return header
+
+
+_PLAIN = (str, bytes, int, float, bool, type(None))
+
+
+def _reject_timestamps(header: dict[str, Any]) -> None:
+    """Reject msgpack Timestamps: extension -1 is decoded without asking ``ext_hook``."""
+    stack: list[Any] = [header]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())  # keys are str or bytes (strict_map_key)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif not isinstance(item, _PLAIN):
+            raise ProtocolError("msgpack extension types are not allowed")
 
 
 def _check_semantics(msg_type: MsgType, fields: dict[str, Any], payloads: Sequence[Any]) -> None:

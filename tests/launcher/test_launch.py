@@ -21,7 +21,7 @@ def test_one_worker_per_gpu_each_seeing_only_its_own(monkeypatch: pytest.MonkeyP
     for worker in workers:
         assert worker.argv[worker.argv.index("--device") + 1] == "cuda:0"
         assert worker.argv[worker.argv.index("--model") + 1] == "flux-schnell"
-    assert [s.name for s in specs][0] == "broker" and specs[-1].name == "frontend"
+    assert specs[0].name == "broker" and specs[-1].name == "frontend"
 
 
 def test_num_gpus_takes_the_first_n(monkeypatch: pytest.MonkeyPatch) -> None:
