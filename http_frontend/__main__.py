@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     app = create_app(config, broker)
     server = waitress.create_server(app, host=args.host, port=args.port, threads=args.threads,
-                                    max_request_body_size=args.max_body, ident="diffusion-cluster")
+                                    max_request_body_size=args.max_body, ident="diffusion-cluster",
+                                    # Lets a waiting request notice its client hung up.
+                                    channel_request_lookahead=1)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.close())
     log.info("serving on http://%s:%s (broker %s)", args.host, server.effective_port,

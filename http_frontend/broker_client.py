@@ -4,10 +4,15 @@ Request threads call ``submit()`` and wait on the returned ``PendingJob``; the I
 what they queue, routes each answer to the job waiting for it, and polls the broker's STATUS
 every heartbeat, which doubles as the liveness check. Answers for jobs nobody waits on are
 dropped.
+
+When the broker comes back after being unreachable (restarted, or the network healed), every
+job still waiting is submitted again under its own id with what is left of its deadline: a
+broker that still has the job just takes note, one that lost it runs it again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import socket
@@ -29,6 +34,8 @@ class PendingJob:
     """A submitted job, as seen by the request thread that waits for it."""
 
     job_id: str
+    spec: JobSpec | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
     events: queue.Queue[Message] = field(default_factory=queue.Queue)
     position: int | None = None
     step: int = 0
@@ -118,7 +125,7 @@ class BrokerClient:
             return self._status if self.connected else None
 
     def submit(self, job: JobSpec) -> PendingJob:
-        pending = PendingJob(job.id)
+        pending = PendingJob(job.id, job)
         with self._lock:
             self._pending[job.id] = pending
         if not self.connected:
@@ -165,6 +172,7 @@ class BrokerClient:
         poller.register(self._wake_r, zmq.POLLIN)
         next_status = 0.0
         was_connected = False
+        self._ever_connected = False
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= next_status:
@@ -178,8 +186,11 @@ class BrokerClient:
                 _drain(self._wake_r)
             self._flush(sock)
             if was_connected and not self.connected:
-                log.warning("broker %s stopped answering", self.endpoint)
-                self._fail_all(ErrorCode.BROKER_UNAVAILABLE, "lost contact with the broker")
+                log.warning("broker %s stopped answering; %d job(s) wait for it to return",
+                            self.endpoint, len(self._pending))
+            elif self.connected and not was_connected and self._ever_connected:
+                self._resubmit(sock)
+            self._ever_connected |= self.connected
             was_connected = self.connected
         sock.close(linger=0)
 
@@ -236,11 +247,18 @@ class BrokerClient:
         if pending is not None:
             pending.events.put(msg)
 
-    def _fail_all(self, code: ErrorCode, message: str) -> None:
+    def _resubmit(self, sock: zmq.Socket) -> None:
+        """Send every waiting job again, with the time it has left."""
+        now = time.monotonic()
         with self._lock:
-            pending, self._pending = self._pending, {}
-        for job in pending.values():
-            job.events.put(_failure(job.job_id, code, message))
+            waiting = list(self._pending.values())
+        for job in waiting:
+            if job.spec is None:
+                continue
+            left = job.spec.timeout - (now - job.submitted_at)
+            if left > 0:
+                self._send(sock, protocol.submit(dataclasses.replace(job.spec, timeout=left)))
+        log.info("broker %s is back; resubmitted %d waiting job(s)", self.endpoint, len(waiting))
 
 
 def _failure(job_id: str, code: ErrorCode, message: str) -> Message:

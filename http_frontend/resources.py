@@ -70,7 +70,9 @@ class ImageGenerations:
         self.max_body = max_body
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = self.service.generate(read_json(req, self.max_body))
+        # waitress tells whether the client hung up (needs channel_request_lookahead > 0).
+        client_gone = req.env.get("waitress.client_disconnected")
+        resp.media = self.service.generate(read_json(req, self.max_body), client_gone)
 
 
 class Models:

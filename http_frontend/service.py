@@ -10,17 +10,21 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from broker.protocol import ErrorCode, JobSpec, MsgType
+from broker.protocol import ErrorCode, JobSpec, Message, MsgType
 from gpu_worker import models
 from gpu_worker.models import ModelSpec
 from http_frontend import schema
-from http_frontend.broker_client import BrokerClient, ClusterStatus
+from http_frontend.broker_client import BrokerClient, ClusterStatus, PendingJob
 from http_frontend.errors import APIError, job_failure
 
 log = logging.getLogger(__name__)
+
+DEADLINE_SLACK = 5.0  # seconds past a job's deadline before the frontend gives up itself
+CLIENT_CHECK_INTERVAL = 0.25  # how often a waiting request checks that its client is there
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,19 +42,15 @@ class ImageService:
 
     # ---------------------------------------------------------------- generation
 
-    def generate(self, body: Any) -> dict[str, Any]:
+    def generate(self, body: Any, client_gone: Callable[[], bool] | None = None
+                 ) -> dict[str, Any]:
+        """Generate the images ``body`` asks for; ``client_gone`` says the caller hung up."""
         request = schema.parse_request(body)
         name = self._model_name(request.model)
         spec = self._spec_for(name)
         fitted = schema.fit_to_model(request, spec)
         job = self._job(fitted, spec)
-        timeout = job.timeout
-        pending = self.broker.submit(job)
-        answer = pending.wait(timeout + 5.0)  # the broker answers timeouts itself; this is
-        if answer is None:                      # the backstop for a broker that went silent
-            self.broker.cancel(job.id)
-            raise job_failure(ErrorCode.TIMEOUT.value,
-                              f"no answer within the {timeout:.0f} s deadline")
+        answer = self._wait(self.broker.submit(job), job, client_gone)
         if answer.type is MsgType.FAILED:
             raise self._failure(answer.fields, name)
         return schema.images_response(
@@ -59,6 +59,30 @@ class ImageService:
                     zip(answer["images"], answer.payloads, strict=True)],
         ) | {"job_id": job.id, "worker_id": answer.get("worker_id"),
              "timings": answer.get("timings") or {}}
+
+    def _wait(self, pending: PendingJob, job: JobSpec,
+              client_gone: Callable[[], bool] | None) -> Message:
+        """The job's RESULT or FAILED; cancel it if the client leaves or the deadline passes."""
+        # The broker answers deadlines itself; this later one is the backstop for a broker
+        # that went silent.
+        deadline = time.monotonic() + job.timeout + DEADLINE_SLACK
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.broker.cancel(job.id)
+                if not self.broker.connected:
+                    raise job_failure(ErrorCode.BROKER_UNAVAILABLE.value,
+                                      "lost contact with the broker and it did not come back "
+                                      "in time", retry_after=self.config.retry_after)
+                raise job_failure(ErrorCode.TIMEOUT.value,
+                                  f"no answer within the {job.timeout:.0f} s deadline")
+            answer = pending.wait(min(remaining, CLIENT_CHECK_INTERVAL))
+            if answer is not None:
+                return answer
+            if client_gone is not None and client_gone():
+                self.broker.cancel(job.id)
+                log.info("job %s cancelled: the client went away", job.id)
+                raise APIError(499, "the client closed the connection", code="cancelled")
 
     def _model_name(self, requested: str | None) -> str:
         if requested:

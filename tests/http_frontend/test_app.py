@@ -16,6 +16,7 @@ from PIL import Image
 from broker import protocol
 from broker.protocol import ErrorCode, ImageInfo, JobSpec, Message, MsgType
 from gpu_worker import models
+from http_frontend import service as service_module
 from http_frontend.app import FrontendConfig, create_app
 from http_frontend.broker_client import ClusterStatus, PendingJob
 from http_frontend.service import ServiceConfig
@@ -298,12 +299,38 @@ def test_broker_unavailable_is_a_retryable_503(client, broker):
     assert should_retry(result) in (None, "true")
 
 
-def test_a_broker_that_never_answers_is_a_504_and_the_job_is_cancelled(client, broker):
+def test_a_broker_that_never_answers_is_a_504_and_the_job_is_cancelled(
+        client, broker, monkeypatch):
+    monkeypatch.setattr(service_module, "DEADLINE_SLACK", 0.0)
     broker.silent = True
-    result = post(client, {"prompt": "a fox", "timeout": 2})
+    result = post(client, {"prompt": "a fox", "timeout": 0.3})
     assert error_of(result, 504)["code"] == "timeout"
     assert broker.cancelled == [broker.submitted[0].id]
-    assert broker.submitted[0].timeout == 2.0
+    assert broker.submitted[0].timeout == 0.3
+
+
+def test_a_broker_gone_past_the_deadline_is_a_retryable_503(client, broker, monkeypatch):
+    monkeypatch.setattr(service_module, "DEADLINE_SLACK", 0.0)
+    broker.silent = True
+    original_submit = broker.submit
+
+    def submit_then_vanish(job):
+        pending = original_submit(job)
+        broker.reachable = False  # the broker dies while the job is in flight
+        return pending
+
+    broker.submit = submit_then_vanish
+    result = post(client, {"prompt": "a fox", "timeout": 0.3})
+    assert error_of(result, 503)["code"] == "broker_unavailable"
+    assert should_retry(result) in (None, "true")
+
+
+def test_a_client_that_hangs_up_cancels_its_job(client, broker):
+    broker.silent = True
+    result = client.simulate_post("/v1/images/generations", json={"prompt": "a fox"},
+                                  extras={"waitress.client_disconnected": lambda: True})
+    assert result.status_code == 499
+    assert broker.cancelled == [broker.submitted[0].id]
 
 
 @pytest.mark.parametrize(("body", "status"), [
