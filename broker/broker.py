@@ -12,8 +12,8 @@ import errno
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -115,7 +115,7 @@ class Broker:
     # ---------------------------------------------------------------------------- receiving
 
     def _poll(self, timeout: float) -> None:
-        events = dict(self._poller.poll(timeout * 1000))
+        events = dict(self._poller.poll(int(timeout * 1000)))
         # Drain in bounded bursts so neither side can starve the other.
         for _ in range(1000):
             got = False
@@ -181,6 +181,11 @@ class Broker:
         if job.state is JobState.RUNNING and job.worker is not None:
             self._send(self.worker_socket, job.worker,
                        protocol.encode(MsgType.CANCEL, {"job_id": job_id}))
+            # Free the slot now: a worker says nothing about a job it interrupted, so
+            # waiting for its answer would keep the slot busy for good.
+            worker = self.workers.get(job.worker)
+            if worker is not None:
+                worker.running.discard(job_id)
         log.info("job %s cancelled by its client", job_id)
 
     def _on_worker_message(self, identity: bytes, msg: Message, now: float) -> None:
@@ -227,10 +232,8 @@ class Broker:
     def _on_bye(self, worker: Worker) -> None:
         log.info("worker %s said goodbye", worker.worker_id)
         self.workers.remove(worker.identity)
-        for job_id in sorted(worker.running):
-            job = self.jobs.get(job_id)
-            if job is not None:
-                self.jobs.hand_back(job)
+        for job in self._held_by(worker):
+            self.jobs.hand_back(job)
 
     # ---------------------------------------------------------------------------- timers
 
@@ -243,26 +246,30 @@ class Broker:
             if job.state is JobState.RUNNING and job.worker is not None:
                 self._send(self.worker_socket, job.worker,
                            protocol.encode(MsgType.CANCEL, {"job_id": job.id}))
-                worker = self.workers.get(job.worker)
-                if worker is not None:
-                    worker.running.discard(job.id)
+                holder = self.workers.get(job.worker)
+                if holder is not None:
+                    holder.running.discard(job.id)
             self._fail(job.client, job.id, ErrorCode.TIMEOUT,
                        "the job passed its deadline before it finished")
 
     def _lose_jobs(self, worker: Worker) -> None:
         """Requeue the jobs of a worker that vanished; fail those that used up their attempts."""
-        for job_id in sorted(worker.running):
-            job = self.jobs.get(job_id)
-            if job is None or job.worker != worker.identity:
-                continue
+        for job in self._held_by(worker):
             if self.jobs.requeue(job):
                 log.warning("job %s requeued after losing worker %s (attempt %d)",
-                            job_id, worker.worker_id, job.attempt)
+                            job.id, worker.worker_id, job.attempt)
             else:
-                self.jobs.finish(job_id)
-                self._fail(job.client, job_id, ErrorCode.WORKER_LOST,
+                self.jobs.finish(job.id)
+                self._fail(job.client, job.id, ErrorCode.WORKER_LOST,
                            f"the job was lost with {job.attempt} workers that ran it")
         worker.running.clear()
+
+    def _held_by(self, worker: Worker) -> list[Job]:
+        """Return the jobs leased to ``worker``, newest first."""
+        # Newest first: putting each back at the head of its queue leaves them oldest first.
+        held = [job for job in map(self.jobs.get, worker.running)
+                if job is not None and job.worker == worker.identity]
+        return sorted(held, key=lambda job: job.seq, reverse=True)
 
     def _send_heartbeats(self, now: float) -> None:
         if now < self._next_heartbeat:
@@ -285,9 +292,12 @@ class Broker:
     def _lease(self, worker: Worker, batch: list[Job], now: float) -> None:
         specs = [_with_attempt(job) for job in batch]
         if not self._send(self.worker_socket, worker.identity, protocol.jobs(specs)):
-            for job in batch:
+            # The worker is gone (ROUTER_MANDATORY): the batch never left, so it goes back
+            # as it was; what the worker already held is lost with it.
+            for job in reversed(batch):
                 self.jobs.hand_back(job)
             self.workers.remove(worker.identity)
+            self._lose_jobs(worker)
             return
         worker.running.update(job.id for job in batch)
         worker.last_dispatch = now

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import itertools
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from broker.protocol import JobSpec
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
 
@@ -24,6 +25,7 @@ class Job:
     state: JobState = JobState.QUEUED
     attempt: int = 0
     worker: bytes | None = None  # identity of the worker holding the lease while RUNNING
+    seq: int = 0  # submission order, set by JobTable.add; keeps FIFO when jobs come back
 
     @property
     def id(self) -> str:
@@ -49,6 +51,7 @@ class JobTable:
         self._queues: dict[str, deque[Job]] = {}
         self._queued: dict[str, int] = {}  # model -> number of QUEUED jobs
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, job id)
+        self._seq = itertools.count()
 
     def __contains__(self, job_id: str) -> bool:
         return job_id in self._jobs
@@ -73,6 +76,7 @@ class JobTable:
 
     def add(self, job: Job) -> int:
         """Queue a new job at the tail; return its position (0 = next)."""
+        job.seq = next(self._seq)
         self._jobs[job.id] = job
         self._enqueue(job, at_head=False)
         heapq.heappush(self._deadlines, (job.deadline, job.id))

@@ -34,7 +34,7 @@ class ProtocolError(ValueError):
     """A message that does not follow this protocol; receivers log and drop it."""
 
 
-class MsgType(str, enum.Enum):
+class MsgType(enum.StrEnum):
     # frontend -> broker
     SUBMIT = "submit"
     CANCEL = "cancel"
@@ -55,7 +55,7 @@ class MsgType(str, enum.Enum):
     RECONNECT = "reconnect"
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     """Why a job failed; the frontend turns each into one HTTP status (http_frontend.errors)."""
 
     MODEL_NOT_FOUND = "model_not_found"
@@ -226,6 +226,9 @@ _MESSAGES: dict[MsgType, tuple[_Spec, range]] = {
 }
 
 
+_TYPE_NAMES = frozenset(t.value for t in MsgType)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -296,10 +299,10 @@ def decode(frames: Sequence[Any]) -> Message:
     header = _unpack_header(_frame_bytes(frames[0]))
     if not _is_int(header.get("v")) or header["v"] != VERSION:  # not True, not 1.0
         raise ProtocolError(f"unsupported protocol version {header.get('v')!r}")
-    try:
-        msg_type = MsgType(header.get("t"))
-    except ValueError:
-        raise ProtocolError(f"unknown message type {header.get('t')!r}") from None
+    name = header.get("t")
+    if not isinstance(name, str) or name not in _TYPE_NAMES:
+        raise ProtocolError(f"unknown message type {name!r}")
+    msg_type = MsgType(name)
     spec, payload_counts = _MESSAGES[msg_type]
     payloads = tuple(frames[1:])
     if len(payloads) not in payload_counts:

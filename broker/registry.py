@@ -9,7 +9,7 @@ from typing import Any
 from broker.protocol import Message
 
 
-class WorkerState(str, enum.Enum):
+class WorkerState(enum.StrEnum):
     READY = "ready"  # takes work up to its capacity
     DRAINING = "draining"  # said BYE or is shutting down: finishes what it has, gets nothing new
 

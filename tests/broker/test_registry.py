@@ -1,0 +1,132 @@
+"""Tests for broker.registry.WorkerRegistry: registration, liveness and who gets work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker import protocol
+from broker.protocol import Message, MsgType
+from broker.registry import WorkerRegistry, WorkerState
+
+
+def ready(worker_id: str = "w", **fields: Any) -> Message:
+    values = {"worker_id": worker_id, "host": "gpu-host", "device": "cuda:0",
+              "models": ["tiny"], **fields}
+    return protocol.decode(protocol.encode(MsgType.READY, values))
+
+
+def test_register_reads_ready_fields() -> None:
+    reg = WorkerRegistry(liveness=3.0)
+    worker = reg.register(b"id-1", ready("w1", models=["a", "b"], capacity=2, max_batch=4,
+                                         version="1.2", model_info={"a": {"x": 1}}), now=10.0)
+    assert reg.get(b"id-1") is worker and len(reg) == 1
+    assert (worker.identity, worker.worker_id, worker.host, worker.device) == \
+        (b"id-1", "w1", "gpu-host", "cuda:0")
+    assert worker.models == ("a", "b")
+    assert (worker.capacity, worker.max_batch, worker.version) == (2, 4, "1.2")
+    assert worker.model_info == {"a": {"x": 1}}
+    assert worker.expires_at == 13.0
+    assert worker.state is WorkerState.READY and worker.running == set()
+    assert worker.free == 2
+
+
+def test_register_defaults() -> None:
+    worker = WorkerRegistry(liveness=1.0).register(b"i", ready(), now=0.0)
+    assert (worker.capacity, worker.max_batch, worker.version, worker.model_info) == \
+        (1, 1, "", {})
+
+
+def test_register_again_replaces_the_record() -> None:
+    reg = WorkerRegistry(liveness=3.0)
+    first = reg.register(b"i", ready("old"), now=0.0)
+    first.running.add("job")
+    second = reg.register(b"i", ready("new"), now=1.0)
+    assert reg.get(b"i") is second and len(reg) == 1
+    assert second.worker_id == "new" and second.running == set()
+
+
+def test_touch_extends_expiry() -> None:
+    reg = WorkerRegistry(liveness=3.0)
+    worker = reg.register(b"i", ready(), now=0.0)
+    assert reg.expired(2.9) == []
+    assert reg.expired(3.0) == [worker]
+    assert reg.touch(b"i", now=2.5) is worker
+    assert worker.expires_at == 5.5
+    assert reg.expired(5.0) == []
+    assert reg.expired(5.5) == [worker]
+    assert reg.touch(b"unknown", now=1.0) is None
+
+
+def test_expired_lists_only_silent_workers_and_keeps_them() -> None:
+    reg = WorkerRegistry(liveness=1.0)
+    early = reg.register(b"a", ready("a"), now=0.0)
+    reg.register(b"b", ready("b"), now=0.5)
+    assert reg.expired(1.2) == [early]
+    assert len(reg) == 2  # the broker removes them; expired() only reports
+    assert reg.remove(b"a") is early
+    assert reg.remove(b"a") is None
+    assert [w.worker_id for w in reg] == ["b"]
+
+
+def test_with_free_capacity_least_running_first() -> None:
+    reg = WorkerRegistry(liveness=3.0)
+    a = reg.register(b"a", ready("a", capacity=3), now=0.0)
+    b = reg.register(b"b", ready("b", capacity=3), now=0.0)
+    c = reg.register(b"c", ready("c", capacity=3), now=0.0)
+    a.running.update({"1", "2"})
+    b.running.update({"3"})
+    assert reg.with_free_capacity("tiny") == [c, b, a]
+    c.running.update({"4", "5", "6"})  # full
+    assert reg.with_free_capacity("tiny") == [b, a]
+
+
+def test_with_free_capacity_longest_idle_first_on_ties() -> None:
+    reg = WorkerRegistry(liveness=3.0)
+    a = reg.register(b"a", ready("a"), now=0.0)
+    b = reg.register(b"b", ready("b"), now=0.0)
+    c = reg.register(b"c", ready("c"), now=0.0)
+    a.last_dispatch, b.last_dispatch, c.last_dispatch = 30.0, 10.0, 20.0
+    assert reg.with_free_capacity("tiny") == [b, c, a]
+
+
+def test_with_free_capacity_filters_by_model() -> None:
+    reg = WorkerRegistry(liveness=3.0)
+    reg.register(b"a", ready("a", models=["sdxl"]), now=0.0)
+    b = reg.register(b"b", ready("b", models=["sdxl", "tiny"]), now=0.0)
+    assert reg.with_free_capacity("tiny") == [b]
+    assert reg.with_free_capacity("flux") == []
+
+
+def test_draining_worker_has_no_free_capacity() -> None:
+    reg = WorkerRegistry(liveness=3.0)
+    worker = reg.register(b"a", ready("a", capacity=4), now=0.0)
+    worker.state = WorkerState.DRAINING
+    assert worker.free == 0
+    assert reg.with_free_capacity("tiny") == []
+    assert not reg.serves("tiny")
+    assert worker.describe()["state"] == "draining"
+
+
+def test_full_worker_still_serves() -> None:
+    reg = WorkerRegistry(liveness=3.0)
+    worker = reg.register(b"a", ready("a", models=["tiny", "sdxl"]), now=0.0)
+    worker.running.add("job")
+    assert worker.free == 0
+    assert reg.serves("tiny") and reg.serves("sdxl")  # busy is not absent: jobs may queue
+    assert not reg.serves("flux")
+
+
+def test_serves_nothing_when_empty() -> None:
+    assert not WorkerRegistry(liveness=1.0).serves("tiny")
+
+
+def test_describe() -> None:
+    reg = WorkerRegistry(liveness=3.0)
+    worker = reg.register(b"a", ready("w1", capacity=2, version="9"), now=0.0)
+    worker.running.update({"b-job", "a-job"})
+    worker.jobs_done = 5
+    assert worker.describe() == {
+        "worker_id": "w1", "host": "gpu-host", "device": "cuda:0", "models": ["tiny"],
+        "state": "ready", "running": ["a-job", "b-job"], "jobs_done": 5, "max_batch": 1,
+        "capacity": 2, "version": "9", "model_info": {},
+    }
