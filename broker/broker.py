@@ -65,6 +65,9 @@ class Broker:
         self.workers = WorkerRegistry(
             liveness=config.heartbeat_interval * config.heartbeat_liveness)
         self._stop = threading.Event()
+        # After a restart, workers need a heartbeat or two to register again; until then a
+        # job for a model nobody has announced yet waits in its queue instead of failing.
+        self._startup_grace_until = clock() + 2 * self.workers.liveness
         self._next_heartbeat = 0.0
         self._drop = _DropLog()
         self.clients = self._router(config.max_client_frame)
@@ -161,7 +164,7 @@ class Broker:
             self._send(self.clients, client, protocol.encode(
                 MsgType.ACCEPTED, {"job_id": spec.id, "position": 0}))
             return
-        if not self.workers.serves(spec.model):
+        if not self.workers.serves(spec.model) and now >= self._startup_grace_until:
             self._fail(client, spec.id, ErrorCode.NO_WORKER,
                        f"no worker serves model {spec.model!r} right now", retryable=True)
             return
@@ -169,7 +172,7 @@ class Broker:
             self._fail(client, spec.id, ErrorCode.QUEUE_FULL,
                        f"the queue for {spec.model!r} is full", retryable=True)
             return
-        job = Job(spec=spec, client=client, deadline=now + spec.timeout, attempt=spec.attempt)
+        job = Job(spec=spec, client=client, deadline=now + spec.timeout)
         position = self.jobs.add(job)
         self._send(self.clients, client, protocol.encode(
             MsgType.ACCEPTED, {"job_id": spec.id, "position": position}))

@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 
+# Fault injection for the reliability tests: a job whose prompt contains this text kills the
+# worker process outright, as a driver crash or the OOM killer would. Unset in production.
+CRASH_PROMPT_ENV = "DC_FAULT_CRASH_ON_PROMPT"
+
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerConfig:
@@ -99,6 +103,10 @@ class Worker:
             return
         link.job_started(job.id)
         started = time.perf_counter()
+        crash_on = os.environ.get(CRASH_PROMPT_ENV)
+        if crash_on and crash_on in job.prompt:
+            log.error("fault injection: crashing on job %s", job.id)
+            os._exit(70)
 
         def on_step(step: int, steps: int) -> bool:
             link.send(protocol.encode(MsgType.PROGRESS,

@@ -1,4 +1,4 @@
-"""Real clusters for end-to-end tests: launch.py (or each component) as real processes."""
+"""Real clusters for tests: launch.py (or each component) as real processes on free ports."""
 
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 HEARTBEAT = 0.5
 
 
@@ -79,6 +77,8 @@ class OutputLog:
             for line in list(self.lines):
                 if text in line:
                     return line
+            if not self._thread.is_alive():
+                break  # the process closed its output: it is gone
             time.sleep(0.05)
         raise AssertionError(f"{text!r} not seen in {timeout} s; output:\n" +
                              "\n".join(self.lines[-60:]))
@@ -90,7 +90,8 @@ class OutputLog:
 class Cluster:
     """A whole single-node cluster started with launch.py on free ports."""
 
-    def __init__(self, cache_dir: Path, *, workers: int = 2, extra: list[str] | None = None):
+    def __init__(self, cache_dir: Path, *, workers: int = 2, extra: list[str] | None = None,
+                 heartbeat: float = HEARTBEAT, env: dict[str, str] | None = None):
         self.port = free_port()
         self.clients = f"tcp://127.0.0.1:{free_port()}"
         self.workers_endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -98,9 +99,10 @@ class Cluster:
         self.cache_dir = cache_dir
         self.argv = [sys.executable, str(REPO / "launch.py"), "--port", str(self.port),
                      "--clients", self.clients, "--workers", self.workers_endpoint,
-                     "--num-workers", str(workers), "--heartbeat", str(HEARTBEAT),
+                     "--num-workers", str(workers), "--heartbeat", str(heartbeat),
                      "--grace", "5", *(extra or [])]
-        self.process = subprocess.Popen(self.argv, cwd=REPO, env=cluster_env(cache_dir),
+        self.process = subprocess.Popen(self.argv, cwd=REPO,
+                                        env={**cluster_env(cache_dir), **(env or {})},
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True)
         self.log = OutputLog(self.process)
@@ -114,6 +116,18 @@ class Cluster:
     def cluster_status(self) -> dict:
         return httpx.get(f"{self.url}/v1/cluster", timeout=10).json()
 
+    def pid_of(self, module: str) -> list[int]:
+        """Pids of this cluster's processes started as ``python -m <module>``."""
+        found = []
+        for pid in descendants(self.process.pid):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"-m" in argv and module.encode() in argv:
+                found.append(pid)
+        return found
+
     def stop(self, timeout: float = 15.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -124,20 +138,3 @@ class Cluster:
                 os.kill(pid, signal.SIGKILL)
             self.process.kill()
             raise
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny-model cache for every cluster of the run."""
-    return tmp_path_factory.mktemp("dc-cache")
-
-
-@pytest.fixture(scope="session")
-def cluster(cache_dir: Path) -> Iterator[Cluster]:
-    """A two-worker tiny cluster shared by the tests that do not break it."""
-    running = Cluster(cache_dir, workers=2)
-    try:
-        running.wait_ready()
-        yield running
-    finally:
-        running.stop()

@@ -17,6 +17,9 @@ from broker.jobs import JobState
 from broker.protocol import ImageInfo, MsgType
 from tests.broker.fakes import BrokerHarness, FakeClient, FakeWorker, LiveBroker, make_spec
 
+# Default heartbeat 1 s, liveness 3: the broker queues jobs for unknown models for 6 s.
+STARTUP_GRACE = 6.0
+
 pytestmark = pytest.mark.timeout(30)
 
 
@@ -40,10 +43,21 @@ def finish(worker: FakeWorker, client: FakeClient, spec: protocol.JobSpec) -> No
 def test_submit_without_worker_fails_no_worker(harness: BrokerHarness) -> None:
     harness.worker("sdxl-only", models=("sdxl",))
     client = harness.client()
+    harness.clock.advance(STARTUP_GRACE)
     msg = client.submit(make_spec("j1"))
     assert msg.type is MsgType.FAILED
     assert (msg["job_id"], msg["code"], msg["retryable"]) == ("j1", "no_worker", True)
     assert "j1" not in harness.broker.jobs
+
+
+def test_just_after_start_a_job_waits_for_its_workers_to_register(
+        harness: BrokerHarness) -> None:
+    # A restarted broker: the frontend resubmits before the workers have registered again.
+    client = harness.client()
+    msg = client.submit(make_spec("j1"))
+    assert msg.type is MsgType.ACCEPTED
+    worker = harness.worker("w1")
+    assert [spec.id for spec in worker.take()] == ["j1"]
 
 
 def test_ready_then_submit_is_accepted_and_dispatched(harness: BrokerHarness) -> None:

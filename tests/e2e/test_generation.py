@@ -11,7 +11,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import Cluster
+from tests.cluster import Cluster
 from tests.openapi_spec import validate
 
 pytestmark = pytest.mark.slow

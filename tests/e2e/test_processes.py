@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import (
+from tests.cluster import (
     HEARTBEAT,
     REPO,
     Cluster,

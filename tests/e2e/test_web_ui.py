@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Cluster
+from tests.cluster import Cluster
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("DC_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] /
