@@ -61,7 +61,8 @@ def test_builds_versioned_dir(tmp_path: pathlib.Path) -> None:
     assert size < 5 * 1024 * 1024
 
 
-def test_second_call_does_not_rebuild(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_call_does_not_rebuild(tmp_path: pathlib.Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     path = ensure_tiny_pipeline(tmp_path)
     mtime = (path / "model_index.json").stat().st_mtime_ns
 
@@ -121,7 +122,8 @@ def test_tokenizer_handles_unknown_and_long_text(pipe: DiffusionPipeline) -> Non
 
 def test_modules_in_eval_mode(pipe: DiffusionPipeline) -> None:
     modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
-    assert {type(m).__name__ for m in modules} == {"AutoencoderKL", "CLIPTextModel", "UNet2DConditionModel"}
+    assert {type(m).__name__ for m in modules} == {
+        "AutoencoderKL", "CLIPTextModel", "UNet2DConditionModel"}
     for module in modules:
         assert all(not sub.training for sub in module.modules())
 
