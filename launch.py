@@ -62,11 +62,13 @@ def cluster_specs(args: argparse.Namespace) -> list[ProcessSpec]:
         PY, "-m", "broker", "--clients", args.clients, "--workers", args.workers,
         "--heartbeat", str(args.heartbeat), "--max-queue", str(args.max_queue),
         "--log-level", args.log_level,
-    ])
+    ], stop_last=True)
     frontend_cmd = [
         PY, "-m", "http_frontend", "--broker", args.clients.replace("*", "127.0.0.1"),
         "--host", args.host, "--port", str(args.port), "--timeout", str(args.timeout),
         "--heartbeat", str(args.heartbeat), "--log-level", args.log_level,
+        # Leave the broker time to stop after the frontend drained.
+        "--drain-timeout", str(max(1.0, args.grace - 2.0)),
     ]
     if args.model:
         frontend_cmd += ["--default-model", args.model]

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import threading
+import time
 
 import waitress
 
 from http_frontend.app import FrontendConfig, create_app
 from http_frontend.broker_client import BrokerClient
-from http_frontend.service import ServiceConfig
+from http_frontend.service import ImageService, ServiceConfig
 
 log = logging.getLogger("http_frontend")
+
+# The last answers are written by waitress after the app returned; give them time to go out.
+RESPONSE_FLUSH_S = 0.3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,10 +40,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="waitress threads: requests served at once")
     parser.add_argument("--max-body", type=int, default=1 << 20,
                         help="largest request body in bytes (then 413)")
+    parser.add_argument("--drain-timeout", type=float, default=5.0,
+                        help="on SIGTERM, seconds waiting requests get to finish (then 503)")
     parser.add_argument("--heartbeat", type=float, default=1.0,
                         help="seconds between status polls of the broker")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return parser.parse_args(argv)
+
+
+def drain_then_close(service: ImageService, seconds: float) -> None:
+    """Refuse new work, let waiting requests finish for ``seconds``, then close the server."""
+    if service.draining:
+        return
+    log.info("stopping: draining %d request(s) for up to %.0f s", service.in_flight, seconds)
+    service.begin_drain(seconds)
+
+    def wait_then_close() -> None:
+        deadline = time.monotonic() + seconds + 1.0
+        while service.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(RESPONSE_FLUSH_S)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    threading.Thread(target=wait_then_close, name="drain", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,13 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         service=ServiceConfig(default_model=args.default_model, default_timeout=args.timeout),
         max_body=args.max_body,
     )
-    app = create_app(config, broker)
+    service = ImageService(broker, config.service)
+    app = create_app(config, broker, service=service)
     server = waitress.create_server(app, host=args.host, port=args.port, threads=args.threads,
                                     max_request_body_size=args.max_body, ident="diffusion-cluster",
                                     # Lets a waiting request notice its client hung up.
                                     channel_request_lookahead=1)
+    # waitress must be closed on the main thread: the drain thread asks for it with SIGUSR1.
+    signal.signal(signal.SIGUSR1, lambda *_: server.close())
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: server.close())
+        signal.signal(sig, lambda *_: drain_then_close(service, args.drain_timeout))
     log.info("serving on http://%s:%s (broker %s)", args.host, server.effective_port,
              args.broker)
     try:

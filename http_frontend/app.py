@@ -22,8 +22,9 @@ class FrontendConfig:
     static_dir: Path = STATIC_DIR
 
 
-def create_app(config: FrontendConfig, broker: BrokerClient) -> falcon.App:
-    service = ImageService(broker, config.service)
+def create_app(config: FrontendConfig, broker: BrokerClient, *,
+               service: ImageService | None = None) -> falcon.App:
+    service = service or ImageService(broker, config.service)
     app = falcon.App()
     app.req_options.strip_url_path_trailing_slash = True
     install_error_handlers(app)

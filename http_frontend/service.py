@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -39,6 +40,30 @@ class ImageService:
     def __init__(self, broker: BrokerClient, config: ServiceConfig) -> None:
         self.broker = broker
         self.config = config
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._drain_deadline: float | None = None  # set once, when the server begins to stop
+
+    # ---------------------------------------------------------------- draining
+
+    def begin_drain(self, seconds: float) -> None:
+        """Take no new work; requests still waiting after ``seconds`` get a retryable 503."""
+        with self._lock:
+            if self._drain_deadline is None:
+                self._drain_deadline = time.monotonic() + seconds
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+    def _shutting_down(self) -> APIError:
+        return job_failure(ErrorCode.SHUTTING_DOWN.value, "the server is shutting down",
+                           retry_after=self.config.retry_after)
 
     # ---------------------------------------------------------------- generation
 
@@ -50,7 +75,15 @@ class ImageService:
         spec = self._spec_for(name)
         fitted = schema.fit_to_model(request, spec)
         job = self._job(fitted, spec)
-        answer = self._wait(self.broker.submit(job), job, client_gone)
+        with self._lock:
+            if self._drain_deadline is not None:
+                raise self._shutting_down()
+            self._in_flight += 1
+        try:
+            answer = self._wait(self.broker.submit(job), job, client_gone)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
         if answer.type is MsgType.FAILED:
             raise self._failure(answer.fields, name)
         return schema.images_response(
@@ -79,6 +112,10 @@ class ImageService:
             answer = pending.wait(min(remaining, CLIENT_CHECK_INTERVAL))
             if answer is not None:
                 return answer
+            drain_deadline = self._drain_deadline
+            if drain_deadline is not None and time.monotonic() >= drain_deadline:
+                self.broker.cancel(job.id)
+                raise self._shutting_down()
             if client_gone is not None and client_gone():
                 self.broker.cancel(job.id)
                 log.info("job %s cancelled: the client went away", job.id)
@@ -160,6 +197,8 @@ class ImageService:
         return {"object": "list", "data": data}
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
+        if self.draining:
+            return False, {"ready": False, "reason": "shutting down"}
         status: ClusterStatus | None = self.broker.status()
         if status is None:
             return False, {"ready": False, "reason": "broker not reachable"}

@@ -30,6 +30,8 @@ class ProcessSpec:
     name: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    # Stopped only after the others exited: the broker carries their last results.
+    stop_last: bool = False
 
 
 @dataclass
@@ -108,19 +110,24 @@ class Supervisor:
                         child.spec.name, code, delay)
 
     def _stop_all(self) -> None:
-        """SIGTERM every child (frontend first), wait out the grace period, then SIGKILL."""
-        running = [c.process for c in reversed(self._children)
-                   if c.process is not None and c.process.poll() is None]
-        for process in running:
-            _signal(process, signal.SIGTERM)
+        """SIGTERM the children in two waves, within the grace period; SIGKILL what is left.
+
+        The frontend and workers go first and drain (finish the jobs they hold, answer the
+        requests waiting for them) while the broker still relays; the broker goes last.
+        """
         deadline = time.monotonic() + self.grace
-        for process in running:
-            try:
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("pid %d did not stop in %.0f s; killing it", process.pid, self.grace)
-                _signal(process, signal.SIGKILL)
-                process.wait()
+        for last in (False, True):
+            wave = [c.process for c in self._children if c.spec.stop_last is last and
+                    c.process is not None and c.process.poll() is None]
+            for process in wave:
+                _signal(process, signal.SIGTERM)
+            for process in wave:
+                try:
+                    process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("pid %d did not stop in time; killing it", process.pid)
+                    _signal(process, signal.SIGKILL)
+                    process.wait()
         log.info("all processes stopped")
 
 

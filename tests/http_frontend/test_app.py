@@ -548,3 +548,38 @@ def test_a_draining_workers_repo_model_is_503_not_404(client, broker):
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
 def test_probes_answer_head(client, path):
     assert client.simulate_head(path).status_code == 200
+
+
+@pytest.fixture
+def service_and_client(broker: FakeBroker):
+    config = FrontendConfig(service=ServiceConfig(default_timeout=30.0, retry_after=RETRY_AFTER),
+                            max_body=MAX_BODY)
+    service = service_module.ImageService(broker, config.service)
+    return service, falcon.testing.TestClient(create_app(config, broker, service=service))
+
+
+def test_draining_refuses_new_work_and_is_not_ready(service_and_client, broker):
+    service, client = service_and_client
+    assert client.simulate_get("/readyz").status_code == 200
+    service.begin_drain(5.0)
+    error = error_of(post(client, {"prompt": "a fox"}), 503)
+    assert error["code"] == "shutting_down"
+    assert broker.submitted == []
+    assert client.simulate_get("/readyz").status_code == 503
+
+
+def test_a_request_still_waiting_when_the_drain_ends_gets_a_503(service_and_client, broker):
+    service, client = service_and_client
+    broker.silent = True
+    original_submit = broker.submit
+
+    def submit_then_drain(job):
+        pending = original_submit(job)
+        service.begin_drain(0.0)  # SIGTERM arrives while the job waits
+        return pending
+
+    broker.submit = submit_then_drain
+    error = error_of(post(client, {"prompt": "a fox"}), 503)
+    assert error["code"] == "shutting_down"
+    assert broker.cancelled == [broker.submitted[0].id]
+    assert service.in_flight == 0
