@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gpu_worker import models
 from http_frontend import schema
@@ -361,3 +363,27 @@ def test_output_format_is_echoed(fmt):
 def test_warnings_are_returned():
     out = respond(fit(FLUX, negative_prompt="blurry", stream=True))
     assert len(out["warnings"]) == 2
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10),
+                                                                       children, max_size=4),
+    max_leaves=20,
+)
+_FIELDS = ["prompt", "model", "n", "size", "quality", "response_format", "output_format",
+           "output_compression", "stream", "partial_images", "moderation", "background", "style",
+           "user", "width", "height", "steps", "guidance", "seed", "negative_prompt", "timeout"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_JSON, st.dictionaries(st.sampled_from(_FIELDS), _JSON, max_size=8)))
+def test_any_json_body_is_a_request_or_a_400_naming_a_real_field(body) -> None:
+    """The request decoder never raises anything but a 400, and a 400 names a known field."""
+    spec = models.REGISTRY["tiny"]
+    try:
+        request = schema.parse_request(body)
+        schema.fit_to_model(request, spec)
+    except APIError as exc:
+        assert exc.status == 400
+        assert exc.param is None or exc.param in _FIELDS
