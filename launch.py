@@ -18,6 +18,8 @@ from gpu_worker import models
 from launcher.cluster import (
     ProcessSpec,
     cpu_worker_threads,
+    parse_model_counts,
+    place_workers,
     visible_gpus,
     wait_for_frontend,
     wait_until_ready,
@@ -40,21 +42,31 @@ def _common_worker_flags(args: argparse.Namespace, model: str) -> list[str]:
     return flags
 
 
-def worker_specs(args: argparse.Namespace, broker: str) -> list[ProcessSpec]:
-    """One worker per GPU used, else ``--num-workers`` CPU workers."""
-    gpus = visible_gpus(args.num_gpus)
+def wanted_workers(args: argparse.Namespace, gpus: list[str]) -> list[tuple[str, int]]:
+    """(model, workers) pairs: --models, else --model on every GPU or --num-workers CPUs."""
+    if args.models:
+        return parse_model_counts(args.models)
     model = args.model or models.default_model(cuda=bool(gpus))
-    flags = ["-m", "gpu_worker", "--broker", broker, *_common_worker_flags(args, model)]
-    if gpus:
-        # Each worker sees exactly one GPU, so its device is always cuda:0.
-        return [ProcessSpec(f"worker-gpu{gpu}", [PY, *flags, "--device", "cuda:0"],
-                            env={"CUDA_VISIBLE_DEVICES": gpu})
-                for gpu in gpus]
-    threads = cpu_worker_threads(args.num_workers)
-    return [ProcessSpec(f"worker-cpu{i}", [PY, *flags, "--device", "cpu",
-                                           "--threads", str(threads)],
-                        env={"CUDA_VISIBLE_DEVICES": ""})
-            for i in range(args.num_workers)]
+    return [(model, len(gpus) if gpus else args.num_workers)]
+
+
+def worker_specs(args: argparse.Namespace, broker: str) -> list[ProcessSpec]:
+    """One worker per GPU used, else CPU workers that share the cores."""
+    gpus = visible_gpus(args.num_gpus)
+    placed = place_workers(wanted_workers(args, gpus), gpus)
+    threads = cpu_worker_threads(len(placed))
+    specs = []
+    for i, (model, gpu) in enumerate(placed):
+        flags = [PY, "-m", "gpu_worker", "--broker", broker, *_common_worker_flags(args, model)]
+        if gpu is not None:
+            # Each worker sees exactly one GPU, so its device is always cuda:0.
+            specs.append(ProcessSpec(f"worker-gpu{gpu}", [*flags, "--device", "cuda:0"],
+                                     env={"CUDA_VISIBLE_DEVICES": gpu}))
+        else:
+            specs.append(ProcessSpec(f"worker-cpu{i}", [*flags, "--device", "cpu",
+                                                         "--threads", str(threads)],
+                                     env={"CUDA_VISIBLE_DEVICES": ""}))
+    return specs
 
 
 def cluster_specs(args: argparse.Namespace) -> list[ProcessSpec]:
@@ -70,20 +82,26 @@ def cluster_specs(args: argparse.Namespace) -> list[ProcessSpec]:
         # Leave the broker time to stop after the frontend drained.
         "--drain-timeout", str(max(1.0, args.grace - 2.0)),
     ]
-    if args.model:
-        frontend_cmd += ["--default-model", args.model]
+    default_model = parse_model_counts(args.models)[0][0] if args.models else args.model
+    if default_model:
+        frontend_cmd += ["--default-model", default_model]
     frontend = ProcessSpec("frontend", frontend_cmd)
     connect = args.workers.replace("*", "127.0.0.1").replace("0.0.0.0", "127.0.0.1")
     return [broker, *worker_specs(args, connect), frontend]
 
 
 def run_cluster(args: argparse.Namespace) -> int:
-    specs = cluster_specs(args)
+    try:
+        specs = cluster_specs(args)
+    except ValueError as exc:
+        print(f"launch.py: {exc}", file=sys.stderr)
+        return 2
     workers = [s for s in specs if s.name.startswith("worker")]
     if not any(s.name.startswith("worker-gpu") for s in workers):
-        model = args.model or models.TINY
-        print(f"No CUDA GPU found: starting {len(workers)} CPU worker(s) serving {model!r}.")
-        if model == models.TINY:
+        served = sorted({s.argv[s.argv.index("--model") + 1] for s in workers})
+        print(f"No CUDA GPU found: starting {len(workers)} CPU worker(s) serving "
+              f"{', '.join(served)}.")
+        if models.TINY in served:
             print("  'tiny' has random weights and makes noise: it shows the cluster works.\n"
                   "  Serve a real model with --model (see `python launch.py models`); on a "
                   "GPU host\n  the default is flux-schnell.")
@@ -128,6 +146,10 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="alias (see `launch.py models`), Hugging Face repo id or "
                              "directory; default flux-schnell on CUDA, tiny without")
+    parser.add_argument("--models", default=None,
+                        help="several models in one cluster, as MODEL:WORKERS pairs, e.g. "
+                             "'flux-schnell:4,sdxl:2,tiny:1' (one GPU per worker; the first "
+                             "is the default model)")
     parser.add_argument("--num-gpus", type=int, default=None,
                         help="use the first N visible GPUs (CUDA_VISIBLE_DEVICES is "
                              "honoured); default all")

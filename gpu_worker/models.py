@@ -2,40 +2,58 @@
 
 Plain data that imports no torch, so the HTTP frontend validates requests against a model's
 limits and tells an unknown model (404) from a known one that no worker serves (503).
+
+A family's quirks live in its entry of ``FAMILIES`` (keyed by the diffusers pipeline class that
+``model_index.json`` names); an alias is a family plus the checkpoint's own defaults. A local
+directory or a repo id the registry does not know gets its family's entry from the pipeline
+class it loads as, else generic defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 TINY = "tiny"
+BINNED_SIZES = (256, 512, 1024, 2048, 4096)  # sample sizes resolution-binning tables exist for
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec:
-    """One model's identity, defaults and limits."""
+    """One model's identity, defaults, limits and the quirks of its pipeline family."""
 
     name: str  # what requests and /v1/models call it: an alias, repo id or directory
     repo: str  # what from_pretrained loads ("" for the built-in tiny model)
     family: str
+    pipeline: str = ""  # the diffusers class model_index.json names
     default_size: tuple[int, int] = (1024, 1024)
     size_multiple: int = 16
     min_pixels: int = 64 * 64
     max_pixels: int = 2048 * 2048
+    allowed_sizes: tuple[tuple[int, int], ...] = ()  # non-empty: only these sizes
     default_steps: int = 30
     max_steps: int = 150
     default_guidance: float | None = 5.0
     negative_prompt: bool = True  # whether the pipeline takes a negative prompt (real CFG)
+    guidance_param: str = "guidance_scale"  # the __call__ argument our `guidance` feeds
     dtype: str = "bfloat16"  # on CUDA; CPU always runs float32
+    variant: str | None = None  # weight files variant to load, e.g. "fp16"
     max_sequence_length: int | None = None
+    resolution_binning: bool = False  # the family snaps sizes to trained aspect buckets
+    legacy_callback: bool = False  # progress through callback=/callback_steps, not _on_step_end
+    decoder_steps: int = 0  # two-stage pipelines: the second stage's fixed step count
+    extra_components: tuple[tuple[str, str, str], ...] = ()  # (kwarg, repo, transformers class)
     description: str = ""
 
     def limits(self) -> dict[str, Any]:
         """The defaults and limits as /v1/models and READY show them."""
         data = dataclasses.asdict(self)
-        data["default_size"] = f"{self.default_size[0]}x{self.default_size[1]}"
+        data["default_size"] = _size_str(self.default_size)
+        data["allowed_sizes"] = [_size_str(s) for s in self.allowed_sizes]
+        data["extra_components"] = [list(c) for c in self.extra_components]
         return data
 
     @classmethod
@@ -43,48 +61,169 @@ class ModelSpec:
         """Rebuild a spec a worker announced; unknown keys are ignored, bad ones rejected."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
-        size = values.get("default_size")
-        if isinstance(size, str):
-            width, _, height = size.partition("x")
-            values["default_size"] = (int(width), int(height))
+        if isinstance(values.get("default_size"), str):
+            values["default_size"] = _parse_size(values["default_size"])
+        values["allowed_sizes"] = tuple(_parse_size(s) for s in values.get("allowed_sizes", ()))
+        values["extra_components"] = tuple(tuple(c) for c in values.get("extra_components", ()))
         return cls(**values)
 
+    def with_defaults(self, **overrides: Any) -> ModelSpec:
+        return dataclasses.replace(self, **overrides)
 
-def _sdxl_like(name: str, repo: str, description: str, **overrides: Any) -> ModelSpec:
-    base: dict[str, Any] = dict(family="sdxl", default_size=(1024, 1024), size_multiple=8,
-                                default_steps=30, default_guidance=6.0, dtype="float16")
-    base.update(overrides)
-    return ModelSpec(name=name, repo=repo, description=description, **base)
 
+def _size_str(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    width, _, height = text.partition("x")
+    return int(width), int(height)
+
+
+# --------------------------------------------------------------------------------------------
+# Families: what every checkpoint of a pipeline class shares. Keyed by pipeline class name.
+
+_HUNYUAN_SIZES = ((1024, 1024), (1280, 1280), (1024, 768), (1152, 864), (1280, 960),
+                  (768, 1024), (864, 1152), (960, 1280), (1280, 768), (768, 1280))
+
+
+def _family(family: str, pipeline: str, **fields: Any) -> ModelSpec:
+    return ModelSpec(name="", repo="", family=family, pipeline=pipeline, **fields)
+
+
+FAMILIES: dict[str, ModelSpec] = {f.pipeline: f for f in (
+    _family("sd", "StableDiffusionPipeline", default_size=(512, 512), size_multiple=8,
+            max_pixels=1024 * 1024, default_steps=30, default_guidance=7.5, dtype="float16"),
+    _family("sdxl", "StableDiffusionXLPipeline", size_multiple=8, default_steps=30,
+            default_guidance=6.0, dtype="float16"),
+    _family("sd3", "StableDiffusion3Pipeline", default_steps=28, default_guidance=3.5,
+            max_sequence_length=256),
+    _family("flux", "FluxPipeline", default_steps=28, default_guidance=3.5,
+            negative_prompt=False, max_sequence_length=512),
+    _family("flux2-klein", "Flux2KleinPipeline", default_steps=4, default_guidance=1.0,
+            negative_prompt=False),
+    _family("chroma", "ChromaPipeline", default_steps=40, default_guidance=3.0,
+            max_sequence_length=512),
+    _family("pixart-sigma", "PixArtSigmaPipeline", default_steps=20, default_guidance=4.5,
+            max_sequence_length=300, resolution_binning=True, legacy_callback=True,
+            dtype="float16"),
+    _family("sana", "SanaPipeline", size_multiple=32, default_steps=20, default_guidance=4.5,
+            max_sequence_length=300, resolution_binning=True),
+    _family("sana-sprint", "SanaSprintPipeline", size_multiple=32, default_steps=2,
+            max_steps=20, default_guidance=4.5, negative_prompt=False,
+            max_sequence_length=300, resolution_binning=True),
+    _family("hunyuan-dit", "HunyuanDiTPipeline", default_steps=50, default_guidance=5.0,
+            allowed_sizes=_HUNYUAN_SIZES, dtype="float16"),
+    _family("lumina-next", "LuminaPipeline", default_steps=30, default_guidance=4.0,
+            max_sequence_length=256),
+    _family("lumina-2", "Lumina2Pipeline", default_steps=50, default_guidance=4.0,
+            max_sequence_length=256),
+    _family("qwen-image", "QwenImagePipeline", default_size=(1328, 1328), default_steps=50,
+            default_guidance=4.0, guidance_param="true_cfg_scale", max_sequence_length=512,
+            max_pixels=2048 * 2048),
+    _family("z-image", "ZImagePipeline", default_steps=9, default_guidance=0.0,
+            negative_prompt=False, max_sequence_length=512),
+    _family("kolors", "KolorsPipeline", size_multiple=8, default_steps=25,
+            default_guidance=5.0, dtype="float16", max_sequence_length=256),
+    _family("auraflow", "AuraFlowPipeline", default_steps=50, default_guidance=3.5,
+            max_sequence_length=256),
+    _family("cogview4", "CogView4Pipeline", size_multiple=32, default_steps=50,
+            default_guidance=3.5, max_sequence_length=1024),
+    _family("hidream", "HiDreamImagePipeline", default_steps=50, default_guidance=5.0,
+            max_sequence_length=128),
+    _family("stable-cascade", "StableCascadeCombinedPipeline", size_multiple=128,
+            default_steps=20, default_guidance=4.0, decoder_steps=10),
+)}
+
+GENERIC = _family("generic", "")
+
+
+def _alias(name: str, repo: str, pipeline: str, description: str, **overrides: Any) -> ModelSpec:
+    return FAMILIES[pipeline].with_defaults(name=name, repo=repo, description=description,
+                                            **overrides)
+
+
+_SDXL, _FLUX, _SD3 = "StableDiffusionXLPipeline", "FluxPipeline", "StableDiffusion3Pipeline"
 
 _ENTRIES: tuple[ModelSpec, ...] = (
     ModelSpec(
-        name=TINY, repo="", family="tiny", default_size=(256, 256), size_multiple=8,
-        min_pixels=8 * 8, max_pixels=1024 * 1024, default_steps=4, max_steps=50,
-        default_guidance=5.0, dtype="float32",
+        name=TINY, repo="", family="tiny", pipeline="StableDiffusionPipeline",
+        default_size=(256, 256), size_multiple=8, min_pixels=8 * 8, max_pixels=1024 * 1024,
+        default_steps=4, max_steps=50, default_guidance=5.0, dtype="float32",
         description="built-in miniature pipeline with random weights: it makes noise, for "
                     "tests and machines without a GPU",
     ),
-    ModelSpec(
-        name="flux-schnell", repo="black-forest-labs/FLUX.1-schnell", family="flux",
-        default_steps=4, max_steps=50, default_guidance=0.0, negative_prompt=False,
-        max_sequence_length=256, description="FLUX.1 [schnell], 4-step distilled",
-    ),
-    ModelSpec(
-        name="flux-dev", repo="black-forest-labs/FLUX.1-dev", family="flux",
-        default_steps=28, default_guidance=3.5, negative_prompt=False,
-        max_sequence_length=512, description="FLUX.1 [dev], guidance-distilled",
-    ),
-    _sdxl_like("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "Stable Diffusion XL base"),
-    _sdxl_like("sdxl-turbo", "stabilityai/sdxl-turbo", "SDXL Turbo, 1-4 steps",
-               default_size=(512, 512), default_steps=1, default_guidance=0.0,
-               negative_prompt=False, max_steps=10),
-    ModelSpec(
-        name="sd-1.5", repo="stable-diffusion-v1-5/stable-diffusion-v1-5", family="sd",
-        default_size=(512, 512), size_multiple=8, max_pixels=1024 * 1024,
-        default_steps=30, default_guidance=7.5, dtype="float16",
-        description="Stable Diffusion 1.5",
-    ),
+    # FLUX
+    _alias("flux-schnell", "black-forest-labs/FLUX.1-schnell", _FLUX,
+           "FLUX.1 [schnell], 4-step distilled", default_steps=4, max_steps=50,
+           default_guidance=0.0, max_sequence_length=256),
+    _alias("flux-dev", "black-forest-labs/FLUX.1-dev", _FLUX,
+           "FLUX.1 [dev], guidance-distilled"),
+    _alias("flux2-klein", "black-forest-labs/FLUX.2-klein-4B", "Flux2KleinPipeline",
+           "FLUX.2 [klein] 4B, step-distilled"),
+    _alias("chroma", "lodestones/Chroma1-HD", "ChromaPipeline", "Chroma1-HD, real CFG"),
+    # SDXL and fine-tunes
+    _alias("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", _SDXL,
+           "Stable Diffusion XL base 1.0", variant="fp16"),
+    _alias("sdxl-turbo", "stabilityai/sdxl-turbo", _SDXL, "SDXL Turbo, 1-4 steps",
+           default_size=(512, 512), default_steps=1, max_steps=10, default_guidance=0.0,
+           negative_prompt=False, variant="fp16"),
+    _alias("playground-v2.5", "playgroundai/playground-v2.5-1024px-aesthetic", _SDXL,
+           "Playground v2.5, aesthetic 1024px", default_steps=50, default_guidance=3.0,
+           variant="fp16"),
+    _alias("juggernaut-xl", "RunDiffusion/Juggernaut-XL-v9", _SDXL,
+           "Juggernaut XL v9, photoreal SDXL fine-tune", default_guidance=4.5),
+    _alias("realvisxl", "SG161222/RealVisXL_V5.0", _SDXL, "RealVisXL V5.0, photoreal",
+           default_guidance=5.0),
+    _alias("dreamshaper-xl-turbo", "Lykon/dreamshaper-xl-v2-turbo", _SDXL,
+           "DreamShaper XL v2 Turbo", default_steps=6, default_guidance=2.0),
+    _alias("animagine-xl-4", "cagliostrolab/animagine-xl-4.0", _SDXL,
+           "Animagine XL 4.0, anime", default_steps=28, default_guidance=5.0),
+    # SD 1.x / 2.x
+    _alias("sd-1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5", "StableDiffusionPipeline",
+           "Stable Diffusion 1.5", variant="fp16"),
+    _alias("sd-turbo", "stabilityai/sd-turbo", "StableDiffusionPipeline", "SD Turbo, 1-4 steps",
+           default_steps=1, max_steps=10, default_guidance=0.0, negative_prompt=False,
+           variant="fp16"),
+    # SD3.5
+    _alias("sd3.5-medium", "stabilityai/stable-diffusion-3.5-medium", _SD3,
+           "Stable Diffusion 3.5 Medium", default_steps=40, default_guidance=4.5),
+    _alias("sd3.5-large", "stabilityai/stable-diffusion-3.5-large", _SD3,
+           "Stable Diffusion 3.5 Large"),
+    _alias("sd3.5-large-turbo", "stabilityai/stable-diffusion-3.5-large-turbo", _SD3,
+           "Stable Diffusion 3.5 Large Turbo, 4 steps", default_steps=4, max_steps=20,
+           default_guidance=0.0, negative_prompt=False),
+    # DiT families
+    _alias("pixart-sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "PixArtSigmaPipeline",
+           "PixArt-Σ XL 1024"),
+    _alias("sana", "Efficient-Large-Model/Sana_1600M_1024px_diffusers", "SanaPipeline",
+           "Sana 1.6B 1024px"),
+    _alias("sana-sprint", "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers",
+           "SanaSprintPipeline", "Sana Sprint 1.6B, 1-4 steps"),
+    _alias("sana-sprint-small", "Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers",
+           "SanaSprintPipeline", "Sana Sprint 0.6B, 1-4 steps"),
+    _alias("hunyuan-dit", "Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers", "HunyuanDiTPipeline",
+           "HunyuanDiT v1.2, bilingual"),
+    _alias("lumina-next", "Alpha-VLLM/Lumina-Next-SFT-diffusers", "LuminaPipeline",
+           "Lumina-Next SFT"),
+    _alias("lumina-2", "Alpha-VLLM/Lumina-Image-2.0", "Lumina2Pipeline", "Lumina Image 2.0"),
+    _alias("qwen-image", "Qwen/Qwen-Image", "QwenImagePipeline",
+           "Qwen-Image 20B, strong text rendering"),
+    _alias("z-image-turbo", "Tongyi-MAI/Z-Image-Turbo", "ZImagePipeline",
+           "Z-Image Turbo, 8-step distilled"),
+    _alias("kolors", "Kwai-Kolors/Kolors-diffusers", "KolorsPipeline", "Kolors, bilingual",
+           variant="fp16"),
+    _alias("auraflow", "fal/AuraFlow-v0.3", "AuraFlowPipeline", "AuraFlow v0.3"),
+    _alias("cogview4", "THUDM/CogView4-6B", "CogView4Pipeline", "CogView4 6B"),
+    _alias("hidream-i1", "HiDream-ai/HiDream-I1-Full", "HiDreamImagePipeline",
+           "HiDream-I1 Full (needs access to Llama 3.1 8B Instruct)",
+           extra_components=(
+               ("tokenizer_4", "meta-llama/Llama-3.1-8B-Instruct", "AutoTokenizer"),
+               ("text_encoder_4", "meta-llama/Llama-3.1-8B-Instruct", "LlamaForCausalLM"),
+           )),
+    # Two-stage
+    _alias("stable-cascade", "stabilityai/stable-cascade", "StableCascadeCombinedPipeline",
+           "Stable Cascade: prior then decoder"),
 )
 
 REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in _ENTRIES}
@@ -104,12 +243,33 @@ def canonical_name(name: str) -> str:
 
 def generic(name: str, **overrides: Any) -> ModelSpec:
     """Defaults for a repo id or directory the registry does not know."""
-    return ModelSpec(name=name, repo=name, family="generic", **overrides)
+    return GENERIC.with_defaults(name=name, repo=name, **overrides)
+
+
+def for_pipeline(name: str, pipeline_class: str) -> ModelSpec:
+    """The spec of an unregistered model from the pipeline class it loads as."""
+    family = FAMILIES.get(pipeline_class)
+    if family is None:
+        return generic(name, pipeline=pipeline_class)
+    return family.with_defaults(name=name, repo=name)
+
+
+def pipeline_class_of(directory: str) -> str | None:
+    """The pipeline class a local model directory declares in model_index.json."""
+    index = Path(directory) / "model_index.json"
+    try:
+        return json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def resolve(name: str) -> ModelSpec:
-    """The spec to serve ``name`` with: its registry entry, or generic defaults."""
-    return lookup(name) or generic(name)
+    """The spec to serve ``name`` with: its entry, its directory's family, or generic."""
+    spec = lookup(name)
+    if spec is not None:
+        return spec
+    pipeline_class = pipeline_class_of(name)
+    return for_pipeline(name, pipeline_class) if pipeline_class else generic(name)
 
 
 def default_model(cuda: bool) -> str:

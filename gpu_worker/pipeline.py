@@ -26,6 +26,9 @@ class Interrupted(Exception):
     """The job was cancelled between denoising steps."""
 
 
+VAE_TILING_PIXELS = 1536 * 1536
+
+
 @dataclass(frozen=True, kw_only=True)
 class LoadOptions:
     device: str = "cpu"
@@ -53,29 +56,56 @@ class PipelineRunner:
     """One pipeline on one device. Not thread-safe: one thread calls generate()."""
 
     def __init__(self, spec: ModelSpec, options: LoadOptions) -> None:
-        self.spec = spec
         self.options = options
         self.device = options.device
         if options.threads and not self.device.startswith("cuda"):
             torch.set_num_threads(options.threads)
-        self.pipe = self._load()
+        self.pipe = self._load(spec)
         self._params = set(inspect.signature(self.pipe.__call__).parameters)
+        self.spec = self._fit_spec(spec)
 
-    def _load(self) -> Any:
+    # ---------------------------------------------------------------- loading
+
+    def _load(self, spec: ModelSpec) -> Any:
+        _quiet_libraries()
         from diffusers import DiffusionPipeline
 
-        _quiet_libraries()
-        source = model_source(self.spec, self.options.cache_dir)
+        source = model_source(spec, self.options.cache_dir)
+        dtype = _dtype(spec, self.device)
         started = time.perf_counter()
-        pipe = DiffusionPipeline.from_pretrained(source, dtype=_dtype(self.spec, self.device))
+        kwargs: dict[str, Any] = {"dtype": dtype, **_extra_components(spec, dtype)}
+        if spec.variant and self.device.startswith("cuda"):
+            kwargs["variant"] = spec.variant
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
         if self.device.startswith("cuda"):
             self._optimise_for_cuda(pipe)
         else:
             pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
-        log.info("loaded %s (%s) on %s in %.1f s", self.spec.name, type(pipe).__name__,
+        log.info("loaded %s (%s) on %s in %.1f s", spec.name, type(pipe).__name__,
                  self.device, time.perf_counter() - started)
         return pipe
+
+    def _fit_spec(self, spec: ModelSpec) -> ModelSpec:
+        """Adjust the spec to the pipeline that actually loaded."""
+        loaded = type(self.pipe).__name__
+        if spec.family == "generic" and loaded in models.FAMILIES:
+            spec = models.for_pipeline(spec.name, loaded)
+        if spec.resolution_binning and not self._binning_fits():
+            # Aspect-ratio bins exist only for the trained resolutions; a miniature or
+            # unusual checkpoint must take sizes as asked.
+            spec = spec.with_defaults(resolution_binning=False, allowed_sizes=())
+        if spec.allowed_sizes and not self._binning_fits():
+            spec = spec.with_defaults(allowed_sizes=())
+        return spec
+
+    def _binning_fits(self) -> bool:
+        denoiser = getattr(self.pipe, "transformer", None) or getattr(self.pipe, "unet", None)
+        sample_size = getattr(getattr(denoiser, "config", None), "sample_size", None)
+        scale = getattr(self.pipe, "vae_scale_factor", 8)
+        if isinstance(sample_size, (tuple, list)):
+            sample_size = sample_size[0]
+        return isinstance(sample_size, int) and sample_size * scale in models.BINNED_SIZES
 
     def _optimise_for_cuda(self, pipe: Any) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -84,14 +114,19 @@ class PipelineRunner:
             pipe.enable_model_cpu_offload(device=self.device)
         else:
             pipe.to(self.device)
-        for name in ("unet", "transformer", "vae"):
-            module = getattr(pipe, name, None)
+        denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+        for module in (denoiser, getattr(pipe, "vae", None)):
             if module is not None:
                 module.to(memory_format=torch.channels_last)
-        if self.options.compile:
-            denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-            if denoiser is not None:
-                denoiser.compile(fullgraph=False)
+        if denoiser is not None and hasattr(denoiser, "fuse_qkv_projections"):
+            try:
+                denoiser.fuse_qkv_projections()
+            except Exception as exc:  # some attention processors cannot be fused
+                log.info("fused QKV not available for %s: %s", type(denoiser).__name__, exc)
+        if self.options.compile and denoiser is not None:
+            denoiser.compile(fullgraph=False)
+
+    # ---------------------------------------------------------------- running
 
     def warm_up(self) -> float:
         """Run one small generation so the first real job does not pay for lazy set-up."""
@@ -103,19 +138,26 @@ class PipelineRunner:
         self.generate(job)
         return time.perf_counter() - started
 
+    def total_steps(self, job: JobSpec) -> int:
+        """Denoising steps the job reports progress for (both stages of a two-stage model)."""
+        return job.steps + self.spec.decoder_steps
+
     def generate(self, job: JobSpec, on_step: StepCallback | None = None) -> list[Image.Image]:
-        """Make ``job.n`` images, image i from seed ``job.seeds[i]``."""
+        """Make ``job.n`` images, image i from seed ``job.seeds[i]``.
+
+        ``on_step(done, total)`` runs after every denoising step; returning False interrupts
+        the job there (Interrupted is raised).
+        """
         kwargs = self._call_kwargs(job)
         if on_step is not None:
-            kwargs["callback_on_step_end"] = self._step_callback(job.steps, on_step)
+            kwargs.update(self._progress_kwargs(self.total_steps(job), on_step))
+        self._tile_vae_for(job)
         with torch.inference_mode():
             output = self.pipe(**kwargs)
-        if getattr(self.pipe, "_interrupt", False):
-            self.pipe._interrupt = False
-            raise Interrupted(job.id)
         return list(output.images)
 
     def _call_kwargs(self, job: JobSpec) -> dict[str, Any]:
+        spec = self.spec
         # CPU generators give the same noise for a seed on every device and machine.
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds]
         kwargs: dict[str, Any] = {
@@ -124,20 +166,65 @@ class PipelineRunner:
             "generator": generators, "output_type": "pil",
         }
         if job.guidance is not None:
-            kwargs["guidance_scale"] = job.guidance
-        if job.negative_prompt and self.spec.negative_prompt:
+            kwargs[spec.guidance_param] = job.guidance
+        if job.negative_prompt and spec.negative_prompt:
             kwargs["negative_prompt"] = job.negative_prompt
-        if self.spec.max_sequence_length:
-            kwargs["max_sequence_length"] = self.spec.max_sequence_length
+        if spec.max_sequence_length:
+            kwargs["max_sequence_length"] = spec.max_sequence_length
+        kwargs["use_resolution_binning"] = spec.resolution_binning
+        if spec.decoder_steps:  # two stages: our steps drive the prior, the decoder's are fixed
+            kwargs["prior_num_inference_steps"] = job.steps
+            kwargs["num_inference_steps"] = spec.decoder_steps
         # Pass only what this pipeline's __call__ takes.
         return {k: v for k, v in kwargs.items() if k in self._params}
 
-    def _step_callback(self, steps: int, on_step: StepCallback) -> Callable[..., Any]:
-        def callback(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
-            if not on_step(step + 1, steps):
-                pipe._interrupt = True
+    def _progress_kwargs(self, total: int, on_step: StepCallback) -> dict[str, Any]:
+        """Hook ``on_step`` into the pipeline's step callbacks; a False answer interrupts."""
+        done = 0
+
+        def step() -> None:
+            nonlocal done
+            done += 1
+            if not on_step(min(done, total), total):
+                # Raising leaves the pipeline at once; no VAE decode for an abandoned job.
+                raise Interrupted()
+
+        def on_step_end(pipe: Any, i: int, t: Any, callback_kwargs: dict) -> dict:
+            step()
             return callback_kwargs
-        return callback
+
+        if self.spec.legacy_callback or "callback_on_step_end" not in self._params:
+            if "callback" not in self._params:
+                return {}
+            return {"callback": lambda i, t, latents: step(), "callback_steps": 1}
+        hooks: dict[str, Any] = {"callback_on_step_end": on_step_end}
+        if "prior_callback_on_step_end" in self._params:
+            hooks["prior_callback_on_step_end"] = on_step_end
+        return hooks
+
+    def _tile_vae_for(self, job: JobSpec) -> None:
+        """Decode large images in tiles: a 2K+ decode in one piece can exhaust GPU memory."""
+        vae = getattr(self.pipe, "vae", None)
+        if vae is None or not hasattr(vae, "enable_tiling"):
+            return
+        if job.width * job.height > VAE_TILING_PIXELS:
+            vae.enable_tiling()
+        else:
+            vae.disable_tiling()
+
+
+def _extra_components(spec: ModelSpec, dtype: torch.dtype) -> dict[str, Any]:
+    """Components a repo does not ship (HiDream's Llama encoder), loaded from their own repo."""
+    if not spec.extra_components:
+        return {}
+    import transformers
+
+    loaded: dict[str, Any] = {}
+    for kwarg, repo, class_name in spec.extra_components:
+        cls = getattr(transformers, class_name)
+        extra = {} if "Tokenizer" in class_name else {"dtype": dtype}
+        loaded[kwarg] = cls.from_pretrained(repo, **extra)
+    return loaded
 
 
 def _quiet_libraries() -> None:

@@ -62,6 +62,7 @@ class Worker:
                               threads=self.config.threads, offload=self.config.offload,
                               compile=self.config.compile)
         self.runner = PipelineRunner(self.spec, options)
+        self.spec = self.runner.spec  # what the loaded pipeline really takes
         if self.config.warm_up:
             seconds = self.runner.warm_up()
             log.info("warm-up generation took %.2f s", seconds)

@@ -14,8 +14,8 @@ from broker import protocol
 from broker.protocol import MsgType, ProtocolError
 from launcher.supervisor import ProcessSpec
 
-__all__ = ["ProcessSpec", "cpu_worker_threads", "visible_gpus", "wait_for_frontend",
-           "wait_until_ready"]
+__all__ = ["ProcessSpec", "cpu_worker_threads", "parse_model_counts", "place_workers",
+           "visible_gpus", "wait_for_frontend", "wait_until_ready"]
 
 
 def visible_gpus(limit: int | None = None) -> list[str]:
@@ -76,3 +76,32 @@ def wait_for_frontend(url: str, *, timeout: float, should_stop: Callable[[], boo
             pass  # not listening yet, or 503 until its first status poll
         time.sleep(0.1)
     return False
+
+
+def parse_model_counts(text: str) -> list[tuple[str, int]]:
+    """'flux-schnell:4,sdxl:2,tiny' -> [('flux-schnell', 4), ('sdxl', 2), ('tiny', 1)]."""
+    placed: list[tuple[str, int]] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        # rpartition: a local path or repo id may itself contain ':' only before the count.
+        name, sep, count = item.rpartition(":")
+        if not sep or not count.isdigit():
+            name, count = item, "1"
+        if not name or int(count) < 1:
+            raise ValueError(f"--models entry {item!r} is not MODEL or MODEL:COUNT")
+        placed.append((name, int(count)))
+    if not placed:
+        raise ValueError("--models names no model")
+    return placed
+
+
+def place_workers(wanted: list[tuple[str, int]], gpus: list[str]) -> list[tuple[str, str | None]]:
+    """Give each wanted worker a GPU of its own, in order; None means a CPU worker."""
+    total = sum(count for _, count in wanted)
+    if gpus and total > len(gpus):
+        raise ValueError(f"{total} workers asked for, but only {len(gpus)} GPU(s) are visible")
+    devices = iter(gpus) if gpus else None
+    return [(model, next(devices) if devices else None)
+            for model, count in wanted for _ in range(count)]

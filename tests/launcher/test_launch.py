@@ -67,3 +67,45 @@ def test_cpu_threads_never_below_one(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cluster.cpu_worker_threads(1) == 2
     assert cluster.cpu_worker_threads(2) == 1
     assert cluster.cpu_worker_threads(5) == 1
+
+
+def test_models_places_each_worker_on_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    specs = plan(monkeypatch, [str(i) for i in range(8)], "--models",
+                 "flux-schnell:4,sdxl:2,tiny:1")
+    workers = [s for s in specs if s.name.startswith("worker")]
+    placed = [(w.argv[w.argv.index("--model") + 1], w.env["CUDA_VISIBLE_DEVICES"])
+              for w in workers]
+    assert placed == [("flux-schnell", "0"), ("flux-schnell", "1"), ("flux-schnell", "2"),
+                      ("flux-schnell", "3"), ("sdxl", "4"), ("sdxl", "5"), ("tiny", "6")]
+    frontend = specs[-1].argv
+    assert frontend[frontend.index("--default-model") + 1] == "flux-schnell"
+
+
+def test_models_on_cpu_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cluster.os, "cpu_count", lambda: 6)
+    specs = plan(monkeypatch, [], "--models", "tiny:2,/models/my-sdxl:1")
+    workers = [s for s in specs if s.name.startswith("worker")]
+    assert [w.argv[w.argv.index("--model") + 1] for w in workers] == [
+        "tiny", "tiny", "/models/my-sdxl"]
+    assert {w.argv[w.argv.index("--threads") + 1] for w in workers} == {"2"}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("flux-schnell:4,sdxl:2,tiny:1", [("flux-schnell", 4), ("sdxl", 2), ("tiny", 1)]),
+    ("tiny", [("tiny", 1)]),
+    (" sdxl-turbo:3 , ", [("sdxl-turbo", 3)]),
+    ("org/repo:2", [("org/repo", 2)]),
+])
+def test_parse_model_counts(text: str, expected: list) -> None:
+    assert cluster.parse_model_counts(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", ",", "tiny:0", ":3"])
+def test_parse_model_counts_rejects_nonsense(text: str) -> None:
+    with pytest.raises(ValueError):
+        cluster.parse_model_counts(text)
+
+
+def test_more_workers_than_gpus_is_refused() -> None:
+    with pytest.raises(ValueError, match="only 2 GPU"):
+        cluster.place_workers([("flux-schnell", 2), ("sdxl", 1)], ["0", "1"])
