@@ -38,23 +38,6 @@ class BrokerConfig:
     max_worker_frame: int = 256 << 20  # a 4K PNG is tens of MB
 
 
-class _DropLog:
-    """Log dropped messages at most once per second, with a count of the ones not logged."""
-
-    def __init__(self) -> None:
-        self._last = 0.0
-        self._suppressed = 0
-
-    def __call__(self, peer: str, reason: str) -> None:
-        now = time.monotonic()
-        if now - self._last < 1.0:
-            self._suppressed += 1
-            return
-        extra = f" ({self._suppressed} more dropped since)" if self._suppressed else ""
-        log.warning("dropped a message from %s: %s%s", peer, reason, extra)
-        self._last, self._suppressed = now, 0
-
-
 class Broker:
     def __init__(self, config: BrokerConfig, context: zmq.Context | None = None, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -69,7 +52,7 @@ class Broker:
         # job for a model nobody has announced yet waits in its queue instead of failing.
         self._startup_grace_until = clock() + 2 * self.workers.liveness
         self._next_heartbeat = 0.0
-        self._drop = _DropLog()
+        self._drop = protocol.DropLog(log)
         self.clients = self._router(config.max_client_frame)
         self.worker_socket = self._router(config.max_worker_frame)
         self._poller = zmq.Poller()

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -366,6 +368,32 @@ def _check_semantics(msg_type: MsgType, fields: dict[str, Any], payloads: Sequen
                 raise ProtocolError(f"ready.{name} must be at least 1")
     elif msg_type is MsgType.FAILED:
         fields.setdefault("retryable", False)
+    elif msg_type is MsgType.STATUS_REPLY:
+        if not all(isinstance(w, dict) for w in fields["workers"]):
+            raise ProtocolError("status_reply.workers must be a list of maps")
+        if not all(isinstance(k, str) and _is_int(v) for k, v in fields["queues"].items()):
+            raise ProtocolError("status_reply.queues must map model names to depths")
+
+
+class DropLog:
+    """Log dropped messages at most once per second, with a count of the ones not logged.
+
+    A peer that floods us with garbage must not flood the log too.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+        self._last = float("-inf")
+        self._suppressed = 0
+
+    def __call__(self, peer: str, reason: str) -> None:
+        now = time.monotonic()
+        if now - self._last < 1.0:
+            self._suppressed += 1
+            return
+        extra = f" ({self._suppressed} more dropped since)" if self._suppressed else ""
+        self._log.warning("dropped a message from %s: %s%s", peer, reason, extra)
+        self._last, self._suppressed = now, 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ class BrokerLink:
         self._running: set[str] = set()
         self._lock = threading.Lock()  # guards _cancelled and _running
         self._stop = threading.Event()
+        self._drop = protocol.DropLog(log)
         self._thread = threading.Thread(target=self._run, name="broker-link", daemon=True)
         self.connected = threading.Event()  # set after the broker first answered us
 
@@ -157,7 +158,7 @@ class BrokerLink:
         try:
             msg = protocol.decode(frames)
         except ProtocolError as exc:
-            log.warning("dropped a message from the broker: %s", exc)
+            self._drop("the broker", str(exc))
             return True
         self.connected.set()
         self._handle(sock, msg)

@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     service = ImageService(broker, config.service)
     app = create_app(config, broker, service=service)
     server = waitress.create_server(app, host=args.host, port=args.port, threads=args.threads,
-                                    max_request_body_size=args.max_body, ident="diffusion-cluster",
+                                    # A backstop only: the app answers 413 in OpenAI's shape
+                                    # first; waitress's own 413 is plain text.
+                                    max_request_body_size=4 * args.max_body + 1,
+                                    ident="diffusion-cluster",
                                     # Lets a waiting request notice its client hung up.
                                     channel_request_lookahead=1)
     # waitress must be closed on the main thread: the drain thread asks for it with SIGUSR1.

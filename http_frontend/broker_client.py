@@ -102,6 +102,7 @@ class BrokerClient:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._stop = threading.Event()
+        self._drop = protocol.DropLog(log)
         self._thread = threading.Thread(target=self._run, name="broker-client", daemon=True)
 
     # ---------------------------------------------------------------- called from any thread
@@ -227,7 +228,7 @@ class BrokerClient:
         try:
             msg = protocol.decode(frames)
         except ProtocolError as exc:
-            log.warning("dropped a message from the broker: %s", exc)
+            self._drop("the broker", str(exc))
             return True
         self._last_heard = time.monotonic()
         if msg.type is MsgType.STATUS_REPLY:

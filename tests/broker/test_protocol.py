@@ -504,3 +504,15 @@ def test_valid_jobspecs_round_trip(spec: JobSpec) -> None:
     assert JobSpec.from_wire(spec.to_wire()) == spec
     assert protocol.decode(protocol.submit(spec))["job"] == spec
     assert protocol.decode(protocol.jobs([spec, spec]))["jobs"] == [spec, spec]
+
+
+@pytest.mark.parametrize("fields", [
+    {"workers": [5], "queues": {}},
+    {"workers": [{"worker_id": "w"}, "x"], "queues": {}},
+    {"workers": [], "queues": {"tiny": "3"}},
+    {"workers": [], "queues": {"tiny": True}},
+])
+def test_status_reply_with_malformed_entries_is_rejected(fields: dict) -> None:
+    # A frontend stores the reply and reads every entry: garbage must stop at the decoder.
+    with pytest.raises(ProtocolError):
+        protocol.decode(protocol.encode(MsgType.STATUS_REPLY, fields))
