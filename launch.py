@@ -112,7 +112,8 @@ def run_cluster(args: argparse.Namespace) -> int:
     started = time.monotonic()
     ready = wait_until_ready(args.clients.replace("*", "127.0.0.1"), len(workers),
                              timeout=args.ready_timeout, should_stop=supervisor.stopping)
-    ready = ready and wait_for_frontend(url, timeout=30.0, should_stop=supervisor.stopping)
+    ready = ready and wait_for_frontend(url, len(workers), timeout=30.0,
+                                        should_stop=supervisor.stopping)
     if ready:
         print(f"Ready in {time.monotonic() - started:.1f} s: {len(workers)} worker(s). "
               f"Open {url}", flush=True)

@@ -172,6 +172,9 @@ class PipelineRunner:
         if spec.max_sequence_length:
             kwargs["max_sequence_length"] = spec.max_sequence_length
         kwargs["use_resolution_binning"] = spec.resolution_binning
+        if job.steps != 2:
+            # Sana Sprint's default intermediate timestep fits only its trained 2-step schedule.
+            kwargs["intermediate_timesteps"] = None
         if spec.decoder_steps:  # two stages: our steps drive the prior, the decoder's are fixed
             kwargs["prior_num_inference_steps"] = job.steps
             kwargs["num_inference_steps"] = spec.decoder_steps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -64,15 +65,16 @@ def wait_until_ready(clients_endpoint: str, workers: int, *, timeout: float,
         sock.close(linger=0)
 
 
-def wait_for_frontend(url: str, *, timeout: float, should_stop: Callable[[], bool]) -> bool:
-    """Poll the frontend's /readyz until it answers 200 (it sees the broker and a worker)."""
+def wait_for_frontend(url: str, workers: int, *, timeout: float,
+                      should_stop: Callable[[], bool]) -> bool:
+    """Poll the frontend's /readyz until it answers 200 and sees ``workers`` ready workers."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not should_stop():
         try:
             with urllib.request.urlopen(f"{url}readyz", timeout=2) as resp:
-                if resp.status == 200:
+                if resp.status == 200 and json.load(resp).get("workers", 0) >= workers:
                     return True
-        except OSError:
+        except (OSError, ValueError):
             pass  # not listening yet, or 503 until its first status poll
         time.sleep(0.1)
     return False
