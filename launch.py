@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -133,12 +134,18 @@ def run_workers(args: argparse.Namespace) -> int:
 
 
 def print_models(_: argparse.Namespace) -> int:
-    print(f"{'alias':<16} {'size':>9} {'steps':>5} {'guid.':>5} {'neg':>3}  repo")
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `launch.py models | head` ends quietly
+    rows = [("alias", "family", "size", "steps", "guidance", "neg", "dtype", "repo")]
     for spec in models.REGISTRY.values():
-        size = f"{spec.default_size[0]}x{spec.default_size[1]}"
-        guidance = "-" if spec.default_guidance is None else f"{spec.default_guidance:g}"
-        print(f"{spec.name:<16} {size:>9} {spec.default_steps:>5} {guidance:>5} "
-              f"{'yes' if spec.negative_prompt else 'no':>3}  {spec.repo or '(built in)'}")
+        rows.append((spec.name, spec.family, f"{spec.default_size[0]}x{spec.default_size[1]}",
+                     str(spec.default_steps),
+                     "-" if spec.default_guidance is None else f"{spec.default_guidance:g}",
+                     "yes" if spec.negative_prompt else "no", spec.dtype,
+                     spec.repo or "(built in)"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+              .rstrip())
     print("\nAny other diffusers repo id or directory with model_index.json works too.")
     return 0
 

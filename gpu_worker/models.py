@@ -45,6 +45,9 @@ class ModelSpec:
     resolution_binning: bool = False  # the family snaps sizes to trained aspect buckets
     legacy_callback: bool = False  # progress through callback=/callback_steps, not _on_step_end
     decoder_steps: int = 0  # two-stage pipelines: the second stage's fixed step count
+    # The pipeline reads width/height as an aspect ratio at the area of its default_sample_size
+    # (HiDream); the runner sets that area per request, up to the trained one.
+    sized_by_area: bool = False
     extra_components: tuple[tuple[str, str, str], ...] = ()  # (kwarg, repo, transformers class)
     description: str = ""
 
@@ -130,7 +133,7 @@ FAMILIES: dict[str, ModelSpec] = {f.pipeline: f for f in (
     _family("cogview4", "CogView4Pipeline", size_multiple=32, default_steps=50,
             default_guidance=3.5, max_sequence_length=1024),
     _family("hidream", "HiDreamImagePipeline", default_steps=50, default_guidance=5.0,
-            max_sequence_length=128),
+            max_sequence_length=128, sized_by_area=True, max_pixels=1024 * 1024),
     _family("stable-cascade", "StableCascadeCombinedPipeline", size_multiple=128,
             default_steps=20, default_guidance=4.0, decoder_steps=10),
 )}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -62,6 +63,7 @@ class PipelineRunner:
             torch.set_num_threads(options.threads)
         self.pipe = self._load(spec)
         self._params = set(inspect.signature(self.pipe.__call__).parameters)
+        self._trained_sample_size: int | None = getattr(self.pipe, "default_sample_size", None)
         self.spec = self._fit_spec(spec)
 
     # ---------------------------------------------------------------- loading
@@ -97,6 +99,9 @@ class PipelineRunner:
             spec = spec.with_defaults(resolution_binning=False, allowed_sizes=())
         if spec.allowed_sizes and not self._binning_fits():
             spec = spec.with_defaults(allowed_sizes=())
+        if spec.sized_by_area:
+            side = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+            spec = spec.with_defaults(max_pixels=min(spec.max_pixels, side * side))
         return spec
 
     def _binning_fits(self) -> bool:
@@ -152,6 +157,8 @@ class PipelineRunner:
         if on_step is not None:
             kwargs.update(self._progress_kwargs(self.total_steps(job), on_step))
         self._tile_vae_for(job)
+        if self.spec.sized_by_area:
+            self._set_area(job)
         with torch.inference_mode():
             output = self.pipe(**kwargs)
         return list(output.images)
@@ -204,6 +211,11 @@ class PipelineRunner:
         if "prior_callback_on_step_end" in self._params:
             hooks["prior_callback_on_step_end"] = on_step_end
         return hooks
+
+    def _set_area(self, job: JobSpec) -> None:
+        """Make an area-sized pipeline (HiDream) produce exactly width x height."""
+        side = math.ceil(math.sqrt(job.width * job.height) / self.pipe.vae_scale_factor)
+        self.pipe.default_sample_size = min(side, self._trained_sample_size or side)
 
     def _tile_vae_for(self, job: JobSpec) -> None:
         """Decode large images in tiles: a 2K+ decode in one piece can exhaust GPU memory."""
