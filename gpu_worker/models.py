@@ -39,6 +39,8 @@ class ModelSpec:
     default_guidance: float | None = 5.0
     negative_prompt: bool = True  # whether the pipeline takes a negative prompt (real CFG)
     guidance_param: str = "guidance_scale"  # the __call__ argument our `guidance` feeds
+    # Sent when the client gave no negative prompt: Qwen-Image runs CFG only with one.
+    default_negative_prompt: str | None = None
     dtype: str = "bfloat16"  # on CUDA; CPU always runs float32
     variant: str | None = None  # weight files variant to load, e.g. "fp16"
     max_sequence_length: int | None = None
@@ -123,6 +125,7 @@ FAMILIES: dict[str, ModelSpec] = {f.pipeline: f for f in (
             max_sequence_length=256),
     _family("qwen-image", "QwenImagePipeline", default_size=(1328, 1328), default_steps=50,
             default_guidance=4.0, guidance_param="true_cfg_scale", max_sequence_length=512,
+            default_negative_prompt=" ",
             max_pixels=2048 * 2048),
     _family("z-image", "ZImagePipeline", default_steps=9, default_guidance=0.0,
             negative_prompt=False, max_sequence_length=512),

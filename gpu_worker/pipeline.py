@@ -174,11 +174,14 @@ class PipelineRunner:
         }
         if job.guidance is not None:
             kwargs[spec.guidance_param] = job.guidance
-        if job.negative_prompt and spec.negative_prompt:
-            kwargs["negative_prompt"] = job.negative_prompt
+        if spec.negative_prompt and (job.negative_prompt or spec.default_negative_prompt):
+            kwargs["negative_prompt"] = job.negative_prompt or spec.default_negative_prompt
         if spec.max_sequence_length:
             kwargs["max_sequence_length"] = spec.max_sequence_length
         kwargs["use_resolution_binning"] = spec.resolution_binning
+        # Keep the prompt as written: caption cleaning (PixArt, Lumina-Next) rewrites it and
+        # needs bs4 and ftfy, warning on every call without them.
+        kwargs["clean_caption"] = False
         if job.steps != 2:
             # Sana Sprint's default intermediate timestep fits only its trained 2-step schedule.
             kwargs["intermediate_timesteps"] = None
