@@ -29,6 +29,9 @@ class ModelSpec:
     repo: str  # what from_pretrained loads ("" for the built-in tiny model)
     family: str
     pipeline: str = ""  # the diffusers class model_index.json names
+    # Load through this diffusers class rather than DiffusionPipeline: a repo that holds one
+    # stage and names the other in its card (Stable Cascade's decoder names its prior).
+    load_as: str | None = None
     default_size: tuple[int, int] = (1024, 1024)
     size_multiple: int = 16
     min_pixels: int = 64 * 64
@@ -138,7 +141,8 @@ FAMILIES: dict[str, ModelSpec] = {f.pipeline: f for f in (
     _family("hidream", "HiDreamImagePipeline", default_steps=50, default_guidance=5.0,
             max_sequence_length=128, sized_by_area=True, max_pixels=1024 * 1024),
     _family("stable-cascade", "StableCascadeCombinedPipeline", size_multiple=128,
-            default_steps=20, default_guidance=4.0, decoder_steps=10),
+            default_steps=20, default_guidance=4.0, guidance_param="prior_guidance_scale",
+            decoder_steps=10),
 )}
 
 GENERIC = _family("generic", "")
@@ -229,7 +233,8 @@ _ENTRIES: tuple[ModelSpec, ...] = (
            )),
     # Two-stage
     _alias("stable-cascade", "stabilityai/stable-cascade", "StableCascadeCombinedPipeline",
-           "Stable Cascade: prior then decoder"),
+           "Stable Cascade: prior then decoder", load_as="StableCascadeCombinedPipeline",
+           variant="bf16"),
 )
 
 REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in _ENTRIES}

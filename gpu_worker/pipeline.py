@@ -70,15 +70,16 @@ class PipelineRunner:
 
     def _load(self, spec: ModelSpec) -> Any:
         _quiet_libraries()
-        from diffusers import DiffusionPipeline
+        import diffusers
 
+        loader = getattr(diffusers, spec.load_as or "DiffusionPipeline")
         source = model_source(spec, self.options.cache_dir)
         dtype = _dtype(spec, self.device)
         started = time.perf_counter()
         kwargs: dict[str, Any] = {"dtype": dtype, **_extra_components(spec, dtype)}
         if spec.variant and self.device.startswith("cuda"):
             kwargs["variant"] = spec.variant
-        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+        pipe = loader.from_pretrained(source, **kwargs)
         if self.device.startswith("cuda"):
             self._optimise_for_cuda(pipe)
         else:

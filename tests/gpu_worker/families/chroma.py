@@ -1,0 +1,106 @@
+"""Tiny random-weight Chroma (``ChromaPipeline``): FLUX.1-schnell-derived, T5 only, real CFG."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import TYPE_CHECKING, Any
+
+from tests.gpu_worker.families import _tokenizers_a as tok
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel
+
+PIPELINE = "ChromaPipeline"
+
+CALL_KWARGS: dict[str, Any] = {}
+
+NOTES = (
+    "ChromaPipeline: one T5 text encoder, no CLIP, no prompt_2. Real classifier-free guidance: "
+    "guidance_scale > 1 runs the transformer twice per step (cond and uncond) and uses "
+    "negative_prompt (default \"\" when none is given); guidance_scale <= 1 skips it and ignores "
+    "negative_prompt. No guidance embedding, no true_cfg_scale. The T5 attention mask is used "
+    "and all padding but the first pad token is masked in the transformer. "
+    "callback_on_step_end(pipe, i, t, kwargs) works (tensor inputs: latents, prompt_embeds); "
+    "pipe._interrupt = True skips the remaining steps (`if self.interrupt: continue`) but the "
+    "VAE still decodes and images are returned. max_sequence_length defaults to 512 (> 512 "
+    "raises ValueError). Width/height must be multiples of vae_scale_factor*2 = 16; others are "
+    "floored with a warning. Real model (lodestones/Chroma1-HD): 1024x1024 default, bf16; "
+    "pipeline defaults 35 steps, guidance_scale 5.0; the diffusers docs example uses 40 steps, "
+    "guidance_scale 3.0 and a negative prompt. Tiny build: 4 latent channels (real 16), 1 double"
+    " + 1 single block, a 1-layer distilled guidance approximator."
+)
+
+_TEXT_DIM = 32
+
+
+def build(path: pathlib.Path) -> None:
+    """Build the tiny Chroma pipeline with seeded weights and save it to path."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pipe = _build_pipeline()
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    pipe.save_pretrained(path)
+
+
+def _build_pipeline() -> ChromaPipeline:
+    from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
+
+    return ChromaPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+        vae=_build_vae(),
+        text_encoder=tok.t5_encoder(d_model=_TEXT_DIM),
+        tokenizer=tok.t5_tokenizer(),
+        transformer=_build_transformer(),
+    )
+
+
+def _build_transformer() -> ChromaTransformer2DModel:
+    from diffusers import ChromaTransformer2DModel
+
+    return ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * 4,  # 2x2-packed latents of the 4-channel VAE
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=_TEXT_DIM,  # T5 hidden size
+        axes_dims_rope=(4, 4, 8),
+        approximator_num_channels=16,
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+    )
+
+
+def _build_vae() -> AutoencoderKL:
+    from diffusers import AutoencoderKL
+
+    # Four levels give the real scale factor 8, so the server sees the real size multiple (16).
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=1024,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+        # Full attention over a 128x128 latent would dominate a 1024px decode on CPU.
+        mid_block_add_attention=False,
+    )
