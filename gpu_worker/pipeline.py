@@ -94,6 +94,8 @@ class PipelineRunner:
         loaded = type(self.pipe).__name__
         if spec.family == "generic" and loaded in models.FAMILIES:
             spec = models.for_pipeline(spec.name, loaded)
+        elif spec.family == "generic":
+            spec = self._defaults_from_signature(spec)
         if spec.resolution_binning and not self._binning_fits():
             # Aspect-ratio bins exist only for the trained resolutions; a miniature or
             # unusual checkpoint must take sizes as asked.
@@ -104,6 +106,27 @@ class PipelineRunner:
             side = self.pipe.default_sample_size * self.pipe.vae_scale_factor
             spec = spec.with_defaults(max_pixels=min(spec.max_pixels, side * side))
         return spec
+
+    def _defaults_from_signature(self, spec: ModelSpec) -> ModelSpec:
+        """Defaults for a pipeline class we have no family for, from its __call__."""
+        params = inspect.signature(self.pipe.__call__).parameters
+
+        def default(name: str, kinds: tuple[type, ...]) -> Any:
+            value = params[name].default if name in params else None
+            return value if isinstance(value, kinds) and not isinstance(value, bool) else None
+
+        overrides: dict[str, Any] = {"pipeline": type(self.pipe).__name__,
+                                     "negative_prompt": "negative_prompt" in params}
+        steps = default("num_inference_steps", (int,))
+        if steps:
+            overrides["default_steps"] = steps
+        guidance = default("guidance_scale", (int, float))
+        overrides["default_guidance"] = float(guidance) if guidance is not None else None
+        sample_size = getattr(self.pipe, "default_sample_size", None)
+        scale = getattr(self.pipe, "vae_scale_factor", None)
+        if isinstance(sample_size, int) and isinstance(scale, int):
+            overrides["default_size"] = (sample_size * scale, sample_size * scale)
+        return spec.with_defaults(**overrides)
 
     def _binning_fits(self) -> bool:
         denoiser = getattr(self.pipe, "transformer", None) or getattr(self.pipe, "unet", None)

@@ -194,6 +194,10 @@ def fit_to_model(req: ImageRequest, spec: ModelSpec) -> FittedRequest:
     width, height = _requested_size(req, spec)
     param = "size" if req.width is None and req.height is None else (
         "width" if req.width is not None else "height")
+    if spec.allowed_sizes and (width, height) not in spec.allowed_sizes:
+        sizes = ", ".join(f"{w}x{h}" for w, h in spec.allowed_sizes)
+        raise invalid(param, f"{spec.name} takes only these sizes: {sizes}; got "
+                             f"{width}x{height}")
     multiple = spec.size_multiple
     if width % multiple or height % multiple:
         raise invalid(param, f"{spec.name} needs width and height that are multiples of "

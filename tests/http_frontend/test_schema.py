@@ -387,3 +387,13 @@ def test_any_json_body_is_a_request_or_a_400_naming_a_real_field(body) -> None:
     except APIError as exc:
         assert exc.status == 400
         assert exc.param is None or exc.param in _FIELDS
+
+
+def test_a_model_with_fixed_sizes_takes_only_those() -> None:
+    spec = models.REGISTRY["hunyuan-dit"]
+    fitted = schema.fit_to_model(schema.parse_request({"prompt": "x", "size": "1280x768"}), spec)
+    assert (fitted.width, fitted.height) == (1280, 768)
+    with pytest.raises(APIError) as bad:
+        schema.fit_to_model(schema.parse_request({"prompt": "x", "size": "1024x1280"}), spec)
+    assert bad.value.param == "size"
+    assert "1280x768" in bad.value.message

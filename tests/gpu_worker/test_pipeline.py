@@ -1,0 +1,69 @@
+"""The runner adapts to the pipeline it loads: family from its class, defaults from __call__."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from broker.protocol import JobSpec
+from gpu_worker import models
+from gpu_worker.pipeline import Interrupted, LoadOptions, PipelineRunner
+from gpu_worker.tiny import build_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sd") / "model"
+    build_tiny_pipeline().save_pretrained(path)
+    return path
+
+
+def job(**overrides) -> JobSpec:
+    fields = dict(id="j", model="m", prompt="a fox", width=64, height=64, steps=3, seeds=(1,),
+                  guidance=5.0)
+    fields.update(overrides)
+    return JobSpec(**fields)
+
+
+def test_a_directory_gets_its_family_from_model_index(sd_dir: Path) -> None:
+    spec = models.resolve(str(sd_dir))
+    assert (spec.family, spec.pipeline, spec.size_multiple) == ("sd", "StableDiffusionPipeline", 8)
+    assert spec.name == spec.repo == str(sd_dir)
+
+
+def test_an_unknown_pipeline_class_gets_defaults_from_its_signature(sd_dir: Path) -> None:
+    # A class the registry has no family for: the runner reads __call__'s defaults instead.
+    spec = models.generic(str(sd_dir))
+    runner = PipelineRunner(spec, LoadOptions(threads=1))
+    fitted = runner._defaults_from_signature(spec)
+    assert fitted.default_steps == 50  # StableDiffusionPipeline.__call__'s default
+    assert fitted.default_guidance == 7.5
+    assert fitted.negative_prompt is True
+    assert fitted.pipeline == "StableDiffusionPipeline"
+
+
+def test_returning_false_from_on_step_interrupts_at_that_step(sd_dir: Path) -> None:
+    runner = PipelineRunner(models.resolve(str(sd_dir)), LoadOptions(threads=1))
+    seen: list[tuple[int, int]] = []
+
+    def on_step(done: int, total: int) -> bool:
+        seen.append((done, total))
+        return done < 2
+
+    with pytest.raises(Interrupted):
+        runner.generate(job(steps=5), on_step)
+    assert seen == [(1, 5), (2, 5)]
+    # The runner is usable afterwards, and a seed still gives the same image.
+    first = runner.generate(job(steps=2))[0].tobytes()
+    assert runner.generate(job(steps=2))[0].tobytes() == first
+
+
+def test_cpu_runs_float32(sd_dir: Path) -> None:
+    runner = PipelineRunner(models.resolve(str(sd_dir)), LoadOptions(threads=1))
+    assert runner.pipe.unet.dtype == torch.float32
