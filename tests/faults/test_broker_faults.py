@@ -172,7 +172,9 @@ def test_a_client_that_hangs_up_frees_the_worker(cache_dir: Path) -> None:
         assert "client went away" in cluster.log.wait_for("client went away", 5)
         # The worker stops at its next step (a 50-step job would take several seconds more).
         cluster.log.wait_for("interrupted", 5)
-        assert not any(w["running"] for w in status(cluster.url)["workers"])
+        workers = wait_until(lambda: [w for w in status(cluster.url).get("workers", [])
+                                      if not w["running"]], 2, "an idle worker")
+        assert len(workers) == 1, cluster.log.text()
         resp = httpx.post(f"{cluster.url}/v1/images/generations",
                           json={"prompt": "next", "size": "64x64"}, timeout=30)
         assert resp.status_code == 200
