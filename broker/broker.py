@@ -25,6 +25,8 @@ from broker.registry import Worker, WorkerRegistry, WorkerState
 
 log = logging.getLogger(__name__)
 
+POSITION_UPDATES = 32  # queued jobs per model told their new position after each dispatch
+
 
 @dataclass(frozen=True, kw_only=True)
 class BrokerConfig:
@@ -269,11 +271,24 @@ class Broker:
 
     def _dispatch(self, now: float) -> None:
         for model in self.jobs.models_waiting():
+            moved = False
             for worker in self.workers.with_free_capacity(model):
                 batch = self.jobs.take_batch(model, worker.identity, worker.max_batch)
                 if not batch:
                     break
                 self._lease(worker, batch, now)
+                moved = True
+            if moved:
+                self._announce_positions(model)
+
+    def _announce_positions(self, model: str) -> None:
+        """Tell the first jobs still queued where they now stand (ACCEPTED with a position).
+
+        Bounded: jobs further back hear when they reach the front part of the queue.
+        """
+        for position, job in enumerate(self.jobs.head(model, POSITION_UPDATES)):
+            self._send(self.clients, job.client, protocol.encode(
+                MsgType.ACCEPTED, {"job_id": job.id, "position": position}))
 
     def _lease(self, worker: Worker, batch: list[Job], now: float) -> None:
         specs = [_with_attempt(job) for job in batch]

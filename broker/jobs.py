@@ -117,6 +117,10 @@ class JobTable:
             self._queued[model] -= 1
         return batch
 
+    def head(self, model: str, limit: int) -> list[Job]:
+        """The first ``limit`` queued jobs of ``model``, oldest first."""
+        return list(itertools.islice(self._live_queued(self._queues.get(model, deque())), limit))
+
     def _is_stale(self, job: Job) -> bool:
         return self._jobs.get(job.id) is not job or job.state is not JobState.QUEUED
 

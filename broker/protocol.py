@@ -28,6 +28,7 @@ MAX_HEADER_BYTES = 256 * 1024
 MAX_STRING = 64 * 1024
 MAX_LIST = 1024
 MAX_IMAGES = 16
+MAX_PREVIEWS = 3
 MAX_PAYLOAD_FRAMES = MAX_IMAGES
 MAX_FRAMES = 1 + MAX_PAYLOAD_FRAMES
 
@@ -94,6 +95,7 @@ class JobSpec:
     timeout: float = 300.0  # seconds from submission; each hop keeps its own clock
     user: str | None = None
     attempt: int = 0  # set by the broker: how many workers were lost running this job
+    previews: int = 0  # partial images to send while denoising (PROGRESS with a payload)
 
     @property
     def n(self) -> int:
@@ -117,6 +119,8 @@ class JobSpec:
         if values["width"] <= 0 or values["height"] <= 0 or values["steps"] <= 0:
             raise ProtocolError("job width, height and steps must be positive")
         values["seeds"] = tuple(seeds)
+        if not 0 <= values.get("previews", 0) <= MAX_PREVIEWS:
+            raise ProtocolError(f"job.previews must be 0..{MAX_PREVIEWS}")
         if values.get("guidance") is not None:
             if not math.isfinite(values["guidance"]):
                 raise ProtocolError("job.guidance must be a finite number")
@@ -184,6 +188,7 @@ _JOB_FIELDS: _Spec = {
     "timeout": (_NUM, False),
     "user": (_OPT_STR, False),
     "attempt": (_INT, False),
+    "previews": (_INT, False),
 }
 
 _IMAGE_FIELDS: _Spec = {
@@ -202,8 +207,8 @@ _MESSAGES: dict[MsgType, tuple[_Spec, range]] = {
     MsgType.STATUS_REPLY: ({"workers": (_LIST, True), "queues": (_MAP, True)}, range(0, 1)),
     MsgType.PROGRESS: (
         {"job_id": (_STR, True), "step": (_INT, True), "steps": (_INT, True),
-         "image_index": (_OPT_INT, False)},
-        range(0, 2),
+         "image_index": (_OPT_INT, False), "preview_format": (_OPT_STR, False)},
+        range(0, 2),  # a payload frame is a preview of image `image_index`
     ),
     MsgType.RESULT: (
         {"job_id": (_STR, True), "images": (_LIST, True), "timings": (_MAP, False),

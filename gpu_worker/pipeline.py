@@ -17,10 +17,12 @@ from PIL import Image
 from broker.protocol import JobSpec
 from gpu_worker import models
 from gpu_worker.models import ModelSpec
+from gpu_worker.preview import latents_to_images, preview_steps
 
 log = logging.getLogger(__name__)
 
-StepCallback = Callable[[int, int], bool]  # (step done, steps) -> keep going?
+# (steps done, total steps, previews of each image at this step or []) -> keep going?
+StepCallback = Callable[[int, int, list[Image.Image]], bool]
 
 
 class Interrupted(Exception):
@@ -174,12 +176,13 @@ class PipelineRunner:
     def generate(self, job: JobSpec, on_step: StepCallback | None = None) -> list[Image.Image]:
         """Make ``job.n`` images, image i from seed ``job.seeds[i]``.
 
-        ``on_step(done, total)`` runs after every denoising step; returning False interrupts
-        the job there (Interrupted is raised).
+        ``on_step(done, total, previews)`` runs after every denoising step, with previews at
+        ``job.previews`` evenly spaced steps; returning False interrupts the job there
+        (Interrupted is raised).
         """
         kwargs = self._call_kwargs(job)
         if on_step is not None:
-            kwargs.update(self._progress_kwargs(self.total_steps(job), on_step))
+            kwargs.update(self._progress_kwargs(job, on_step))
         self._tile_vae_for(job)
         if self.spec.sized_by_area:
             self._set_area(job)
@@ -215,25 +218,29 @@ class PipelineRunner:
         # Pass only what this pipeline's __call__ takes.
         return {k: v for k, v in kwargs.items() if k in self._params}
 
-    def _progress_kwargs(self, total: int, on_step: StepCallback) -> dict[str, Any]:
+    def _progress_kwargs(self, job: JobSpec, on_step: StepCallback) -> dict[str, Any]:
         """Hook ``on_step`` into the pipeline's step callbacks; a False answer interrupts."""
+        total = self.total_steps(job)
+        with_previews = preview_steps(total, job.previews)
         done = 0
 
-        def step() -> None:
+        def step(latents: Any) -> None:
             nonlocal done
             done += 1
-            if not on_step(min(done, total), total):
+            previews = (latents_to_images(latents, self.pipe, job.width, job.height)
+                        if done in with_previews else [])
+            if not on_step(min(done, total), total, previews):
                 # Raising leaves the pipeline at once; no VAE decode for an abandoned job.
                 raise Interrupted()
 
         def on_step_end(pipe: Any, i: int, t: Any, callback_kwargs: dict) -> dict:
-            step()
+            step(callback_kwargs.get("latents"))
             return callback_kwargs
 
         if self.spec.legacy_callback or "callback_on_step_end" not in self._params:
             if "callback" not in self._params:
                 return {}
-            return {"callback": lambda i, t, latents: step(), "callback_steps": 1}
+            return {"callback": lambda i, t, latents: step(latents), "callback_steps": 1}
         hooks: dict[str, Any] = {"callback_on_step_end": on_step_end}
         if "prior_callback_on_step_end" in self._params:
             hooks["prior_callback_on_step_end"] = on_step_end

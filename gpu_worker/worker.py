@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
+
 from broker import protocol
 from broker.protocol import ErrorCode, ImageInfo, JobSpec, MsgType
 from gpu_worker import models
@@ -26,6 +28,7 @@ VERSION = "0.1.0"
 # Fault injection for the reliability tests: a job whose prompt contains this text kills the
 # worker process outright, as a driver crash or the OOM killer would. Unset in production.
 CRASH_PROMPT_ENV = "DC_FAULT_CRASH_ON_PROMPT"
+PREVIEW_QUALITY = 70  # previews are glimpses: small and quick beat faithful
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,9 +112,15 @@ class Worker:
             log.error("fault injection: crashing on job %s", job.id)
             os._exit(70)
 
-        def on_step(step: int, steps: int) -> bool:
+        def on_step(step: int, steps: int, previews: list[Image.Image]) -> bool:
             link.send(protocol.encode(MsgType.PROGRESS,
                                       {"job_id": job.id, "step": step, "steps": steps}))
+            for index, preview in enumerate(previews):
+                link.send(protocol.encode(
+                    MsgType.PROGRESS,
+                    {"job_id": job.id, "step": step, "steps": steps, "image_index": index,
+                     "preview_format": job.output_format},
+                    [encode_image(preview, job.output_format, PREVIEW_QUALITY)]))
             return not link.is_cancelled(job.id)
 
         try:

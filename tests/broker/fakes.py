@@ -83,7 +83,10 @@ class Peer:
         raise AssertionError(f"no message within {timeout} s")
 
     def expect(self, msg_type: MsgType, timeout: float = 5.0, **kwargs: Any) -> Message:
+        """The next message of ``msg_type``, past queue-position updates (repeat ACCEPTEDs)."""
         msg = self.recv(timeout, **kwargs)
+        while msg.type is MsgType.ACCEPTED and msg_type is not MsgType.ACCEPTED:
+            msg = self.recv(timeout, **kwargs)
         assert msg.type is msg_type, f"expected {msg_type.value}, got {msg}"
         return msg
 

@@ -14,6 +14,7 @@ import torch
 from broker.protocol import JobSpec
 from gpu_worker import models
 from gpu_worker.pipeline import Interrupted, LoadOptions, PipelineRunner
+from gpu_worker.preview import preview_steps
 from gpu_worker.tiny import build_tiny_pipeline
 
 
@@ -52,7 +53,7 @@ def test_returning_false_from_on_step_interrupts_at_that_step(sd_dir: Path) -> N
     runner = PipelineRunner(models.resolve(str(sd_dir)), LoadOptions(threads=1))
     seen: list[tuple[int, int]] = []
 
-    def on_step(done: int, total: int) -> bool:
+    def on_step(done: int, total: int, previews: list) -> bool:
         seen.append((done, total))
         return done < 2
 
@@ -67,3 +68,29 @@ def test_returning_false_from_on_step_interrupts_at_that_step(sd_dir: Path) -> N
 def test_cpu_runs_float32(sd_dir: Path) -> None:
     runner = PipelineRunner(models.resolve(str(sd_dir)), LoadOptions(threads=1))
     assert runner.pipe.unet.dtype == torch.float32
+
+
+def test_previews_come_at_evenly_spaced_steps(sd_dir: Path) -> None:
+    runner = PipelineRunner(models.resolve(str(sd_dir)), LoadOptions(threads=1))
+    previews: dict[int, list] = {}
+
+    def on_step(done: int, total: int, images: list) -> bool:
+        if images:
+            previews[done] = images
+        return True
+
+    final = runner.generate(job(steps=8, seeds=(1, 2), width=96, height=64, previews=3),
+                            on_step)
+    assert sorted(previews) == [2, 4, 6]
+    for images in previews.values():
+        assert len(images) == 2  # one per image of the batch
+        assert all(i.size == (96, 64) and i.mode == "RGB" for i in images)
+    assert len(final) == 2
+
+
+@pytest.mark.parametrize("total, count, expected", [
+    (8, 3, {2, 4, 6}), (4, 3, {1, 2, 3}), (2, 3, {1}), (1, 3, set()), (30, 0, set()),
+    (10, 1, {5}),
+])
+def test_preview_steps(total: int, count: int, expected: set) -> None:
+    assert preview_steps(total, count) == expected
