@@ -9,7 +9,9 @@ import falcon
 
 from http_frontend import resources
 from http_frontend.broker_client import BrokerClient
+from http_frontend.cluster_view import ClusterView
 from http_frontend.errors import install_error_handlers
+from http_frontend.jobs import JobsAPI
 from http_frontend.service import ImageService, ServiceConfig
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -28,12 +30,17 @@ def create_app(config: FrontendConfig, broker: BrokerClient, *,
     app = falcon.App()
     app.req_options.strip_url_path_trailing_slash = True
     install_error_handlers(app)
+    view = ClusterView(broker, retry_after=config.service.retry_after)
+    jobs = JobsAPI(service)
     app.add_route("/v1/images/generations",
                   resources.ImageGenerations(service, max_body=config.max_body))
-    app.add_route("/v1/models", resources.Models(service))
-    app.add_route("/v1/cluster", resources.Cluster(service))
+    app.add_route("/v1/jobs", resources.Jobs(jobs, max_body=config.max_body))
+    app.add_route("/v1/jobs/{job_id}", resources.Job(jobs))
+    app.add_route("/v1/jobs/{job_id}/events", resources.JobEvents(jobs))
+    app.add_route("/v1/models", resources.Models(view))
+    app.add_route("/v1/cluster", resources.Cluster(view))
     app.add_route("/healthz", resources.Health())
-    app.add_route("/readyz", resources.Ready(service))
+    app.add_route("/readyz", resources.Ready(view, service))
     app.add_route("/", resources.Index(config.static_dir))
     app.add_static_route("/static", str(config.static_dir))
     return app

@@ -18,7 +18,7 @@ import queue
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -29,35 +29,53 @@ from broker.protocol import ErrorCode, JobSpec, Message, MsgType, ProtocolError
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class PendingJob:
-    """A submitted job, as seen by the request thread that waits for it."""
+    """A submitted job as its waiters see it: everything that happened so far, and its answer.
 
-    job_id: str
-    spec: JobSpec | None = None
-    submitted_at: float = field(default_factory=time.monotonic)
-    events: queue.Queue[Message] = field(default_factory=queue.Queue)
-    position: int | None = None
-    step: int = 0
-    steps: int = 0
+    The I/O thread records each message with ``update()``; any number of request threads
+    wait for the answer (``wait``) or follow along (``events_after``).
+    """
 
-    def wait(self, timeout: float) -> Message | None:
-        """The RESULT or FAILED for this job, or None when ``timeout`` passes first."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            try:
-                msg = self.events.get(timeout=remaining)
-            except queue.Empty:
-                return None
+    def __init__(self, job_id: str, spec: JobSpec | None = None) -> None:
+        self.job_id = job_id
+        self.spec = spec
+        self.submitted_at = time.monotonic()
+        self.position: int | None = None
+        self.step = 0
+        self.steps = 0
+        self.answer: Message | None = None  # the RESULT or FAILED, once it came
+        self._history: list[Message] = []
+        self._changed = threading.Condition()
+
+    @property
+    def done(self) -> bool:
+        return self.answer is not None
+
+    def update(self, msg: Message) -> None:
+        """Record one message for this job; the first RESULT or FAILED is its answer."""
+        with self._changed:
+            if self.answer is not None:
+                return  # exactly one answer: anything after it is dropped
             if msg.type is MsgType.ACCEPTED:
                 self.position = msg["position"]
             elif msg.type is MsgType.PROGRESS:
                 self.step, self.steps = msg["step"], msg["steps"]
             else:
-                return msg
+                self.answer = msg
+            self._history.append(msg)
+            self._changed.notify_all()
+
+    def wait(self, timeout: float) -> Message | None:
+        """The RESULT or FAILED for this job, or None when ``timeout`` passes first."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.answer is not None, max(0.0, timeout))
+            return self.answer
+
+    def events_after(self, seen: int, timeout: float) -> list[Message]:
+        """Messages after the first ``seen`` ones, waiting up to ``timeout`` for one."""
+        with self._changed:
+            self._changed.wait_for(lambda: len(self._history) > seen, max(0.0, timeout))
+            return self._history[seen:]
 
 
 @dataclass(frozen=True)
@@ -131,7 +149,7 @@ class BrokerClient:
             self._pending[job.id] = pending
         if not self.connected:
             self.forget(job.id)
-            pending.events.put(_failure(job.id, ErrorCode.BROKER_UNAVAILABLE,
+            pending.update(_failure(job.id, ErrorCode.BROKER_UNAVAILABLE,
                                         "the broker is not reachable"))
             return pending
         self._queue(protocol.submit(job))
@@ -246,7 +264,7 @@ class BrokerClient:
             pending = self._pending.pop(msg["job_id"], None) if final else \
                 self._pending.get(msg["job_id"])
         if pending is not None:
-            pending.events.put(msg)
+            pending.update(msg)
 
     def _resubmit(self, sock: zmq.Socket) -> None:
         """Send every waiting job again, with the time it has left."""

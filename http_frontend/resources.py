@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import falcon
 
+from http_frontend.cluster_view import ClusterView
 from http_frontend.errors import APIError, invalid
+from http_frontend.jobs import JobsAPI
 from http_frontend.service import ImageService
 
 
@@ -64,31 +67,74 @@ def _read_body(req: falcon.Request, max_body: int) -> bytes:
     return b"".join(chunks)
 
 
+def client_gone(req: falcon.Request) -> Callable[[], bool] | None:
+    """waitress says whether the client hung up (it needs channel_request_lookahead > 0)."""
+    return req.env.get("waitress.client_disconnected")
+
+
+def stream_events(resp: falcon.Response, events: Iterator[bytes]) -> None:
+    resp.content_type = "text/event-stream"
+    resp.set_header("Cache-Control", "no-cache")
+    resp.set_header("X-Accel-Buffering", "no")  # nginx: pass each event on at once
+    resp.stream = events
+
+
 class ImageGenerations:
     def __init__(self, service: ImageService, *, max_body: int) -> None:
         self.service = service
         self.max_body = max_body
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        # waitress tells whether the client hung up (needs channel_request_lookahead > 0).
-        client_gone = req.env.get("waitress.client_disconnected")
-        resp.media = self.service.generate(read_json(req, self.max_body), client_gone)
+        prepared = self.service.prepare(read_json(req, self.max_body))
+        if prepared.stream:
+            stream_events(resp, self.service.stream_openai(prepared, client_gone(req)))
+        else:
+            resp.media = self.service.generate(prepared, client_gone(req))
+
+
+class Jobs:
+    def __init__(self, jobs: JobsAPI, *, max_body: int) -> None:
+        self.jobs = jobs
+        self.max_body = max_body
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.status = falcon.HTTP_202
+        resp.media = self.jobs.submit(read_json(req, self.max_body))
+
+
+class Job:
+    def __init__(self, jobs: JobsAPI) -> None:
+        self.jobs = jobs
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
+        resp.media = self.jobs.status(job_id)
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
+        resp.media = self.jobs.cancel(job_id)
+
+
+class JobEvents:
+    def __init__(self, jobs: JobsAPI) -> None:
+        self.jobs = jobs
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
+        stream_events(resp, self.jobs.events(job_id, client_gone(req)))
 
 
 class Models:
-    def __init__(self, service: ImageService) -> None:
-        self.service = service
+    def __init__(self, view: ClusterView) -> None:
+        self.view = view
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = self.service.list_models()
+        resp.media = self.view.list_models()
 
 
 class Cluster:
-    def __init__(self, service: ImageService) -> None:
-        self.service = service
+    def __init__(self, view: ClusterView) -> None:
+        self.view = view
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = self.service.cluster()
+        resp.media = self.view.cluster()
 
 
 class Health:
@@ -99,11 +145,12 @@ class Health:
 
 
 class Ready:
-    def __init__(self, service: ImageService) -> None:
+    def __init__(self, view: ClusterView, service: ImageService) -> None:
+        self.view = view
         self.service = service
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        ready, detail = self.service.readiness()
+        ready, detail = self.view.readiness(draining=self.service.draining)
         resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
         resp.media = detail
 

@@ -210,8 +210,6 @@ def fit_to_model(req: ImageRequest, spec: ModelSpec) -> FittedRequest:
     if steps > spec.max_steps:
         raise invalid("steps", f"{spec.name} takes at most {spec.max_steps} steps; got {steps}")
     warnings: list[str] = []
-    if req.stream:
-        warnings.append("streaming is not available yet; the images came as one response")
     if req.negative_prompt and not spec.negative_prompt:
         warnings.append(f"{spec.name} does not use a negative prompt; it was ignored")
     guidance = req.guidance if req.guidance is not None else spec.default_guidance

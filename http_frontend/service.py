@@ -1,6 +1,9 @@
-"""The image service: turn a validated request into a job, wait for it, shape the answer.
+"""The image service: turn a validated request into a job, follow it, shape the answer.
 
-Knows nothing of Falcon; raises APIError for everything that goes wrong.
+Knows nothing of Falcon; raises APIError for everything that goes wrong. A request is
+``prepare``d (validated against its model, turned into a JobSpec), ``submit``ted, and then
+either waited for (``generate``) or followed as it happens (``follow``, which the streaming
+endpoints turn into server-sent events).
 """
 
 from __future__ import annotations
@@ -11,21 +14,24 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from broker.protocol import ErrorCode, JobSpec, Message, MsgType
 from gpu_worker import models
 from gpu_worker.models import ModelSpec
-from http_frontend import schema
-from http_frontend.broker_client import BrokerClient, ClusterStatus, PendingJob
+from http_frontend import schema, streaming
+from http_frontend.broker_client import BrokerClient, PendingJob
 from http_frontend.errors import APIError, job_failure
 
 log = logging.getLogger(__name__)
 
 DEADLINE_SLACK = 5.0  # seconds past a job's deadline before the frontend gives up itself
 CLIENT_CHECK_INTERVAL = 0.25  # how often a waiting request checks that its client is there
+FIRST_ANSWER_WAIT = 5.0  # seconds a streaming request waits for the broker to take its job
+
+ClientGone = Callable[[], bool]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +40,21 @@ class ServiceConfig:
     default_timeout: float = 300.0  # seconds a request may take, queue included
     max_timeout: float = 3600.0
     retry_after: int = 5  # seconds, sent with 429 and 503
+    max_streams: int = 16  # event streams open at once; each holds a waitress thread
+    keepalive: float = 10.0  # seconds between keep-alive comments on an idle stream
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request and the job it becomes."""
+
+    fitted: schema.FittedRequest
+    spec: ModelSpec
+    job: JobSpec
+
+    @property
+    def stream(self) -> bool:
+        return self.fitted.request.stream
 
 
 class ImageService:
@@ -43,6 +64,7 @@ class ImageService:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._drain_deadline: float | None = None  # set once, when the server begins to stop
+        self._streams = threading.BoundedSemaphore(config.max_streams)
 
     # ---------------------------------------------------------------- draining
 
@@ -65,61 +87,25 @@ class ImageService:
         return job_failure(ErrorCode.SHUTTING_DOWN.value, "the server is shutting down",
                            retry_after=self.config.retry_after)
 
-    # ---------------------------------------------------------------- generation
-
-    def generate(self, body: Any, client_gone: Callable[[], bool] | None = None
-                 ) -> dict[str, Any]:
-        """Generate the images ``body`` asks for; ``client_gone`` says the caller hung up."""
-        request = schema.parse_request(body)
-        name = self._model_name(request.model)
-        spec = self._spec_for(name)
-        fitted = schema.fit_to_model(request, spec)
-        job = self._job(fitted, spec)
+    def _enter_flight(self) -> None:
+        """Count a request as in flight, so a drain waits for it; refuse one while draining."""
         with self._lock:
             if self._drain_deadline is not None:
                 raise self._shutting_down()
             self._in_flight += 1
-        try:
-            answer = self._wait(self.broker.submit(job), job, client_gone)
-        finally:
-            with self._lock:
-                self._in_flight -= 1
-        if answer.type is MsgType.FAILED:
-            raise self._failure(answer.fields, name)
-        return schema.images_response(
-            fitted, created=int(time.time()), model=spec.name,
-            images=[self._image(info, frame) for info, frame in
-                    zip(answer["images"], answer.payloads, strict=True)],
-        ) | {"job_id": job.id, "worker_id": answer.get("worker_id"),
-             "timings": answer.get("timings") or {}}
 
-    def _wait(self, pending: PendingJob, job: JobSpec,
-              client_gone: Callable[[], bool] | None) -> Message:
-        """The job's RESULT or FAILED; cancel it if the client leaves or the deadline passes."""
-        # The broker answers deadlines itself; this later one is the backstop for a broker
-        # that went silent.
-        deadline = time.monotonic() + job.timeout + DEADLINE_SLACK
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self.broker.cancel(job.id)
-                if not self.broker.connected:
-                    raise job_failure(ErrorCode.BROKER_UNAVAILABLE.value,
-                                      "lost contact with the broker and it did not come back "
-                                      "in time", retry_after=self.config.retry_after)
-                raise job_failure(ErrorCode.TIMEOUT.value,
-                                  f"no answer within the {job.timeout:.0f} s deadline")
-            answer = pending.wait(min(remaining, CLIENT_CHECK_INTERVAL))
-            if answer is not None:
-                return answer
-            drain_deadline = self._drain_deadline
-            if drain_deadline is not None and time.monotonic() >= drain_deadline:
-                self.broker.cancel(job.id)
-                raise self._shutting_down()
-            if client_gone is not None and client_gone():
-                self.broker.cancel(job.id)
-                log.info("job %s cancelled: the client went away", job.id)
-                raise APIError(499, "the client closed the connection", code="cancelled")
+    def _leave_flight(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    # ---------------------------------------------------------------- preparing
+
+    def prepare(self, body: Any) -> Prepared:
+        """Validate ``body`` against its model and build the job; nothing is sent yet."""
+        request = schema.parse_request(body)
+        spec = self._spec_for(self._model_name(request.model))
+        fitted = schema.fit_to_model(request, spec)
+        return Prepared(fitted, spec, self._job(fitted, spec))
 
     def _model_name(self, requested: str | None) -> str:
         if requested:
@@ -131,10 +117,7 @@ class ImageService:
         return served[0] if served else models.TINY
 
     def _spec_for(self, name: str) -> ModelSpec:
-        """The registry entry, else what a worker announced, else generic defaults."""
-        spec = models.lookup(name)
-        if spec is not None:
-            return spec
+        """What a worker announced (fitted to the pipeline it loaded), else the registry."""
         status = self.broker.status()
         info = status.model_info(name) if status else None
         if info is not None:
@@ -142,7 +125,7 @@ class ImageService:
                 return models.ModelSpec.from_limits(info)
             except (TypeError, ValueError):
                 log.warning("worker announced unusable limits for %s", name)
-        return models.generic(name)
+        return models.lookup(name) or models.generic(name)
 
     def _job(self, fitted: schema.FittedRequest, spec: ModelSpec) -> JobSpec:
         req = fitted.request
@@ -155,9 +138,140 @@ class ImageService:
             negative_prompt=req.negative_prompt if spec.negative_prompt else None,
             guidance=fitted.guidance, output_format=req.output_format,
             output_compression=req.output_compression, timeout=timeout, user=req.user,
+            previews=req.partial_images,
         )
 
-    def _failure(self, failed: dict[str, Any], model: str) -> APIError:
+    # ---------------------------------------------------------------- running
+
+    def generate(self, prepared: Prepared, client_gone: ClientGone | None = None
+                 ) -> dict[str, Any]:
+        """Run the job and answer with an ImagesResponse; ``client_gone`` cancels it."""
+        self._enter_flight()
+        try:
+            pending = self.broker.submit(prepared.job)
+            answer: Message | None = None
+            for msg in self.follow(pending, prepared.job, client_gone):
+                answer = msg
+        finally:
+            self._leave_flight()
+        assert answer is not None  # follow() ends with the answer or raises
+        if answer.type is MsgType.FAILED:
+            raise self.failure(answer, prepared.job.model)
+        return self.images_response(prepared, answer)
+
+    def submit_for_stream(self, prepared: Prepared) -> PendingJob:
+        """Submit, and wait for the broker to take the job, so refusals are plain errors."""
+        pending = self.broker.submit(prepared.job)
+        deadline = time.monotonic() + FIRST_ANSWER_WAIT
+        while time.monotonic() < deadline and pending.position is None and not pending.done:
+            pending.events_after(0, deadline - time.monotonic())
+        if pending.answer is not None and pending.answer.type is MsgType.FAILED:
+            raise self.failure(pending.answer, prepared.job.model)
+        return pending
+
+    def open_stream(self) -> Callable[[], None]:
+        """Take one of the bounded event-stream slots (each pins a waitress thread) and count
+        it in flight; returns the function that gives both back. Call before streaming, so a
+        refusal is a plain 429 or 503."""
+        if not self._streams.acquire(blocking=False):
+            raise APIError(429, f"too many open event streams (the limit is "
+                                f"{self.config.max_streams}); try again shortly",
+                           type="rate_limit_error", code="too_many_streams",
+                           headers={"Retry-After": str(self.config.retry_after)})
+        try:
+            self._enter_flight()
+        except APIError:
+            self._streams.release()
+            raise
+
+        def close() -> None:
+            self._leave_flight()
+            self._streams.release()
+        return close
+
+    def stream_openai(self, prepared: Prepared, client_gone: ClientGone | None
+                      ) -> Iterator[bytes]:
+        """OpenAI's image stream for ``prepared``: checks and submission happen now, the
+        events as the caller iterates."""
+        close = self.open_stream()
+        try:
+            pending = self.submit_for_stream(prepared)
+        except BaseException:
+            close()
+            raise
+        return self._openai_events(prepared, pending, client_gone, close)
+
+    def _openai_events(self, prepared: Prepared, pending: PendingJob,
+                       client_gone: ClientGone | None, close: Callable[[], None]
+                       ) -> Iterator[bytes]:
+        shapes = streaming.OpenAIStream(prepared.fitted, lambda: int(time.time()))
+        try:
+            for msg in self.follow(pending, prepared.job, client_gone,
+                                   keepalive=self.config.keepalive):
+                if msg is None:
+                    yield streaming.KEEPALIVE
+                elif msg.type is MsgType.FAILED:
+                    yield streaming.error_event(
+                        self.failure(msg, prepared.job.model).body()["error"])
+                else:
+                    yield from shapes.events(msg)
+        except APIError as exc:
+            if exc.status != 499:  # nobody is left to tell when the client hung up
+                yield streaming.error_event(exc.body()["error"])
+        finally:
+            if not pending.done:
+                self.broker.cancel(prepared.job.id)  # the client stopped reading
+            close()
+
+    def follow(self, pending: PendingJob, job: JobSpec, client_gone: ClientGone | None,
+               *, keepalive: float | None = None) -> Iterator[Message | None]:
+        """Every message of the job as it comes, ending with its RESULT or FAILED.
+
+        Yields None every ``keepalive`` seconds of silence. Cancels the job and raises when
+        the client leaves, the deadline passes or the server stops.
+        """
+        # The broker answers deadlines itself; this later one is the backstop for a broker
+        # that went silent.
+        deadline = time.monotonic() + job.timeout + DEADLINE_SLACK
+        seen = 0
+        quiet_since = time.monotonic()
+        while True:
+            wait = min(deadline - time.monotonic(), CLIENT_CHECK_INTERVAL)
+            for msg in pending.events_after(seen, wait):
+                seen += 1
+                quiet_since = time.monotonic()
+                yield msg
+                if msg is pending.answer:
+                    return
+            self._check_still_wanted(job, deadline, client_gone)
+            if keepalive is not None and time.monotonic() - quiet_since >= keepalive:
+                quiet_since = time.monotonic()
+                yield None
+
+    def _check_still_wanted(self, job: JobSpec, deadline: float,
+                            client_gone: ClientGone | None) -> None:
+        now = time.monotonic()
+        if now >= deadline:
+            self.broker.cancel(job.id)
+            if not self.broker.connected:
+                raise job_failure(ErrorCode.BROKER_UNAVAILABLE.value,
+                                  "lost contact with the broker and it did not come back "
+                                  "in time", retry_after=self.config.retry_after)
+            raise job_failure(ErrorCode.TIMEOUT.value,
+                              f"no answer within the {job.timeout:.0f} s deadline")
+        drain_deadline = self._drain_deadline
+        if drain_deadline is not None and now >= drain_deadline:
+            self.broker.cancel(job.id)
+            raise self._shutting_down()
+        if client_gone is not None and client_gone():
+            self.broker.cancel(job.id)
+            log.info("job %s cancelled: the client went away", job.id)
+            raise APIError(499, "the client closed the connection", code="cancelled")
+
+    # ---------------------------------------------------------------- answers
+
+    def failure(self, failed: Message, model: str) -> APIError:
+        """The APIError for a FAILED answer."""
         code = failed["code"]
         if code == ErrorCode.NO_WORKER.value and not self._known(model):
             return job_failure(ErrorCode.MODEL_NOT_FOUND.value,
@@ -174,48 +288,16 @@ class ImageService:
         status = self.broker.status()
         return status is not None and any(model in w.get("models", []) for w in status.workers)
 
-    @staticmethod
-    def _image(info: Any, frame: Any) -> dict[str, Any]:
-        data = frame.bytes if hasattr(frame, "bytes") else bytes(frame)
-        return {"b64_json": base64.b64encode(data).decode("ascii"), "seed": info.seed,
-                "width": info.width, "height": info.height}
+    def images_response(self, prepared: Prepared, answer: Message) -> dict[str, Any]:
+        """The ImagesResponse for a RESULT."""
+        images = [{"b64_json": base64.b64encode(_bytes(frame)).decode("ascii"),
+                   "seed": info.seed, "width": info.width, "height": info.height}
+                  for info, frame in zip(answer["images"], answer.payloads, strict=True)]
+        return schema.images_response(
+            prepared.fitted, created=int(time.time()), model=prepared.spec.name, images=images,
+        ) | {"job_id": prepared.job.id, "worker_id": answer.get("worker_id"),
+             "timings": answer.get("timings") or {}}
 
-    # ---------------------------------------------------------------- cluster state
 
-    def list_models(self) -> dict[str, Any]:
-        status = self._status()
-        served = status.served_models()
-        data = []
-        for name in sorted(served):
-            spec = self._spec_for(name)
-            data.append({
-                "id": name, "object": "model", "created": 0, "owned_by": "diffusion-cluster",
-                "ready_workers": len(served[name]),
-                "queued": status.queues.get(name, 0),
-                "limits": spec.limits(),
-            })
-        return {"object": "list", "data": data}
-
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        if self.draining:
-            return False, {"ready": False, "reason": "shutting down"}
-        status: ClusterStatus | None = self.broker.status()
-        if status is None:
-            return False, {"ready": False, "reason": "broker not reachable"}
-        ready_workers = sum(1 for w in status.workers if w.get("state") == "ready")
-        detail = {"ready": ready_workers > 0, "workers": ready_workers,
-                  "queues": status.queues}
-        if not ready_workers:
-            detail["reason"] = "no worker is ready"
-        return ready_workers > 0, detail
-
-    def cluster(self) -> dict[str, Any]:
-        status = self._status()
-        return {"workers": status.workers, "queues": status.queues}
-
-    def _status(self) -> ClusterStatus:
-        status = self.broker.status()
-        if status is None:
-            raise job_failure(ErrorCode.BROKER_UNAVAILABLE.value, "the broker is not reachable",
-                              retry_after=self.config.retry_after)
-        return status
+def _bytes(frame: Any) -> bytes:
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)

@@ -78,8 +78,8 @@ class FakeBroker:
         if self.silent:
             return SilentPending(job.id)
         pending = PendingJob(job.id)
-        pending.events.put(Message(MsgType.ACCEPTED, {"job_id": job.id, "position": 0}))
-        pending.events.put(self._answer(job))
+        pending.update(Message(MsgType.ACCEPTED, {"job_id": job.id, "position": 0}))
+        pending.update(self._answer(job))
         return pending
 
     def cancel(self, job_id: str) -> None:
@@ -234,9 +234,9 @@ def test_spec_sizes_are_echoed_and_the_openai_sdk_fields_accepted(client, broker
 def test_warnings_reach_the_client(client, broker):
     broker.workers = [worker("w1", "flux-schnell")]
     result = post(client, {"prompt": "a fox", "model": "flux-schnell", "size": "256x256",
-                           "negative_prompt": "blurry", "stream": True})
+                           "negative_prompt": "blurry"})
     assert result.status_code == 200
-    assert len(result.json["warnings"]) == 2
+    assert len(result.json["warnings"]) == 1
     assert broker.submitted[0].negative_prompt is None
 
 

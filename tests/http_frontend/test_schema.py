@@ -286,10 +286,11 @@ def test_too_few_pixels_is_a_400():
     assert_bad(lambda: fit(SDXL, size="32x32"), "size")
 
 
-def test_stream_is_a_warning_not_an_error():
+def test_stream_and_partial_images_are_taken():
     fitted = fit(TINY, stream=True, partial_images=2)
     assert fitted.request.stream is True
-    assert any("stream" in w for w in fitted.warnings)
+    assert fitted.request.partial_images == 2
+    assert fitted.warnings == ()
 
 
 def test_negative_prompt_on_a_model_without_one_is_a_warning():
@@ -361,8 +362,8 @@ def test_output_format_is_echoed(fmt):
 
 
 def test_warnings_are_returned():
-    out = respond(fit(FLUX, negative_prompt="blurry", stream=True))
-    assert len(out["warnings"]) == 2
+    out = respond(fit(FLUX, negative_prompt="blurry"))
+    assert len(out["warnings"]) == 1
 
 
 _JSON = st.recursive(

@@ -1,0 +1,65 @@
+"""What the cluster looks like right now, for /v1/models, /v1/cluster and /readyz."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker.protocol import ErrorCode
+from gpu_worker import models
+from http_frontend.broker_client import BrokerClient, ClusterStatus
+from http_frontend.errors import job_failure
+
+
+class ClusterView:
+    def __init__(self, broker: BrokerClient, *, retry_after: int) -> None:
+        self.broker = broker
+        self.retry_after = retry_after
+
+    def list_models(self) -> dict[str, Any]:
+        """OpenAI's model list: each served model with its workers, queue, defaults, limits."""
+        status = self._status()
+        served = status.served_models()
+        data = []
+        for name in sorted(served):
+            data.append({
+                "id": name, "object": "model", "created": 0, "owned_by": "diffusion-cluster",
+                "ready_workers": len(served[name]),
+                "queued": status.queues.get(name, 0),
+                "limits": self._spec(status, name).limits(),
+            })
+        return {"object": "list", "data": data}
+
+    @staticmethod
+    def _spec(status: ClusterStatus, name: str) -> models.ModelSpec:
+        """What the worker announced (it knows its pipeline best), else the registry."""
+        info = status.model_info(name)
+        if info is not None:
+            try:
+                return models.ModelSpec.from_limits(info)
+            except (TypeError, ValueError):
+                pass
+        return models.resolve(name)
+
+    def readiness(self, *, draining: bool) -> tuple[bool, dict[str, Any]]:
+        if draining:
+            return False, {"ready": False, "reason": "shutting down"}
+        status = self.broker.status()
+        if status is None:
+            return False, {"ready": False, "reason": "broker not reachable"}
+        ready_workers = sum(1 for w in status.workers if w.get("state") == "ready")
+        detail: dict[str, Any] = {"ready": ready_workers > 0, "workers": ready_workers,
+                                  "queues": status.queues}
+        if not ready_workers:
+            detail["reason"] = "no worker is ready"
+        return ready_workers > 0, detail
+
+    def cluster(self) -> dict[str, Any]:
+        status = self._status()
+        return {"workers": status.workers, "queues": status.queues}
+
+    def _status(self) -> ClusterStatus:
+        status = self.broker.status()
+        if status is None:
+            raise job_failure(ErrorCode.BROKER_UNAVAILABLE.value, "the broker is not reachable",
+                              retry_after=self.retry_after)
+        return status

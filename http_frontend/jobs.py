@@ -1,0 +1,171 @@
+"""The jobs API: submit now, follow later, cancel any time.
+
+``POST /v1/jobs`` answers as soon as the broker took the job; ``GET /v1/jobs/{id}/events``
+streams what happens to it (late watchers first get what already happened); ``DELETE``
+cancels it. Jobs live in this frontend's memory: finished ones for ``ttl`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.protocol import ErrorCode, Message, MsgType
+from http_frontend import streaming
+from http_frontend.broker_client import PendingJob
+from http_frontend.errors import APIError
+from http_frontend.service import ClientGone, ImageService, Prepared
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class JobRecord:
+    prepared: Prepared
+    pending: PendingJob
+    created: int = field(default_factory=lambda: int(time.time()))
+    watchers: int = 0
+    finished_at: float | None = None  # time.monotonic() when its answer was seen
+
+    @property
+    def id(self) -> str:
+        return self.prepared.job.id
+
+
+class JobsAPI:
+    def __init__(self, service: ImageService, *, ttl: float = 600.0, max_jobs: int = 1000):
+        self.service = service
+        self.ttl = ttl
+        self.max_jobs = max_jobs
+        self._jobs: dict[str, JobRecord] = {}
+        self._lock = threading.Lock()  # guards _jobs and every record's watchers
+
+    # ---------------------------------------------------------------- endpoints
+
+    def submit(self, body: Any) -> dict[str, Any]:
+        prepared = self.service.prepare(body)
+        if self.service.draining:
+            raise self.service.failure(_failed(prepared.job.id, ErrorCode.SHUTTING_DOWN),
+                                       prepared.job.model)
+        pending = self.service.submit_for_stream(prepared)
+        record = JobRecord(prepared, pending)
+        with self._lock:
+            self._forget_old()
+            self._jobs[record.id] = record
+        return self._describe(record)
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        record = self._get(job_id)
+        description = self._describe(record)
+        answer = record.pending.answer
+        if answer is not None and answer.type is MsgType.RESULT:
+            description["result"] = self.service.images_response(record.prepared, answer)
+        elif answer is not None and description["status"] == "failed":
+            description["error"] = self._error(record, answer)
+        return description
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        record = self._get(job_id)
+        if not record.pending.done:
+            self.service.broker.cancel(job_id)
+            record.pending.update(_failed(job_id, ErrorCode.CANCELLED))
+        return self._describe(record)
+
+    def events(self, job_id: str, client_gone: ClientGone | None) -> Iterator[bytes]:
+        """The job's events as SSE; the last watcher leaving an unfinished job cancels it.
+
+        The job is looked up and a stream slot taken now, so a refusal is a plain error.
+        """
+        record = self._get(job_id)
+        close = self.service.open_stream()
+        with self._lock:
+            record.watchers += 1
+        return self._watch(record, client_gone, close)
+
+    def _watch(self, record: JobRecord, client_gone: ClientGone | None,
+               close: Callable[[], None]) -> Iterator[bytes]:
+        try:
+            yield from self._follow(record, client_gone)
+        except APIError as exc:
+            if exc.status != 499:  # nobody is left to tell when the client hung up
+                yield streaming.sse("failed", {"id": record.id, "error": exc.body()["error"]})
+        finally:
+            with self._lock:
+                record.watchers -= 1
+                orphaned = record.watchers == 0 and not record.pending.done
+            close()
+            if orphaned:
+                log.info("job %s cancelled: its last watcher went away", record.id)
+                self.cancel(record.id)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _follow(self, record: JobRecord, client_gone: ClientGone | None) -> Iterator[bytes]:
+        job = record.prepared.job
+        for msg in self.service.follow(record.pending, job, client_gone,
+                                       keepalive=self.service.config.keepalive):
+            if msg is None:
+                yield streaming.KEEPALIVE
+                continue
+            event = streaming.job_event(
+                job.id, msg,
+                completed=lambda m: self.service.images_response(record.prepared, m)
+                | {"id": job.id},
+                failure=lambda m: self._error(record, m))
+            if event is not None:
+                yield event
+
+    def _error(self, record: JobRecord, failed: Message) -> dict[str, Any]:
+        return self.service.failure(failed, record.prepared.job.model).body()["error"]
+
+    def _get(self, job_id: str) -> JobRecord:
+        with self._lock:
+            record = self._jobs.get(job_id)
+        if record is None:
+            raise APIError(404, f"no job {job_id!r} here (finished jobs are kept for "
+                                f"{self.ttl:.0f} s)", param="id", code="job_not_found")
+        return record
+
+    def _describe(self, record: JobRecord) -> dict[str, Any]:
+        job, pending = record.prepared.job, record.pending
+        return {
+            "id": job.id, "object": "image.job", "status": _status(pending),
+            "created": record.created, "model": job.model, "width": job.width,
+            "height": job.height, "steps": job.steps, "n": job.n, "seeds": list(job.seeds),
+            "position": pending.position, "step": pending.step,
+        }
+
+    def _forget_old(self) -> None:
+        """Drop finished jobs past their time to live, and the oldest past the bound."""
+        now = time.monotonic()
+        for record in list(self._jobs.values()):
+            if record.pending.done and record.finished_at is None:
+                record.finished_at = now
+            if record.finished_at is not None and now - record.finished_at > self.ttl:
+                del self._jobs[record.id]
+        excess = len(self._jobs) - self.max_jobs + 1
+        if excess > 0:
+            finished = [r for r in self._jobs.values() if r.pending.done]
+            for record in sorted(finished, key=lambda r: r.created)[:excess]:
+                del self._jobs[record.id]
+
+
+def _status(pending: PendingJob) -> str:
+    answer = pending.answer
+    if answer is None:
+        return "running" if pending.step else "queued"
+    if answer.type is MsgType.RESULT:
+        return "succeeded"
+    return "cancelled" if answer["code"] == ErrorCode.CANCELLED.value else "failed"
+
+
+def _failed(job_id: str, code: ErrorCode) -> Message:
+    messages = {ErrorCode.CANCELLED: "the job was cancelled",
+                ErrorCode.SHUTTING_DOWN: "the server is shutting down"}
+    return Message(MsgType.FAILED, {"job_id": job_id, "code": code.value,
+                                    "message": messages.get(code, code.value),
+                                    "retryable": code is ErrorCode.SHUTTING_DOWN})

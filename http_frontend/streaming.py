@@ -1,0 +1,102 @@
+"""Server-sent events: the wire format, and the two event vocabularies we speak.
+
+``openai_events`` turns a job's messages into OpenAI's image-generation stream
+(``image_generation.partial_image`` then ``image_generation.completed``); ``job_events`` into
+the jobs API's own events for the UI (``queued``, ``progress``, ``preview``, ``completed``,
+``failed``, ``cancelled``). Both are pure functions of messages; the service drives them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from typing import Any
+
+from broker.protocol import ErrorCode, Message, MsgType
+from http_frontend import schema
+
+# The event shapes' enums (ImageGenPartialImageEvent / ImageGenCompletedEvent).
+_EVENT_SIZES = ("1024x1024", "1024x1536", "1536x1024")
+_EVENT_QUALITIES = ("low", "medium", "high")
+_EVENT_BACKGROUNDS = ("transparent", "opaque")
+_NO_USAGE = {"total_tokens": 0, "input_tokens": 0, "output_tokens": 0,
+             "input_tokens_details": {"text_tokens": 0, "image_tokens": 0}}
+
+
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    """One server-sent event."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+KEEPALIVE = b": keep-alive\n\n"
+
+
+def b64(frame: Any) -> str:
+    data = frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+    return base64.b64encode(data).decode("ascii")
+
+
+def _event_fields(fitted: schema.FittedRequest) -> dict[str, Any]:
+    req = fitted.request
+    size = f"{fitted.width}x{fitted.height}"
+    return {
+        "size": size if size in _EVENT_SIZES else "auto",
+        "quality": req.quality if req.quality in _EVENT_QUALITIES else "auto",
+        "background": req.background if req.background in _EVENT_BACKGROUNDS else "auto",
+        "output_format": req.output_format,
+    }
+
+
+class OpenAIStream:
+    """OpenAI's image stream for one job: partial images, then one completed event per image."""
+
+    def __init__(self, fitted: schema.FittedRequest, created: Callable[[], int]) -> None:
+        self.fitted = fitted
+        self.created = created
+        self._partials: dict[int, int] = {}  # image index -> partial images sent
+
+    def events(self, msg: Message) -> list[bytes]:
+        if msg.type is MsgType.PROGRESS and msg.payloads:
+            index = msg.get("image_index") or 0
+            partial = self._partials.get(index, 0)
+            self._partials[index] = partial + 1
+            return [sse("image_generation.partial_image", {
+                "type": "image_generation.partial_image", "b64_json": b64(msg.payloads[0]),
+                "created_at": self.created(), **_event_fields(self.fitted),
+                "partial_image_index": partial, "image_index": index,
+            })]
+        if msg.type is MsgType.RESULT:
+            return [sse("image_generation.completed", {
+                "type": "image_generation.completed", "b64_json": b64(frame),
+                "created_at": self.created(), **_event_fields(self.fitted), "usage": _NO_USAGE,
+                "image_index": index, "seed": info.seed, "width": info.width,
+                "height": info.height,
+            }) for index, (info, frame) in enumerate(
+                zip(msg["images"], msg.payloads, strict=True))]
+        return []
+
+
+def error_event(error: dict[str, Any]) -> bytes:
+    """A failure after the stream began; the openai client raises it as an APIError."""
+    return sse("error", {"type": "error", "error": error})
+
+
+def job_event(job_id: str, msg: Message, completed: Callable[[Message], dict[str, Any]],
+              failure: Callable[[Message], dict[str, Any]]) -> bytes | None:
+    """The jobs API's event for one message, or None for messages it does not show."""
+    if msg.type is MsgType.ACCEPTED:
+        return sse("queued", {"id": job_id, "position": msg["position"]})
+    if msg.type is MsgType.PROGRESS and msg.payloads:
+        return sse("preview", {"id": job_id, "image_index": msg.get("image_index") or 0,
+                               "step": msg["step"], "b64_json": b64(msg.payloads[0]),
+                               "output_format": msg.get("preview_format") or "png"})
+    if msg.type is MsgType.PROGRESS:
+        return sse("progress", {"id": job_id, "step": msg["step"], "steps": msg["steps"]})
+    if msg.type is MsgType.RESULT:
+        return sse("completed", completed(msg))
+    if msg.type is MsgType.FAILED and msg["code"] == ErrorCode.CANCELLED.value:
+        return sse("cancelled", {"id": job_id})
+    if msg.type is MsgType.FAILED:
+        return sse("failed", {"id": job_id, "error": failure(msg)})
+    return None
