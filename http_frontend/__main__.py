@@ -38,6 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds a request may take, queueing included (then 504)")
     parser.add_argument("--threads", type=int, default=32,
                         help="waitress threads: requests served at once")
+    parser.add_argument("--max-streams", type=int, default=None,
+                        help="event streams open at once (each holds a thread while it "
+                             "lasts); default: half the threads, so streams never starve "
+                             "plain requests")
+    parser.add_argument("--keepalive", type=float, default=10.0,
+                        help="seconds between keep-alive comments on an idle event stream")
     parser.add_argument("--max-body", type=int, default=1 << 20,
                         help="largest request body in bytes (then 413)")
     parser.add_argument("--drain-timeout", type=float, default=5.0,
@@ -73,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     broker = BrokerClient(args.broker, heartbeat=args.heartbeat)
     broker.start()
     config = FrontendConfig(
-        service=ServiceConfig(default_model=args.default_model, default_timeout=args.timeout),
+        service=ServiceConfig(default_model=args.default_model, default_timeout=args.timeout,
+                              max_streams=args.max_streams or max(1, args.threads // 2),
+                              keepalive=args.keepalive),
         max_body=args.max_body,
     )
     service = ImageService(broker, config.service)
