@@ -13,7 +13,9 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
+from broker.auth import create_keys
 from broker.broker import BrokerConfig
 from gpu_worker import models
 from launcher.cluster import (
@@ -28,6 +30,7 @@ from launcher.cluster import (
 from launcher.supervisor import Supervisor
 
 log = logging.getLogger("launch")
+LOCAL_WORKER_KEY = "local"  # the key pair this host's own workers use with --curve
 PY = sys.executable
 
 
@@ -40,7 +43,20 @@ def _common_worker_flags(args: argparse.Namespace, model: str) -> list[str]:
         flags.append("--offload")
     if args.compile:
         flags.append("--compile")
+    broker_key, key = _worker_keys(args)
+    if key:
+        flags += ["--broker-key", broker_key, "--key", key]
     return flags
+
+
+def _worker_keys(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """The CURVE key files a worker uses: given outright, or the local pair of --curve DIR."""
+    if getattr(args, "key", None):
+        return args.broker_key, args.key
+    if getattr(args, "curve", None):
+        return (str(Path(args.curve) / "broker.key"),
+                str(Path(args.curve) / "workers" / f"{LOCAL_WORKER_KEY}.key_secret"))
+    return None, None
 
 
 def wanted_workers(args: argparse.Namespace, gpus: list[str]) -> list[tuple[str, int]]:
@@ -71,11 +87,16 @@ def worker_specs(args: argparse.Namespace, broker: str) -> list[ProcessSpec]:
 
 
 def cluster_specs(args: argparse.Namespace) -> list[ProcessSpec]:
-    broker = ProcessSpec("broker", [
+    broker_cmd = [
         PY, "-m", "broker", "--clients", args.clients, "--workers", args.workers,
         "--heartbeat", str(args.heartbeat), "--max-queue", str(args.max_queue),
         "--log-level", args.log_level,
-    ], stop_last=True)
+    ]
+    if args.curve:
+        broker_cmd += ["--curve", args.curve]
+    if args.insecure:
+        broker_cmd.append("--insecure")
+    broker = ProcessSpec("broker", broker_cmd, stop_last=True)
     frontend_cmd = [
         PY, "-m", "http_frontend", "--broker", args.clients.replace("*", "127.0.0.1"),
         "--host", args.host, "--port", str(args.port), "--timeout", str(args.timeout),
@@ -86,6 +107,12 @@ def cluster_specs(args: argparse.Namespace) -> list[ProcessSpec]:
     default_model = parse_model_counts(args.models)[0][0] if args.models else args.model
     if default_model:
         frontend_cmd += ["--default-model", default_model]
+    for key in args.api_key or ():
+        frontend_cmd += ["--api-key", key]
+    if args.api_keys_file:
+        frontend_cmd += ["--api-keys-file", args.api_keys_file]
+    for origin in args.cors_origin or ():
+        frontend_cmd += ["--cors-origin", origin]
     frontend = ProcessSpec("frontend", frontend_cmd)
     connect = args.workers.replace("*", "127.0.0.1").replace("0.0.0.0", "127.0.0.1")
     return [broker, *worker_specs(args, connect), frontend]
@@ -131,6 +158,22 @@ def run_workers(args: argparse.Namespace) -> int:
     supervisor.start()
     print(f"Started {len(specs)} worker(s) for {args.broker}", flush=True)
     return supervisor.wait()
+
+
+def make_keys(args: argparse.Namespace) -> int:
+    names = args.worker or [LOCAL_WORKER_KEY, "worker-1"]
+    try:
+        written = create_keys(Path(args.dir), names, force=args.force)
+    except (FileExistsError, OSError) as exc:
+        print(f"launch.py keys: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    print(f"\nOn the head: python launch.py --curve {args.dir} --workers tcp://0.0.0.0:5556\n"
+          "On a GPU host, with broker.key and one worker pair copied there:\n"
+          "  python launch.py worker --broker tcp://HEAD:5556 --broker-key broker.key "
+          "--key NAME.key_secret")
+    return 0
 
 
 def print_models(_: argparse.Namespace) -> int:
@@ -191,7 +234,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     worker.add_argument("--device", default=None,
                         help="one device for one worker, e.g. cuda:1 or cpu")
     _add_worker_flags(worker)
+    worker.add_argument("--broker-key", default=None, metavar="FILE",
+                        help="the head's broker.key (public), for a CURVE broker")
+    worker.add_argument("--key", default=None, metavar="FILE",
+                        help="this host's worker secret key (NAME.key_secret)")
     sub.add_parser("models", help="list the model registry")
+    keys = sub.add_parser(
+        "keys", help="write CURVE key pairs for the broker and worker hosts",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Write DIR/broker.key(_secret) and DIR/workers/NAME.key(_secret); the "
+                    "broker (--curve DIR) lets in every worker whose public key is in "
+                    "DIR/workers/. Secret files are mode 0600.")
+    keys.add_argument("dir", help="where to write the keys")
+    keys.add_argument("--worker", action="append", default=None, metavar="NAME",
+                      help="a worker key pair to write (repeatable); default: "
+                           f"'{LOCAL_WORKER_KEY}' (this host's workers) and 'worker-1'")
+    keys.add_argument("--force", action="store_true", help="replace existing key pairs")
 
     parser.add_argument("--host", default="127.0.0.1",
                         help="HTTP address to listen on (0.0.0.0 for every interface)")
@@ -207,6 +265,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="queued jobs per model before 429")
     parser.add_argument("--ready-timeout", type=float, default=600.0,
                         help="seconds to wait for every worker's warm-up")
+    parser.add_argument("--curve", metavar="DIR", default=None,
+                        help="keys from `launch.py keys DIR`: the worker endpoint takes only "
+                             "CURVE-encrypted workers whose key is in DIR/workers/ (this "
+                             "host's workers use the 'local' pair)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a plain-TCP worker endpoint beyond loopback")
+    parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                        help="require `Authorization: Bearer KEY` on /v1/* (repeatable; "
+                             "prefer --api-keys-file: command lines are visible to `ps`)")
+    parser.add_argument("--api-keys-file", default=None, metavar="FILE",
+                        help="API keys, one per line (# comments)")
+    parser.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                        help="allow browser calls from this origin (repeatable); off by "
+                             "default")
     _add_worker_flags(parser)
     return parser.parse_args(argv)
 
@@ -218,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if args.command == "models":
         return print_models(args)
+    if args.command == "keys":
+        return make_keys(args)
     if args.command == "worker":
         if args.device:
             return _run_one_worker(args)

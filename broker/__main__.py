@@ -25,6 +25,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds between heartbeats; a peer is dead after 3 missed")
     parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
                         help="queued jobs per model before submissions get 429")
+    parser.add_argument("--curve", metavar="DIR", default=None,
+                        help="CURVE keys from `launch.py keys DIR`: workers must encrypt and "
+                             "hold a key listed in DIR/workers/ (reloaded on SIGHUP and when "
+                             "the folder changes)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a plain-TCP worker endpoint beyond loopback")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return parser.parse_args(argv)
 
@@ -33,15 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s broker %(levelname)s %(message)s")
-    broker = Broker(BrokerConfig(clients=args.clients, workers=args.workers,
-                                 heartbeat_interval=args.heartbeat, max_queue=args.max_queue))
     try:
+        broker = Broker(BrokerConfig(clients=args.clients, workers=args.workers,
+                                     heartbeat_interval=args.heartbeat,
+                                     max_queue=args.max_queue, curve_dir=args.curve,
+                                     insecure=args.insecure))
         broker.bind()
-    except Exception as exc:  # e.g. address in use: say so in one line, no traceback
-        logging.error("cannot bind: %s", exc)
+        broker.self_test()
+    except Exception as exc:  # e.g. address in use, missing keys: one line, no traceback
+        logging.error("cannot start: %s", exc)
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: broker.stop())
+    signal.signal(signal.SIGHUP, lambda *_: broker.request_reload())
     broker.run()
     logging.info("broker stopped")
     return 0

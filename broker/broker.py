@@ -14,17 +14,21 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from broker import protocol
+from broker.auth import CurveAuthority, is_loopback
 from broker.jobs import Job, JobState, JobTable
 from broker.protocol import ErrorCode, Message, MsgType, ProtocolError
 from broker.registry import Worker, WorkerRegistry, WorkerState
 
 log = logging.getLogger(__name__)
 
+KEY_CHECK_INTERVAL = 2.0  # seconds between looks at the allow-list directory
 POSITION_UPDATES = 32  # queued jobs per model told their new position after each dispatch
 
 
@@ -38,6 +42,8 @@ class BrokerConfig:
     max_attempts: int = 3  # workers lost running one job before it fails
     max_client_frame: int = 1 << 20
     max_worker_frame: int = 256 << 20  # a 4K PNG is tens of MB
+    curve_dir: str | None = None  # CURVE keys (launch.py keys): encrypt and authenticate workers
+    insecure: bool = False  # allow a plain-TCP worker endpoint beyond loopback
 
 
 class Broker:
@@ -60,6 +66,24 @@ class Broker:
         self._poller = zmq.Poller()
         self._poller.register(self.clients, zmq.POLLIN)
         self._poller.register(self.worker_socket, zmq.POLLIN)
+        self.auth: CurveAuthority | None = None
+        self._monitor: zmq.Socket | None = None
+        self._reload_requested = threading.Event()
+        self._refused = protocol.DropLog(log, "refused a worker connection on")
+        self._self_testing = False
+        self._next_key_check = 0.0
+        if config.curve_dir:
+            self._secure_worker_socket(Path(config.curve_dir))
+
+    def _secure_worker_socket(self, key_dir: Path) -> None:
+        self.auth = CurveAuthority(self._ctx, key_dir)
+        self.auth.configure_server(self.worker_socket)
+        self._poller.register(self.auth.socket, zmq.POLLIN)
+        # Peers refused before ZAP (no CURVE at all, a wrong server key) show up only here.
+        self._monitor = self.worker_socket.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        self._poller.register(self._monitor, zmq.POLLIN)
 
     def _router(self, max_frame: int) -> zmq.Socket:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -71,19 +95,90 @@ class Broker:
         return sock
 
     def bind(self) -> None:
+        """Bind both endpoints; refuse a plain worker endpoint beyond loopback unless told."""
+        if not is_loopback(self.config.workers) and self.auth is None:
+            if not self.config.insecure:
+                raise ValueError(f"the worker endpoint {self.config.workers} is reachable from "
+                                 "other hosts: secure it with --curve DIR (see `launch.py "
+                                 "keys`), or pass --insecure on a network you trust")
+            log.warning("the worker endpoint %s takes plain TCP from any host (--insecure): "
+                        "anyone who reaches it can take jobs and send results",
+                        self.config.workers)
         self.clients.bind(self.config.clients)
         self.worker_socket.bind(self.config.workers)
-        log.info("broker: clients on %s, workers on %s",
-                 self.clients.getsockopt_string(zmq.LAST_ENDPOINT),
-                 self.worker_socket.getsockopt_string(zmq.LAST_ENDPOINT))
+        log.info("broker: clients on %s, workers on %s%s",
+                 self.clients.getsockopt_string(zmq.LAST_ENDPOINT), self.worker_endpoint,
+                 " (CURVE)" if self.auth else "")
+
+    @property
+    def worker_endpoint(self) -> str:
+        return self.worker_socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def self_test(self, timeout: float = 3.0) -> None:
+        """With CURVE on, prove that an allowed key gets in and an unknown one does not.
+
+        A misconfiguration (a ZAP domain mismatch, an unreadable key) would otherwise refuse
+        every worker silently. Raises RuntimeError naming what failed.
+        """
+        if self.auth is None:
+            return
+        endpoint = connectable(self.worker_endpoint)
+        allowed, stranger = zmq.curve_keypair(), zmq.curve_keypair()
+        self.auth.allow_temporarily(allowed[0], probe=True)
+        self.auth.allow_temporarily(stranger[0], probe=True, allowed=False)
+        self._self_testing = True
+        try:
+            let_in = self._probe(endpoint, *allowed, timeout=timeout)
+            kept_out = not self._probe(endpoint, *stranger, timeout=min(timeout, 1.0))
+            self._poll(0.05)  # take the stranger's refusal events while still testing
+        finally:
+            self._self_testing = False
+            self.auth.revoke_temporary(allowed[0])
+            self.auth.revoke_temporary(stranger[0])
+        if not let_in:
+            raise RuntimeError("CURVE self-test failed: a key on the allow-list could not "
+                               f"connect to {endpoint}; check the keys in "
+                               f"{self.config.curve_dir} and the ZAP domain")
+        if not kept_out:
+            raise RuntimeError("CURVE self-test failed: a key NOT on the allow-list got in")
+        log.info("CURVE self-test passed: allowed keys get in, others do not")
+
+    def _probe(self, endpoint: str, public: bytes, secret: bytes, *, timeout: float) -> bool:
+        """Connect as a worker would and see whether the broker answers at all."""
+        assert self.auth is not None
+        probe = self._ctx.socket(zmq.DEALER)
+        probe.setsockopt(zmq.LINGER, 0)
+        probe.setsockopt(zmq.CURVE_SERVERKEY, self.auth.public)
+        probe.setsockopt(zmq.CURVE_PUBLICKEY, public)
+        probe.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        try:
+            probe.connect(endpoint)
+            probe.send_multipart(protocol.encode(MsgType.HEARTBEAT))
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                self._poll(0.02)
+                if probe.poll(0):
+                    return True  # any answer (RECONNECT: it does not know us) means we got in
+            return False
+        finally:
+            probe.close(linger=0)
+
+    def request_reload(self) -> None:
+        """Re-read the worker allow-list at the next tick; safe from a signal handler."""
+        self._reload_requested.set()
 
     def stop(self) -> None:
         """Ask the loop to end; safe from any thread or signal handler."""
         self._stop.set()
 
     def close(self) -> None:
+        if self._monitor is not None:
+            self.worker_socket.disable_monitor()
+            self._monitor.close(linger=0)
         self.clients.close(linger=0)
         self.worker_socket.close(linger=0)
+        if self.auth is not None:
+            self.auth.close()
 
     def run(self) -> None:
         try:
@@ -96,6 +191,7 @@ class Broker:
         """One round: read what arrived, purge what expired, heartbeat, dispatch."""
         self._poll(timeout)
         now = self._clock()
+        self._check_keys(now)
         self._purge_expired(now)
         self._send_heartbeats(now)
         self._dispatch(now)
@@ -104,6 +200,10 @@ class Broker:
 
     def _poll(self, timeout: float) -> None:
         events = dict(self._poller.poll(int(timeout * 1000)))
+        if self.auth is not None and self.auth.socket in events:
+            self.auth.handle()
+        if self._monitor is not None and self._monitor in events:
+            self._log_handshake_failure()
         # Drain in bounded bursts so neither side can starve the other.
         for _ in range(1000):
             got = False
@@ -223,6 +323,28 @@ class Broker:
         for job in self._held_by(worker):
             self.jobs.hand_back(job)
 
+    def _log_handshake_failure(self) -> None:
+        assert self._monitor is not None
+        try:
+            event = recv_monitor_message(self._monitor, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        if self._self_testing:
+            return  # the self-test's stranger is refused on purpose
+        self._refused(bytes(event.get("endpoint") or b"?").decode(errors="replace"),
+                      "its CURVE handshake failed (no CURVE, a wrong broker key, or a key not "
+                      "on the allow-list)")
+
+    def _check_keys(self, now: float) -> None:
+        if self.auth is None:
+            return
+        if self._reload_requested.is_set():
+            self._reload_requested.clear()
+            self.auth.reload()
+        elif now >= self._next_key_check:
+            self.auth.reload_if_changed()
+        self._next_key_check = now + KEY_CHECK_INTERVAL
+
     # ---------------------------------------------------------------------------- timers
 
     def _purge_expired(self, now: float) -> None:
@@ -338,3 +460,12 @@ def _with_attempt(job: Job) -> protocol.JobSpec:
 
 
 __all__ = ["Broker", "BrokerConfig", "WorkerState"]
+
+
+def connectable(endpoint: str) -> str:
+    """An address to reach a bound endpoint from this host (wildcards become loopback)."""
+    for wildcard, local in (("tcp://0.0.0.0:", "tcp://127.0.0.1:"), ("tcp://*:", "tcp://127.0.0.1:"),
+                            ("tcp://[::]:", "tcp://[::1]:")):
+        if endpoint.startswith(wildcard):
+            return local + endpoint[len(wildcard):]
+    return endpoint

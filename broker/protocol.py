@@ -386,8 +386,9 @@ class DropLog:
     A peer that floods us with garbage must not flood the log too.
     """
 
-    def __init__(self, logger: logging.Logger) -> None:
+    def __init__(self, logger: logging.Logger, what: str = "dropped a message from") -> None:
         self._log = logger
+        self._what = what
         self._last = float("-inf")
         self._suppressed = 0
 
@@ -397,7 +398,7 @@ class DropLog:
             self._suppressed += 1
             return
         extra = f" ({self._suppressed} more dropped since)" if self._suppressed else ""
-        self._log.warning("dropped a message from %s: %s%s", peer, reason, extra)
+        self._log.warning("%s %s: %s%s", self._what, peer, reason, extra)
         self._last, self._suppressed = now, 0
 
 

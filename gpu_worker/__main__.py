@@ -9,6 +9,7 @@ import signal
 import sys
 
 from gpu_worker import models
+from gpu_worker.link import CurveKeys
 from gpu_worker.worker import Worker, WorkerConfig
 
 
@@ -38,6 +39,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model CPU offload, for GPUs too small to hold the model")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the denoiser (slow start, faster steps)")
+    parser.add_argument("--broker-key", default=None, metavar="FILE",
+                        help="the broker's public key (broker.key from `launch.py keys`); "
+                             "with --key, the link is CURVE-encrypted and authenticated")
+    parser.add_argument("--key", default=None, metavar="FILE",
+                        help="this worker's secret key file (NAME.key_secret, mode 0600)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
@@ -47,17 +53,25 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         import torch
         device = "cuda:0" if torch.cuda.is_available() else "cpu"
     model = args.model or models.default_model(device.startswith("cuda"))
+    if bool(args.broker_key) != bool(args.key):
+        raise ValueError("--broker-key and --key go together")
+    curve = CurveKeys.from_files(args.broker_key, args.key) if args.key else None
     return WorkerConfig(broker=args.broker, model=model, device=device,
                         worker_id=args.worker_id, max_batch=args.max_batch,
                         heartbeat=args.heartbeat, threads=args.threads,
                         cache_dir=args.cache_dir, warm_up=not args.no_warm_up,
-                        offload=args.offload, compile=args.compile)
+                        offload=args.offload, compile=args.compile, curve=curve)
 
 
 def run_worker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s")
-    worker = Worker(config_from_args(args))
+    try:
+        config = config_from_args(args)
+    except (OSError, ValueError) as exc:  # missing or unsafe key files: one clear line
+        logging.getLogger(__name__).error("cannot start: %s", exc)
+        return 2
+    worker = Worker(config)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
     try:

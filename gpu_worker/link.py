@@ -13,21 +13,41 @@ import random
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
 from broker import protocol
+from broker.auth import load_public, load_secret
 from broker.protocol import JobSpec, Message, MsgType, ProtocolError
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class CurveKeys:
+    """A worker's CURVE identity and the broker key it trusts (all Z85)."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def from_files(cls, broker_key: str, own_key: str) -> CurveKeys:
+        public, secret = load_secret(own_key)
+        return cls(load_public(broker_key), public, secret)
+
+    def __repr__(self) -> str:  # never print a secret key
+        return f"CurveKeys(public={self.public.decode()})"
+
+
 class BrokerLink:
     def __init__(self, endpoint: str, ready: dict[str, Any], *, heartbeat: float = 1.0,
                  liveness: int = 3, max_frame: int = 1 << 20,
-                 context: zmq.Context | None = None) -> None:
+                 curve: CurveKeys | None = None, context: zmq.Context | None = None) -> None:
         self.endpoint = endpoint
+        self.curve = curve
         self.ready = ready  # READY fields, re-sent on every (re)connect
         self.heartbeat = heartbeat
         self.liveness = liveness
@@ -87,6 +107,10 @@ class BrokerLink:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
+        if self.curve is not None:
+            sock.setsockopt(zmq.CURVE_SERVERKEY, self.curve.server_public)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, self.curve.public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve.secret)
         sock.connect(self.endpoint)
         sock.send_multipart(protocol.encode(MsgType.READY, self.ready))
         return sock

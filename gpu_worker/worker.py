@@ -18,7 +18,7 @@ from broker import protocol
 from broker.protocol import ErrorCode, ImageInfo, JobSpec, MsgType
 from gpu_worker import models
 from gpu_worker.encode import encode_image
-from gpu_worker.link import BrokerLink
+from gpu_worker.link import BrokerLink, CurveKeys
 from gpu_worker.pipeline import Interrupted, LoadOptions, PipelineRunner
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class WorkerConfig:
     offload: bool = False
     compile: bool = False
     max_frame: int = 256 << 20
+    curve: CurveKeys | None = None  # encrypt and authenticate to a broker that uses CURVE
 
 
 class Worker:
@@ -83,7 +84,8 @@ class Worker:
         if self.runner is None:
             self.load()
         self.link = BrokerLink(self.config.broker, self.ready_fields(),
-                               heartbeat=self.config.heartbeat, max_frame=self.config.max_frame)
+                               heartbeat=self.config.heartbeat, max_frame=self.config.max_frame,
+                               curve=self.config.curve)
         self.link.start()
         log.info("worker %s serving %s on %s; broker %s", self.worker_id, self.spec.name,
                  self.config.device, self.config.broker)

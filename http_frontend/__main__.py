@@ -13,6 +13,7 @@ import time
 import waitress
 
 from http_frontend.app import FrontendConfig, create_app
+from http_frontend.auth import load_keys
 from http_frontend.broker_client import BrokerClient
 from http_frontend.service import ImageService, ServiceConfig
 
@@ -48,6 +49,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="largest request body in bytes (then 413)")
     parser.add_argument("--drain-timeout", type=float, default=5.0,
                         help="on SIGTERM, seconds waiting requests get to finish (then 503)")
+    parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                        help="require `Authorization: Bearer KEY` on /v1/* (repeatable; "
+                             "prefer --api-keys-file: command lines are visible to `ps`)")
+    parser.add_argument("--api-keys-file", default=None, metavar="FILE",
+                        help="API keys, one per line (# comments)")
+    parser.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                        help="allow browser calls from this origin (repeatable); off by "
+                             "default")
     parser.add_argument("--heartbeat", type=float, default=1.0,
                         help="seconds between status polls of the broker")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
@@ -76,13 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s frontend %(levelname)s %(message)s")
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    try:
+        api_keys = load_keys(args.api_key, args.api_keys_file)
+    except OSError as exc:
+        log.error("cannot read the API keys: %s", exc)
+        return 2
     broker = BrokerClient(args.broker, heartbeat=args.heartbeat)
     broker.start()
     config = FrontendConfig(
         service=ServiceConfig(default_model=args.default_model, default_timeout=args.timeout,
                               max_streams=args.max_streams or max(1, args.threads // 2),
                               keepalive=args.keepalive),
-        max_body=args.max_body,
+        max_body=args.max_body, api_keys=tuple(api_keys),
+        cors_origins=tuple(args.cors_origin or ()),
     )
     service = ImageService(broker, config.service)
     app = create_app(config, broker, service=service)
@@ -97,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGUSR1, lambda *_: server.close())
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: drain_then_close(service, args.drain_timeout))
-    log.info("serving on http://%s:%s (broker %s)", args.host, server.effective_port,
-             args.broker)
+    log.info("serving on http://%s:%s (broker %s; %s)", args.host, server.effective_port,
+             args.broker, f"{len(api_keys)} API key(s)" if api_keys else "no API keys")
     try:
         server.run()
     except OSError:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import falcon
 
 from http_frontend import resources
+from http_frontend.auth import ApiKeyAuth
 from http_frontend.broker_client import BrokerClient
 from http_frontend.cluster_view import ClusterView
 from http_frontend.errors import install_error_handlers
@@ -22,12 +24,25 @@ class FrontendConfig:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     max_body: int = 1 << 20
     static_dir: Path = STATIC_DIR
+    api_keys: tuple[str, ...] = ()  # none: the API is open (bind to loopback, or set keys)
+    cors_origins: tuple[str, ...] = ()  # none: no cross-origin browser calls
+
+    def __repr__(self) -> str:  # never print the keys
+        return (f"FrontendConfig(service={self.service!r}, max_body={self.max_body}, "
+                f"api_keys=<{len(self.api_keys)}>, cors_origins={self.cors_origins!r})")
 
 
 def create_app(config: FrontendConfig, broker: BrokerClient, *,
                service: ImageService | None = None) -> falcon.App:
     service = service or ImageService(broker, config.service)
-    app = falcon.App()
+    middleware: list[Any] = []
+    if config.cors_origins:
+        middleware.append(falcon.CORSMiddleware(
+            allow_origins=list(config.cors_origins),
+            expose_headers=["Retry-After", "x-should-retry"]))
+    if config.api_keys:
+        middleware.append(ApiKeyAuth(list(config.api_keys)))
+    app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     install_error_handlers(app)
     view = ClusterView(broker, retry_after=config.service.retry_after)
