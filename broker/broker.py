@@ -395,7 +395,8 @@ class Broker:
         for model in self.jobs.models_waiting():
             moved = False
             for worker in self.workers.with_free_capacity(model):
-                batch = self.jobs.take_batch(model, worker.identity, worker.max_batch)
+                batch = self.jobs.take_batch(model, worker.identity,
+                                             min(worker.max_batch, worker.free))
                 if not batch:
                     break
                 self._lease(worker, batch, now)

@@ -103,7 +103,7 @@ class JobSpec:
 
     def batch_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys can run in one pipeline call."""
-        return (self.model, self.width, self.height, self.steps, self.guidance)
+        return (self.model, self.width, self.height, self.steps, self.guidance, self.previews)
 
     def to_wire(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -52,7 +52,7 @@ class BrokerLink:
         self.heartbeat = heartbeat
         self.liveness = liveness
         self.max_frame = max_frame
-        self.jobs: queue.Queue[JobSpec] = queue.Queue()
+        self.jobs: queue.Queue[list[JobSpec]] = queue.Queue()  # batches, as the broker sent them
         self._ctx = context or zmq.Context.instance()
         self._outbox: queue.Queue[list[Any]] = queue.Queue()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -190,8 +190,7 @@ class BrokerLink:
 
     def _handle(self, sock: zmq.Socket, msg: Message) -> None:
         if msg.type is MsgType.JOBS:
-            for job in msg["jobs"]:
-                self.jobs.put(job)
+            self.jobs.put(list(msg["jobs"]))
         elif msg.type is MsgType.CANCEL:
             with self._lock:
                 self._cancelled.add(msg["job_id"])

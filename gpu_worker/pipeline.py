@@ -180,29 +180,49 @@ class PipelineRunner:
         ``job.previews`` evenly spaced steps; returning False interrupts the job there
         (Interrupted is raised).
         """
-        kwargs = self._call_kwargs(job)
-        if on_step is not None:
-            kwargs.update(self._progress_kwargs(job, on_step))
-        self._tile_vae_for(job)
-        if self.spec.sized_by_area:
-            self._set_area(job)
-        with torch.inference_mode():
-            output = self.pipe(**kwargs)
-        return list(output.images)
+        return self.generate_batch([job], on_step)[0]
 
-    def _call_kwargs(self, job: JobSpec) -> dict[str, Any]:
-        spec = self.spec
+    def generate_batch(self, jobs: list[JobSpec], on_step: StepCallback | None = None
+                       ) -> list[list[Image.Image]]:
+        """Run jobs that share a batch key as one pipeline call; the images of each job.
+
+        Every image keeps its own generator, so its seed decides its noise whatever else is
+        in the batch (see docs/performance.md for how close batched pixels are to solo ones).
+        """
+        head = jobs[0]
+        kwargs = self._call_kwargs(jobs)
+        if on_step is not None:
+            kwargs.update(self._progress_kwargs(head, on_step))
+        self._tile_vae_for(head)
+        if self.spec.sized_by_area:
+            self._set_area(head)
+        with torch.inference_mode():
+            images = list(self.pipe(**kwargs).images)
+        split, start = [], 0
+        for job in jobs:
+            split.append(images[start:start + job.n])
+            start += job.n
+        return split
+
+    def _call_kwargs(self, jobs: list[JobSpec]) -> dict[str, Any]:
+        spec, job = self.spec, jobs[0]  # the batch key makes every shared setting equal
         # CPU generators give the same noise for a seed on every device and machine.
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds]
+        generators = [torch.Generator("cpu").manual_seed(seed) for j in jobs for seed in j.seeds]
         kwargs: dict[str, Any] = {
-            "prompt": job.prompt, "width": job.width, "height": job.height,
-            "num_inference_steps": job.steps, "num_images_per_prompt": job.n,
+            "width": job.width, "height": job.height, "num_inference_steps": job.steps,
             "generator": generators, "output_type": "pil",
         }
+        if len(jobs) == 1:
+            kwargs.update(prompt=job.prompt, num_images_per_prompt=job.n)
+        else:  # one prompt per image, so jobs with different n share the call
+            kwargs.update(prompt=[j.prompt for j in jobs for _ in j.seeds],
+                          num_images_per_prompt=1)
         if job.guidance is not None:
             kwargs[spec.guidance_param] = job.guidance
-        if spec.negative_prompt and (job.negative_prompt or spec.default_negative_prompt):
-            kwargs["negative_prompt"] = job.negative_prompt or spec.default_negative_prompt
+        negatives = [j.negative_prompt or spec.default_negative_prompt or "" for j in jobs]
+        if spec.negative_prompt and any(negatives):
+            kwargs["negative_prompt"] = negatives[0] if len(jobs) == 1 else [
+                negative for j, negative in zip(jobs, negatives, strict=True) for _ in j.seeds]
         if spec.max_sequence_length:
             kwargs["max_sequence_length"] = spec.max_sequence_length
         kwargs["use_resolution_binning"] = spec.resolution_binning

@@ -9,6 +9,7 @@ import re
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ from broker.protocol import ErrorCode, ImageInfo, JobSpec, MsgType
 from gpu_worker import models
 from gpu_worker.encode import encode_image
 from gpu_worker.link import BrokerLink, CurveKeys
-from gpu_worker.pipeline import Interrupted, LoadOptions, PipelineRunner
+from gpu_worker.pipeline import Interrupted, LoadOptions, PipelineRunner, StepCallback
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class Worker:
         self._stop = threading.Event()
         self.runner: PipelineRunner | None = None
         self.link: BrokerLink | None = None
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
 
     def stop(self) -> None:
         """Finish the current job, hand back the rest, leave. Safe from a signal handler."""
@@ -75,12 +77,19 @@ class Worker:
         return {
             "worker_id": self.worker_id, "host": socket.gethostname(),
             "device": self.config.device, "models": [self.spec.name],
-            "max_batch": self.config.max_batch, "capacity": 1, "version": VERSION,
+            # One batch running and one waiting, so the device never idles between batches.
+            "max_batch": self.config.max_batch, "capacity": 2 * self.config.max_batch,
+            "version": VERSION,
             "model_info": {self.spec.name: self.spec.limits()},
         }
 
     def run(self) -> None:
-        """Load, register, then take jobs until stop(); the caller's thread drives the GPU."""
+        """Load, register, then take batches until stop(); the caller's thread drives the GPU.
+
+        Encoding and sending happen on another thread, so the GPU starts on the next batch
+        (which the broker already sent: capacity covers one running and one waiting) while
+        the last one's images are compressed.
+        """
         if self.runner is None:
             self.load()
         self.link = BrokerLink(self.config.broker, self.ready_fields(),
@@ -92,64 +101,104 @@ class Worker:
         try:
             while not self._stop.is_set():
                 try:
-                    job = self.link.jobs.get(timeout=0.2)
+                    batch = self.link.jobs.get(timeout=0.2)
                 except queue.Empty:
                     continue
-                self._run_job(job)
+                self._run_batch(batch)
         finally:
-            # BYE hands every job we still hold back to the broker.
+            # Answers still being encoded go out first; then BYE hands back what is left.
+            self._encoder.shutdown(wait=True)
             self.link.stop(bye=True)
             log.info("worker %s stopped", self.worker_id)
 
-    def _run_job(self, job: JobSpec) -> None:
+    def _run_batch(self, batch: list[JobSpec]) -> None:
+        """Run jobs that share a batch key as one pipeline call; answer each on its own."""
         assert self.link is not None and self.runner is not None
         link = self.link
-        if link.is_cancelled(job.id):
-            link.job_done(job.id)
+        for job in batch:
+            if link.is_cancelled(job.id):
+                link.job_done(job.id)
+        jobs = [job for job in batch if not link.is_cancelled(job.id)]
+        if not jobs:
             return
-        link.job_started(job.id)
+        for job in jobs:
+            link.job_started(job.id)
+            _maybe_crash(job)
         started = time.perf_counter()
-        crash_on = os.environ.get(CRASH_PROMPT_ENV)
-        if crash_on and crash_on in job.prompt:
-            log.error("fault injection: crashing on job %s", job.id)
-            os._exit(70)
+        try:
+            # 1. Denoise: the only step on the device.
+            images = self.runner.generate_batch(jobs, self._progress_reporter(jobs))
+        except Interrupted:
+            log.info("job(s) %s interrupted", ", ".join(job.id for job in jobs))
+            self._done(jobs)
+            return
+        except Exception as exc:
+            log.exception("job(s) %s failed", ", ".join(job.id for job in jobs))
+            for job in jobs:
+                link.send(protocol.failed(job.id, ErrorCode.WORKER_ERROR, _client_safe(exc)))
+            self._done(jobs)
+            return
+        generated = time.perf_counter() - started
+        # 2. Encode and answer off this thread, while the device takes the next batch.
+        for job, job_images in zip(jobs, images, strict=True):
+            self._encoder.submit(self._answer, job, job_images, generated, len(jobs))
+
+    def _progress_reporter(self, jobs: list[JobSpec]) -> StepCallback:
+        """Report each step (and previews) to every job of the batch; stop when all left."""
+        link = self.link
+        assert link is not None
+        owners = [(job, index) for job in jobs for index in range(job.n)]
 
         def on_step(step: int, steps: int, previews: list[Image.Image]) -> bool:
-            link.send(protocol.encode(MsgType.PROGRESS,
-                                      {"job_id": job.id, "step": step, "steps": steps}))
-            for index, preview in enumerate(previews):
+            for job in jobs:
+                link.send(protocol.encode(MsgType.PROGRESS,
+                                          {"job_id": job.id, "step": step, "steps": steps}))
+            for (job, index), preview in zip(owners, previews, strict=False):
                 link.send(protocol.encode(
                     MsgType.PROGRESS,
                     {"job_id": job.id, "step": step, "steps": steps, "image_index": index,
                      "preview_format": job.output_format},
                     [encode_image(preview, job.output_format, PREVIEW_QUALITY)]))
-            return not link.is_cancelled(job.id)
+            return not all(link.is_cancelled(job.id) for job in jobs)
 
+        return on_step
+
+    def _answer(self, job: JobSpec, images: list[Image.Image], generate_s: float,
+                batch_size: int) -> None:
+        """Encode one job's images and send its RESULT (the encoder thread)."""
+        assert self.link is not None
         try:
-            # 1. Denoise: the only step on the device.
-            images = self.runner.generate(job, on_step)
-            generated = time.perf_counter()
-            # 2. Encode each image as the client asked.
+            if self.link.is_cancelled(job.id):
+                return  # cancelled while its batch ran: nobody waits for it
+            started = time.perf_counter()
             payloads = [encode_image(img, job.output_format, job.output_compression)
                         for img in images]
             infos = [ImageInfo(seed=seed, width=img.width, height=img.height,
                                format=job.output_format)
                      for seed, img in zip(job.seeds, images, strict=True)]
-            timings = {"generate_s": generated - started,
-                       "encode_s": time.perf_counter() - generated}
-            # 3. Answer.
-            link.send(protocol.result(job.id, infos, payloads, timings=timings,
-                                      worker_id=self.worker_id))
-            log.info("job %s: %d image(s) %dx%d, %d steps in %.2f s", job.id, job.n,
-                     job.width, job.height, job.steps, time.perf_counter() - started)
-        except Interrupted:
-            log.info("job %s interrupted", job.id)
-        except Exception as exc:
-            log.exception("job %s failed", job.id)
-            link.send(protocol.failed(job.id, ErrorCode.WORKER_ERROR,
-                                      _client_safe(exc)))
+            timings = {"generate_s": generate_s, "encode_s": time.perf_counter() - started,
+                       "batch_size": batch_size}
+            self.link.send(protocol.result(job.id, infos, payloads, timings=timings,
+                                           worker_id=self.worker_id))
+            log.info("job %s: %d image(s) %dx%d, %d steps, batch of %d, in %.2f s", job.id,
+                     job.n, job.width, job.height, job.steps, batch_size, generate_s)
+        except Exception as exc:  # an encoding failure answers the job, never kills the worker
+            log.exception("job %s failed while encoding", job.id)
+            self.link.send(protocol.failed(job.id, ErrorCode.WORKER_ERROR, _client_safe(exc)))
         finally:
-            link.job_done(job.id)
+            self.link.job_done(job.id)
+
+    def _done(self, jobs: list[JobSpec]) -> None:
+        assert self.link is not None
+        for job in jobs:
+            self.link.job_done(job.id)
+
+
+def _maybe_crash(job: JobSpec) -> None:
+    crash_on = os.environ.get(CRASH_PROMPT_ENV)
+    if crash_on and crash_on in job.prompt:
+        log.error("fault injection: crashing on job %s", job.id)
+        os._exit(70)
 
 
 _PATH = re.compile(r"(?:[A-Za-z]:)?[/\\][^\s'\"]+")

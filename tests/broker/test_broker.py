@@ -166,18 +166,25 @@ def test_resubmission_sends_answers_to_the_latest_client(harness: BrokerHarness)
 
 
 def test_batches_jobs_with_the_same_key(harness: BrokerHarness) -> None:
-    worker = harness.worker("w1", max_batch=3)
     client = harness.client()
-    client.submit(make_spec("j0"))
-    assert [s.id for s in worker.take()] == ["j0"]
+    # Queued before any worker registered (the broker's start-up grace keeps them).
     for job_id, width in [("a1", 64), ("b1", 128), ("a2", 64), ("a3", 64), ("a4", 64)]:
         client.submit(make_spec(job_id, width=width))
-    finish(worker, client, make_spec("j0"))
+    worker = harness.worker("w1", max_batch=3, capacity=3)  # capacity counts jobs
     batch = worker.take()
     assert [s.id for s in batch] == ["a1", "a2", "a3"]
     for spec in batch:
         finish(worker, client, spec)
     assert [s.id for s in worker.take()] == ["b1"]
+
+
+def test_a_batch_never_exceeds_the_free_capacity(harness: BrokerHarness) -> None:
+    client = harness.client()
+    for i in range(4):
+        client.submit(make_spec(f"j{i}"))
+    worker = harness.worker("w1", max_batch=4, capacity=2)
+    assert [s.id for s in worker.take()] == ["j0", "j1"]
+    worker.assert_silent()
 
 
 # --------------------------------------------------------------------------------------------

@@ -94,3 +94,22 @@ def test_previews_come_at_evenly_spaced_steps(sd_dir: Path) -> None:
 ])
 def test_preview_steps(total: int, count: int, expected: set) -> None:
     assert preview_steps(total, count) == expected
+
+
+def test_a_batch_of_jobs_is_one_call_and_each_seed_keeps_its_image(sd_dir: Path) -> None:
+    import numpy as np
+
+    runner = PipelineRunner(models.resolve(str(sd_dir)), LoadOptions(threads=1))
+    first = job(id="a", prompt="a red fox", seeds=(10, 11), width=64, height=48)
+    second = job(id="b", prompt="a blue whale", seeds=(20,), width=64, height=48,
+                 negative_prompt="blurry")
+    steps_seen: list[int] = []
+    batched = runner.generate_batch([first, second],
+                                    lambda done, total, p: steps_seen.append(done) or True)
+    assert steps_seen == [1, 2, 3]  # one pipeline call, not two
+    assert [len(images) for images in batched] == [2, 1]
+    solo = runner.generate(second)[0]
+    assert batched[1][0].size == solo.size == (64, 48)
+    # Same seed and prompt alone: the same image up to float rounding in the batched matmuls.
+    difference = np.abs(np.asarray(batched[1][0], dtype=int) - np.asarray(solo, dtype=int))
+    assert difference.max() <= 2
