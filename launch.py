@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -136,19 +137,27 @@ def run_cluster(args: argparse.Namespace) -> int:
     supervisor = Supervisor(specs, grace=args.grace)
     supervisor.install_signal_handlers()
     supervisor.start()
+    # Supervise from the start (a child that dies while others load is restarted); report
+    # readiness from a side thread.
+    threading.Thread(target=report_ready, args=(args, len(workers), supervisor),
+                     name="readiness", daemon=True).start()
+    return supervisor.wait()
+
+
+def report_ready(args: argparse.Namespace, workers: int, supervisor: Supervisor) -> None:
+    """Print the URL once every worker has warmed up and the frontend sees them all."""
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/"
     started = time.monotonic()
-    ready = wait_until_ready(args.clients.replace("*", "127.0.0.1"), len(workers),
+    ready = wait_until_ready(args.clients.replace("*", "127.0.0.1"), workers,
                              timeout=args.ready_timeout, should_stop=supervisor.stopping)
-    ready = ready and wait_for_frontend(url, len(workers), timeout=30.0,
+    ready = ready and wait_for_frontend(url, workers, timeout=30.0,
                                         should_stop=supervisor.stopping)
     if ready:
-        print(f"Ready in {time.monotonic() - started:.1f} s: {len(workers)} worker(s). "
+        print(f"Ready in {time.monotonic() - started:.1f} s: {workers} worker(s). "
               f"Open {url}", flush=True)
     elif not supervisor.stopping():
         print(f"Not every worker was ready after {args.ready_timeout:.0f} s; serving with the "
               f"ones that are. Open {url}", flush=True)
-    return supervisor.wait()
 
 
 def run_workers(args: argparse.Namespace) -> int:

@@ -165,3 +165,24 @@ def test_worker_joins_a_running_cluster(cache_dir: Path) -> None:
             joiner.send_signal(signal.SIGTERM)
             joiner.wait(15)
         cluster.stop()
+
+
+def test_a_child_that_dies_while_others_load_is_restarted(cache_dir: Path) -> None:
+    import socket as socket_module
+
+    # Hold the broker's client port so its first start fails; release it a moment later.
+    blocker = socket_module.socket()
+    blocker.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_REUSEADDR, 1)
+    port = free_port()
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen()
+    cluster = Cluster(cache_dir, workers=1, extra=["--clients", f"tcp://127.0.0.1:{port}"])
+    cluster.clients = f"tcp://127.0.0.1:{port}"
+    try:
+        cluster.log.wait_for("broker exited with status", 30)
+        blocker.close()
+        cluster.wait_ready(120)
+        assert tiny_image(cluster.url).status_code == 200
+    finally:
+        blocker.close()
+        cluster.stop()
