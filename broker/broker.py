@@ -395,8 +395,15 @@ class Broker:
         for model in self.jobs.models_waiting():
             moved = False
             for worker in self.workers.with_free_capacity(model):
-                batch = self.jobs.take_batch(model, worker.identity,
-                                             min(worker.max_batch, worker.free))
+                # Wait for room for a whole batch of what is queued: answers free a batching
+                # worker's slots one job at a time, and leasing into each freed slot would
+                # split every later batch into batches of one.
+                want = min(worker.max_batch, worker.capacity, self.jobs.queue_depth(model))
+                if want == 0:
+                    break
+                if worker.free < want:
+                    continue
+                batch = self.jobs.take_batch(model, worker.identity, want)
                 if not batch:
                     break
                 self._lease(worker, batch, now)

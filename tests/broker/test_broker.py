@@ -614,3 +614,17 @@ def test_queued_jobs_hear_their_new_position_after_each_dispatch(
             break
     # q1 went to the worker; q2 and q3 moved up one place each.
     assert positions["q2"] == 0 and positions["q3"] == 1
+
+
+def test_answers_freeing_slots_one_by_one_do_not_split_later_batches(
+        harness: BrokerHarness) -> None:
+    client = harness.client()
+    for i in range(6):
+        client.submit(make_spec(f"j{i}"))
+    worker = harness.worker("w1", max_batch=2, capacity=4)  # one batch running, one waiting
+    first, second = worker.take(), worker.take()
+    assert [[s.id for s in b] for b in (first, second)] == [["j0", "j1"], ["j2", "j3"]]
+    finish(worker, client, first[0])
+    worker.assert_silent()  # one free slot is not room for a batch of two
+    finish(worker, client, first[1])
+    assert [s.id for s in worker.take()] == ["j4", "j5"]
