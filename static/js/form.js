@@ -1,0 +1,248 @@
+// The settings form: reading and writing settings, a model's defaults, size presets, field errors.
+import { $, el } from "./dom.js";
+import { parseSize, settingsProblems, sizePresets } from "./limits.js";
+import { sizeText } from "./words.js";
+
+const DRAFT = "dc-draft";
+let limits = null;  // the chosen model's limits, from GET /v1/models
+
+/** Which input shows a problem with each request field. */
+const FIELD_INPUTS = {
+  prompt: "prompt", negative_prompt: "negative_prompt", model: "model", size: "width",
+  width: "width", height: "height", steps: "steps", guidance: "guidance", n: "n",
+  seed: "seed", output_format: "output_format", output_compression: "output_compression",
+  partial_images: "previews",
+};
+
+export const currentLimits = () => limits;
+
+const numberOf = (id) => {
+  const text = $(id).value.trim();
+  return text === "" ? NaN : Number(text);
+};
+
+export function readSettings() {
+  return {
+    prompt: $("prompt").value,
+    negative_prompt: $("negative_prompt").value,
+    model: $("model").value,
+    width: numberOf("width"),
+    height: numberOf("height"),
+    steps: numberOf("steps"),
+    guidance: numberOf("guidance"),
+    n: numberOf("n"),
+    output_format: $("output_format").value,
+    output_compression: numberOf("output_compression"),
+    seed: $("seed-fixed").checked ? numberOf("seed") : null,
+    previews: $("previews").checked,
+  };
+}
+
+/** The JSON body of POST /v1/jobs (and /v1/images/generations) for these settings. */
+export function requestBody(settings, modelLimits = limits) {
+  const body = {
+    prompt: settings.prompt, model: settings.model, n: settings.n,
+    size: `${settings.width}x${settings.height}`, steps: settings.steps,
+    output_format: settings.output_format,
+  };
+  if (settings.output_format !== "png") body.output_compression = settings.output_compression;
+  if (modelLimits && modelLimits.default_guidance !== null) body.guidance = settings.guidance;
+  if (modelLimits && modelLimits.negative_prompt && settings.negative_prompt.trim()) {
+    body.negative_prompt = settings.negative_prompt;
+  }
+  if (settings.seed !== null) body.seed = settings.seed;
+  return body;
+}
+
+/** Put settings (from history or a saved draft) into the form. */
+export function writeSettings(settings) {
+  const set = (id, value) => {
+    if (value !== undefined && value !== null && !Number.isNaN(value)) $(id).value = value;
+  };
+  set("prompt", settings.prompt);
+  set("negative_prompt", settings.negative_prompt);
+  set("width", settings.width);
+  set("height", settings.height);
+  set("steps", settings.steps);
+  set("guidance", settings.guidance);
+  set("n", settings.n);
+  set("output_format", settings.output_format);
+  set("output_compression", settings.output_compression);
+  if (settings.previews !== undefined) $("previews").checked = settings.previews;
+  if (settings.seed === null) $("seed-random").checked = true;
+  else useSeed(settings.seed, { quiet: true });
+  refreshDependents();
+  saveDraft();
+}
+
+export function useSeed(seed, { quiet = false } = {}) {
+  $("seed").value = seed;
+  $("seed-fixed").checked = true;
+  refreshDependents();
+  if (!quiet) $("seed").focus();
+}
+
+/** Apply a model's limits; with defaults, also its default size, steps and guidance. */
+export function applyLimits(modelLimits, { defaults = true } = {}) {
+  limits = modelLimits;
+  if (defaults) {
+    const size = parseSize(limits.default_size);
+    if (size) {
+      $("width").value = size.width;
+      $("height").value = size.height;
+    }
+    $("steps").value = limits.default_steps;
+    $("guidance").value = limits.default_guidance ?? "";
+  }
+  $("steps").max = limits.max_steps || "";
+  $("guidance-field").hidden = limits.default_guidance === null;
+  $("negative-field").hidden = !limits.negative_prompt;
+  const multiple = limits.size_multiple || 1;
+  $("width").step = multiple;
+  $("height").step = multiple;
+  renderPresets();
+  clearProblems();
+}
+
+function renderPresets() {
+  const presets = sizePresets(limits);
+  const chips = presets.flatMap((preset, index) => {
+    const id = `preset-${index}`;
+    const scale = 18 / Math.max(preset.width, preset.height);
+    const glyph = el("span", { class: "ratio-glyph", "aria-hidden": "true" });
+    glyph.style.width = `${Math.round(preset.width * scale)}px`;
+    glyph.style.height = `${Math.round(preset.height * scale)}px`;
+    return [
+      el("input", { type: "radio", name: "size-preset", id, value: `${preset.width}x${preset.height}` }),
+      el("label", { for: id, class: "chip", title: `${preset.ratio}, ${sizeText(preset.width, preset.height)}` },
+         glyph, el("span", { class: "chip-name" }, preset.label),
+         el("span", { class: "chip-size" }, sizeText(preset.width, preset.height))),
+    ];
+  });
+  $("size-presets").replaceChildren(...chips);
+  syncPreset();
+}
+
+/** Check the preset chip that matches the typed size, if any. */
+function syncPreset() {
+  const value = `${$("width").value}x${$("height").value}`;
+  for (const radio of $("size-presets").querySelectorAll("input")) radio.checked = radio.value === value;
+}
+
+/** Show or hide what depends on other fields: quality, the seed input, the preset chip. */
+function refreshDependents() {
+  $("quality-field").hidden = $("output_format").value === "png";
+  $("seed").classList.toggle("muted", $("seed-random").checked);
+  syncPreset();
+}
+
+/** Problems with the current settings; shows them at their fields and focuses the first. */
+export function checkSettings(settings) {
+  clearProblems();
+  if (!limits) {
+    showProblem("model", "No model is ready yet: wait until a worker has started.");
+    return { model: true };
+  }
+  const problems = settingsProblems(settings, limits);
+  const fields = Object.keys(problems);
+  fields.forEach((field) => showProblem(field, problems[field]));
+  if (fields.length) $(FIELD_INPUTS[fields[0]]).focus();
+  return problems;
+}
+
+/** Show a problem at its field; false when no field of the form is about it. */
+export function showProblem(field, message) {
+  if (!FIELD_INPUTS[field]) return false;
+  const input = $(FIELD_INPUTS[field]);
+  const box = input.closest(".field");
+  let note = box.querySelector(".field-error");
+  if (!note) {
+    note = el("p", { class: "field-error", id: `${input.id}-error` });
+    box.append(note);
+  }
+  note.textContent = message;
+  const inputs = field === "size" ? [$("width"), $("height")] : [input];
+  for (const each of inputs) {
+    each.setAttribute("aria-invalid", "true");
+    each.setAttribute("aria-describedby", note.id);
+  }
+  return true;
+}
+
+function clearProblems() {
+  for (const note of document.querySelectorAll("#generate .field-error")) note.remove();
+  for (const input of document.querySelectorAll("#generate [aria-invalid]")) {
+    input.removeAttribute("aria-invalid");
+    input.removeAttribute("aria-describedby");
+  }
+}
+
+function saveDraft() {
+  const draft = { ...readSettings(), seed: numberOf("seed"), seedFixed: $("seed-fixed").checked };
+  try {
+    localStorage.setItem(DRAFT, JSON.stringify(draft));
+  } catch { /* storage full or blocked: the draft is a convenience */ }
+}
+
+/** The settings last typed in this browser, or null. */
+export function savedDraft() {
+  try {
+    const draft = JSON.parse(localStorage.getItem(DRAFT));
+    if (!draft) return null;
+    if (!draft.seedFixed) {
+      $("seed").value = Number.isFinite(draft.seed) ? draft.seed : "";
+      draft.seed = null;
+    }
+    return draft;
+  } catch {
+    return null;
+  }
+}
+
+export function initForm({ onSubmit }) {
+  const form = $("generate");
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    onSubmit();
+  });
+  form.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+      event.preventDefault();
+      onSubmit();
+    }
+  });
+  // On "input", which reaches this list before the form's own listener syncs the chips.
+  $("size-presets").addEventListener("input", (event) => {
+    const size = parseSize(event.target.value);
+    $("width").value = size.width;
+    $("height").value = size.height;
+    clearProblemAt("width");
+  });
+  $("seed").addEventListener("input", () => { $("seed-fixed").checked = true; });
+  $("seed-fixed").addEventListener("click", (event) => {
+    if (event.detail) $("seed").focus();  // a pointer click; arrow keys stay in the radio group
+  });
+  form.addEventListener("input", (event) => {
+    clearProblemAt(event.target.id);
+    refreshDependents();
+    clearTimeout(saveDraft.timer);
+    saveDraft.timer = setTimeout(saveDraft, 300);
+  });
+  form.addEventListener("change", refreshDependents);
+  if (/Mac|iPhone|iPad/.test(navigator.platform)) {
+    $("prompt-hint").innerHTML = "<kbd>⌘</kbd>+<kbd>Enter</kbd> generates";
+  }
+  refreshDependents();
+}
+
+function clearProblemAt(id) {
+  const input = $(id);
+  if (!input || !input.closest) return;
+  const box = input.closest(".field");
+  if (!box) return;
+  box.querySelector(".field-error")?.remove();
+  for (const each of box.querySelectorAll("[aria-invalid]")) {
+    each.removeAttribute("aria-invalid");
+    each.removeAttribute("aria-describedby");
+  }
+}

@@ -1,0 +1,90 @@
+// "Copy as curl" and "Copy as Python": the current settings as code for the blocking endpoint.
+import { currentKey } from "./apikey.js";
+import { $ } from "./dom.js";
+
+const OPENAI_FIELDS = ["model", "prompt", "n", "size", "output_format", "output_compression"];
+
+const shellQuote = (text) => `'${text.replaceAll("'", `'"'"'`)}'`;
+
+/** A Python literal for a JSON value (JSON strings are valid Python string literals). */
+function pyValue(value) {
+  if (value === null) return "None";
+  if (value === true) return "True";
+  if (value === false) return "False";
+  if (typeof value === "object") {
+    return `{${Object.entries(value).map(([k, v]) => `${JSON.stringify(k)}: ${pyValue(v)}`).join(", ")}}`;
+  }
+  return JSON.stringify(value);
+}
+
+const extension = (format) => (format === "jpeg" ? "jpg" : format);
+
+export function curlCommand(body, origin = location.origin) {
+  const auth = currentKey() ? `  -H "Authorization: Bearer $DC_API_KEY" \\\n` : "";
+  const ext = extension(body.output_format);
+  return `curl -s ${origin}/v1/images/generations \\
+  -H 'Content-Type: application/json' \\
+${auth}  -d ${shellQuote(JSON.stringify(body, null, 2))} \\
+  | python3 -c 'import sys, json, base64
+r = json.load(sys.stdin)
+if "error" in r: sys.exit(r["error"]["message"])
+for d in r["data"]:
+    open("seed-%d.${ext}" % d["seed"], "wb").write(base64.b64decode(d["b64_json"]))
+    print("saved seed-%d.${ext}" % d["seed"])'
+`;
+}
+
+export function pythonCode(body, origin = location.origin) {
+  const args = OPENAI_FIELDS.filter((name) => name in body)
+    .map((name) => `    ${name}=${pyValue(body[name])},`);
+  const extra = Object.fromEntries(Object.entries(body).filter(([name]) => !OPENAI_FIELDS.includes(name)));
+  if (Object.keys(extra).length) args.push(`    extra_body=${pyValue(extra)},`);
+  const key = currentKey() ? `os.environ["DC_API_KEY"]` : `"unused"`;
+  return `import base64
+${currentKey() ? "import os\n" : ""}
+from openai import OpenAI
+
+client = OpenAI(base_url="${origin}/v1", api_key=${key})
+result = client.images.generate(
+${args.join("\n")}
+)
+for image in result.data:
+    with open(f"seed-{image.seed}.${extension(body.output_format)}", "wb") as out:
+        out.write(base64.b64decode(image.b64_json))
+    print("saved", out.name)
+`;
+}
+
+async function copy(text) {
+  try {
+    await navigator.clipboard.writeText(text);
+    return true;
+  } catch {
+    // The clipboard API needs a secure context (https or localhost); fall back to a selection.
+    $("code-text").select();
+    return document.execCommand("copy");
+  }
+}
+
+/** Show the code in a dialog, selected, and copy it to the clipboard when the browser lets us. */
+export async function showCode(title, text) {
+  $("code-title").textContent = title;
+  $("code-text").value = text;
+  $("code-note").textContent = "";
+  $("code-dialog").showModal();
+  $("code-text").focus();
+  $("code-text").select();
+  $("code-text").scrollTop = 0;
+  const copied = await copy(text);
+  $("code-note").textContent = copied ? "Copied to the clipboard."
+    : "Select the text and copy it: this browser blocks clipboard access here.";
+}
+
+export function initSnippets(currentBody) {
+  $("copy-curl").addEventListener("click", () => showCode("curl", curlCommand(currentBody())));
+  $("copy-python").addEventListener("click", () => showCode("Python (openai package)", pythonCode(currentBody())));
+  $("code-copy").addEventListener("click", async () => {
+    const copied = await copy($("code-text").value);
+    $("code-note").textContent = copied ? "Copied to the clipboard." : "Copy failed; select the text and copy it.";
+  });
+}
