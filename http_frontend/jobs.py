@@ -37,10 +37,14 @@ class JobRecord:
 
 
 class JobsAPI:
-    def __init__(self, service: ImageService, *, ttl: float = 600.0, max_jobs: int = 1000):
+    def __init__(self, service: ImageService, *, ttl: float = 600.0, max_jobs: int = 1000,
+                 orphan_grace: float = 10.0) -> None:
         self.service = service
         self.ttl = ttl
         self.max_jobs = max_jobs
+        # A page reload or a network blip drops the stream for a moment: a job whose last
+        # watcher left is cancelled only if nobody is back within this many seconds.
+        self.orphan_grace = orphan_grace
         self._jobs: dict[str, JobRecord] = {}
         self._lock = threading.Lock()  # guards _jobs and every record's watchers
 
@@ -99,8 +103,17 @@ class JobsAPI:
                 orphaned = record.watchers == 0 and not record.pending.done
             close()
             if orphaned:
-                log.info("job %s cancelled: its last watcher went away", record.id)
-                self.cancel(record.id)
+                timer = threading.Timer(self.orphan_grace, self._cancel_if_orphaned, (record,))
+                timer.daemon = True
+                timer.start()
+
+    def _cancel_if_orphaned(self, record: JobRecord) -> None:
+        with self._lock:
+            orphaned = record.watchers == 0 and not record.pending.done
+        if orphaned:
+            log.info("job %s cancelled: nobody watched it for %.0f s", record.id,
+                     self.orphan_grace)
+            self.cancel(record.id)
 
     # ---------------------------------------------------------------- helpers
 

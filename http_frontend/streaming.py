@@ -89,7 +89,8 @@ def job_event(job_id: str, msg: Message, completed: Callable[[Message], dict[str
         return sse("queued", {"id": job_id, "position": msg["position"]})
     if msg.type is MsgType.PROGRESS and msg.payloads:
         return sse("preview", {"id": job_id, "image_index": msg.get("image_index") or 0,
-                               "step": msg["step"], "b64_json": b64(msg.payloads[0]),
+                               "step": msg["step"], "steps": msg["steps"],
+                               "b64_json": b64(msg.payloads[0]),
                                "output_format": msg.get("preview_format") or "png"})
     if msg.type is MsgType.PROGRESS:
         return sse("progress", {"id": job_id, "step": msg["step"], "steps": msg["steps"]})
