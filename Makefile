@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 ARGS ?=
 
-.PHONY: run test lint bootstrap
+.PHONY: run test lint bench bootstrap
 
 run:
 	scripts/bootstrap
@@ -15,3 +15,11 @@ test:
 lint:
 	scripts/bootstrap test
 	$(PY) -m ruff check .
+
+# Benchmarks 1-4 (bench/README.md): about five minutes on a laptop; prints tables and ratios.
+bench:
+	scripts/bootstrap test
+	HF_HUB_OFFLINE=1 $(PY) bench/broker_overhead.py
+	HF_HUB_OFFLINE=1 $(PY) bench/scheduling.py
+	HF_HUB_OFFLINE=1 $(PY) bench/e2e_http.py
+	HF_HUB_OFFLINE=1 $(PY) bench/batching.py

@@ -29,7 +29,8 @@ from broker.registry import Worker, WorkerRegistry, WorkerState
 log = logging.getLogger(__name__)
 
 KEY_CHECK_INTERVAL = 2.0  # seconds between looks at the allow-list directory
-POSITION_UPDATES = 32  # queued jobs per model told their new position after each dispatch
+POSITION_UPDATES = 32  # queued jobs per model told their new position
+POSITION_INTERVAL = 0.5  # seconds between position announcements
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +61,8 @@ class Broker:
         # job for a model nobody has announced yet waits in its queue instead of failing.
         self._startup_grace_until = clock() + 2 * self.workers.liveness
         self._next_heartbeat = 0.0
+        self._queue_moved: set[str] = set()  # models whose queue moved since the last announce
+        self._next_announce = 0.0
         self._drop = protocol.DropLog(log)
         self.clients = self._router(config.max_client_frame)
         self.worker_socket = self._router(config.max_worker_frame)
@@ -393,32 +396,44 @@ class Broker:
 
     def _dispatch(self, now: float) -> None:
         for model in self.jobs.models_waiting():
-            moved = False
-            for worker in self.workers.with_free_capacity(model):
-                # Wait for room for a whole batch of what is queued: answers free a batching
-                # worker's slots one job at a time, and leasing into each freed slot would
-                # split every later batch into batches of one.
-                want = min(worker.max_batch, worker.capacity, self.jobs.queue_depth(model))
-                if want == 0:
-                    break
-                if worker.free < want:
-                    continue
-                batch = self.jobs.take_batch(model, worker.identity, want)
-                if not batch:
-                    break
-                self._lease(worker, batch, now)
-                moved = True
-            if moved:
-                self._announce_positions(model)
+            # Lease until the queue is empty or no worker has room for another batch.
+            while self._lease_round(model, now):
+                self._queue_moved.add(model)
+        self._announce_positions(now)
 
-    def _announce_positions(self, model: str) -> None:
+    def _lease_round(self, model: str, now: float) -> bool:
+        """Give each worker with room one batch of ``model``; whether any was given."""
+        moved = False
+        for worker in self.workers.with_free_capacity(model):
+            # Wait for room for a whole batch of what is queued: answers free a batching
+            # worker's slots one job at a time, and leasing into each freed slot would
+            # split every later batch into batches of one.
+            want = min(worker.max_batch, worker.capacity, self.jobs.queue_depth(model))
+            if want == 0:
+                break
+            if worker.free < want:
+                continue
+            batch = self.jobs.take_batch(model, worker.identity, want)
+            if not batch:
+                break
+            self._lease(worker, batch, now)
+            moved = True
+        return moved
+
+    def _announce_positions(self, now: float) -> None:
         """Tell the first jobs still queued where they now stand (ACCEPTED with a position).
 
-        Bounded: jobs further back hear when they reach the front part of the queue.
+        At most every POSITION_INTERVAL per model whose queue moved, and only to its first
+        POSITION_UPDATES jobs, so a busy queue costs a bounded number of messages.
         """
-        for position, job in enumerate(self.jobs.head(model, POSITION_UPDATES)):
-            self._send(self.clients, job.client, protocol.encode(
-                MsgType.ACCEPTED, {"job_id": job.id, "position": position}))
+        if not self._queue_moved or now < self._next_announce:
+            return
+        self._next_announce = now + POSITION_INTERVAL
+        for model in self._queue_moved:
+            for position, job in enumerate(self.jobs.head(model, POSITION_UPDATES)):
+                self._send(self.clients, job.client, protocol.encode(
+                    MsgType.ACCEPTED, {"job_id": job.id, "position": position}))
+        self._queue_moved.clear()
 
     def _lease(self, worker: Worker, batch: list[Job], now: float) -> None:
         specs = [_with_attempt(job) for job in batch]

@@ -80,6 +80,10 @@ class JobTable:
         self._jobs[job.id] = job
         self._enqueue(job, at_head=False)
         heapq.heappush(self._deadlines, (job.deadline, job.id))
+        if len(self._deadlines) > 2 * len(self._jobs) + 1024:
+            # Answered jobs leave their entries behind until their deadline: drop them.
+            self._deadlines = [(j.deadline, j.id) for j in self._jobs.values()]
+            heapq.heapify(self._deadlines)
         return self.queue_depth(job.model) - 1
 
     def _enqueue(self, job: Job, *, at_head: bool) -> None:
@@ -104,7 +108,7 @@ class JobTable:
         batch = [head]
         if max_batch > 1:
             key = head.spec.batch_key()
-            for job in list(self._live_queued(queue)):
+            for job in self._live_queued(queue):
                 if len(batch) >= max_batch:
                     break
                 if job.spec.batch_key() == key:

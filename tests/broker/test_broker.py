@@ -602,6 +602,7 @@ def test_queued_jobs_hear_their_new_position_after_each_dispatch(
     assert [client.submit(s)["position"] for s in specs] == [0, 0, 1, 2]
     [running] = worker.take()
     assert running.id == "q0"
+    harness.clock.advance(1.0)  # announcements go out at most twice a second
     worker.result(running, [b"img"])
     positions: dict[str, int] = {}
     while True:
@@ -628,3 +629,14 @@ def test_answers_freeing_slots_one_by_one_do_not_split_later_batches(
     worker.assert_silent()  # one free slot is not room for a batch of two
     finish(worker, client, first[1])
     assert [s.id for s in worker.take()] == ["j4", "j5"]
+
+
+def test_a_worker_with_room_for_several_jobs_gets_them_in_one_round(
+        harness: BrokerHarness) -> None:
+    client = harness.client()
+    for i in range(4):
+        client.submit(make_spec(f"r{i}"))
+    worker = harness.worker("w1", max_batch=1, capacity=4)
+    harness.broker.tick()  # one round, no waiting for the next message or poll timeout
+    assert [[s.id for s in worker.take(timeout=0.5)] for _ in range(4)] == [
+        ["r0"], ["r1"], ["r2"], ["r3"]]
