@@ -405,15 +405,14 @@ class Broker:
         """Give each worker with room one batch of ``model``; whether any was given."""
         moved = False
         for worker in self.workers.with_free_capacity(model):
-            # Wait for room for a whole batch of what is queued: answers free a batching
-            # worker's slots one job at a time, and leasing into each freed slot would
-            # split every later batch into batches of one.
-            want = min(worker.max_batch, worker.capacity, self.jobs.queue_depth(model))
-            if want == 0:
-                break
-            if worker.free < want:
+            # Lease only into room for a whole batch: answers free a batching worker's slots
+            # one job at a time, and clients resubmit one at a time, so leasing into each
+            # freed slot would split every later batch into batches of one. The worker is
+            # busy with the batch it holds meanwhile.
+            room = min(worker.max_batch, worker.capacity)
+            if worker.free < room:
                 continue
-            batch = self.jobs.take_batch(model, worker.identity, want)
+            batch = self.jobs.take_batch(model, worker.identity, room)
             if not batch:
                 break
             self._lease(worker, batch, now)
