@@ -1,0 +1,100 @@
+"""Serving overhead: tiny over HTTP (frontend + broker + worker) against the same pipeline
+called in-process.
+
+Both sides make the same images (same size, steps, PNG, base64) on one CPU thread of torch;
+the HTTP side keeps ``--concurrency`` requests in flight so the worker's prefetch can hide the
+round trip. The ratio HTTP / in-process is the serving overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from _cluster import Cluster
+from _common import ms, percentile, print_header, table
+
+
+def in_process(size: int, steps: int, seconds: float) -> list[float]:
+    """Latencies of back-to-back generations in this process, encode and base64 included."""
+    import torch
+
+    from broker.protocol import JobSpec
+    from gpu_worker import models
+    from gpu_worker.encode import encode_image
+    from gpu_worker.pipeline import LoadOptions, PipelineRunner
+
+    torch.set_num_threads(1)
+    runner = PipelineRunner(models.resolve("tiny"), LoadOptions(threads=1))
+    runner.warm_up()
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+    seed = 0
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        job = JobSpec(id="b", model="tiny", prompt="a lighthouse", width=size, height=size,
+                      steps=steps, seeds=(seed,), guidance=5.0)
+        image = runner.generate(job)[0]
+        base64.b64encode(encode_image(image, "png"))
+        latencies.append(time.perf_counter() - started)
+        seed += 1
+    return latencies
+
+
+def over_http(url: str, size: int, steps: int, seconds: float, concurrency: int
+              ) -> list[float]:
+    import httpx
+
+    body = {"prompt": "a lighthouse", "size": f"{size}x{size}", "steps": steps}
+    deadline = time.perf_counter() + seconds
+
+    def client_loop(index: int) -> list[float]:
+        latencies = []
+        with httpx.Client(timeout=120) as http:
+            seed = index * 1_000_000
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                resp = http.post(f"{url}/v1/images/generations", json={**body, "seed": seed})
+                resp.raise_for_status()
+                latencies.append(time.perf_counter() - started)
+                seed += 1
+        return latencies
+
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        return [lat for part in pool.map(client_loop, range(concurrency)) for lat in part]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps")
+    parser.add_argument("--seconds", type=float, default=15.0, help="measuring time per side")
+    parser.add_argument("--concurrency", type=int, default=2, help="HTTP requests in flight")
+    args = parser.parse_args()
+    print_header("serving overhead: HTTP vs in-process (tiny, one CPU worker)")
+    local = in_process(args.size, args.steps, args.seconds)
+    with Cluster() as cluster:
+        over_http(cluster.url, args.size, args.steps, 3.0, args.concurrency)  # warm-up
+        remote = over_http(cluster.url, args.size, args.steps, args.seconds, args.concurrency)
+    rows = []
+    for name, latencies in (("in-process", local), (f"HTTP, {args.concurrency} in flight",
+                                                    remote)):
+        rate = len(latencies) / args.seconds
+        rows.append([name, f"{rate:.1f}", ms(percentile(latencies, 50)),
+                     ms(percentile(latencies, 99))])
+    print(table(["path", "images/s", "p50 ms", "p99 ms"], rows))
+    local_rate, remote_rate = len(local) / args.seconds, len(remote) / args.seconds
+    print(f"\nthroughput ratio HTTP / in-process: {remote_rate / local_rate:.2f}")
+    print(f"added p50 latency: {ms(percentile(remote, 50) - percentile(local, 50))} ms "
+          "(HTTP + JSON + base64 + broker + queueing behind the request in flight)")
+    print("note: client, frontend, broker and worker share this machine's cores")
+
+
+if __name__ == "__main__":
+    main()
