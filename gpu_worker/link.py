@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from broker import protocol
 from broker.auth import load_public, load_secret
@@ -63,6 +64,8 @@ class BrokerLink:
         self._lock = threading.Lock()  # guards _cancelled and _running
         self._stop = threading.Event()
         self._drop = protocol.DropLog(log)
+        self._refused = protocol.DropLog(log, "the broker refused this worker at")
+        self._monitor: zmq.Socket | None = None
         self._thread = threading.Thread(target=self._run, name="broker-link", daemon=True)
         self.connected = threading.Event()  # set after the broker first answered us
 
@@ -111,15 +114,41 @@ class BrokerLink:
             sock.setsockopt(zmq.CURVE_SERVERKEY, self.curve.server_public)
             sock.setsockopt(zmq.CURVE_PUBLICKEY, self.curve.public)
             sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve.secret)
+        self._watch_handshakes(sock)
         sock.connect(self.endpoint)
         sock.send_multipart(protocol.encode(MsgType.READY, self.ready))
         return sock
+
+    def _watch_handshakes(self, sock: zmq.Socket) -> None:
+        """Watch for the broker refusing us, which otherwise looks like a silent network."""
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+        self._monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+    def _explain_refusal(self) -> None:
+        assert self._monitor is not None
+        try:
+            event = recv_monitor_message(self._monitor, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            reason = (f"our key {self.curve.public.decode() if self.curve else ''} is not on "
+                      "its allow-list (copy NAME.key into the broker's keys/workers/)")
+        elif self.curve is None:
+            reason = "it probably requires CURVE: pass --broker-key and --key"
+        else:
+            reason = "the CURVE handshake failed: check --broker-key is the broker's broker.key"
+        self._refused(self.endpoint, reason)
 
     def _run(self) -> None:
         sock = self._connect()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        assert self._monitor is not None
+        poller.register(self._monitor, zmq.POLLIN)
         now = time.monotonic()
         broker_deadline = now + self.heartbeat * self.liveness
         next_beat = now + self.heartbeat
@@ -133,6 +162,8 @@ class BrokerLink:
                     backoff = self.heartbeat
             if self._wake_r.fileno() in events:
                 self._drain_wake()
+            if self._monitor is not None and self._monitor in events:
+                self._explain_refusal()
             self._flush(sock)
             if now >= next_beat:
                 with self._lock:
@@ -143,14 +174,21 @@ class BrokerLink:
                 log.warning("broker silent for %.1f s; reconnecting to %s",
                             self.heartbeat * self.liveness, self.endpoint)
                 poller.unregister(sock)
+                if self._monitor is not None:
+                    poller.unregister(self._monitor)
+                    sock.disable_monitor()
                 sock.close(linger=0)
                 self.connected.clear()
                 time.sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, 10 * self.heartbeat)
                 sock = self._connect()
                 poller.register(sock, zmq.POLLIN)
+                poller.register(self._monitor, zmq.POLLIN)
                 broker_deadline = time.monotonic() + self.heartbeat * self.liveness
         self._flush(sock)
+        if self._monitor is not None:
+            sock.disable_monitor()
+            self._monitor.close(linger=0)
         sock.close(linger=0)
 
     def _drain_wake(self) -> None:
