@@ -21,18 +21,10 @@ from tests.cluster import (
     cluster_env,
     descendants,
     free_port,
+    wait_until,
 )
 
 pytestmark = pytest.mark.slow
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def ready_workers(url: str) -> list[dict]:

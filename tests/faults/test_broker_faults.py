@@ -13,23 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cluster import REPO, Cluster, OutputLog, cluster_env, free_port
+from tests.cluster import REPO, Cluster, OutputLog, cluster_env, free_port, wait_until
 from tests.openapi_spec import validate
 
 pytestmark = pytest.mark.slow
 
 HEARTBEAT = 0.2
 SLOW_JOB = {"prompt": "slow", "size": "512x512", "steps": 30}
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def status(url: str) -> dict:

@@ -31,7 +31,7 @@ import zmq
 
 from broker import protocol
 from broker.protocol import MsgType
-from tests.cluster import REPO, Cluster, OutputLog, alive, cluster_env, free_port
+from tests.cluster import REPO, Cluster, OutputLog, alive, cluster_env, free_port, wait_until
 from tests.openapi_spec import validate
 
 pytestmark = pytest.mark.slow
@@ -41,16 +41,6 @@ MAX_QUEUE = 4
 SLOW_JOB = {"prompt": "slow", "size": "512x512", "steps": 20}  # seconds on one core
 GENERATIONS = "/v1/images/generations"
 FAKE_HOST = "fake-garbage-host"
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -12,23 +12,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cluster import Cluster
+from tests.cluster import Cluster, wait_until
 from tests.openapi_spec import validate
 
 pytestmark = pytest.mark.slow
 
 HEARTBEAT = 0.2  # dead after 3 missed: 0.6 s
 SLOW_JOB = {"prompt": "slow", "size": "512x512", "steps": 30}  # several seconds on one core
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def worker_pid(worker: dict) -> int:
