@@ -26,3 +26,9 @@ def test_the_first_screen_gives_the_two_commands() -> None:
 def test_ci_runs_the_readme_test_command() -> None:
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_test_modules_have_unique_names() -> None:
+    # pytest's default import mode needs unique basenames; a clash stops the whole run.
+    names = [p.name for p in (Path(__file__).parent).rglob("test_*.py")]
+    assert sorted(names) == sorted(set(names)), "two test files share a name"
