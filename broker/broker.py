@@ -63,6 +63,7 @@ class Broker:
         self._next_heartbeat = 0.0
         self._queue_moved: set[str] = set()  # models whose queue moved since the last announce
         self._next_announce = 0.0
+        self._next_liveness_check = 0.0
         self._drop = protocol.DropLog(log)
         self.clients = self._router(config.max_client_frame)
         self.worker_socket = self._router(config.max_worker_frame)
@@ -276,7 +277,7 @@ class Broker:
             # waiting for its answer would keep the slot busy for good.
             worker = self.workers.get(job.worker)
             if worker is not None:
-                worker.running.discard(job_id)
+                self.workers.release(worker, job_id)
         log.info("job %s cancelled by its client", job_id)
 
     def _on_worker_message(self, identity: bytes, msg: Message, now: float) -> None:
@@ -311,11 +312,11 @@ class Broker:
         if job is None or job.worker != worker.identity:
             # Late (the job was re-leased, cancelled or answered) or never ours: drop it, so
             # each job gets exactly one answer.
-            worker.running.discard(job_id)
+            self.workers.release(worker, job_id)
             return
         if msg.type is not MsgType.PROGRESS:
             self.jobs.finish(job_id)
-            worker.running.discard(job_id)
+            self.workers.release(worker, job_id)
             if msg.type is MsgType.RESULT:
                 worker.jobs_done += 1
         self._forward(job.client, msg)
@@ -351,19 +352,25 @@ class Broker:
     # ---------------------------------------------------------------------------- timers
 
     def _purge_expired(self, now: float) -> None:
-        for worker in self.workers.expired(now):
-            log.warning("worker %s missed its heartbeats; declaring it dead", worker.worker_id)
-            self.workers.remove(worker.identity)
-            self._lose_jobs(worker)
+        # Scanning workers costs O(workers): a few times a heartbeat, not on every message.
+        if now >= self._next_liveness_check:
+            self._next_liveness_check = now + self.config.heartbeat_interval / 4
+            self._purge_dead_workers(now)
         for job in self.jobs.expired(now):
             if job.state is JobState.RUNNING and job.worker is not None:
                 self._send(self.worker_socket, job.worker,
                            protocol.encode(MsgType.CANCEL, {"job_id": job.id}))
                 holder = self.workers.get(job.worker)
                 if holder is not None:
-                    holder.running.discard(job.id)
+                    self.workers.release(holder, job.id)
             self._fail(job.client, job.id, ErrorCode.TIMEOUT,
                        "the job passed its deadline before it finished")
+
+    def _purge_dead_workers(self, now: float) -> None:
+        for worker in self.workers.expired(now):
+            log.warning("worker %s missed its heartbeats; declaring it dead", worker.worker_id)
+            self.workers.remove(worker.identity)
+            self._lose_jobs(worker)
 
     def _lose_jobs(self, worker: Worker) -> None:
         """Requeue the jobs of a worker that vanished; fail those that used up their attempts."""
@@ -402,22 +409,22 @@ class Broker:
         self._announce_positions(now)
 
     def _lease_round(self, model: str, now: float) -> bool:
-        """Give each worker with room one batch of ``model``; whether any was given."""
-        moved = False
-        for worker in self.workers.with_free_capacity(model):
-            # Lease only into room for a whole batch: answers free a batching worker's slots
-            # one job at a time, and clients resubmit one at a time, so leasing into each
-            # freed slot would split every later batch into batches of one. The worker is
-            # busy with the batch it holds meanwhile.
-            room = min(worker.max_batch, worker.capacity)
-            if worker.free < room:
-                continue
-            batch = self.jobs.take_batch(model, worker.identity, room)
-            if not batch:
-                break
-            self._lease(worker, batch, now)
-            moved = True
-        return moved
+        """Lease one batch of ``model`` to the best worker with room; whether one was."""
+        if not self.jobs.queue_depth(model):
+            return False
+        # Only room for a whole batch counts (next_free): answers free a batching worker's
+        # slots one job at a time, and leasing into each freed slot would split every later
+        # batch into batches of one. The worker is busy with the batch it holds meanwhile.
+        worker = self.workers.next_free(model)
+        if worker is None:
+            return False
+        batch = self.jobs.take_batch(model, worker.identity,
+                                     min(worker.max_batch, worker.capacity))
+        if not batch:
+            self.workers.offer(worker)  # it stays a candidate
+            return False
+        self._lease(worker, batch, now)
+        return True
 
     def _announce_positions(self, now: float) -> None:
         """Tell the first jobs still queued where they now stand (ACCEPTED with a position).
@@ -444,8 +451,7 @@ class Broker:
             self.workers.remove(worker.identity)
             self._lose_jobs(worker)
             return
-        worker.running.update(job.id for job in batch)
-        worker.last_dispatch = now
+        self.workers.lease(worker, [job.id for job in batch], now)
 
     # ---------------------------------------------------------------------------- sending
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import enum
+import heapq
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,22 +52,32 @@ class Worker:
 
 
 class WorkerRegistry:
-    """Owns worker records; only the broker thread touches it."""
+    """Owns worker records and their load; only the broker thread touches it.
+
+    Finding a worker for a model is O(log n): each model keeps a heap of the workers that
+    had room, keyed by (jobs held, last dispatch). Entries go stale when a worker's load
+    changes (each change pushes a fresh entry with a new stamp) and are skipped when popped.
+    """
 
     def __init__(self, *, liveness: float) -> None:
         self.liveness = liveness  # seconds of silence after which a worker is dead
         self._workers: dict[bytes, Worker] = {}
+        self._by_model: dict[str, set[bytes]] = {}  # READY workers serving each model
+        self._free: dict[str, list[tuple[int, float, int, bytes]]] = {}
+        self._stamps: dict[bytes, int] = {}  # identity -> stamp of its current heap entries
+        self._next_stamp = itertools.count()
 
     def __len__(self) -> int:
         return len(self._workers)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Worker]:
         return iter(list(self._workers.values()))
 
     def get(self, identity: bytes) -> Worker | None:
         return self._workers.get(identity)
 
     def register(self, identity: bytes, ready: Message, now: float) -> Worker:
+        self.remove(identity)
         worker = Worker(
             identity=identity,
             worker_id=ready["worker_id"],
@@ -78,6 +91,9 @@ class WorkerRegistry:
             expires_at=now + self.liveness,
         )
         self._workers[identity] = worker
+        for model in worker.models:
+            self._by_model.setdefault(model, set()).add(identity)
+        self.offer(worker)
         return worker
 
     def touch(self, identity: bytes, now: float) -> Worker | None:
@@ -87,17 +103,62 @@ class WorkerRegistry:
         return worker
 
     def remove(self, identity: bytes) -> Worker | None:
-        return self._workers.pop(identity, None)
+        worker = self._workers.pop(identity, None)
+        self._stamps.pop(identity, None)  # its heap entries are stale from now on
+        if worker is not None:
+            for model in worker.models:
+                self._by_model.get(model, set()).discard(identity)
+        return worker
 
     def expired(self, now: float) -> list[Worker]:
         return [w for w in self._workers.values() if w.expires_at <= now]
 
     def serves(self, model: str) -> bool:
-        return any(model in w.models and w.state is WorkerState.READY
-                   for w in self._workers.values())
+        return any(self._workers[i].state is WorkerState.READY
+                   for i in self._by_model.get(model, ()))
 
-    def with_free_capacity(self, model: str) -> list[Worker]:
-        """Workers that can take a job of ``model`` now, the least loaded and longest idle first."""
-        free = [w for w in self._workers.values() if model in w.models and w.free > 0]
-        free.sort(key=lambda w: (len(w.running), w.last_dispatch))
-        return free
+    # ---------------------------------------------------------------- load
+
+    def lease(self, worker: Worker, job_ids: Iterable[str], now: float) -> None:
+        worker.running.update(job_ids)
+        worker.last_dispatch = now
+        self.offer(worker)
+
+    def release(self, worker: Worker, job_id: str) -> None:
+        """The worker no longer holds ``job_id`` (answered, cancelled, expired, lost)."""
+        if job_id in worker.running:
+            worker.running.discard(job_id)
+            self.offer(worker)
+
+    def offer(self, worker: Worker) -> None:
+        """Record the worker's current load; it is a candidate while it has room."""
+        stamp = next(self._next_stamp)
+        self._stamps[worker.identity] = stamp
+        if worker.free > 0:
+            for model in worker.models:
+                heap = self._free.setdefault(model, [])
+                heapq.heappush(heap, (len(worker.running), worker.last_dispatch, stamp,
+                                      worker.identity))
+                if len(heap) > 4 * len(self._by_model.get(model, ())) + 64:
+                    self._compact(model)
+
+    def _compact(self, model: str) -> None:
+        """Drop stale entries of a heap that nothing popped for a while."""
+        self._free[model] = [entry for entry in self._free[model]
+                             if self._stamps.get(entry[3]) == entry[2]]
+        heapq.heapify(self._free[model])
+
+    def next_free(self, model: str) -> Worker | None:
+        """The least loaded, longest idle worker of ``model`` with room for a whole batch.
+
+        The worker leaves the candidates; leasing to it (or ``offer``) puts it back.
+        """
+        heap = self._free.get(model)
+        while heap:
+            _, _, stamp, identity = heapq.heappop(heap)
+            if self._stamps.get(identity) != stamp:
+                continue  # its load changed since, or it is gone
+            worker = self._workers[identity]
+            if worker.free >= min(worker.max_batch, worker.capacity):
+                return worker
+        return None

@@ -68,33 +68,68 @@ def test_expired_lists_only_silent_workers_and_keeps_them() -> None:
     assert [w.worker_id for w in reg] == ["b"]
 
 
-def test_with_free_capacity_least_running_first() -> None:
+def drain(reg: WorkerRegistry, model: str = "tiny") -> list:
+    """Every candidate for ``model``, best first (each leaves the candidates)."""
+    found = []
+    while (worker := reg.next_free(model)) is not None:
+        found.append(worker)
+    return found
+
+
+def test_next_free_least_running_first() -> None:
     reg = WorkerRegistry(liveness=3.0)
     a = reg.register(b"a", ready("a", capacity=3), now=0.0)
     b = reg.register(b"b", ready("b", capacity=3), now=0.0)
     c = reg.register(b"c", ready("c", capacity=3), now=0.0)
-    a.running.update({"1", "2"})
-    b.running.update({"3"})
-    assert reg.with_free_capacity("tiny") == [c, b, a]
-    c.running.update({"4", "5", "6"})  # full
-    assert reg.with_free_capacity("tiny") == [b, a]
+    reg.lease(a, ["1", "2"], now=1.0)
+    reg.lease(b, ["3"], now=1.0)
+    assert drain(reg) == [c, b, a]
+    reg.lease(c, ["4", "5", "6"], now=2.0)  # full
+    reg.offer(a)
+    reg.offer(b)
+    assert drain(reg) == [b, a]
+    reg.release(c, "4")  # room again
+    assert drain(reg) == [c]
 
 
-def test_with_free_capacity_longest_idle_first_on_ties() -> None:
+def test_next_free_longest_idle_first_on_ties() -> None:
     reg = WorkerRegistry(liveness=3.0)
-    a = reg.register(b"a", ready("a"), now=0.0)
-    b = reg.register(b"b", ready("b"), now=0.0)
-    c = reg.register(b"c", ready("c"), now=0.0)
-    a.last_dispatch, b.last_dispatch, c.last_dispatch = 30.0, 10.0, 20.0
-    assert reg.with_free_capacity("tiny") == [b, c, a]
+    a = reg.register(b"a", ready("a", capacity=2), now=0.0)
+    b = reg.register(b"b", ready("b", capacity=2), now=0.0)
+    c = reg.register(b"c", ready("c", capacity=2), now=0.0)
+    for worker, when in ((a, 30.0), (b, 10.0), (c, 20.0)):
+        reg.lease(worker, [f"job-{worker.worker_id}"], now=when)
+        reg.release(worker, f"job-{worker.worker_id}")
+    assert drain(reg) == [b, c, a]
 
 
-def test_with_free_capacity_filters_by_model() -> None:
+def test_next_free_filters_by_model_and_skips_removed_workers() -> None:
     reg = WorkerRegistry(liveness=3.0)
     reg.register(b"a", ready("a", models=["sdxl"]), now=0.0)
     b = reg.register(b"b", ready("b", models=["sdxl", "tiny"]), now=0.0)
-    assert reg.with_free_capacity("tiny") == [b]
-    assert reg.with_free_capacity("flux") == []
+    c = reg.register(b"c", ready("c", models=["tiny"]), now=0.0)
+    reg.remove(b"c")
+    assert drain(reg, "tiny") == [b]
+    assert drain(reg, "flux") == []
+    assert c not in drain(reg, "sdxl")
+
+
+def test_next_free_wants_room_for_a_whole_batch() -> None:
+    reg = WorkerRegistry(liveness=3.0)
+    worker = reg.register(b"a", ready("a", capacity=4, max_batch=2), now=0.0)
+    reg.lease(worker, ["1", "2", "3"], now=1.0)  # one slot free: not a batch of two
+    assert drain(reg) == []
+    reg.release(worker, "1")
+    assert drain(reg) == [worker]
+
+
+def test_stale_entries_do_not_pile_up() -> None:
+    reg = WorkerRegistry(liveness=3.0)
+    worker = reg.register(b"a", ready("a", capacity=2), now=0.0)
+    for i in range(10_000):
+        reg.lease(worker, [str(i)], now=float(i))
+        reg.release(worker, str(i))
+    assert len(reg._free["tiny"]) < 100
 
 
 def test_draining_worker_has_no_free_capacity() -> None:
@@ -102,7 +137,7 @@ def test_draining_worker_has_no_free_capacity() -> None:
     worker = reg.register(b"a", ready("a", capacity=4), now=0.0)
     worker.state = WorkerState.DRAINING
     assert worker.free == 0
-    assert reg.with_free_capacity("tiny") == []
+    assert drain(reg) == []
     assert not reg.serves("tiny")
     assert worker.describe()["state"] == "draining"
 
