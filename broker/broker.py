@@ -466,10 +466,8 @@ class Broker:
             return False
 
     def _forward(self, client: bytes, msg: Message) -> None:
-        fields = {k: v for k, v in msg.fields.items() if k != "images"}
-        if msg.type is MsgType.RESULT:
-            fields["images"] = [dataclasses.asdict(i) for i in msg["images"]]
-        self._send(self.clients, client, protocol.encode(msg.type, fields, msg.payloads))
+        # The worker's header frame goes on as it came (already validated): no re-encoding.
+        self._send(self.clients, client, msg.frames())
 
     def _fail(self, client: bytes, job_id: str, code: ErrorCode, message: str, *,
               retryable: bool = False) -> None:

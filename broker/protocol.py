@@ -156,6 +156,13 @@ class Message:
     type: MsgType
     fields: dict[str, Any]
     payloads: Sequence[Any] = field(default_factory=tuple)
+    header: Any = None  # the header frame as received, for relaying without re-encoding
+
+    def frames(self) -> list[Any]:
+        """The message as frames again: the received header when there is one."""
+        if self.header is not None:
+            return [self.header, *self.payloads]
+        return encode(self.type, _to_wire(self.fields), self.payloads)
 
     def __getitem__(self, key: str) -> Any:
         return self.fields[key]
@@ -276,6 +283,19 @@ def _check_record(data: Any, spec: _Spec, what: str) -> dict[str, Any]:
 # Encoding and decoding
 
 
+def _to_wire(fields: dict[str, Any]) -> dict[str, Any]:
+    """Decoded fields back to plain msgpack values (records become maps)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, JobSpec):
+            return value.to_wire()
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return dataclasses.asdict(value)
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+    return {k: plain(v) for k, v in fields.items()}
+
+
 def _reject_ext(code: int, data: bytes) -> Any:
     raise ProtocolError("msgpack extension types are not allowed")
 
@@ -317,7 +337,7 @@ def decode(frames: Sequence[Any]) -> Message:
         raise ProtocolError(f"{msg_type.value} takes {payload_counts} payload frames")
     fields = _check_record(header, spec, msg_type.value)
     _check_semantics(msg_type, fields, payloads)
-    return Message(msg_type, fields, payloads)
+    return Message(msg_type, fields, payloads, header=frames[0])
 
 
 def _unpack_header(raw: bytes) -> dict[str, Any]:
