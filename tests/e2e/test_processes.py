@@ -70,7 +70,7 @@ def test_crashed_worker_is_restarted_and_cluster_keeps_serving(cache_dir: Path) 
         wait_until(lambda: len(ready_workers(cluster.url)) == 2 and
                    all(w["worker_id"] != victim["worker_id"]
                        for w in ready_workers(cluster.url)), 60, "a restarted worker")
-        assert "restarting in" in cluster.log.text()
+        cluster.log.wait_for("restarting in", 10)
         assert tiny_image(cluster.url).status_code == 200
     finally:
         cluster.stop()

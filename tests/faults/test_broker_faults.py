@@ -68,7 +68,7 @@ def test_broker_killed_mid_job_is_restarted_and_the_job_completes(cache_dir: Pat
         assert resp.json()["data"][0]["seed"] == 21
         [new_pid] = cluster.pid_of("broker")
         assert new_pid != broker_pid
-        assert "resubmitted" in cluster.log.text()
+        cluster.log.wait_for("resubmitted", 10)
         # New requests need nothing else restarted.
         again = httpx.post(f"{cluster.url}/v1/images/generations",
                            json={"prompt": "after", "size": "64x64"}, timeout=60)

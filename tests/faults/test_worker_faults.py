@@ -61,7 +61,7 @@ def test_worker_killed_mid_job_the_job_completes_elsewhere(cluster: Cluster) -> 
     validate(resp.json(), "ImagesResponse")
     assert resp.json()["worker_id"] != victim["worker_id"]
     assert resp.json()["data"][0]["seed"] == 1
-    assert "requeued after losing worker" in cluster.log.text()
+    cluster.log.wait_for("requeued after losing worker", 10)
 
 
 def test_worker_frozen_mid_job_its_late_result_is_dropped(cluster: Cluster) -> None:
@@ -108,7 +108,7 @@ def test_sigterm_to_a_worker_finishes_its_job_first(cluster: Cluster) -> None:
         resp = answer.result()
     assert resp.status_code == 200, resp.text
     assert resp.json()["worker_id"] == busy["worker_id"]  # finished, not handed over
-    assert f"worker {busy['worker_id']} said goodbye" in cluster.log.text()
+    cluster.log.wait_for(f"worker {busy['worker_id']} said goodbye", 10)
 
 
 def test_a_long_job_never_gets_its_worker_declared_dead(cluster: Cluster) -> None:
