@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -305,16 +304,3 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-
-
-def cuda_devices() -> list[str]:
-    """The CUDA devices this process may use (CUDA_VISIBLE_DEVICES is honoured by torch)."""
-    if not torch.cuda.is_available():
-        return []
-    return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-
-
-def describe_device(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    return f"{device} ({os.cpu_count()} cores)" if device == "cpu" else device

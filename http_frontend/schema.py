@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from gpu_worker.models import ModelSpec
@@ -214,10 +214,6 @@ def fit_to_model(req: ImageRequest, spec: ModelSpec) -> FittedRequest:
         warnings.append(f"{spec.name} does not use a negative prompt; it was ignored")
     guidance = req.guidance if req.guidance is not None else spec.default_guidance
     return FittedRequest(req, width, height, steps, guidance, tuple(warnings))
-
-
-def with_model(req: ImageRequest, model: str) -> ImageRequest:
-    return replace(req, model=model)
 
 
 def images_response(fitted: FittedRequest, *, created: int, model: str,

@@ -300,12 +300,6 @@ def test_negative_prompt_on_a_model_without_one_is_a_warning():
     assert fit(FLUX).warnings == ()
 
 
-def test_with_model_replaces_only_the_model():
-    req = schema.parse_request(body(n=2))
-    changed = schema.with_model(req, "sdxl")
-    assert (changed.model, changed.n, changed.prompt) == ("sdxl", 2, req.prompt)
-
-
 # ------------------------------------------------------------------------------ images_response
 
 def respond(fitted, n=1):
