@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 ARGS ?=
 
-.PHONY: run test lint bench bootstrap
+.PHONY: run test lint bench bench-gpu bootstrap
 
 run:
 	scripts/bootstrap
@@ -23,3 +23,8 @@ bench:
 	HF_HUB_OFFLINE=1 $(PY) bench/scheduling.py
 	HF_HUB_OFFLINE=1 $(PY) bench/e2e_http.py
 	HF_HUB_OFFLINE=1 $(PY) bench/batching.py
+
+# Benchmark 5: real-size FLUX.1-schnell and SDXL-Turbo with random weights; needs CUDA.
+bench-gpu:
+	scripts/bootstrap
+	HF_HUB_OFFLINE=1 $(PY) bench/gpu.py $(ARGS)

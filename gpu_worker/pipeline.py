@@ -48,7 +48,8 @@ def model_source(spec: ModelSpec, cache_dir: str | None) -> str:
     return spec.repo
 
 
-def _dtype(spec: ModelSpec, device: str) -> torch.dtype:
+def dtype_for(spec: ModelSpec, device: str) -> torch.dtype:
+    """The weights' dtype: the spec's on CUDA, float32 elsewhere (CPUs are slow in half)."""
     if not device.startswith("cuda"):
         return torch.float32
     return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(spec.dtype, torch.float32)
@@ -57,12 +58,15 @@ def _dtype(spec: ModelSpec, device: str) -> torch.dtype:
 class PipelineRunner:
     """One pipeline on one device. Not thread-safe: one thread calls generate()."""
 
-    def __init__(self, spec: ModelSpec, options: LoadOptions) -> None:
+    def __init__(self, spec: ModelSpec, options: LoadOptions, *, pipe: Any = None) -> None:
+        """Load ``spec``'s pipeline, or wrap ``pipe``, one already built in memory (bench/gpu.py
+        builds real-size architectures with random weights); either way it is placed on the
+        device with the same settings."""
         self.options = options
         self.device = options.device
         if options.threads and not self.device.startswith("cuda"):
             torch.set_num_threads(options.threads)
-        self.pipe = self._load(spec)
+        self.pipe = self._place(self._load(spec) if pipe is None else pipe)
         self._params = set(inspect.signature(self.pipe.__call__).parameters)
         self._trained_sample_size: int | None = getattr(self.pipe, "default_sample_size", None)
         self.spec = self._fit_spec(spec)
@@ -70,24 +74,27 @@ class PipelineRunner:
     # ---------------------------------------------------------------- loading
 
     def _load(self, spec: ModelSpec) -> Any:
-        _quiet_libraries()
+        quiet_libraries()
         import diffusers
 
         loader = getattr(diffusers, spec.load_as or "DiffusionPipeline")
         source = model_source(spec, self.options.cache_dir)
-        dtype = _dtype(spec, self.device)
+        dtype = dtype_for(spec, self.device)
         started = time.perf_counter()
         kwargs: dict[str, Any] = {"dtype": dtype, **_extra_components(spec, dtype)}
         if spec.variant and self.device.startswith("cuda"):
             kwargs["variant"] = spec.variant
         pipe = loader.from_pretrained(source, **kwargs)
+        log.info("loaded %s (%s) in %.1f s", spec.name, type(pipe).__name__,
+                 time.perf_counter() - started)
+        return pipe
+
+    def _place(self, pipe: Any) -> Any:
         if self.device.startswith("cuda"):
             self._optimise_for_cuda(pipe)
         else:
             pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
-        log.info("loaded %s (%s) on %s in %.1f s", spec.name, type(pipe).__name__,
-                 self.device, time.perf_counter() - started)
         return pipe
 
     def _fit_spec(self, spec: ModelSpec) -> ModelSpec:
@@ -295,7 +302,7 @@ def _extra_components(spec: ModelSpec, dtype: torch.dtype) -> dict[str, Any]:
     return loaded
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Progress bars and import chatter from diffusers and transformers drown worker logs."""
     import diffusers
     import transformers

@@ -65,6 +65,20 @@ def test_returning_false_from_on_step_interrupts_at_that_step(sd_dir: Path) -> N
     assert runner.generate(job(steps=2))[0].tobytes() == first
 
 
+def test_a_pipeline_built_in_memory_runs_like_the_same_one_loaded(sd_dir: Path) -> None:
+    # bench/gpu.py wraps real-size pipelines it builds itself; they must be fitted and run
+    # exactly as a loaded one: same spec adjustments, same device placement, same pixels.
+    from diffusers import StableDiffusionPipeline
+
+    spec = models.resolve(str(sd_dir))
+    loaded = PipelineRunner(spec, LoadOptions(threads=1))
+    built = StableDiffusionPipeline.from_pretrained(sd_dir)
+    wrapped = PipelineRunner(spec, LoadOptions(threads=1), pipe=built)
+    assert wrapped.pipe is built
+    assert wrapped.spec == loaded.spec
+    assert wrapped.generate(job())[0].tobytes() == loaded.generate(job())[0].tobytes()
+
+
 def test_cpu_runs_float32(sd_dir: Path) -> None:
     runner = PipelineRunner(models.resolve(str(sd_dir)), LoadOptions(threads=1))
     assert runner.pipe.unet.dtype == torch.float32

@@ -1,0 +1,280 @@
+"""GPU: seconds per image and images/s at batch 1..8 for real-size models, and the fraction of
+the GPU's peak FLOP/s that this is.
+
+Each model is built at its real size with random weights from its published configs (see
+_real_size.py; nothing is downloaded) and wrapped in the worker's own PipelineRunner, so the
+dtype, channels-last layout, fused QKV and TF32 settings are the ones a worker uses. For each
+batch size B it runs B jobs as one pipeline call, the way the broker batches them: one warm-up
+call, then ``--repeats`` timed calls (median shown).
+
+The FLOPs of one image are counted once, with torch's FLOP counter over a whole batch-1 call
+(text encoders, every denoising step, VAE decode): matmuls, convolutions and attention, the
+operations a GPU's peak figure counts. Achieved FLOP/s = FLOPs per image x images/s; the
+fraction is that over the GPU's dense bf16 peak from the vendor's datasheet (--peak-tflops for
+a GPU not in the table).
+
+    .venv/bin/python bench/gpu.py                      # FLUX.1-schnell 1024² x4, SDXL-Turbo 512² x1
+    .venv/bin/python bench/gpu.py --models sdxl-turbo --batches 1,4 --repeats 5
+    .venv/bin/python bench/gpu.py --device cpu --depth 1 --size 128 --batches 1,2 --repeats 1
+                                                       # smoke run on a laptop (not real-size)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import _real_size
+from _common import print_header, table
+
+from broker.protocol import JobSpec
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' datasheets. The
+# first name contained in torch.cuda.get_device_name() wins, so longer names come first.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+)
+
+PROMPT = "a lighthouse on a cliff at dusk, oil on canvas, study {}"
+
+
+def peak_tflops(device: str, override: float | None) -> tuple[float | None, str]:
+    """The peak to compare with, and where it came from."""
+    if override:
+        return override, "--peak-tflops"
+    if not device.startswith("cuda"):
+        return None, "no peak known for a CPU (give --peak-tflops)"
+    import torch
+
+    name = torch.cuda.get_device_name(torch.device(device))
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in name:
+            return tflops, f"{name}: datasheet dense bf16"
+    return None, f"{name} is not in the table (give --peak-tflops)"
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(torch.device(device))
+
+
+def jobs_for(spec: Any, batch: int, size: int, steps: int) -> list[JobSpec]:
+    """``batch`` one-image jobs with one batch key, as the broker hands them to a worker."""
+    return [JobSpec(id=f"b{batch}-{i}", model=spec.name, prompt=PROMPT.format(i), width=size,
+                    height=size, steps=steps, seeds=(i,), guidance=spec.default_guidance)
+            for i in range(batch)]
+
+
+@dataclass
+class FlopCount:
+    total: float  # FLOPs of one image
+    by_component: dict[str, float]  # pipeline component ("transformer", "vae", ...) -> FLOPs
+
+
+def count_flops(runner: Any, job: JobSpec) -> FlopCount:
+    """FLOPs of one batch-1 call, split by the pipeline's components."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        runner.generate_batch([job])
+    owner = _component_of_class(runner.pipe)
+    by_component: dict[str, float] = {}
+    for name, ops in counter.get_flop_counts().items():
+        if name != "Global" and "." not in name:  # top-level entries only: no double counting
+            component = owner.get(name, name)
+            by_component[component] = by_component.get(component, 0.0) + sum(ops.values())
+    return FlopCount(float(counter.get_total_flops()), by_component)
+
+
+def _component_of_class(pipe: Any) -> dict[str, str]:
+    """Module class name -> the component it belongs to.
+
+    The counter files FLOPs under the outermost module whose forward() ran. The VAE decodes
+    through vae.decode(), not forward(), so its FLOPs arrive under its children (Decoder,
+    Conv2d): a component's direct children are mapped to it too. The VAE comes first in every
+    pipeline's components, so a generic class such as Conv2d goes to it.
+    """
+    import torch
+
+    owner: dict[str, str] = {}
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            for part in (module, *module.children()):
+                owner.setdefault(type(part).__name__, name)
+    return owner
+
+
+@dataclass
+class Row:
+    batch: int
+    seconds: list[float]  # per call
+    peak_memory: float | None  # bytes
+    error: str = ""
+
+    @property
+    def per_call(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.batch / self.per_call
+
+
+def time_batch(runner: Any, jobs: list[JobSpec], repeats: int, device: str) -> Row:
+    import torch
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+    try:
+        runner.generate_batch(jobs)  # warm-up at this shape: allocator, kernel choices
+        seconds = []
+        for _ in range(repeats):
+            synchronize(device)
+            started = time.perf_counter()
+            runner.generate_batch(jobs)
+            synchronize(device)
+            seconds.append(time.perf_counter() - started)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return Row(len(jobs), [], None, error="out of memory")
+    memory = torch.cuda.max_memory_allocated(torch.device(device)) if cuda else None
+    return Row(len(jobs), seconds, memory)
+
+
+def measure(model: _real_size.RealSize, args: argparse.Namespace) -> None:
+    import torch
+
+    from gpu_worker import models
+    from gpu_worker.pipeline import LoadOptions, PipelineRunner, dtype_for
+
+    spec = models.resolve(model.name)
+    size, steps = args.size or model.size, args.steps or model.steps
+    dtype = dtype_for(spec, args.device)
+    print(f"\n{model.name}: building at {'depth ' + str(args.depth) if args.depth else 'real size'}"
+          f" on {args.device} in {str(dtype).removeprefix('torch.')} ...", flush=True)
+    started = time.perf_counter()
+    pipe = _real_size.build(model, args.device, dtype, args.depth)
+    params = {name: sum(p.numel() for p in module.parameters())
+              for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
+    runner = PipelineRunner(spec, LoadOptions(device=args.device, threads=args.threads,
+                                              compile=args.compile), pipe=pipe)
+    print(f"  built in {time.perf_counter() - started:.1f} s; parameters: " + ", ".join(
+        f"{name} {count / 1e9:.2f} B" for name, count in params.items()), flush=True)
+
+    flops = count_flops(runner, jobs_for(spec, 1, size, steps)[0])
+    parts = ", ".join(f"{name} {value / flops.total:.0%}"
+                      for name, value in sorted(flops.by_component.items(), key=lambda kv: -kv[1]))
+    print(f"  one image at {size}x{size}, {steps} step(s): {flops.total / 1e12:.2f} TFLOP "
+          f"({parts})", flush=True)
+
+    peak, source = peak_tflops(args.device, args.peak_tflops)
+    rows = []
+    for batch in args.batches:
+        print(f"  batch {batch} ...", flush=True)
+        rows.append(time_batch(runner, jobs_for(spec, batch, size, steps), args.repeats,
+                               args.device))
+    report(model.name, size, steps, rows, flops, peak, source)
+    del runner, pipe
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def report(name: str, size: int, steps: int, rows: list[Row], flops: FlopCount,
+           peak: float | None, source: str) -> None:
+    base = next((row.images_per_second for row in rows if not row.error), None)
+    cells = []
+    for row in rows:
+        if row.error:
+            cells.append([name, f"{size}²", steps, row.batch, row.error, "", "", "", "", "", ""])
+            continue
+        achieved = flops.total * row.images_per_second / 1e12
+        cells.append([
+            name, f"{size}²", steps, row.batch, f"{row.per_call:.3f}",
+            f"{row.per_call / row.batch:.3f}", f"{row.images_per_second:.2f}",
+            f"{row.images_per_second / base:.2f}" if base else "-", f"{achieved:.1f}",
+            f"{achieved / peak:.1%}" if peak else "-",
+            f"{row.peak_memory / 2**30:.1f}" if row.peak_memory is not None else "-",
+        ])
+    print()
+    print(table(["model", "size", "steps", "batch", "s/call", "s/image", "images/s",
+                 "x batch 1", "TFLOP/s", "of peak", "peak GiB"], cells))
+    print(f"peak: {f'{peak:g} TFLOP/s' if peak else 'unknown'} ({source}); FLOPs per image "
+          f"counted once at batch 1: {flops.total / 1e12:.2f} TFLOP")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(_real_size.MODELS),
+                        help=f"comma-separated, from: {', '.join(_real_size.MODELS)}")
+    parser.add_argument("--batches", default="1,2,4,8", help="batch sizes to time")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per batch size")
+    parser.add_argument("--device", default="cuda", help="torch device")
+    parser.add_argument("--size", type=int, default=0,
+                        help="image side in pixels (default: each model's, 1024 / 512)")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="denoising steps (default: each model's, 4 / 1)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense bf16 peak, for a GPU not in the table")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the denoiser, as the worker's --compile does")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="cut every stack of layers to this many (smoke runs; the "
+                             "figures are then not real-size)")
+    args = parser.parse_args(argv)
+    unknown = set(args.models.split(",")) - set(_real_size.MODELS)
+    if unknown:
+        parser.error(f"unknown model(s): {', '.join(sorted(unknown))}")
+    args.batches = [int(b) for b in args.batches.split(",")]
+    if min(args.batches) < 1 or args.repeats < 1:
+        parser.error("batch sizes and --repeats must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import diffusers
+    import torch
+
+    from gpu_worker.pipeline import quiet_libraries
+
+    quiet_libraries()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device: this benchmark needs a GPU (or --device cpu with --depth for a "
+              "smoke run)", file=sys.stderr)
+        return 2
+    print_header("GPU: real-size models with random weights")
+    gpu = (torch.cuda.get_device_name(torch.device(args.device))
+           if args.device.startswith("cuda") else "none")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda or '-'}), diffusers "
+          f"{diffusers.__version__}; device {args.device}: {gpu}")
+    if args.depth:
+        print(f"note: --depth {args.depth} cuts every layer stack; these are NOT real-size "
+              "figures")
+    for name in args.models.split(","):
+        measure(_real_size.MODELS[name], args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""bench/gpu.py: real-size architectures from the published configs, and a smoke run on CPU.
+
+The benchmark itself needs a GPU. What can rot without one is checked here: that the configs
+still build the real architectures (parameter counts on the meta device, no memory), and that
+the whole script runs end to end on a cut-down build, printing its table and FLOP count.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "bench"
+sys.path.insert(0, str(BENCH))
+
+import _real_size  # noqa: E402
+
+# Published parameter counts of the real checkpoints.
+REAL_PARAMETERS = {
+    "flux-schnell": {"transformer": 11.89e9, "text_encoder_2": 4.762e9,  # T5-XXL encoder
+                     "text_encoder": 123.06e6, "vae": 83.8e6},  # CLIP-L text
+    "sdxl-turbo": {"unet": 2.5675e9, "text_encoder_2": 694.66e6,  # OpenCLIP bigG + projection
+                   "text_encoder": 123.06e6, "vae": 83.65e6},
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_PARAMETERS))
+def test_real_size_builds_have_the_published_parameter_counts(name: str) -> None:
+    import torch
+
+    pipe = _real_size.build(_real_size.MODELS[name], "meta", torch.bfloat16)
+    for component, expected in REAL_PARAMETERS[name].items():
+        module = getattr(pipe, component)
+        count = sum(p.numel() for p in module.parameters())
+        assert count == pytest.approx(expected, rel=0.002), component
+        assert all(p.dtype == torch.bfloat16 for p in module.parameters()), component
+
+
+def test_schedulers_are_built_in_float32_whatever_the_weights() -> None:
+    import torch
+
+    pipe = _real_size.build(_real_size.MODELS["sdxl-turbo"], "meta", torch.bfloat16, depth=1)
+    assert pipe.scheduler.alphas_cumprod.dtype == torch.float32
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, str(BENCH / "gpu.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+
+
+def test_smoke_run_on_cpu_prints_a_row_per_batch_and_the_flops() -> None:
+    done = _run("--device", "cpu", "--depth", "1", "--size", "64", "--batches", "1,2",
+                "--repeats", "1", "--threads", "1", "--models", "sdxl-turbo")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "NOT real-size" in out
+    rows = re.findall(r"^sdxl-turbo\s+64²\s+1\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out,
+                      re.MULTILINE)
+    assert [int(batch) for batch, *_ in rows] == [1, 2]
+    for batch, per_call, per_image, rate in rows:
+        assert float(per_call) > 0
+        assert float(per_image) == pytest.approx(float(per_call) / int(batch), abs=0.002)
+        assert float(rate) == pytest.approx(int(batch) / float(per_call), rel=0.05)
+    flops = re.search(r"FLOPs per image counted once at batch 1: ([\d.]+) TFLOP", out)
+    assert flops and float(flops.group(1)) > 0
+    # Every component that computes shows up in the split, and nothing else.
+    split = re.search(r"1 step\(s\): [\d.]+ TFLOP \((.*)\)", out)
+    assert split is not None
+    assert {part.rsplit(" ", 1)[0] for part in split.group(1).split(", ")} == {
+        "unet", "vae", "text_encoder", "text_encoder_2"}
+
+
+def test_without_cuda_it_says_so_and_exits_2() -> None:
+    done = _run("--models", "sdxl-turbo")
+    assert done.returncode == 2
+    assert "needs a GPU" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_unknown_model_is_refused() -> None:
+    done = _run("--models", "sdxl-turbo,nope")
+    assert done.returncode == 2
+    assert "unknown model(s): nope" in done.stderr
