@@ -90,10 +90,13 @@ class FlopCount:
 
 def count_flops(runner: Any, job: JobSpec) -> FlopCount:
     """FLOPs of one batch-1 call, split by the pipeline's components."""
+    import torch._dynamo
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter:
+    # Counted eagerly: a compiled denoiser (--compile) does the same matmuls, and dynamo
+    # does not trace through the counter's dispatch mode.
+    with torch._dynamo.config.patch(disable=True), counter:
         runner.generate_batch([job])
     owner = _component_of_class(runner.pipe)
     by_component: dict[str, float] = {}
