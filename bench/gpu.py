@@ -203,7 +203,8 @@ def measure(model: _real_size.RealSize, args: argparse.Namespace) -> None:
 
 def report(name: str, size: int, steps: int, rows: list[Row], flops: FlopCount,
            peak: float | None, source: str) -> None:
-    base = next((row.images_per_second for row in rows if not row.error), None)
+    base = next((row.images_per_second for row in rows if row.batch == 1 and not row.error),
+                None)
     cells = []
     for row in rows:
         if row.error:
