@@ -144,10 +144,12 @@ def _broker_workers_main(endpoint: str, ids: list[str], heartbeat: float,
     from gpu_worker.link import BrokerLink
 
     payload = bytes(payload_size)
+    context = zmq.Context.instance()  # one I/O thread for all the process's workers
     for worker_id in ids:
         link = BrokerLink(endpoint, {
             "worker_id": worker_id, "host": "bench", "device": "sleep", "models": [MODEL],
-            "max_batch": 1, "capacity": 1, "version": "bench"}, heartbeat=heartbeat)
+            "max_batch": 1, "capacity": 1, "version": "bench"}, heartbeat=heartbeat,
+            context=context)
         link.start()
         threading.Thread(target=_broker_job_loop, args=(link, worker_id, payload),
                          daemon=True).start()

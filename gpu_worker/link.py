@@ -25,6 +25,8 @@ from broker.protocol import JobSpec, Message, MsgType, ProtocolError
 
 log = logging.getLogger(__name__)
 
+FLUSH_SECONDS = 1.0  # at stop, how long the last answers and BYE may take to reach the broker
+
 
 @dataclass(frozen=True)
 class CurveKeys:
@@ -54,7 +56,10 @@ class BrokerLink:
         self.liveness = liveness
         self.max_frame = max_frame
         self.jobs: queue.Queue[list[JobSpec]] = queue.Queue()  # batches, as the broker sent them
-        self._ctx = context or zmq.Context.instance()
+        # A link owns its context unless given one: stop() terminates it, which is what waits
+        # for the last answers and BYE to leave (closing a socket does not).
+        self._own_context = context is None
+        self._ctx = context or zmq.Context()
         self._outbox: queue.Queue[list[Any]] = queue.Queue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -80,6 +85,8 @@ class BrokerLink:
         self._stop.set()
         self._wake()
         self._thread.join(timeout)
+        if self._own_context and not self._thread.is_alive():
+            self._ctx.term()  # returns once the queued messages are sent, or FLUSH_SECONDS
 
     def send(self, frames: list[Any]) -> None:
         self._outbox.put(frames)
@@ -189,7 +196,9 @@ class BrokerLink:
         if self._monitor is not None:
             sock.disable_monitor()
             self._monitor.close(linger=0)
-        sock.close(linger=0)
+        # Not linger 0: the last RESULTs and the BYE were only queued, and the broker must get
+        # them (a BYE hands back held jobs at once instead of after missed heartbeats).
+        sock.close(linger=int(FLUSH_SECONDS * 1000))
 
     def _drain_wake(self) -> None:
         try:

@@ -1,8 +1,10 @@
-"""The worker's link explains a refusal instead of looking like a silent network."""
+"""The worker's link: it explains a refusal instead of looking like a silent network, and its
+last messages reach the broker when it stops."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +12,9 @@ from pathlib import Path
 import pytest
 import zmq
 
+from broker import protocol
 from broker.auth import create_keys, load_public, load_secret
+from broker.protocol import ImageInfo, MsgType
 from gpu_worker.link import BrokerLink, CurveKeys
 from tests.broker.fakes import LiveBroker
 
@@ -62,3 +66,40 @@ def test_refusals_are_explained(ctx: zmq.Context, tmp_path: Path, caplog, who: s
         finally:
             link.stop(bye=False)
             live.stop()
+
+
+def test_stop_delivers_the_last_answer_and_bye_even_to_a_slow_broker(ctx: zmq.Context) -> None:
+    # A draining worker queues its last RESULT and BYE, then stops. Closing the socket must not
+    # throw them away: here the broker binds only after stop() was called, so they can only
+    # arrive if the link waits for them to leave.
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    router.unbind(f"tcp://127.0.0.1:{port}")
+    link = BrokerLink(f"tcp://127.0.0.1:{port}", READY, heartbeat=5.0)  # its own context
+    link.start()
+    last = protocol.result("job-1", [ImageInfo(seed=1, width=8, height=8, format="png")],
+                           [b"png bytes"])
+    link.send(last)
+    binder = threading.Timer(0.3, router.bind, args=(f"tcp://127.0.0.1:{port}",))
+    binder.start()
+    started = time.monotonic()
+    link.stop(bye=True)
+    assert time.monotonic() - started < 3.0  # bounded by FLUSH_SECONDS, not a hang
+    binder.join()
+    got = []
+    while router.poll(2000):
+        got.append(protocol.decode(router.recv_multipart()[1:]))
+        if got[-1].type is MsgType.BYE:
+            break
+    assert [m.type for m in got] == [MsgType.READY, MsgType.RESULT, MsgType.BYE]
+    assert got[1]["job_id"] == "job-1" and got[1].payloads[0] == b"png bytes"
+    router.close(linger=0)
+
+
+def test_stop_gives_up_after_a_while_when_the_broker_never_comes(ctx: zmq.Context) -> None:
+    link = BrokerLink("tcp://127.0.0.1:1", READY, heartbeat=5.0)  # nothing listens on port 1
+    link.start()
+    started = time.monotonic()
+    link.stop(bye=True)
+    assert time.monotonic() - started < 4.0
