@@ -18,14 +18,14 @@ from _common import ms, percentile, print_header, table
 
 
 def load(url: str, size: int, steps: int, seconds: float, concurrency: int
-         ) -> tuple[list[float], list[int]]:
-    """Latencies and the batch size each answer reports."""
+         ) -> tuple[list[float], list[dict[str, float]]]:
+    """Latencies and the worker's timings of each answer."""
     import httpx
 
     deadline = time.perf_counter() + seconds
 
-    def client_loop(index: int) -> tuple[list[float], list[int]]:
-        latencies, batches = [], []
+    def client_loop(index: int) -> tuple[list[float], list[dict[str, float]]]:
+        latencies, timings = [], []
         with httpx.Client(timeout=120) as http:
             while time.perf_counter() < deadline:
                 started = time.perf_counter()
@@ -34,13 +34,13 @@ def load(url: str, size: int, steps: int, seconds: float, concurrency: int
                                        "steps": steps})
                 resp.raise_for_status()
                 latencies.append(time.perf_counter() - started)
-                batches.append(int(resp.json()["timings"].get("batch_size", 1)))
-        return latencies, batches
+                timings.append(resp.json()["timings"])
+        return latencies, timings
 
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         parts = list(pool.map(client_loop, range(concurrency)))
     return ([lat for part, _ in parts for lat in part],
-            [b for _, part in parts for b in part])
+            [t for _, part in parts for t in part])
 
 
 def main() -> None:
@@ -57,16 +57,36 @@ def main() -> None:
     for max_batch in [int(b) for b in args.sizes.split(",")]:
         with Cluster("--max-batch", str(max_batch)) as cluster:
             load(cluster.url, args.size, args.steps, 2.0, args.concurrency)  # warm-up
-            latencies, batches = load(cluster.url, args.size, args.steps, args.seconds,
+            latencies, timings = load(cluster.url, args.size, args.steps, args.seconds,
                                       args.concurrency)
         rate = len(latencies) / args.seconds
         base = base or rate
+        batches = [int(t.get("batch_size", 1)) for t in timings]
+        idle = [t["device_idle_s"] for t in timings if "device_idle_s" in t]
         rows.append([max_batch, f"{rate:.1f}", f"{rate / base:.2f}",
                      f"{sum(batches) / max(1, len(batches)):.1f}",
-                     ms(percentile(latencies, 50)), ms(percentile(latencies, 99))])
-    print(table(["max_batch", "images/s", "x batch 1", "mean batch", "p50 ms", "p99 ms"], rows))
-    print("\nnote: on a CPU the gain is what batching saves in per-call overhead; on a GPU it "
+                     ms(percentile(latencies, 50)), ms(percentile(latencies, 99)),
+                     ms(percentile(idle, 50)), ms(percentile(idle, 99)),
+                     f"{_idle_share(timings):.1%}"])
+    print(table(["max_batch", "images/s", "x batch 1", "mean batch", "p50 ms", "p99 ms",
+                 "idle p50 ms", "idle p99 ms", "idle share"], rows))
+    print("\nidle: how long the worker's device sat idle before each batch, since the previous "
+          "one ended (the worker's device_idle_s timing); idle share = idle / (idle + "
+          "generating), per batch. With requests always queued, prefetching should keep it "
+          "near zero.")
+    print("note: on a CPU the gain is what batching saves in per-call overhead; on a GPU it "
           "also fills the device (see docs/performance.md)")
+
+
+def _idle_share(timings: list[dict[str, float]]) -> float:
+    """Idle over idle + generating time. Every job of a batch reports the batch's timings, so
+    each counts 1/batch_size of them: each batch once."""
+    idle = busy = 0.0
+    for t in timings:
+        weight = 1 / t.get("batch_size", 1)
+        idle += t.get("device_idle_s", 0.0) * weight
+        busy += t["generate_s"] * weight
+    return idle / (idle + busy) if idle + busy else 0.0
 
 
 if __name__ == "__main__":

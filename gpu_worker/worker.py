@@ -58,6 +58,9 @@ class Worker:
         self.runner: PipelineRunner | None = None
         self.link: BrokerLink | None = None
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
+        # When the device last finished a batch: the gap before the next one is time the
+        # device sat idle, which prefetching (capacity 2 x max_batch) is there to remove.
+        self._device_free_since: float | None = None
 
     def stop(self) -> None:
         """Finish the current job, hand back the rest, leave. Safe from a signal handler."""
@@ -125,6 +128,7 @@ class Worker:
             link.job_started(job.id)
             _maybe_crash(job)
         started = time.perf_counter()
+        idle = None if self._device_free_since is None else started - self._device_free_since
         try:
             # 1. Denoise: the only step on the device.
             images = self.runner.generate_batch(jobs, self._progress_reporter(jobs))
@@ -138,10 +142,14 @@ class Worker:
                 link.send(protocol.failed(job.id, ErrorCode.WORKER_ERROR, _client_safe(exc)))
             self._done(jobs)
             return
-        generated = time.perf_counter() - started
+        finally:
+            self._device_free_since = time.perf_counter()
+        timings = {"generate_s": self._device_free_since - started, "batch_size": len(jobs)}
+        if idle is not None:
+            timings["device_idle_s"] = idle
         # 2. Encode and answer off this thread, while the device takes the next batch.
         for job, job_images in zip(jobs, images, strict=True):
-            self._encoder.submit(self._answer, job, job_images, generated, len(jobs))
+            self._encoder.submit(self._answer, job, job_images, timings)
 
     def _progress_reporter(self, jobs: list[JobSpec]) -> StepCallback:
         """Report each step (and previews) to every job of the batch; stop when all left."""
@@ -163,8 +171,8 @@ class Worker:
 
         return on_step
 
-    def _answer(self, job: JobSpec, images: list[Image.Image], generate_s: float,
-                batch_size: int) -> None:
+    def _answer(self, job: JobSpec, images: list[Image.Image], timings: dict[str, float]
+                ) -> None:
         """Encode one job's images and send its RESULT (the encoder thread)."""
         assert self.link is not None
         try:
@@ -176,12 +184,12 @@ class Worker:
             infos = [ImageInfo(seed=seed, width=img.width, height=img.height,
                                format=job.output_format)
                      for seed, img in zip(job.seeds, images, strict=True)]
-            timings = {"generate_s": generate_s, "encode_s": time.perf_counter() - started,
-                       "batch_size": batch_size}
+            timings = {**timings, "encode_s": time.perf_counter() - started}
             self.link.send(protocol.result(job.id, infos, payloads, timings=timings,
                                            worker_id=self.worker_id))
             log.info("job %s: %d image(s) %dx%d, %d steps, batch of %d, in %.2f s", job.id,
-                     job.n, job.width, job.height, job.steps, batch_size, generate_s)
+                     job.n, job.width, job.height, job.steps, timings["batch_size"],
+                     timings["generate_s"])
         except Exception as exc:  # an encoding failure answers the job, never kills the worker
             log.exception("job %s failed while encoding", job.id)
             self.link.send(protocol.failed(job.id, ErrorCode.WORKER_ERROR, _client_safe(exc)))

@@ -6,6 +6,7 @@ import base64
 import concurrent.futures
 import io
 import threading
+import time
 
 import openai
 import pytest
@@ -101,6 +102,32 @@ def test_extensions(cluster: Cluster) -> None:
     # A negative prompt changes the image at the same seed.
     plain = generate(cluster, width=96, height=160, steps=2, guidance=3.0, seed=3)
     assert plain["data"][0]["b64_json"] != data["data"][0]["b64_json"]
+
+
+def test_timings_say_how_long_the_device_sat_idle_before_the_batch(cluster: Cluster) -> None:
+    # device_idle_s runs from the end of the worker's previous batch to the start of this one.
+    # Sequential requests with pauses between them bound it from both sides, whichever of the
+    # two workers each one lands on: from the previous answer on that worker to this request.
+    sent: list[tuple[float, float, dict]] = []  # (request sent, answer received, answer)
+    for _ in range(4):
+        started = time.monotonic()
+        data = generate(cluster, size="64x64", steps=1)
+        sent.append((started, time.monotonic(), data))
+        time.sleep(0.4)
+    for data in (d for _, _, d in sent):
+        timings = data["timings"]
+        assert timings["batch_size"] == 1
+        assert timings["generate_s"] > 0 and timings["encode_s"] > 0
+    pairs = 0
+    for i, (sent_at, received_at, data) in enumerate(sent):
+        earlier = [s for s in sent[:i] if s[2]["worker_id"] == data["worker_id"]]
+        if not earlier:
+            continue
+        prev_sent, prev_received, _ = earlier[-1]
+        idle = data["timings"]["device_idle_s"]
+        assert sent_at - prev_received <= idle <= received_at - prev_sent
+        pairs += 1
+    assert pairs >= 2  # four requests on two workers
 
 
 def test_openai_client(cluster: Cluster) -> None:
