@@ -17,12 +17,17 @@ from _cluster import Cluster
 from _common import ms, percentile, print_header, table
 
 
-def load(url: str, size: int, steps: int, seconds: float, concurrency: int
+def load(url: str, size: int, steps: int, warmup: float, seconds: float, concurrency: int
          ) -> tuple[list[float], list[dict[str, float]]]:
-    """Latencies and the worker's timings of each answer."""
+    """Latencies and the worker's timings of the requests sent in the measured window.
+
+    One continuous load: the first ``warmup`` seconds are not counted, so the worker never
+    sees the pause between a warm-up run and the measured one.
+    """
     import httpx
 
-    deadline = time.perf_counter() + seconds
+    begin = time.perf_counter()
+    start, deadline = begin + warmup, begin + warmup + seconds
 
     def client_loop(index: int) -> tuple[list[float], list[dict[str, float]]]:
         latencies, timings = [], []
@@ -33,8 +38,9 @@ def load(url: str, size: int, steps: int, seconds: float, concurrency: int
                                  json={"prompt": f"client {index}", "size": f"{size}x{size}",
                                        "steps": steps})
                 resp.raise_for_status()
-                latencies.append(time.perf_counter() - started)
-                timings.append(resp.json()["timings"])
+                if started >= start:
+                    latencies.append(time.perf_counter() - started)
+                    timings.append(resp.json()["timings"])
         return latencies, timings
 
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
@@ -56,8 +62,7 @@ def main() -> None:
     rows, base = [], None
     for max_batch in [int(b) for b in args.sizes.split(",")]:
         with Cluster("--max-batch", str(max_batch)) as cluster:
-            load(cluster.url, args.size, args.steps, 2.0, args.concurrency)  # warm-up
-            latencies, timings = load(cluster.url, args.size, args.steps, args.seconds,
+            latencies, timings = load(cluster.url, args.size, args.steps, 2.0, args.seconds,
                                       args.concurrency)
         rate = len(latencies) / args.seconds
         base = base or rate
