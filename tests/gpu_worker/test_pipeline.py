@@ -13,7 +13,7 @@ import torch
 
 from broker.protocol import JobSpec
 from gpu_worker import models
-from gpu_worker.pipeline import Interrupted, LoadOptions, PipelineRunner
+from gpu_worker.pipeline import Interrupted, LoadOptions, PipelineRunner, to_pil
 from gpu_worker.preview import preview_steps
 from gpu_worker.tiny import build_tiny_pipeline
 
@@ -77,6 +77,31 @@ def test_a_pipeline_built_in_memory_runs_like_the_same_one_loaded(sd_dir: Path) 
     assert wrapped.pipe is built
     assert wrapped.spec == loaded.spec
     assert wrapped.generate(job())[0].tobytes() == loaded.generate(job())[0].tobytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_to_pil_gives_the_bytes_of_diffusers_own_pil_output(dtype: torch.dtype,
+                                                            channels: int) -> None:
+    # The runner asks pipelines for tensors and converts them itself (on the device); the
+    # pixels must be exactly those of output_type="pil", ties at .5 included.
+    from diffusers.image_processor import VaeImageProcessor
+
+    generator = torch.Generator().manual_seed(0)
+    decoded = (torch.rand(3, channels, 24, 40, generator=generator) * 2.2 - 1.1).to(dtype)
+    decoded[0, 0, 0, :6] = torch.tensor([-1.0, 1.0, 0.0, -1 + 1 / 255, 1 / 255, 3 / 255])
+    processor = VaeImageProcessor()
+    expected = processor.postprocess(decoded, output_type="pil")
+    got = to_pil(processor.postprocess(decoded, output_type="pt"))
+    assert [im.mode for im in got] == [im.mode for im in expected]
+    assert [im.tobytes() for im in got] == [im.tobytes() for im in expected]
+
+
+def test_to_pil_passes_pil_images_through() -> None:
+    from PIL import Image
+
+    images = [Image.new("RGB", (8, 8), "red")]
+    assert to_pil(images) == images
 
 
 def test_cpu_runs_float32(sd_dir: Path) -> None:
