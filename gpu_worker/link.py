@@ -71,6 +71,7 @@ class BrokerLink:
         self._drop = protocol.DropLog(log)
         self._refused = protocol.DropLog(log, "the broker refused this worker at")
         self._monitor: zmq.Socket | None = None
+        self._sock: zmq.Socket | None = None  # the DEALER; only the I/O thread touches it
         self._thread = threading.Thread(target=self._run, name="broker-link", daemon=True)
         self.connected = threading.Event()  # set after the broker first answered us
 
@@ -84,9 +85,17 @@ class BrokerLink:
             self.send(protocol.encode(MsgType.BYE))
         self._stop.set()
         self._wake()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
         if self._own_context and not self._thread.is_alive():
-            self._ctx.term()  # returns once the queued messages are sent, or FLUSH_SECONDS
+            # The thread closed its sockets on the way out, so this returns once the queued
+            # messages are sent, or after FLUSH_SECONDS.
+            self._ctx.term()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the I/O thread runs (it ends at stop(), or on an error it logged)."""
+        return self._thread.is_alive()
 
     def send(self, frames: list[Any]) -> None:
         self._outbox.put(frames)
@@ -121,10 +130,24 @@ class BrokerLink:
             sock.setsockopt(zmq.CURVE_SERVERKEY, self.curve.server_public)
             sock.setsockopt(zmq.CURVE_PUBLICKEY, self.curve.public)
             sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve.secret)
-        self._watch_handshakes(sock)
-        sock.connect(self.endpoint)
-        sock.send_multipart(protocol.encode(MsgType.READY, self.ready))
+        try:
+            self._watch_handshakes(sock)
+            sock.connect(self.endpoint)
+            sock.send_multipart(protocol.encode(MsgType.READY, self.ready))
+        except BaseException:
+            self._close(sock, linger=0)
+            raise
         return sock
+
+    def _close(self, sock: zmq.Socket | None, *, linger: float) -> None:
+        """Close the socket and its monitor: a context with open sockets never terminates."""
+        if self._monitor is not None:
+            if sock is not None and not sock.closed:
+                sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+        if sock is not None:
+            sock.close(linger=int(linger * 1000))
 
     def _watch_handshakes(self, sock: zmq.Socket) -> None:
         """Watch for the broker refusing us, which otherwise looks like a silent network."""
@@ -150,11 +173,28 @@ class BrokerLink:
         self._refused(self.endpoint, reason)
 
     def _run(self) -> None:
-        sock = self._connect()
+        try:
+            self._sock = self._connect()
+            if self._serve():
+                self._flush(self._sock)
+                # Not linger 0: the last RESULTs and the BYE were only queued, and the broker
+                # must get them (a BYE hands back held jobs at once, not after missed
+                # heartbeats).
+                self._close(self._sock, linger=FLUSH_SECONDS)
+        except Exception:
+            log.exception("the link to the broker %s failed", self.endpoint)
+        finally:
+            self._close(self._sock, linger=0)  # after an error; a closed socket stays closed
+            self._sock = None
+
+    def _serve(self) -> bool:
+        """Exchange messages until stop(). False when stopped while waiting to reconnect: the
+        broker is unreachable, so there is nothing to flush."""
+        sock = self._sock
+        assert sock is not None and self._monitor is not None
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        assert self._monitor is not None
         poller.register(self._monitor, zmq.POLLIN)
         now = time.monotonic()
         broker_deadline = now + self.heartbeat * self.liveness
@@ -181,24 +221,19 @@ class BrokerLink:
                 log.warning("broker silent for %.1f s; reconnecting to %s",
                             self.heartbeat * self.liveness, self.endpoint)
                 poller.unregister(sock)
-                if self._monitor is not None:
-                    poller.unregister(self._monitor)
-                    sock.disable_monitor()
-                sock.close(linger=0)
+                poller.unregister(self._monitor)
+                self._close(sock, linger=0)
                 self.connected.clear()
-                time.sleep(backoff * random.uniform(0.5, 1.0))
+                # stop() interrupts the back-off, so a worker stopping while the broker is
+                # away still ends within stop()'s timeout.
+                if self._stop.wait(backoff * random.uniform(0.5, 1.0)):
+                    return False
                 backoff = min(backoff * 2, 10 * self.heartbeat)
-                sock = self._connect()
+                sock = self._sock = self._connect()
                 poller.register(sock, zmq.POLLIN)
                 poller.register(self._monitor, zmq.POLLIN)
                 broker_deadline = time.monotonic() + self.heartbeat * self.liveness
-        self._flush(sock)
-        if self._monitor is not None:
-            sock.disable_monitor()
-            self._monitor.close(linger=0)
-        # Not linger 0: the last RESULTs and the BYE were only queued, and the broker must get
-        # them (a BYE hands back held jobs at once instead of after missed heartbeats).
-        sock.close(linger=int(FLUSH_SECONDS * 1000))
+        return True
 
     def _drain_wake(self) -> None:
         try:

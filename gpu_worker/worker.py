@@ -106,6 +106,8 @@ class Worker:
                 try:
                     batch = self.link.jobs.get(timeout=0.2)
                 except queue.Empty:
+                    if not self.link.alive:  # it logged why; exit so a supervisor restarts us
+                        raise RuntimeError("the link to the broker stopped") from None
                     continue
                 self._run_batch(batch)
         finally:

@@ -103,3 +103,34 @@ def test_stop_gives_up_after_a_while_when_the_broker_never_comes(ctx: zmq.Contex
     started = time.monotonic()
     link.stop(bye=True)
     assert time.monotonic() - started < 4.0
+
+
+def test_a_link_that_cannot_connect_says_why_and_still_stops(caplog) -> None:
+    # An error on the I/O thread must not leave a socket open in the link's context: stop()
+    # terminates that context, which would wait for ever.
+    link = BrokerLink("not-an-endpoint", READY)
+    with caplog.at_level(logging.ERROR, logger="gpu_worker.link"):
+        link.start()
+        assert wait_for_log(caplog, "the link to the broker not-an-endpoint failed")
+    deadline = time.monotonic() + 5
+    while link.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not link.alive  # the worker sees this and exits, so launch.py restarts it
+    started = time.monotonic()
+    link.stop()
+    assert time.monotonic() - started < 1.0
+
+
+def test_stop_interrupts_the_wait_before_a_reconnect(caplog) -> None:
+    link = BrokerLink("tcp://127.0.0.1:1", READY, heartbeat=2.0, liveness=1)
+    with caplog.at_level(logging.WARNING, logger="gpu_worker.link"):
+        link.start()
+        assert wait_for_log(caplog, "reconnecting to tcp://127.0.0.1:1", timeout=6)
+    started = time.monotonic()
+    link.stop(bye=True)  # the back-off is 1-2 s; stop() must not sit it out
+    assert time.monotonic() - started < 0.8
+    assert not link.alive
+
+
+def test_stop_before_start_is_harmless() -> None:
+    BrokerLink("tcp://127.0.0.1:1", READY).stop()
