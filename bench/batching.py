@@ -75,10 +75,10 @@ def main() -> None:
                      f"{_idle_share(timings):.1%}"])
     print(table(["max_batch", "images/s", "x batch 1", "mean batch", "p50 ms", "p99 ms",
                  "idle p50 ms", "idle p99 ms", "idle share"], rows))
-    print("\nidle: how long the worker's device sat idle before each batch, since the previous "
-          "one ended (the worker's device_idle_s timing); idle share = idle / (idle + "
-          "generating), per batch. With requests always queued, prefetching should keep it "
-          "near zero.")
+    print("\nidle: the worker's device_idle_s timing, from the end of its previous pipeline "
+          "call to the start of the batch that answered (per answer); idle share = idle / "
+          "(idle + generating), each batch once. With requests always queued, prefetching "
+          "should keep it near zero.")
     print("note: on a CPU the gain is what batching saves in per-call overhead; on a GPU it "
           "also fills the device (see docs/performance.md)")
 

@@ -22,6 +22,7 @@ a GPU not in the table).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -46,6 +47,7 @@ PEAK_BF16_TFLOPS = (
     ("B200", 2250.0),
     ("A100", 312.0),
     ("L40S", 362.1),
+    ("L40", 181.0),
     ("L4", 121.0),
     ("A10G", 70.0),
 )
@@ -62,6 +64,8 @@ def peak_tflops(device: str, override: float | None) -> tuple[float | None, str]
     import torch
 
     name = torch.cuda.get_device_name(torch.device(device))
+    if "MIG" in name:  # a slice has a fraction of the card's peak, whatever its name says
+        return None, f"{name} is a MIG slice (give --peak-tflops)"
     for key, tflops in PEAK_BF16_TFLOPS:
         if key in name:
             return tflops, f"{name}: datasheet dense bf16"
@@ -98,6 +102,9 @@ def count_flops(runner: Any, job: JobSpec) -> FlopCount:
     # does not trace through the counter's dispatch mode.
     with torch._dynamo.config.patch(disable=True), counter:
         runner.generate_batch([job])
+    # A call made with dynamo disabled marks the code it ran as "skip" for good: forget that,
+    # or --compile would time eager code.
+    torch._dynamo.reset()
     owner = _component_of_class(runner.pipe)
     by_component: dict[str, float] = {}
     for name, ops in counter.get_flop_counts().items():
@@ -113,7 +120,9 @@ def _component_of_class(pipe: Any) -> dict[str, str]:
     The counter files FLOPs under the outermost module whose forward() ran. The VAE decodes
     through vae.decode(), not forward(), so its FLOPs arrive under its children (Decoder,
     Conv2d): a component's direct children are mapped to it too. The VAE comes first in every
-    pipeline's components, so a generic class such as Conv2d goes to it.
+    pipeline's components, so a generic class such as Conv2d goes to it. Keyed by class
+    name, as the counter is: of two components of one class (SD3's two CLIP encoders) the
+    first would get both; the models here have none.
     """
     import torch
 
@@ -147,9 +156,9 @@ def time_batch(runner: Any, jobs: list[JobSpec], repeats: int, device: str) -> R
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats(torch.device(device))
+    seconds: list[float] = []
     try:
         runner.generate_batch(jobs)  # warm-up at this shape: allocator, kernel choices
-        seconds = []
         for _ in range(repeats):
             synchronize(device)
             started = time.perf_counter()
@@ -157,6 +166,12 @@ def time_batch(runner: Any, jobs: list[JobSpec], repeats: int, device: str) -> R
             synchronize(device)
             seconds.append(time.perf_counter() - started)
     except torch.OutOfMemoryError:
+        out_of_memory = True
+    else:
+        out_of_memory = False
+    if out_of_memory:
+        # Outside the except block, so the failed call's tensors are no longer referenced.
+        gc.collect()
         torch.cuda.empty_cache()
         return Row(len(jobs), [], None, error="out of memory")
     memory = torch.cuda.max_memory_allocated(torch.device(device)) if cuda else None
@@ -188,10 +203,19 @@ def measure(model: _real_size.RealSize, args: argparse.Namespace) -> None:
                       for name, value in sorted(flops.by_component.items(), key=lambda kv: -kv[1]))
     print(f"  one image at {size}x{size}, {steps} step(s): {flops.total / 1e12:.2f} TFLOP "
           f"({parts})", flush=True)
+    vae = getattr(runner.pipe, "vae", None)
+    if getattr(getattr(vae, "config", None), "force_upcast", False) and dtype == torch.float16:
+        print("  note: this VAE decodes in float32 (force_upcast), yet its FLOPs are counted "
+              "against the bf16 peak: 'of peak' understates the denoiser", flush=True)
 
     peak, source = peak_tflops(args.device, args.peak_tflops)
-    rows = []
+    rows: list[Row] = []
     for batch in args.batches:
+        if rows and rows[-1].error:
+            # Larger batches would fail too, and an OOM can leave a module half-converted
+            # (SDXL's VAE upcasts to float32 to decode): stop here.
+            rows.append(Row(batch, [], None, error="skipped"))
+            continue
         print(f"  batch {batch} ...", flush=True)
         rows.append(time_batch(runner, jobs_for(spec, batch, size, steps), args.repeats,
                                args.device))

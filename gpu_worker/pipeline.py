@@ -216,8 +216,7 @@ class PipelineRunner:
         generators = [torch.Generator("cpu").manual_seed(seed) for j in jobs for seed in j.seeds]
         kwargs: dict[str, Any] = {
             "width": job.width, "height": job.height, "num_inference_steps": job.steps,
-            # Tensors, not PIL: the conversion to 8 bits then runs on the device (to_pil).
-            "generator": generators, "output_type": "pt",
+            "generator": generators, "output_type": self._output_type(),
         }
         if len(jobs) == 1:
             kwargs.update(prompt=job.prompt, num_images_per_prompt=job.n)
@@ -244,6 +243,12 @@ class PipelineRunner:
             kwargs["num_inference_steps"] = spec.decoder_steps
         # Pass only what this pipeline's __call__ takes.
         return {k: v for k, v in kwargs.items() if k in self._params}
+
+    def _output_type(self) -> str:
+        """Tensors from the families we know, so the conversion to 8 bits runs on the device
+        (to_pil); diffusers' own PIL output from any other pipeline, because some (Kandinsky,
+        DeepFloyd IF) post-process only their "pil" and "np" outputs."""
+        return "pil" if self.spec.family == "generic" else "pt"
 
     def _progress_kwargs(self, job: JobSpec, on_step: StepCallback) -> dict[str, Any]:
         """Hook ``on_step`` into the pipeline's step callbacks; a False answer interrupts."""

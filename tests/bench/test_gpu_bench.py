@@ -89,3 +89,57 @@ def test_unknown_model_is_refused() -> None:
     done = _run("--models", "sdxl-turbo,nope")
     assert done.returncode == 2
     assert "unknown model(s): nope" in done.stderr
+
+
+def test_counting_flops_leaves_a_compiled_denoiser_to_compile() -> None:
+    # FLOPs are counted with dynamo disabled; that must not stop --compile from compiling
+    # afterwards (dynamo remembers code it was told to skip).
+    from types import SimpleNamespace
+
+    import gpu
+    import torch
+
+    compiled: list[object] = []
+
+    def backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        compiled.append(graph)
+        return graph.forward
+
+    class Denoiser(torch.nn.Module):  # dynamo traces our code, not torch.nn's own modules
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x) * 2
+
+    layer = Denoiser()
+    layer.compile(backend=backend)
+    x = torch.randn(2, 8)
+
+    class Runner:
+        pipe = SimpleNamespace(components={"denoiser": layer})
+
+        def generate_batch(self, jobs: object) -> None:
+            layer(x)
+
+    flops = gpu.count_flops(Runner(), None)
+    assert flops.total == 2 * 2 * 8 * 8
+    assert flops.by_component == {"denoiser": 2 * 2 * 8 * 8}
+    assert not compiled
+    layer(x)
+    assert compiled, "the denoiser ran eager after the FLOP count"
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA L40", 181.0),
+    ("NVIDIA L40S", 362.1), ("NVIDIA L4", 121.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None), ("NVIDIA GeForce RTX 4090", None),
+])
+def test_peak_lookup(monkeypatch: pytest.MonkeyPatch, name: str, peak: float | None) -> None:
+    import gpu
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert gpu.peak_tflops("cuda", None)[0] == peak
+    assert gpu.peak_tflops("cuda", 100.0) == (100.0, "--peak-tflops")

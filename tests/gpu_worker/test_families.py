@@ -188,3 +188,24 @@ def test_progress_arrives_for_every_step(head: Head, served_family) -> None:
         assert steps_seen == [(i, total) for i in range(1, total + 1)]
     finally:
         sock.close()
+
+
+def test_images_have_the_bytes_of_diffusers_own_pil_output(served_family) -> None:
+    # The runner asks a known family for tensors and converts them on the device (to_pil);
+    # the pixels must be exactly those diffusers' own output_type="pil" gives.
+    from gpu_worker.pipeline import LoadOptions, PipelineRunner
+
+    model, _ = served_family
+    runner = PipelineRunner(models.resolve(model), LoadOptions(threads=1))
+    assert runner._output_type() == "pt"
+    width, height = size_for(runner.spec)
+    jobs = [JobSpec(id=name, model=model, prompt=prompt, width=width, height=height,
+                    steps=STEPS, seeds=seeds, guidance=runner.spec.default_guidance)
+            for name, prompt, seeds in (("a", "a red fox", (1, 2)), ("b", "a blue owl", (3,)))]
+    ours = runner.generate_batch(jobs)
+    runner._output_type = lambda: "pil"  # type: ignore[method-assign]
+    theirs = runner.generate_batch(jobs)
+    assert [[im.mode for im in job] for job in ours] == [[im.mode for im in job]
+                                                         for job in theirs]
+    assert [[im.tobytes() for im in job] for job in ours] == [[im.tobytes() for im in job]
+                                                             for job in theirs]

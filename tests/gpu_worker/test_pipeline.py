@@ -152,3 +152,17 @@ def test_a_batch_of_jobs_is_one_call_and_each_seed_keeps_its_image(sd_dir: Path)
     # Same seed and prompt alone: the same image up to float rounding in the batched matmuls.
     difference = np.abs(np.asarray(batched[1][0], dtype=int) - np.asarray(solo, dtype=int))
     assert difference.max() <= 2
+
+
+def test_a_pipeline_of_no_known_family_keeps_diffusers_own_pil_output(sd_dir: Path) -> None:
+    # Some pipelines (Kandinsky, DeepFloyd IF) post-process only their "pil"/"np" outputs, so
+    # tensors are asked only of the families the registry knows.
+    assert PipelineRunner(models.resolve(str(sd_dir)), LoadOptions(threads=1))._output_type() \
+        == "pt"
+    generic = PipelineRunner(models.generic(str(sd_dir)), LoadOptions(threads=1))
+    assert generic.spec.family == "sd"  # the loaded class is known: fitted to its family
+    unknown = PipelineRunner(models.generic(str(sd_dir)), LoadOptions(threads=1))
+    unknown.spec = unknown._defaults_from_signature(models.generic(str(sd_dir)))
+    assert unknown.spec.family == "generic"
+    assert unknown._output_type() == "pil"
+    assert unknown.generate(job())[0].size == (64, 64)
