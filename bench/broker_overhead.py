@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import statistics
 import sys
@@ -40,6 +41,7 @@ import zmq
 from _common import (
     MP,
     BrokerProcess,
+    cpu_seconds,
     ms,
     percentile,
     print_header,
@@ -193,6 +195,7 @@ class Measurement:
     latencies: list[float] = field(default_factory=list)
     answered: int = 0  # jobs answered, warm-up and drain included
     extra_messages: int = 0  # answers that were not the final one (ACCEPTED), same span
+    cpu: dict[str, float] = field(default_factory=dict)  # role -> CPU seconds, same span
 
     @property
     def rate(self) -> float:
@@ -289,6 +292,8 @@ class Row:
             mine.completed += theirs.completed
             mine.answered += theirs.answered
             mine.extra_messages += theirs.extra_messages
+            for role, seconds in theirs.cpu.items():
+                mine.cpu[role] = mine.cpu.get(role, 0.0) + seconds
 
     def cells(self) -> list[str]:
         lat = self.latency.latencies
@@ -296,11 +301,30 @@ class Row:
         per_job = self.rate.extra_messages / max(1, self.rate.answered)
         return [self.name, f"{self.median_rate:,.0f}", ms(percentile(hi, 50)),
                 ms(percentile(hi, 99)), ms(percentile(lat, 50)), ms(percentile(lat, 99)),
-                f"{len(lat):,}", f"{per_job:.2f}"]
+                f"{len(lat):,}", f"{per_job:.2f}",
+                *(self.cpu_per_job(role) for role in CPU_ROLES)]
+
+    def cpu_per_job(self, role: str) -> str:
+        """Microseconds of CPU per answered job in the rate measurement, "-" where none."""
+        seconds = self.rate.cpu.get(role)
+        if seconds is None or math.isnan(seconds):
+            return "-"
+        return f"{seconds / max(1, self.rate.answered) * 1e6:.0f}"
+
+
+CPU_ROLES = ("server", "workers", "client")
+
+
+def cpu_by_role(pids: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds used so far by each role's processes (the client is this process)."""
+    out = {role: sum(cpu_seconds(pid) for pid in role_pids) for role, role_pids in pids.items()}
+    out["client"] = cpu_seconds()
+    return out
 
 
 def measure(name: str, endpoint: str, reply_id: Callable[[list[Any]], str | None],
-            args: argparse.Namespace, *, workers: int = 0) -> Row:
+            args: argparse.Namespace, *, workers: int = 0,
+            pids: dict[str, list[int]] | None = None) -> Row:
     ctx: zmq.Context = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -311,8 +335,11 @@ def measure(name: str, endpoint: str, reply_id: Callable[[list[Any]], str | None
         if workers:
             wait_for_workers(sock, workers)
         print(f"  {name}: C={args.concurrency} for {args.seconds:g} s ...", flush=True)
+        before = cpu_by_role(pids or {})
         rate = closed_loop(sock, reply_id, concurrency=args.concurrency, warmup=args.warmup,
                            seconds=args.seconds, prefix=f"{name}-c-")
+        after = cpu_by_role(pids or {})
+        rate.cpu = {role: after[role] - before[role] for role in after}
         print(f"  {name}: C=1 for {args.seconds:g} s ...", flush=True)
         latency = closed_loop(sock, reply_id, concurrency=1, warmup=args.warmup,
                               seconds=args.seconds, prefix=f"{name}-l-")
@@ -339,7 +366,7 @@ def run_bare(args: argparse.Namespace) -> Row:
     echo.start()
     try:
         endpoint = parent.recv()
-        return measure("bare", endpoint, _reply_to_bare, args)
+        return measure("bare", endpoint, _reply_to_bare, args, pids={"server": [echo.pid]})
     finally:
         stop_process(echo)
 
@@ -353,7 +380,8 @@ def run_reference(args: argparse.Namespace) -> Row:
     try:
         clients, workers = parent.recv()
         procs = start_workers(workers, args)
-        return measure("reference", clients, _reply_to_broker, args, workers=args.workers)
+        return measure("reference", clients, _reply_to_broker, args, workers=args.workers,
+                       pids={"server": [forwarder.pid], "workers": [p.pid for p in procs]})
     finally:
         for proc in procs:
             stop_process(proc)
@@ -366,7 +394,8 @@ def run_broker(args: argparse.Namespace) -> tuple[Row, dict[str, Any]]:
     procs: list[Any] = []
     try:
         procs = start_workers(broker.workers, args)
-        row = measure("broker", broker.clients, _reply_to_broker, args, workers=args.workers)
+        row = measure("broker", broker.clients, _reply_to_broker, args, workers=args.workers,
+                      pids={"server": [broker.proc.pid], "workers": [p.pid for p in procs]})
     finally:
         for proc in procs:
             stop_process(proc)
@@ -418,10 +447,16 @@ def report(rows: dict[str, Row], args: argparse.Namespace, stats: dict[str, Any]
     c = args.concurrency
     print()
     print(table(["path", f"req/s C={c}", f"p50 C={c} ms", f"p99 C={c} ms", "p50 C=1 ms",
-                 "p99 C=1 ms", "n C=1", "extra msg/job"],
+                 "p99 C=1 ms", "n C=1", "extra msg/job", "server µs/job", "workers µs/job",
+                 "client µs/job"],
                 [row.cells() for row in rows.values()]))
     print("\nextra msg/job: answers besides RESULT the client read per job (ACCEPTED); "
           "bare echoes the SUBMIT itself.")
+    print("µs/job: CPU (user + system, all threads) per answered job during the rate "
+          "measurement: server = the echo, the forwarder or the broker; workers = the no-op "
+          "workers; client = this process. They depend less than req/s on how the "
+          f"{os.cpu_count()} cores are shared (though wake-ups cost more when processes take "
+          "turns on few cores).")
     if args.rounds > 1:
         for row in rows.values():
             print(f"{row.name} req/s per round: " + ", ".join(f"{r:,.0f}" for r in row.rates))
