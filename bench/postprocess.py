@@ -23,21 +23,18 @@ from collections.abc import Callable
 from typing import Any
 
 from _common import print_header, table
+from gpu import synchronize
 
 SHAPES = ((1, 512), (8, 512), (1, 1024), (8, 1024))
 
 
 def median_seconds(run: Callable[[], Any], device: str, repeats: int) -> float:
-    import torch
-
     times = []
     for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
         started = time.perf_counter()
         run()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
