@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 KEY_CHECK_INTERVAL = 2.0  # seconds between looks at the allow-list directory
 POSITION_UPDATES = 32  # queued jobs per model told their new position
 POSITION_INTERVAL = 0.5  # seconds between position announcements
+MAX_FAILURE_MESSAGE = 1000  # characters of a worker's failure message passed to the client
+MAX_STEPS = 10_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,11 +63,17 @@ class Broker:
         # After a restart, workers need a heartbeat or two to register again; until then a
         # job for a model nobody has announced yet waits in its queue instead of failing.
         self._startup_grace_until = clock() + 2 * self.workers.liveness
+        self._grace_over = False
+        # Named in every message we make, so peers notice a restart of any length at once.
+        self.incarnation = secrets.token_hex(8)
+        self._asked: dict[bytes, float] = {}  # unknown peer -> when we last sent RECONNECT
+        self._claims: dict[str, bytes] = {}  # job id -> worker holding it, not yet submitted
         self._next_heartbeat = 0.0
         self._queue_moved: set[str] = set()  # models whose queue moved since the last announce
         self._next_announce = 0.0
         self._next_liveness_check = 0.0
         self._drop = protocol.DropLog(log)
+        self._refused_peer = protocol.DropLog(log, "refused")
         self.clients = self._router(config.max_client_frame)
         self.worker_socket = self._router(config.max_worker_frame)
         self._poller = zmq.Poller()
@@ -196,6 +205,7 @@ class Broker:
         self._poll(timeout)
         now = self._clock()
         self._check_keys(now)
+        self._end_startup_grace(now)
         self._purge_expired(now)
         self._send_heartbeats(now)
         self._dispatch(now)
@@ -237,21 +247,28 @@ class Broker:
         return True
 
     def _on_client_message(self, client: bytes, msg: Message, now: float) -> None:
+        # A frontend that sends no owner (an old one) owns its jobs by connection.
+        owner = msg.get("owner") or client.hex()
         if msg.type is MsgType.SUBMIT:
-            self._on_submit(client, msg["job"], now)
+            self._on_submit(client, owner, msg["job"], now)
         elif msg.type is MsgType.CANCEL:
-            self._on_cancel(msg["job_id"])
+            self._on_cancel(owner, msg["job_id"], now)
         elif msg.type is MsgType.STATUS:
-            self._send(self.clients, client, protocol.encode(MsgType.STATUS_REPLY, self.status()))
+            self._send(self.clients, client, self._msg(MsgType.STATUS_REPLY, self.status(now)))
         else:
             self._drop(client.hex(), f"{msg.type.value} is not a client message")
 
-    def _on_submit(self, client: bytes, spec: protocol.JobSpec, now: float) -> None:
+    def _on_submit(self, client: bytes, owner: str, spec: protocol.JobSpec, now: float) -> None:
         existing = self.jobs.get(spec.id)
-        if existing is not None:  # a resubmission: answers go to whoever asked last
-            existing.client = client
-            self._send(self.clients, client, protocol.encode(
-                MsgType.ACCEPTED, {"job_id": spec.id, "position": 0}))
+        if existing is not None:
+            self._reattach(client, owner, existing)
+            return
+        holder = self._claimed_by(spec.id)
+        if holder is not None:
+            # A worker re-registered holding this job (we restarted): it stays there.
+            self.jobs.add_running(Job(spec=spec, client=client, owner=owner,
+                                      deadline=now + spec.timeout), holder.identity)
+            self._accepted(client, spec.id, 0)
             return
         if not self.workers.serves(spec.model) and now >= self._startup_grace_until:
             self._fail(client, spec.id, ErrorCode.NO_WORKER,
@@ -261,24 +278,48 @@ class Broker:
             self._fail(client, spec.id, ErrorCode.QUEUE_FULL,
                        f"the queue for {spec.model!r} is full", retryable=True)
             return
-        job = Job(spec=spec, client=client, deadline=now + spec.timeout)
-        position = self.jobs.add(job)
-        self._send(self.clients, client, protocol.encode(
-            MsgType.ACCEPTED, {"job_id": spec.id, "position": position}))
+        job = Job(spec=spec, client=client, owner=owner, deadline=now + spec.timeout)
+        self._accepted(client, spec.id, self.jobs.add(job))
 
-    def _on_cancel(self, job_id: str) -> None:
-        job = self.jobs.finish(job_id)
+    def _reattach(self, client: bytes, owner: str, job: Job) -> None:
+        """A resubmission: its owner's answers go to the connection it came from."""
+        if job.owner != owner:
+            self._refused_peer(client.hex(), f"job {job.id} belongs to another frontend")
+            self._fail(client, job.id, ErrorCode.INVALID_REQUEST,
+                       "that job id is in use by another frontend")
+            return
+        job.client = client
+        position = 0
+        if job.state is JobState.QUEUED:
+            queued = self.jobs.head(job.model, POSITION_UPDATES)
+            position = next((i for i, j in enumerate(queued) if j is job), len(queued))
+        self._accepted(client, job.id, position)
+
+    def _on_cancel(self, owner: str, job_id: str, now: float) -> None:
+        job = self.jobs.get(job_id)
         if job is None:
             return
-        if job.state is JobState.RUNNING and job.worker is not None:
-            self._send(self.worker_socket, job.worker,
-                       protocol.encode(MsgType.CANCEL, {"job_id": job_id}))
-            # Free the slot now: a worker says nothing about a job it interrupted, so
-            # waiting for its answer would keep the slot busy for good.
-            worker = self.workers.get(job.worker)
-            if worker is not None:
-                self.workers.release(worker, job_id)
+        if job.owner != owner:
+            self._refused_peer(owner, f"a cancel of job {job_id} that it does not own")
+            return
+        self.jobs.finish(job_id)
+        self._stop_running(job, now)
+        self._fail(job.client, job_id, ErrorCode.CANCELLED, "the job was cancelled")
         log.info("job %s cancelled by its client", job_id)
+
+    def _stop_running(self, job: Job, now: float) -> None:
+        """Tell the worker holding a job the broker dropped to stop it.
+
+        The worker's slot stays taken until it says the job ended (a FAILED ``cancelled``):
+        freeing it now would lease another batch on top of one still on the device.
+        """
+        if job.state is not JobState.RUNNING or job.worker is None:
+            return
+        self._send(self.worker_socket, job.worker,
+                   self._msg(MsgType.CANCEL, {"job_id": job.id}))
+        worker = self.workers.get(job.worker)
+        if worker is not None and job.id in worker.running:
+            worker.ending[job.id] = now
 
     def _on_worker_message(self, identity: bytes, msg: Message, now: float) -> None:
         if msg.type is MsgType.READY:
@@ -288,44 +329,158 @@ class Broker:
         if worker is None:
             # We do not know this worker (we restarted, or declared it dead): ask it to
             # register again. Whatever it sent is dropped; its jobs were already requeued.
-            self._send(self.worker_socket, identity, protocol.encode(MsgType.RECONNECT))
-            return
-        if msg.type in (MsgType.PROGRESS, MsgType.RESULT, MsgType.FAILED):
-            self._on_job_message(worker, msg)
+            self._ask_to_register(identity, now)
+        elif msg.type in (MsgType.PROGRESS, MsgType.RESULT, MsgType.FAILED):
+            self._on_job_message(worker, msg, now)
+        elif msg.type is MsgType.HEARTBEAT:
+            self._on_heartbeat(worker, msg, now)
         elif msg.type is MsgType.BYE:
             self._on_bye(worker)
-        elif msg.type is not MsgType.HEARTBEAT:
+        else:
             self._drop(identity.hex(), f"{msg.type.value} is not a worker message")
 
-    def _on_ready(self, identity: bytes, msg: Message, now: float) -> None:
-        old = self.workers.remove(identity)
-        if old is not None:  # it restarted its loop: what it held is lost
-            self._lose_jobs(old)
-        worker = self.workers.register(identity, msg, now)
-        log.info("worker %s ready: host=%s device=%s models=%s capacity=%d max_batch=%d",
-                 worker.worker_id, worker.host, worker.device, ",".join(worker.models),
-                 worker.capacity, worker.max_batch)
+    def _ask_to_register(self, identity: bytes, now: float) -> None:
+        """RECONNECT, once per heartbeat interval per peer: after a restart every stale
+        message would otherwise earn one, and every RECONNECT a READY."""
+        if now - self._asked.get(identity, float("-inf")) < self.config.heartbeat_interval:
+            return
+        self._asked[identity] = now
+        self._send(self.worker_socket, identity, self._msg(MsgType.RECONNECT))
 
-    def _on_job_message(self, worker: Worker, msg: Message) -> None:
+    def _on_ready(self, identity: bytes, msg: Message, now: float) -> None:
+        """Register a worker, or register it again: idempotent, never requeues or repeats.
+
+        The same worker on a new connection (it reconnected) keeps the jobs it still holds;
+        the ones it no longer lists go back to their queues. Jobs it lists that we do not
+        lease to it (we restarted) become its leases when they are queued or submitted.
+        """
+        held = list(dict.fromkeys(msg.get("held", [])))
+        known = self.workers.get(identity)
+        moved = None if known else self.workers.find(msg["worker_id"])
+        if moved is not None:
+            self.workers.remove(moved.identity)
+        previous = known or moved
+        worker = self.workers.register(identity, msg, now, keep=previous)
+        if moved is not None:
+            self._move_leases(moved, worker, set(held))
+        for job_id in held[:worker.capacity]:
+            self._claim(worker, job_id)
+        self.workers.offer(worker)
+        self._asked.pop(identity, None)
+        log.info("worker %s %s: host=%s device=%s models=%s capacity=%d max_batch=%d held=%d",
+                 worker.worker_id, "registered again" if previous else "ready", worker.host,
+                 worker.device, ",".join(worker.models), worker.capacity, worker.max_batch,
+                 len(held))
+
+    def _move_leases(self, old: Worker, new: Worker, held: set[str]) -> None:
+        """The worker reconnected: its leases follow it; what it lost goes back, unpunished."""
+        new.running.clear()
+        new.ending.clear()
+        for job in self._held_by(old):
+            if job.id in held:
+                job.worker = new.identity
+                new.running.add(job.id)
+            else:
+                self.jobs.hand_back(job)
+        self._forget_claims(old)
+
+    def _claim(self, worker: Worker, job_id: str) -> None:
+        if job_id in worker.running:
+            return
+        job = self.jobs.get(job_id)
+        if job is None:
+            self._claims[job_id] = worker.identity  # until its frontend resubmits it
+        elif job.state is JobState.QUEUED:
+            self.jobs.claim(job, worker.identity)
+        else:
+            return  # leased to another worker: the first answer wins
+        worker.running.add(job_id)
+
+    def _claimed_by(self, job_id: str) -> Worker | None:
+        identity = self._claims.pop(job_id, None)
+        worker = None if identity is None else self.workers.get(identity)
+        return worker if worker is not None and job_id in worker.running else None
+
+    def _forget_claims(self, worker: Worker) -> None:
+        for job_id in worker.running:
+            if self._claims.get(job_id) == worker.identity:
+                del self._claims[job_id]
+
+    def _on_heartbeat(self, worker: Worker, msg: Message, now: float) -> None:
+        """Free the slots of stopped jobs a worker no longer holds but never answered
+        (workers before the cancel answer said nothing about a job they interrupted)."""
+        if "running" not in msg.fields or not worker.ending:
+            return
+        running = set(msg["running"])
+        settled = 2 * self.config.heartbeat_interval  # a heartbeat sent before the CANCEL
+        for job_id, since in list(worker.ending.items()):
+            if job_id not in running and now - since >= settled:
+                self._release(worker, job_id)
+
+    def _on_job_message(self, worker: Worker, msg: Message, now: float) -> None:
         job_id = msg["job_id"]
         job = self.jobs.get(job_id)
-        if job is None or job.worker != worker.identity:
+        ours = job is not None and job.worker == worker.identity
+        if msg.type is MsgType.PROGRESS:
+            if ours and self._progress_fits(job, msg):
+                self._forward(job.client, msg)
+            return
+        self._release(worker, job_id)  # a RESULT or FAILED: the worker is done with it
+        if not ours:
             # Late (the job was re-leased, cancelled or answered) or never ours: drop it, so
             # each job gets exactly one answer.
-            self.workers.release(worker, job_id)
             return
-        if msg.type is not MsgType.PROGRESS:
+        problem = _mismatch(job.spec, msg) if msg.type is MsgType.RESULT else None
+        if msg.type is MsgType.RESULT and problem is None:
             self.jobs.finish(job_id)
-            self.workers.release(worker, job_id)
-            if msg.type is MsgType.RESULT:
-                worker.jobs_done += 1
-        self._forward(job.client, msg)
+            worker.jobs_done += 1
+            self.workers.succeeded(worker)
+            self._forward(job.client, msg)
+            return
+        if problem is not None:
+            log.warning("worker %s answered job %s wrongly: %s", worker.worker_id, job_id,
+                        problem)
+            message = f"the worker's answer did not match the job: {problem}"
+        else:
+            message = str(msg["message"])[:MAX_FAILURE_MESSAGE]
+        self._job_failed(worker, job, message, now)
+
+    def _job_failed(self, worker: Worker, job: Job, message: str, now: float) -> None:
+        """A worker failed a job: fail it, or, if the worker looks sick, run it elsewhere."""
+        was_quarantined = worker.state is WorkerState.QUARANTINED
+        if self.workers.failed(worker, now):
+            if not was_quarantined:
+                log.warning("worker %s failed %d job(s) in a row; no work for it for %.0f s",
+                            worker.worker_id, worker.failures,
+                            worker.quarantined_until - now)
+            self.jobs.hand_back(job)  # the worker is suspect, not the job: not an attempt
+            return
+        self.jobs.finish(job.id)
+        # Only our own code reaches the client: a worker's code could claim anything.
+        self._fail(job.client, job.id, ErrorCode.WORKER_ERROR, message)
+
+    def _progress_fits(self, job: Job, msg: Message) -> bool:
+        index = msg.get("image_index")
+        fits = (0 <= msg["step"] <= msg["steps"] <= MAX_STEPS
+                and (index is None or 0 <= index < job.spec.n)
+                and (index is not None or not msg.payloads))
+        if not fits:
+            self._drop(job.id, "a progress message that does not fit its job")
+        return fits
 
     def _on_bye(self, worker: Worker) -> None:
         log.info("worker %s said goodbye", worker.worker_id)
         self.workers.remove(worker.identity)
         for job in self._held_by(worker):
             self.jobs.hand_back(job)
+        self._forget_claims(worker)
+
+    def _release(self, worker: Worker, job_id: str) -> None:
+        """The worker no longer holds ``job_id``: its slot is free."""
+        worker.ending.pop(job_id, None)
+        if self._claims.get(job_id) == worker.identity:
+            del self._claims[job_id]
+        self.workers.release(worker, job_id)
 
     def _log_handshake_failure(self) -> None:
         assert self._monitor is not None
@@ -357,12 +512,7 @@ class Broker:
             self._next_liveness_check = now + self.config.heartbeat_interval / 4
             self._purge_dead_workers(now)
         for job in self.jobs.expired(now):
-            if job.state is JobState.RUNNING and job.worker is not None:
-                self._send(self.worker_socket, job.worker,
-                           protocol.encode(MsgType.CANCEL, {"job_id": job.id}))
-                holder = self.workers.get(job.worker)
-                if holder is not None:
-                    self.workers.release(holder, job.id)
+            self._stop_running(job, now)
             self._fail(job.client, job.id, ErrorCode.TIMEOUT,
                        "the job passed its deadline before it finished")
 
@@ -371,6 +521,22 @@ class Broker:
             log.warning("worker %s missed its heartbeats; declaring it dead", worker.worker_id)
             self.workers.remove(worker.identity)
             self._lose_jobs(worker)
+        for worker in self.workers.end_quarantines(now):
+            log.info("worker %s takes work again after its quarantine", worker.worker_id)
+        interval = self.config.heartbeat_interval
+        self._asked = {peer: at for peer, at in self._asked.items() if now - at < interval}
+
+    def _end_startup_grace(self, now: float) -> None:
+        """Once the grace is over, fail at once the jobs of models nobody ever announced."""
+        if self._grace_over or now < self._startup_grace_until:
+            return
+        self._grace_over = True
+        for model in self.jobs.models_waiting():
+            if self.workers.serves(model):
+                continue
+            for job in self.jobs.drop_queue(model):
+                self._fail(job.client, job.id, ErrorCode.NO_WORKER,
+                           f"no worker serves model {model!r} right now", retryable=True)
 
     def _lose_jobs(self, worker: Worker) -> None:
         """Requeue the jobs of a worker that vanished; fail those that used up their attempts."""
@@ -382,6 +548,7 @@ class Broker:
                 self.jobs.finish(job.id)
                 self._fail(job.client, job.id, ErrorCode.WORKER_LOST,
                            f"the job was lost with {job.attempt} workers that ran it")
+        self._forget_claims(worker)
         worker.running.clear()
 
     def _held_by(self, worker: Worker) -> list[Job]:
@@ -395,7 +562,7 @@ class Broker:
         if now < self._next_heartbeat:
             return
         self._next_heartbeat = now + self.config.heartbeat_interval
-        beat = protocol.encode(MsgType.HEARTBEAT)
+        beat = self._msg(MsgType.HEARTBEAT)
         for worker in self.workers:
             self._send(self.worker_socket, worker.identity, beat)
 
@@ -437,13 +604,13 @@ class Broker:
         self._next_announce = now + POSITION_INTERVAL
         for model in self._queue_moved:
             for position, job in enumerate(self.jobs.head(model, POSITION_UPDATES)):
-                self._send(self.clients, job.client, protocol.encode(
-                    MsgType.ACCEPTED, {"job_id": job.id, "position": position}))
+                self._accepted(job.client, job.id, position)
         self._queue_moved.clear()
 
     def _lease(self, worker: Worker, batch: list[Job], now: float) -> None:
         specs = [_with_attempt(job) for job in batch]
-        if not self._send(self.worker_socket, worker.identity, protocol.jobs(specs)):
+        if not self._send(self.worker_socket, worker.identity,
+                          protocol.jobs(specs, self.incarnation)):
             # The worker is gone (ROUTER_MANDATORY): the batch never left, so it goes back
             # as it was; what the worker already held is lost with it.
             for job in reversed(batch):
@@ -471,14 +638,38 @@ class Broker:
 
     def _fail(self, client: bytes, job_id: str, code: ErrorCode, message: str, *,
               retryable: bool = False) -> None:
-        self._send(self.clients, client,
-                   protocol.failed(job_id, code, message, retryable=retryable))
+        self._send(self.clients, client, protocol.failed(
+            job_id, code, message, retryable=retryable, incarnation=self.incarnation))
 
-    def status(self) -> dict[str, Any]:
+    def _accepted(self, client: bytes, job_id: str, position: int) -> None:
+        self._send(self.clients, client,
+                   self._msg(MsgType.ACCEPTED, {"job_id": job_id, "position": position}))
+
+    def _msg(self, msg_type: MsgType, fields: dict[str, Any] | None = None) -> list[Any]:
+        """A message of ours: it names this broker's incarnation."""
+        return protocol.encode(msg_type, {**(fields or {}), "incarnation": self.incarnation})
+
+    def status(self, now: float | None = None) -> dict[str, Any]:
+        now = self._clock() if now is None else now
         return {
-            "workers": [w.describe() for w in self.workers],
+            "workers": [w.describe(now) for w in self.workers],
             "queues": self.jobs.depths(),
         }
+
+
+def _mismatch(spec: protocol.JobSpec, result: Message) -> str | None:
+    """What is wrong with a RESULT for ``spec``, or None: a worker's answer is checked."""
+    images: list[protocol.ImageInfo] = result["images"]
+    if len(images) != spec.n:
+        return f"{len(images)} image(s) for {spec.n}"
+    for info, seed in zip(images, spec.seeds, strict=True):
+        if info.seed != seed:
+            return f"seed {info.seed} where {seed} was asked"
+        if info.format != spec.output_format:
+            return f"{info.format!r} where {spec.output_format!r} was asked"
+        if (info.width, info.height) != (spec.width, spec.height):
+            return f"{info.width}x{info.height} where {spec.width}x{spec.height} was asked"
+    return None
 
 
 def _with_attempt(job: Job) -> protocol.JobSpec:

@@ -20,8 +20,9 @@ class JobState(enum.StrEnum):
 @dataclass(eq=False)
 class Job:
     spec: JobSpec
-    client: bytes  # ROUTER identity of the frontend that submitted it
+    client: bytes  # ROUTER identity of the connection its answers go to
     deadline: float  # time.monotonic() on the broker's clock
+    owner: str = ""  # the submitting frontend's stable id: only it may re-attach or cancel
     state: JobState = JobState.QUEUED
     attempt: int = 0
     worker: bytes | None = None  # identity of the worker holding the lease while RUNNING
@@ -76,15 +77,18 @@ class JobTable:
 
     def add(self, job: Job) -> int:
         """Queue a new job at the tail; return its position (0 = next)."""
+        self._track(job)
+        self._enqueue(job, at_head=False)
+        return self.queue_depth(job.model) - 1
+
+    def _track(self, job: Job) -> None:
         job.seq = next(self._seq)
         self._jobs[job.id] = job
-        self._enqueue(job, at_head=False)
         heapq.heappush(self._deadlines, (job.deadline, job.id))
         if len(self._deadlines) > 2 * len(self._jobs) + 1024:
             # Answered jobs leave their entries behind until their deadline: drop them.
             self._deadlines = [(j.deadline, j.id) for j in self._jobs.values()]
             heapq.heapify(self._deadlines)
-        return self.queue_depth(job.model) - 1
 
     def _enqueue(self, job: Job, *, at_head: bool) -> None:
         job.state, job.worker = JobState.QUEUED, None
@@ -121,12 +125,31 @@ class JobTable:
             self._queued[model] -= 1
         return batch
 
+    def drop_queue(self, model: str) -> list[Job]:
+        """Forget every queued job of ``model``; return them, oldest first."""
+        dropped = list(self._live_queued(self._queues.pop(model, deque())))
+        for job in dropped:
+            del self._jobs[job.id]
+        self._queued[model] = 0
+        return dropped
+
     def head(self, model: str, limit: int) -> list[Job]:
         """The first ``limit`` queued jobs of ``model``, oldest first."""
         return list(itertools.islice(self._live_queued(self._queues.get(model, deque())), limit))
 
     def _is_stale(self, job: Job) -> bool:
         return self._jobs.get(job.id) is not job or job.state is not JobState.QUEUED
+
+    def claim(self, job: Job, worker: bytes) -> None:
+        """Lease a queued job to a worker that already holds it (it re-registered with it)."""
+        if job.state is JobState.QUEUED:
+            self._queued[job.model] -= 1  # its queue entry is stale from now on
+        job.state, job.worker = JobState.RUNNING, worker
+
+    def add_running(self, job: Job, worker: bytes) -> None:
+        """Take a new job that a worker already holds: leased at once, never queued."""
+        self._track(job)
+        job.state, job.worker = JobState.RUNNING, worker
 
     def finish(self, job_id: str) -> Job | None:
         """Forget a job (answered, cancelled or failed); return it if it was known."""

@@ -31,6 +31,9 @@ MAX_IMAGES = 16
 MAX_PREVIEWS = 3
 MAX_PAYLOAD_FRAMES = MAX_IMAGES
 MAX_FRAMES = 1 + MAX_PAYLOAD_FRAMES
+MAX_BATCH = 16  # jobs in one pipeline call; a worker holds at most 2 batches (capacity)
+MAX_SEED = 2**63 - 1
+MAX_ID = 128  # characters in an id: job, owner, worker, incarnation
 
 
 class ProtocolError(ValueError):
@@ -115,8 +118,9 @@ class JobSpec:
     def from_wire(cls, data: Any) -> JobSpec:
         values = _check_record(data, _JOB_FIELDS, "job")
         seeds = values["seeds"]
-        if not 1 <= len(seeds) <= MAX_IMAGES or not all(_is_int(s) for s in seeds):
-            raise ProtocolError(f"job.seeds must be 1..{MAX_IMAGES} integers")
+        if not 1 <= len(seeds) <= MAX_IMAGES or not all(
+                _is_int(s) and 0 <= s <= MAX_SEED for s in seeds):
+            raise ProtocolError(f"job.seeds must be 1..{MAX_IMAGES} integers in 0..2**63-1")
         if values["width"] <= 0 or values["height"] <= 0 or values["steps"] <= 0:
             raise ProtocolError("job width, height and steps must be positive")
         values["seeds"] = tuple(seeds)
@@ -208,8 +212,9 @@ _IMAGE_FIELDS: _Spec = {
 
 # Per message type: its fields and how many payload frames it may carry.
 _MESSAGES: dict[MsgType, tuple[_Spec, range]] = {
-    MsgType.SUBMIT: ({"job": (_MAP, True)}, range(0, 1)),
-    MsgType.CANCEL: ({"job_id": (_STR, True)}, range(0, 1)),
+    # owner: the submitting frontend's stable id; its jobs are its own across reconnects.
+    MsgType.SUBMIT: ({"job": (_MAP, True), "owner": (_OPT_STR, False)}, range(0, 1)),
+    MsgType.CANCEL: ({"job_id": (_STR, True), "owner": (_OPT_STR, False)}, range(0, 1)),
     MsgType.STATUS: ({}, range(0, 1)),
     MsgType.ACCEPTED: ({"job_id": (_STR, True), "position": (_INT, True)}, range(0, 1)),
     MsgType.STATUS_REPLY: ({"workers": (_LIST, True), "queues": (_MAP, True)}, range(0, 1)),
@@ -231,7 +236,8 @@ _MESSAGES: dict[MsgType, tuple[_Spec, range]] = {
     MsgType.READY: (
         {"worker_id": (_STR, True), "host": (_STR, True), "device": (_STR, True),
          "models": (_LIST, True), "max_batch": (_INT, False), "capacity": (_INT, False),
-         "version": (_STR, False), "model_info": (_MAP, False)},
+         "version": (_STR, False), "model_info": (_MAP, False),
+         "held": (_LIST, False)},  # ids of the jobs it holds (running or waiting), if any
         range(0, 1),
     ),
     MsgType.HEARTBEAT: ({"running": (_LIST, False)}, range(0, 1)),
@@ -240,6 +246,13 @@ _MESSAGES: dict[MsgType, tuple[_Spec, range]] = {
     MsgType.RECONNECT: ({}, range(0, 1)),
 }
 
+
+# Every message the broker makes names its incarnation (a random id per broker process), so a
+# peer notices a restart on the first message from the new one, however fast it was.
+_INCARNATION: _Spec = {"incarnation": (_OPT_STR, False)}
+for _type in (MsgType.ACCEPTED, MsgType.STATUS_REPLY, MsgType.FAILED, MsgType.HEARTBEAT,
+              MsgType.JOBS, MsgType.CANCEL, MsgType.RECONNECT):
+    _MESSAGES[_type][0].update(_INCARNATION)
 
 _TYPE_NAMES = frozenset(t.value for t in MsgType)
 
@@ -254,7 +267,12 @@ def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
     return isinstance(value, types)
 
 
+_ID_FIELDS = frozenset({"id", "job_id", "owner", "incarnation", "worker_id"})
+
+
 def _check_value(name: str, value: Any) -> None:
+    if isinstance(value, str) and name.rpartition(".")[2] in _ID_FIELDS and len(value) > MAX_ID:
+        raise ProtocolError(f"{name} is longer than {MAX_ID} characters")
     if isinstance(value, str) and len(value) > MAX_STRING:
         raise ProtocolError(f"{name} is longer than {MAX_STRING} characters")
     if isinstance(value, (list, dict)) and len(value) > MAX_LIST:
@@ -302,9 +320,17 @@ def _reject_ext(code: int, data: bytes) -> Any:
 
 def encode(msg_type: MsgType, fields: dict[str, Any] | None = None,
            payloads: Sequence[Any] = ()) -> list[Any]:
-    """Return the frames of one message: the header, then the payloads as given."""
+    """Return the frames of one message: the header, then the payloads as given.
+
+    Raises ProtocolError for fields msgpack cannot encode (a string holding a lone surrogate,
+    an integer past 64 bits), so a caller can refuse that one message and carry on.
+    """
     header = {"v": VERSION, "t": msg_type.value, **(fields or {})}
-    return [msgpack.packb(header, use_bin_type=True), *payloads]
+    try:
+        packed = msgpack.packb(header, use_bin_type=True)
+    except (UnicodeEncodeError, TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(f"cannot encode {msg_type.value}: {type(exc).__name__}") from None
+    return [packed, *payloads]
 
 
 def _frame_bytes(frame: Any) -> bytes:
@@ -389,9 +415,14 @@ def _check_semantics(msg_type: MsgType, fields: dict[str, Any], payloads: Sequen
         models = fields["models"]
         if not models or not all(isinstance(m, str) and m for m in models):
             raise ProtocolError("ready.models must be a non-empty list of names")
-        for name in ("max_batch", "capacity"):
-            if fields.get(name, 1) < 1:
-                raise ProtocolError(f"ready.{name} must be at least 1")
+        max_batch, capacity = fields.get("max_batch", 1), fields.get("capacity", 1)
+        if not 1 <= max_batch <= MAX_BATCH:
+            raise ProtocolError(f"ready.max_batch must be 1..{MAX_BATCH}")
+        if not 1 <= capacity <= 2 * max_batch:
+            raise ProtocolError("ready.capacity must be 1..2 x max_batch")
+        _check_ids("ready.held", fields.get("held", []))
+    elif msg_type is MsgType.HEARTBEAT:
+        _check_ids("heartbeat.running", fields.get("running", []))
     elif msg_type is MsgType.FAILED:
         fields.setdefault("retryable", False)
     elif msg_type is MsgType.STATUS_REPLY:
@@ -399,6 +430,11 @@ def _check_semantics(msg_type: MsgType, fields: dict[str, Any], payloads: Sequen
             raise ProtocolError("status_reply.workers must be a list of maps")
         if not all(isinstance(k, str) and _is_int(v) for k, v in fields["queues"].items()):
             raise ProtocolError("status_reply.queues must map model names to depths")
+
+
+def _check_ids(name: str, ids: list[Any]) -> None:
+    if not all(isinstance(i, str) and 0 < len(i) <= MAX_ID for i in ids):
+        raise ProtocolError(f"{name} must be a list of job ids")
 
 
 class DropLog:
@@ -427,17 +463,21 @@ class DropLog:
 # Constructors for the messages with nested records, so callers never build maps by hand
 
 
-def submit(job: JobSpec) -> list[Any]:
-    return encode(MsgType.SUBMIT, {"job": job.to_wire()})
+def submit(job: JobSpec, owner: str | None = None) -> list[Any]:
+    return encode(MsgType.SUBMIT, {"job": job.to_wire(), "owner": owner})
 
 
-def jobs(specs: Sequence[JobSpec]) -> list[Any]:
-    return encode(MsgType.JOBS, {"jobs": [s.to_wire() for s in specs]})
+def jobs(specs: Sequence[JobSpec], incarnation: str | None = None) -> list[Any]:
+    return encode(MsgType.JOBS, {"jobs": [s.to_wire() for s in specs],
+                                 "incarnation": incarnation})
 
 
-def failed(job_id: str, code: ErrorCode, message: str, *, retryable: bool = False) -> list[Any]:
-    return encode(MsgType.FAILED, {"job_id": job_id, "code": code.value,
-                                   "message": message, "retryable": retryable})
+def failed(job_id: str, code: ErrorCode, message: str, *, retryable: bool = False,
+           incarnation: str | None = None) -> list[Any]:
+    fields = {"job_id": job_id, "code": code.value, "message": message, "retryable": retryable}
+    if incarnation is not None:
+        fields["incarnation"] = incarnation
+    return encode(MsgType.FAILED, fields)
 
 
 def result(job_id: str, images: Sequence[ImageInfo], payloads: Sequence[Any], *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import enum
 import heapq
 import itertools
@@ -11,10 +12,14 @@ from typing import Any
 
 from broker.protocol import Message
 
+QUARANTINE_AFTER = 3  # consecutive failed jobs after which a worker gets no work for a while
+QUARANTINE_FIRST = 5.0  # seconds of its first quarantine; each next one doubles
+QUARANTINE_MAX = 300.0
+
 
 class WorkerState(enum.StrEnum):
     READY = "ready"  # takes work up to its capacity
-    DRAINING = "draining"  # said BYE or is shutting down: finishes what it has, gets nothing new
+    QUARANTINED = "quarantined"  # failed every job lately: gets nothing new until its time is up
 
 
 @dataclass(eq=False)
@@ -30,9 +35,15 @@ class Worker:
     model_info: dict[str, Any]
     expires_at: float  # time.monotonic(); pushed forward by every message from the worker
     state: WorkerState = WorkerState.READY
-    running: set[str] = field(default_factory=set)
+    running: set[str] = field(default_factory=set)  # ids of the jobs it holds
     jobs_done: int = 0
     last_dispatch: float = 0.0
+    failures: int = 0  # failed jobs in a row; a good answer resets it
+    quarantines: int = 0  # quarantines in a row; a good answer resets it
+    quarantined_until: float = 0.0
+    # Jobs the broker dropped (cancelled, expired) that the worker has not said it ended;
+    # their slots stay taken until it does. Job id -> when the broker asked it to stop.
+    ending: dict[str, float] = field(default_factory=dict)
 
     @property
     def free(self) -> int:
@@ -40,15 +51,23 @@ class Worker:
             return 0
         return max(0, self.capacity - len(self.running))
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, now: float) -> dict[str, Any]:
         """The worker as STATUS_REPLY shows it."""
-        return {
+        described = {
             "worker_id": self.worker_id, "host": self.host, "device": self.device,
             "models": list(self.models), "state": self.state.value,
             "running": sorted(self.running), "jobs_done": self.jobs_done,
             "max_batch": self.max_batch, "capacity": self.capacity, "version": self.version,
-            "model_info": self.model_info,
+            "model_info": self.model_info, "consecutive_failures": self.failures,
         }
+        if self.state is WorkerState.QUARANTINED:
+            described["quarantine_left_s"] = round(max(0.0, self.quarantined_until - now), 1)
+        return described
+
+
+# What a worker's record keeps when the worker registers again.
+_CARRIED_OVER = ("state", "running", "ending", "jobs_done", "last_dispatch", "failures",
+                 "quarantines", "quarantined_until")
 
 
 class WorkerRegistry:
@@ -76,7 +95,14 @@ class WorkerRegistry:
     def get(self, identity: bytes) -> Worker | None:
         return self._workers.get(identity)
 
-    def register(self, identity: bytes, ready: Message, now: float) -> Worker:
+    def find(self, worker_id: str) -> Worker | None:
+        """The registered worker that calls itself ``worker_id``, on any connection."""
+        return next((w for w in self._workers.values() if w.worker_id == worker_id), None)
+
+    def register(self, identity: bytes, ready: Message, now: float, *,
+                 keep: Worker | None = None) -> Worker:
+        """Record a READY; ``keep`` is the worker's earlier record, whose load and health
+        carry over (registering again is idempotent)."""
         self.remove(identity)
         worker = Worker(
             identity=identity,
@@ -90,6 +116,9 @@ class WorkerRegistry:
             model_info=ready.get("model_info") or {},
             expires_at=now + self.liveness,
         )
+        if keep is not None:
+            for name in _CARRIED_OVER:
+                setattr(worker, name, copy.copy(getattr(keep, name)))
         self._workers[identity] = worker
         for model in worker.models:
             self._by_model.setdefault(model, set()).add(identity)
@@ -114,8 +143,37 @@ class WorkerRegistry:
         return [w for w in self._workers.values() if w.expires_at <= now]
 
     def serves(self, model: str) -> bool:
-        return any(self._workers[i].state is WorkerState.READY
-                   for i in self._by_model.get(model, ()))
+        """Whether a registered worker serves ``model``, quarantined or not."""
+        return bool(self._by_model.get(model))
+
+    # ---------------------------------------------------------------- health
+
+    def succeeded(self, worker: Worker) -> None:
+        worker.failures = worker.quarantines = 0
+
+    def failed(self, worker: Worker, now: float) -> bool:
+        """Count a failed job; quarantine the worker after too many. Whether it is now."""
+        worker.failures += 1
+        if worker.state is WorkerState.QUARANTINED:
+            return True
+        # A worker on probation (quarantined before, nothing good since) goes back at once.
+        if worker.failures < QUARANTINE_AFTER and not worker.quarantines:
+            return False
+        seconds = min(QUARANTINE_MAX, QUARANTINE_FIRST * 2 ** worker.quarantines)
+        worker.quarantines += 1
+        worker.state = WorkerState.QUARANTINED
+        worker.quarantined_until = now + seconds
+        self.offer(worker)  # its heap entries go stale: no room while quarantined
+        return True
+
+    def end_quarantines(self, now: float) -> list[Worker]:
+        """Put workers whose quarantine is over back to work (on probation); return them."""
+        freed = [w for w in self._workers.values()
+                 if w.state is WorkerState.QUARANTINED and w.quarantined_until <= now]
+        for worker in freed:
+            worker.state = WorkerState.READY
+            self.offer(worker)
+        return freed
 
     # ---------------------------------------------------------------- load
 

@@ -26,6 +26,11 @@ def make_spec(job_id: str = "job-1", **overrides: Any) -> JobSpec:
     return JobSpec(**values)
 
 
+def plain(msg: Message) -> dict[str, Any]:
+    """A message's fields without the broker's incarnation, which is random per broker."""
+    return {k: v for k, v in msg.fields.items() if k != "incarnation"}
+
+
 class FakeClock:
     """A monotonic clock that moves only when a test says so."""
 
@@ -107,31 +112,37 @@ class Peer:
 
 
 class FakeClient(Peer):
-    """A frontend: submits jobs and reads the answers."""
+    """A frontend: submits jobs and reads the answers. ``owner`` is its stable id (None: an
+    old frontend that sends none, whose jobs belong to its connection)."""
+
+    owner: str | None = None
 
     def submit(self, spec: JobSpec, **recv: Any) -> Message:
         """Submit ``spec`` and return the broker's first answer (ACCEPTED or FAILED)."""
-        self.send(protocol.submit(spec))
+        self.send(protocol.submit(spec, self.owner))
         msg = self.recv(**recv)
         assert msg.type in (MsgType.ACCEPTED, MsgType.FAILED), msg
         assert msg["job_id"] == spec.id
         return msg
 
     def cancel(self, job_id: str) -> None:
-        self.send_msg(MsgType.CANCEL, {"job_id": job_id})
+        self.send_msg(MsgType.CANCEL, {"job_id": job_id, "owner": self.owner})
 
 
 class FakeWorker(Peer):
     """A GPU worker without a GPU: the test decides what it answers and when."""
 
     def ready(self, worker_id: str = "w", *, models: tuple[str, ...] = (MODEL,),
-              capacity: int = 1, max_batch: int = 1) -> None:
+              capacity: int = 1, max_batch: int = 1, held: list[str] | None = None) -> None:
         self.worker_id = worker_id
-        self.send_msg(MsgType.READY, {
+        fields: dict[str, Any] = {
             "worker_id": worker_id, "host": "testhost", "device": "cpu",
             "models": list(models), "capacity": capacity, "max_batch": max_batch,
             "version": "test", "model_info": {m: {"max_steps": 50} for m in models},
-        })
+        }
+        if held is not None:
+            fields["held"] = held
+        self.send_msg(MsgType.READY, fields)
 
     def take(self, timeout: float = 5.0, **kwargs: Any) -> list[JobSpec]:
         """Wait for the next JOBS message and return its job specs."""
@@ -177,8 +188,9 @@ class BrokerHarness:
     def pump(self) -> None:
         self.broker.tick(timeout=0.002)
 
-    def client(self) -> FakeClient:
+    def client(self, owner: str | None = None) -> FakeClient:
         peer = FakeClient(self.ctx, self.clients_endpoint, self.pump)
+        peer.owner = owner
         self._peers.append(peer)
         return peer
 

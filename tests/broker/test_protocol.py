@@ -390,10 +390,47 @@ def test_rejects_oversized_header() -> None:
 
 
 def test_rejects_strings_over_max_string() -> None:
-    rejects([header("cancel", job_id="j" * (MAX_STRING + 1))])
+    rejects([header("failed", job_id="j", code="c", message="m" * (MAX_STRING + 1))])
     rejects([header("submit", job=job_map(prompt="p" * (MAX_STRING + 1)))])
-    assert protocol.decode([header("cancel", job_id="j" * MAX_STRING)])["job_id"] == \
-        "j" * MAX_STRING
+    assert protocol.decode([header("failed", job_id="j", code="c", message="m" * MAX_STRING)]
+                           )["message"] == "m" * MAX_STRING
+
+
+@pytest.mark.parametrize("frame", [
+    header("cancel", job_id="j" * (protocol.MAX_ID + 1)),
+    header("cancel", job_id="j", owner="o" * (protocol.MAX_ID + 1)),
+    header("heartbeat", incarnation="i" * (protocol.MAX_ID + 1)),
+    header("submit", job=job_map(id="j" * (protocol.MAX_ID + 1))),
+    header("heartbeat", running=["j" * (protocol.MAX_ID + 1)]),
+    header("heartbeat", running=[7]),
+])
+def test_rejects_ids_over_max_id(frame: bytes) -> None:
+    rejects([frame])
+
+
+@pytest.mark.parametrize("fields", [
+    {"max_batch": protocol.MAX_BATCH + 1, "capacity": 1},
+    {"max_batch": 1, "capacity": 3},  # room for more than two batches: it would hoard jobs
+    {"max_batch": 2, "capacity": 0},
+    {"held": ["j", 5]},
+])
+def test_rejects_ready_that_would_hoard_jobs(fields: dict[str, Any]) -> None:
+    rejects([header("ready", worker_id="w", host="h", device="cpu", models=["tiny"],
+                    **fields)])
+
+
+@pytest.mark.parametrize("seed", [-1, protocol.MAX_SEED + 1])
+def test_rejects_seeds_outside_the_documented_range(seed: int) -> None:
+    rejects([header("submit", job=job_map(seeds=[seed]))])
+
+
+@pytest.mark.parametrize("text", ["\ud800", "a\udfffb"])
+def test_encoding_a_string_that_is_not_unicode_raises_protocol_error(text: str) -> None:
+    # A lone surrogate cannot be UTF-8: the one message is refused, nothing else breaks.
+    with pytest.raises(ProtocolError):
+        protocol.encode(MsgType.SUBMIT, {"job": job_map(prompt=text)})
+    with pytest.raises(ProtocolError):
+        protocol.encode(MsgType.STATUS, {"pad": 2**64})
 
 
 def test_rejects_lists_over_max_list() -> None:
@@ -487,7 +524,8 @@ _specs = st.builds(
     JobSpec,
     id=_text, model=_text, prompt=st.text(max_size=200), width=_positive, height=_positive,
     steps=_positive,
-    seeds=st.lists(_ints, min_size=1, max_size=MAX_IMAGES).map(tuple),
+    seeds=st.lists(st.integers(min_value=0, max_value=protocol.MAX_SEED), min_size=1,
+                   max_size=MAX_IMAGES).map(tuple),
     negative_prompt=st.none() | _text,
     guidance=st.none() | _finite,
     output_format=st.sampled_from(["png", "jpeg", "webp"]),

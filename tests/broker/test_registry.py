@@ -78,13 +78,13 @@ def drain(reg: WorkerRegistry, model: str = "tiny") -> list:
 
 def test_next_free_least_running_first() -> None:
     reg = WorkerRegistry(liveness=3.0)
-    a = reg.register(b"a", ready("a", capacity=3), now=0.0)
-    b = reg.register(b"b", ready("b", capacity=3), now=0.0)
-    c = reg.register(b"c", ready("c", capacity=3), now=0.0)
+    a = reg.register(b"a", ready("a", capacity=4, max_batch=2), now=0.0)
+    b = reg.register(b"b", ready("b", capacity=4, max_batch=2), now=0.0)
+    c = reg.register(b"c", ready("c", capacity=4, max_batch=2), now=0.0)
     reg.lease(a, ["1", "2"], now=1.0)
     reg.lease(b, ["3"], now=1.0)
     assert drain(reg) == [c, b, a]
-    reg.lease(c, ["4", "5", "6"], now=2.0)  # full
+    reg.lease(c, ["4", "5", "6"], now=2.0)  # no room for a whole batch
     reg.offer(a)
     reg.offer(b)
     assert drain(reg) == [b, a]
@@ -132,14 +132,26 @@ def test_stale_entries_do_not_pile_up() -> None:
     assert len(reg._free["tiny"]) < 100
 
 
-def test_draining_worker_has_no_free_capacity() -> None:
+def test_a_worker_that_fails_jobs_in_a_row_is_quarantined_with_back_off() -> None:
     reg = WorkerRegistry(liveness=3.0)
-    worker = reg.register(b"a", ready("a", capacity=4), now=0.0)
-    worker.state = WorkerState.DRAINING
+    worker = reg.register(b"a", ready("a", capacity=2), now=0.0)
+    assert not reg.failed(worker, now=1.0)
+    assert not reg.failed(worker, now=1.0)
+    assert reg.failed(worker, now=1.0)  # the third in a row
     assert worker.free == 0
     assert drain(reg) == []
-    assert not reg.serves("tiny")
-    assert worker.describe()["state"] == "draining"
+    assert reg.serves("tiny")  # its model's jobs wait for it (or others); they never fail
+    assert worker.describe(now=3.0)["state"] == "quarantined"
+    assert worker.describe(now=3.0)["quarantine_left_s"] == 3.0
+    assert reg.end_quarantines(now=5.9) == []
+    assert reg.end_quarantines(now=6.0) == [worker]
+    assert drain(reg) == [worker]
+    # On probation: one more failure and it is out again, for twice as long.
+    assert reg.failed(worker, now=7.0)
+    assert worker.quarantined_until == 17.0
+    reg.end_quarantines(now=17.0)
+    reg.succeeded(worker)  # a good answer clears its record
+    assert not reg.failed(worker, now=18.0)
 
 
 def test_full_worker_still_serves() -> None:
@@ -160,8 +172,8 @@ def test_describe() -> None:
     worker = reg.register(b"a", ready("w1", capacity=2, version="9"), now=0.0)
     worker.running.update({"b-job", "a-job"})
     worker.jobs_done = 5
-    assert worker.describe() == {
+    assert worker.describe(now=0.0) == {
         "worker_id": "w1", "host": "gpu-host", "device": "cuda:0", "models": ["tiny"],
         "state": "ready", "running": ["a-job", "b-job"], "jobs_done": 5, "max_batch": 1,
-        "capacity": 2, "version": "9", "model_info": {},
+        "capacity": 2, "version": "9", "model_info": {}, "consecutive_failures": 0,
     }
