@@ -28,6 +28,7 @@ import argparse
 import heapq
 import math
 import os
+import queue
 import random
 import sys
 import threading
@@ -50,7 +51,7 @@ from _common import (
 )
 
 from broker import protocol
-from broker.protocol import ImageInfo, JobSpec, MsgType
+from broker.protocol import ErrorCode, ImageInfo, JobSpec, MsgType
 
 MODEL = "bench"
 PING_PREFIX = "ping"
@@ -123,19 +124,49 @@ def _template() -> dict[str, Any]:
 # ------------------------------------------------------------------------------ workers
 
 
-def _broker_job_loop(link: Any, worker_id: str, payload: bytes) -> None:
-    """What gpu_worker.worker.Worker does with each job, with a sleep for the pipeline."""
-    image = [ImageInfo(seed=1, width=512, height=512, format="png")]
-    while True:
-        got = link.jobs.get()
-        for job in got if isinstance(got, list) else [got]:  # a batch, or one job (older link)
-            if link.is_cancelled(job.id):
-                link.job_done(job.id)
-                continue
-            link.job_started(job.id)
-            time.sleep(_service_of(job))
-            link.send(protocol.result(job.id, image, [payload], worker_id=worker_id))
-            link.job_done(job.id)
+class _SleepWorker:
+    """What gpu_worker.worker.Worker does with each job, with a sleep for the pipeline: the
+    link's handler (batches in, cancels, what it holds) and a job thread."""
+
+    def __init__(self, worker_id: str, payload: bytes) -> None:
+        self.worker_id = worker_id
+        self.payload = payload
+        self.link: Any = None
+        self._batches: queue.Queue[list[JobSpec]] = queue.Queue()
+        self._lock = threading.Lock()
+        self._held: set[str] = set()
+        self._cancelled: set[str] = set()
+
+    def on_jobs(self, batch: list[JobSpec]) -> None:
+        with self._lock:
+            self._held.update(job.id for job in batch)
+        self._batches.put(batch)
+
+    def on_cancel(self, job_id: str) -> None:
+        with self._lock:
+            if job_id in self._held:
+                self._cancelled.add(job_id)
+
+    def held(self) -> list[str]:
+        with self._lock:
+            return sorted(self._held)
+
+    def run(self) -> None:
+        image = [ImageInfo(seed=1, width=512, height=512, format="png")]
+        while True:
+            for job in self._batches.get():
+                with self._lock:
+                    cancelled = job.id in self._cancelled
+                if not cancelled:
+                    time.sleep(_service_of(job))
+                    frames = protocol.result(job.id, image, [self.payload],
+                                             worker_id=self.worker_id)
+                else:
+                    frames = protocol.failed(job.id, ErrorCode.CANCELLED, "cancelled")
+                with self._lock:
+                    self._held.discard(job.id)
+                    self._cancelled.discard(job.id)
+                self.link.send(frames)
 
 
 def _broker_workers_main(endpoint: str, ids: list[str], heartbeat: float,
@@ -146,13 +177,13 @@ def _broker_workers_main(endpoint: str, ids: list[str], heartbeat: float,
     payload = bytes(payload_size)
     context = zmq.Context.instance()  # one I/O thread for all the process's workers
     for worker_id in ids:
-        link = BrokerLink(endpoint, {
+        worker = _SleepWorker(worker_id, payload)
+        worker.link = BrokerLink(endpoint, {
             "worker_id": worker_id, "host": "bench", "device": "sleep", "models": [MODEL],
-            "max_batch": 1, "capacity": 1, "version": "bench"}, heartbeat=heartbeat,
-            context=context)
-        link.start()
-        threading.Thread(target=_broker_job_loop, args=(link, worker_id, payload),
-                         daemon=True).start()
+            "max_batch": 1, "capacity": 1, "version": "bench"}, handler=worker,
+            heartbeat=heartbeat, context=context)
+        worker.link.start()
+        threading.Thread(target=worker.run, daemon=True).start()
     threading.Event().wait()  # until SIGTERM
 
 

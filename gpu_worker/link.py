@@ -1,8 +1,10 @@
 """The worker's link to the broker: one I/O thread owns the DEALER socket.
 
 It registers (READY), heartbeats while the main thread runs long jobs, reconnects with capped
-back-off when the broker goes silent, hands received jobs to the main thread through a queue
-and sends what the main thread queues for it. Other threads never touch the socket.
+back-off when the broker goes silent, registers again at once when the broker restarted, hands
+what the broker sends to a handler and sends what other threads queue for it. It only carries
+messages: which jobs the worker holds, and which are cancelled, is the handler's business.
+Other threads never touch the socket.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -45,17 +47,30 @@ class CurveKeys:
         return f"CurveKeys(public={self.public.decode()})"
 
 
+class LinkHandler(Protocol):
+    """What the link tells the worker, and asks it; called on the link's I/O thread."""
+
+    def on_jobs(self, batch: list[JobSpec]) -> None:
+        """Take a batch the broker leased to this worker (a JOBS message)."""
+
+    def on_cancel(self, job_id: str) -> None:
+        """Note that the broker cancelled a job (a CANCEL message)."""
+
+    def held(self) -> list[str]:
+        """Return the ids of every job received and not yet answered, running or waiting."""
+
+
 class BrokerLink:
-    def __init__(self, endpoint: str, ready: dict[str, Any], *, heartbeat: float = 1.0,
-                 liveness: int = 3, max_frame: int = 1 << 20,
+    def __init__(self, endpoint: str, ready_fields: dict[str, Any], *, handler: LinkHandler,
+                 heartbeat: float = 1.0, liveness: int = 3, max_frame: int = 1 << 20,
                  curve: CurveKeys | None = None, context: zmq.Context | None = None) -> None:
         self.endpoint = endpoint
         self.curve = curve
-        self.ready = ready  # READY fields, re-sent on every (re)connect
+        self.ready_fields = ready_fields  # READY is these plus `held`, built at each send
+        self.handler = handler
         self.heartbeat = heartbeat
         self.liveness = liveness
         self.max_frame = max_frame
-        self.jobs: queue.Queue[list[JobSpec]] = queue.Queue()  # batches, as the broker sent them
         # A link owns its context unless given one: stop() terminates it, which is what waits
         # for the last answers and BYE to leave (closing a socket does not).
         self._own_context = context is None
@@ -64,9 +79,10 @@ class BrokerLink:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._cancelled: set[str] = set()
-        self._running: set[str] = set()
-        self._lock = threading.Lock()  # guards _cancelled and _running
+        # The broker's incarnation as last seen: another one means it restarted.
+        self._incarnation: str | None = None
+        self._last_ready = float("-inf")  # when READY was last sent (monotonic)
+        self._ready_due: float | None = None  # when a READY held back by the rate limit is due
         self._stop = threading.Event()
         self._drop = protocol.DropLog(log)
         self._refused = protocol.DropLog(log, "the broker refused this worker at")
@@ -101,19 +117,6 @@ class BrokerLink:
         self._outbox.put(frames)
         self._wake()
 
-    def is_cancelled(self, job_id: str) -> bool:
-        with self._lock:
-            return job_id in self._cancelled
-
-    def job_started(self, job_id: str) -> None:
-        with self._lock:
-            self._running.add(job_id)
-
-    def job_done(self, job_id: str) -> None:
-        with self._lock:
-            self._running.discard(job_id)
-            self._cancelled.discard(job_id)
-
     def _wake(self) -> None:
         try:
             self._wake_w.send(b"\0")
@@ -133,7 +136,7 @@ class BrokerLink:
         try:
             self._watch_handshakes(sock)
             sock.connect(self.endpoint)
-            sock.send_multipart(protocol.encode(MsgType.READY, self.ready))
+            self._register(sock, force=True)  # a new socket: nobody has heard from it yet
         except BaseException:
             self._close(sock, linger=0)
             raise
@@ -201,7 +204,7 @@ class BrokerLink:
         next_beat = now + self.heartbeat
         backoff = self.heartbeat
         while not self._stop.is_set():
-            events = dict(poller.poll(int(self.heartbeat * 250)))
+            events = dict(poller.poll(self._poll_ms()))
             now = time.monotonic()
             if sock in events:
                 while self._recv(sock):
@@ -212,10 +215,10 @@ class BrokerLink:
             if self._monitor is not None and self._monitor in events:
                 self._explain_refusal()
             self._flush(sock)
+            if self._ready_due is not None and now >= self._ready_due:
+                self._register(sock, owed=True)
             if now >= next_beat:
-                with self._lock:
-                    running = sorted(self._running)
-                self._send(sock, protocol.encode(MsgType.HEARTBEAT, {"running": running}))
+                self._beat(sock)
                 next_beat = now + self.heartbeat
             if now >= broker_deadline:
                 log.warning("broker silent for %.1f s; reconnecting to %s",
@@ -234,6 +237,13 @@ class BrokerLink:
                 poller.register(self._monitor, zmq.POLLIN)
                 broker_deadline = time.monotonic() + self.heartbeat * self.liveness
         return True
+
+    def _poll_ms(self) -> int:
+        """How long to wait for a message: a quarter heartbeat, or until a READY is due."""
+        wait = self.heartbeat / 4
+        if self._ready_due is not None:
+            wait = min(wait, self._ready_due - time.monotonic())
+        return max(0, int(wait * 1000))
 
     def _drain_wake(self) -> None:
         try:
@@ -267,17 +277,58 @@ class BrokerLink:
             self._drop("the broker", str(exc))
             return True
         self.connected.set()
+        self._note_incarnation(sock, msg.get("incarnation"))
         self._handle(sock, msg)
         return True
 
     def _handle(self, sock: zmq.Socket, msg: Message) -> None:
         if msg.type is MsgType.JOBS:
-            self.jobs.put(list(msg["jobs"]))
+            self.handler.on_jobs(list(msg["jobs"]))
         elif msg.type is MsgType.CANCEL:
-            with self._lock:
-                self._cancelled.add(msg["job_id"])
+            self.handler.on_cancel(msg["job_id"])
         elif msg.type is MsgType.RECONNECT:
             log.info("broker asked us to register again")
-            self._send(sock, protocol.encode(MsgType.READY, self.ready))
+            self._register(sock)
         elif msg.type is not MsgType.HEARTBEAT:
             log.warning("dropped unexpected %s from the broker", msg.type.value)
+
+    def _note_incarnation(self, sock: zmq.Socket, incarnation: str | None) -> None:
+        """Register at once with a broker that restarted, rather than after its silence."""
+        if incarnation is None:  # a broker from before incarnations
+            return
+        previous, self._incarnation = self._incarnation, incarnation
+        if previous is not None and previous != incarnation:
+            log.info("broker %s restarted (incarnation %s, was %s); registering again",
+                     self.endpoint, incarnation, previous)
+            self._register(sock, owed=True)
+
+    def _register(self, sock: zmq.Socket, *, force: bool = False, owed: bool = False) -> None:
+        """Send READY, at most once per half heartbeat unless forced.
+
+        A restarted broker answers every stale message with RECONNECT (40 in 15 ms were seen);
+        one READY answers them all, and registering again is idempotent, so the rest are waste
+        and are dropped. An ``owed`` READY (the broker restarted: the last one may have gone to
+        its previous incarnation) is only put off until the rate limit allows it.
+        """
+        now = time.monotonic()
+        allowed_at = self._last_ready + self.heartbeat / 2
+        if not force and now < allowed_at:
+            if owed:
+                self._ready_due = allowed_at
+            else:
+                log.debug("READY sent %.3f s ago; not again yet", now - self._last_ready)
+            return
+        self._last_ready, self._ready_due = now, None
+        # Before any queued answers: a broker drops answers from a worker it does not know.
+        fields = {**self.ready_fields, "held": self.handler.held()}
+        self._send(sock, protocol.encode(MsgType.READY, fields))
+
+    def _beat(self, sock: zmq.Socket) -> None:
+        """Send a HEARTBEAT listing the jobs held, after the answers queued before the list.
+
+        So a job missing from the list was answered, and the broker has that answer before it
+        reads the list.
+        """
+        running = self.handler.held()
+        self._flush(sock)
+        self._send(sock, protocol.encode(MsgType.HEARTBEAT, {"running": running}))

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import re
 import socket
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image
 
@@ -49,31 +49,68 @@ class WorkerConfig:
     curve: CurveKeys | None = None  # encrypt and authenticate to a broker that uses CURVE
 
 
+class Link(Protocol):
+    """What the worker needs of its link to the broker (gpu_worker.link.BrokerLink)."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    def send(self, frames: list[Any]) -> None: ...
+
+    def stop(self, *, bye: bool = True) -> None: ...
+
+
+class Runner(Protocol):
+    """What the worker needs of its pipeline (gpu_worker.pipeline.PipelineRunner)."""
+
+    def generate_batch(self, jobs: list[JobSpec], on_step: StepCallback | None = None
+                       ) -> list[list[Image.Image]]: ...
+
+
 class Worker:
-    def __init__(self, config: WorkerConfig) -> None:
+    """Runs the jobs the broker leases to it and answers each exactly once.
+
+    It is the link's handler: the link's I/O thread hands it batches and cancellations, and
+    asks which jobs it holds. Every job received is held until answered, with a RESULT, a
+    FAILED worker_error, or a FAILED cancelled: the broker frees the job's slot on this worker
+    only when the answer arrives, so a cancelled job is answered too.
+    """
+
+    def __init__(self, config: WorkerConfig, *, runner: Runner | None = None) -> None:
         self.config = config
         self.spec = models.resolve(config.model)
         self.worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}-{config.device}"
         self._stop = threading.Event()
-        self.runner: PipelineRunner | None = None
-        self.link: BrokerLink | None = None
+        self.runner = runner  # loaded by run() when not given
+        self.link: Link | None = None
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
         # When the device last finished a batch: the gap before the next one is time the
         # device sat idle, which prefetching (capacity 2 x max_batch) is there to remove.
         self._device_free_since: float | None = None
+        # The jobs held, under one lock: the I/O thread adds and cancels, the main thread
+        # takes batches, the encoder answers. Invariant: _cancelled <= _held, and every id in
+        # a waiting batch is in _held.
+        self._lock = threading.Lock()
+        self._waiting: deque[list[JobSpec]] = deque()  # batches not started, oldest first
+        self._arrived = threading.Condition(self._lock)  # a batch joined _waiting
+        self._held: set[str] = set()  # received, not answered: running, encoding or waiting
+        self._cancelled: set[str] = set()  # held, and cancelled by the broker
 
     def stop(self) -> None:
         """Finish the current job, hand back the rest, leave. Safe from a signal handler."""
-        self._stop.set()
+        self._stop.set()  # only this: a signal handler must not take a lock its thread holds
 
     def load(self) -> None:
         options = LoadOptions(device=self.config.device, cache_dir=self.config.cache_dir,
                               threads=self.config.threads, offload=self.config.offload,
                               compile=self.config.compile)
-        self.runner = PipelineRunner(self.spec, options)
-        self.spec = self.runner.spec  # what the loaded pipeline really takes
+        runner = PipelineRunner(self.spec, options)
+        self.spec = runner.spec  # what the loaded pipeline really takes
+        self.runner = runner
         if self.config.warm_up:
-            seconds = self.runner.warm_up()
+            seconds = runner.warm_up()
             log.info("warm-up generation took %.2f s", seconds)
 
     def ready_fields(self) -> dict[str, Any]:
@@ -86,48 +123,143 @@ class Worker:
             "model_info": {self.spec.name: self.spec.limits()},
         }
 
-    def run(self) -> None:
+    # ---------------------------------------------------------------- the link's handler
+
+    def on_jobs(self, batch: list[JobSpec]) -> None:
+        """Queue a batch the broker leased to us (the link's I/O thread)."""
+        with self._lock:
+            # A job we already hold is running here or waiting: running it twice would
+            # answer it twice.
+            fresh = [job for job in batch if job.id not in self._held]
+            if len(fresh) < len(batch):
+                log.warning("dropped %d job(s) sent again while held", len(batch) - len(fresh))
+            if not fresh:
+                return
+            self._held.update(job.id for job in fresh)
+            self._waiting.append(fresh)
+            self._arrived.notify()
+
+    def on_cancel(self, job_id: str) -> None:
+        """Cancel a held job (the link's I/O thread); ignore one we do not hold.
+
+        A waiting job is answered at once, so the broker frees its slot without waiting for
+        the batch before it; a running one is marked, and stops at its next step or is
+        answered cancelled instead of with its images.
+        """
+        with self._lock:
+            if job_id not in self._held:
+                log.debug("CANCEL for job %s, which we do not hold", job_id)
+                return  # late (answered already) or never ours: keeping it would leak
+            if self._unqueue(job_id):
+                self._answer_locked(job_id, None)
+                log.info("job %s cancelled before it started", job_id)
+            else:
+                self._cancelled.add(job_id)
+                log.info("job %s cancelled while running", job_id)
+
+    def held(self) -> list[str]:
+        """Return the ids of the jobs held: running, encoding or waiting (the I/O thread)."""
+        with self._lock:
+            return sorted(self._held)
+
+    def _unqueue(self, job_id: str) -> bool:
+        """Remove a job from the batch that waits with it; whether it was waiting. Lock held."""
+        for batch in self._waiting:
+            for index, job in enumerate(batch):
+                if job.id == job_id:
+                    del batch[index]
+                    if not batch:
+                        self._waiting.remove(batch)
+                    return True
+        return False
+
+    # ---------------------------------------------------------------- answers, once each
+
+    def _answer(self, job_id: str, frames: list[Any] | None) -> bool:
+        """Send a held job's one answer and forget it; see _answer_locked."""
+        with self._lock:
+            return self._answer_locked(job_id, frames)
+
+    def _answer_locked(self, job_id: str, frames: list[Any] | None) -> bool:
+        """Send ``frames`` as the job's answer, or FAILED cancelled if it was cancelled (or
+        ``frames`` is None); nothing for a job already answered. Whether ``frames`` went.
+
+        Called with the lock held, so a CANCEL cannot slip in between the check and the send,
+        and the answer is queued on the link before the job leaves what held() reports.
+        """
+        assert self.link is not None
+        if job_id not in self._held:
+            return False
+        self._held.discard(job_id)
+        if job_id in self._cancelled or frames is None:
+            self._cancelled.discard(job_id)
+            self.link.send(protocol.failed(job_id, ErrorCode.CANCELLED, "cancelled"))
+            return False
+        self.link.send(frames)
+        return True
+
+    def _is_cancelled(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._cancelled
+
+    # ---------------------------------------------------------------- the job loop
+
+    def run(self, link: Link | None = None) -> None:
         """Load, register, then take batches until stop(); the caller's thread drives the GPU.
 
-        Encoding and sending happen on another thread, so the GPU starts on the next batch
-        (which the broker already sent: capacity covers one running and one waiting) while
-        the last one's images are compressed.
+        ``link`` replaces the BrokerLink to config.broker (tests pass a fake); it must deliver
+        to this worker's on_jobs, on_cancel and held. Encoding and sending happen on another
+        thread, so the GPU starts on the next batch (which the broker already sent: capacity
+        covers one running and one waiting) while the last one's images are compressed.
         """
         if self.runner is None:
             self.load()
-        self.link = BrokerLink(self.config.broker, self.ready_fields(),
-                               heartbeat=self.config.heartbeat, max_frame=self.config.max_frame,
-                               curve=self.config.curve)
+        self.link = link if link is not None else BrokerLink(
+            self.config.broker, self.ready_fields(), handler=self,
+            heartbeat=self.config.heartbeat, max_frame=self.config.max_frame,
+            curve=self.config.curve)
         self.link.start()
         log.info("worker %s serving %s on %s; broker %s", self.worker_id, self.spec.name,
                  self.config.device, self.config.broker)
         try:
             while not self._stop.is_set():
-                try:
-                    batch = self.link.jobs.get(timeout=0.2)
-                except queue.Empty:
+                batch = self._next_batch(timeout=0.2)
+                if batch is None:
                     if not self.link.alive:  # it logged why; exit so a supervisor restarts us
-                        raise RuntimeError("the link to the broker stopped") from None
+                        raise RuntimeError("the link to the broker stopped")
                     continue
                 self._run_batch(batch)
         finally:
-            # Answers still being encoded go out first; then BYE hands back what is left.
+            # Answers still being encoded go out first; then BYE hands back what is left,
+            # the batches that never started included.
             self._encoder.shutdown(wait=True)
             self.link.stop(bye=True)
             log.info("worker %s stopped", self.worker_id)
 
+    def _next_batch(self, timeout: float) -> list[JobSpec] | None:
+        """Take the oldest waiting batch; None after ``timeout``, or when stopping."""
+        with self._arrived:
+            if not self._waiting:
+                self._arrived.wait(timeout)
+            if not self._waiting or self._stop.is_set():  # stopping: the BYE hands it back
+                return None
+            return self._waiting.popleft()
+
+    def _start(self, batch: list[JobSpec]) -> list[JobSpec]:
+        """The jobs of ``batch`` to run: the cancelled ones are answered, never started."""
+        with self._lock:
+            for job in batch:
+                if job.id in self._cancelled:
+                    self._answer_locked(job.id, None)
+            return [job for job in batch if job.id in self._held]
+
     def _run_batch(self, batch: list[JobSpec]) -> None:
         """Run jobs that share a batch key as one pipeline call; answer each on its own."""
         assert self.link is not None and self.runner is not None
-        link = self.link
-        for job in batch:
-            if link.is_cancelled(job.id):
-                link.job_done(job.id)
-        jobs = [job for job in batch if not link.is_cancelled(job.id)]
+        jobs = self._start(batch)
         if not jobs:
             return
         for job in jobs:
-            link.job_started(job.id)
             _maybe_crash(job)
         started = time.perf_counter()
         idle = None if self._device_free_since is None else started - self._device_free_since
@@ -136,13 +268,14 @@ class Worker:
             images = self.runner.generate_batch(jobs, self._progress_reporter(jobs))
         except Interrupted:
             log.info("job(s) %s interrupted", ", ".join(job.id for job in jobs))
-            self._done(jobs)
+            for job in jobs:
+                self._answer(job.id, None)
             return
         except Exception as exc:
             log.exception("job(s) %s failed", ", ".join(job.id for job in jobs))
-            for job in jobs:
-                link.send(protocol.failed(job.id, ErrorCode.WORKER_ERROR, _client_safe(exc)))
-            self._done(jobs)
+            for job in jobs:  # a job cancelled meanwhile is answered cancelled all the same
+                self._answer(job.id, protocol.failed(job.id, ErrorCode.WORKER_ERROR,
+                                                     _client_safe(exc)))
             return
         finally:
             self._device_free_since = time.perf_counter()
@@ -151,35 +284,41 @@ class Worker:
             timings["device_idle_s"] = idle
         # 2. Encode and answer off this thread, while the device takes the next batch.
         for job, job_images in zip(jobs, images, strict=True):
-            self._encoder.submit(self._answer, job, job_images, timings)
+            self._encoder.submit(self._encode_and_answer, job, job_images, timings)
 
     def _progress_reporter(self, jobs: list[JobSpec]) -> StepCallback:
-        """Report each step (and previews) to every job of the batch; stop when all left."""
+        """Report each step (and previews) to every job still wanted; stop when none is."""
         link = self.link
         assert link is not None
         owners = [(job, index) for job in jobs for index in range(job.n)]
 
         def on_step(step: int, steps: int, previews: list[Image.Image]) -> bool:
+            with self._lock:
+                cancelled = self._cancelled.intersection(job.id for job in jobs)
+            if len(cancelled) == len(jobs):
+                return False  # nobody waits: leave the pipeline now
             for job in jobs:
-                link.send(protocol.encode(MsgType.PROGRESS,
-                                          {"job_id": job.id, "step": step, "steps": steps}))
+                if job.id not in cancelled:
+                    link.send(protocol.encode(MsgType.PROGRESS,
+                                              {"job_id": job.id, "step": step, "steps": steps}))
             for (job, index), preview in zip(owners, previews, strict=False):
-                link.send(protocol.encode(
-                    MsgType.PROGRESS,
-                    {"job_id": job.id, "step": step, "steps": steps, "image_index": index,
-                     "preview_format": job.output_format},
-                    [encode_image(preview, job.output_format, PREVIEW_QUALITY)]))
-            return not all(link.is_cancelled(job.id) for job in jobs)
+                if job.id not in cancelled:
+                    link.send(protocol.encode(
+                        MsgType.PROGRESS,
+                        {"job_id": job.id, "step": step, "steps": steps, "image_index": index,
+                         "preview_format": job.output_format},
+                        [encode_image(preview, job.output_format, PREVIEW_QUALITY)]))
+            return True
 
         return on_step
 
-    def _answer(self, job: JobSpec, images: list[Image.Image], timings: dict[str, float]
-                ) -> None:
+    def _encode_and_answer(self, job: JobSpec, images: list[Image.Image],
+                           timings: dict[str, float]) -> None:
         """Encode one job's images and send its RESULT (the encoder thread)."""
-        assert self.link is not None
+        if self._is_cancelled(job.id):
+            self._answer(job.id, None)  # cancelled while its batch ran: skip the encoding
+            return
         try:
-            if self.link.is_cancelled(job.id):
-                return  # cancelled while its batch ran: nobody waits for it
             started = time.perf_counter()
             payloads = [encode_image(img, job.output_format, job.output_compression)
                         for img in images]
@@ -187,21 +326,19 @@ class Worker:
                                format=job.output_format)
                      for seed, img in zip(job.seeds, images, strict=True)]
             timings = {**timings, "encode_s": time.perf_counter() - started}
-            self.link.send(protocol.result(job.id, infos, payloads, timings=timings,
-                                           worker_id=self.worker_id))
-            log.info("job %s: %d image(s) %dx%d, %d steps, batch of %d, in %.2f s", job.id,
-                     job.n, job.width, job.height, job.steps, timings["batch_size"],
-                     timings["generate_s"])
+            frames = protocol.result(job.id, infos, payloads, timings=timings,
+                                     worker_id=self.worker_id)
         except Exception as exc:  # an encoding failure answers the job, never kills the worker
             log.exception("job %s failed while encoding", job.id)
-            self.link.send(protocol.failed(job.id, ErrorCode.WORKER_ERROR, _client_safe(exc)))
-        finally:
-            self.link.job_done(job.id)
-
-    def _done(self, jobs: list[JobSpec]) -> None:
-        assert self.link is not None
-        for job in jobs:
-            self.link.job_done(job.id)
+            self._answer(job.id, protocol.failed(job.id, ErrorCode.WORKER_ERROR,
+                                                 _client_safe(exc)))
+            return
+        if not self._answer(job.id, frames):
+            log.info("job %s cancelled while its images were encoded", job.id)
+            return
+        log.info("job %s: %d image(s) %dx%d, %d steps, batch of %d, in %.2f s", job.id,
+                 job.n, job.width, job.height, job.steps, timings["batch_size"],
+                 timings["generate_s"])
 
 
 def _maybe_crash(job: JobSpec) -> None:
