@@ -21,6 +21,7 @@ from broker.broker import BrokerConfig
 from gpu_worker import models
 from launcher.cluster import (
     ProcessSpec,
+    address_in_use,
     cpu_worker_threads,
     parse_model_counts,
     place_workers,
@@ -28,7 +29,7 @@ from launcher.cluster import (
     wait_for_frontend,
     wait_until_ready,
 )
-from launcher.supervisor import Supervisor
+from launcher.supervisor import EXIT_CONFIG, Supervisor
 
 log = logging.getLogger("launch")
 LOCAL_WORKER_KEY = "local"  # the key pair this host's own workers use with --curve
@@ -68,9 +69,11 @@ def wanted_workers(args: argparse.Namespace, gpus: list[str]) -> list[tuple[str,
     return [(model, len(gpus) if gpus else args.num_workers)]
 
 
-def worker_specs(args: argparse.Namespace, broker: str) -> list[ProcessSpec]:
+def worker_specs(args: argparse.Namespace, broker: str,
+                 gpus: list[str] | None = None) -> list[ProcessSpec]:
     """One worker per GPU used, else CPU workers that share the cores."""
-    gpus = visible_gpus(args.num_gpus)
+    if gpus is None:
+        gpus = visible_gpus(args.num_gpus)
     placed = place_workers(wanted_workers(args, gpus), gpus)
     threads = cpu_worker_threads(len(placed))
     specs = []
@@ -88,6 +91,7 @@ def worker_specs(args: argparse.Namespace, broker: str) -> list[ProcessSpec]:
 
 
 def cluster_specs(args: argparse.Namespace) -> list[ProcessSpec]:
+    gpus = visible_gpus(args.num_gpus)
     broker_cmd = [
         PY, "-m", "broker", "--clients", args.clients, "--workers", args.workers,
         "--heartbeat", str(args.heartbeat), "--max-queue", str(args.max_queue),
@@ -97,7 +101,8 @@ def cluster_specs(args: argparse.Namespace) -> list[ProcessSpec]:
         broker_cmd += ["--curve", args.curve]
     if args.insecure:
         broker_cmd.append("--insecure")
-    broker = ProcessSpec("broker", broker_cmd, stop_last=True)
+    broker = ProcessSpec("broker", broker_cmd, stop_last=True,
+                         listens=(args.clients, args.workers))
     frontend_cmd = [
         PY, "-m", "http_frontend", "--broker", args.clients.replace("*", "127.0.0.1"),
         "--host", args.host, "--port", str(args.port), "--timeout", str(args.timeout),
@@ -105,18 +110,35 @@ def cluster_specs(args: argparse.Namespace) -> list[ProcessSpec]:
         # Leave the broker time to stop after the frontend drained.
         "--drain-timeout", str(max(1.0, args.grace - 2.0)),
     ]
-    default_model = parse_model_counts(args.models)[0][0] if args.models else args.model
-    if default_model:
-        frontend_cmd += ["--default-model", default_model]
+    # Always named: a request without `model` goes to the model the operator chose (or the
+    # workers' own default), never to whichever model a worker happened to announce first.
+    frontend_cmd += ["--default-model", wanted_workers(args, gpus)[0][0]]
     for key in args.api_key or ():
         frontend_cmd += ["--api-key", key]
     if args.api_keys_file:
         frontend_cmd += ["--api-keys-file", args.api_keys_file]
     for origin in args.cors_origin or ():
         frontend_cmd += ["--cors-origin", origin]
-    frontend = ProcessSpec("frontend", frontend_cmd)
+    frontend = ProcessSpec("frontend", frontend_cmd, listens=(http_address(args),))
     connect = args.workers.replace("*", "127.0.0.1").replace("0.0.0.0", "127.0.0.1")
-    return [broker, *worker_specs(args, connect), frontend]
+    return [broker, *worker_specs(args, connect, gpus), frontend]
+
+
+def http_address(args: argparse.Namespace) -> str:
+    return f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
+
+
+def addresses_in_use(args: argparse.Namespace) -> list[str]:
+    """One line for each address this cluster would listen on that is taken already."""
+    taken = []
+    for address, what in ((http_address(args), "HTTP (--host/--port)"),
+                          (args.clients, "the broker's clients (--clients)"),
+                          (args.workers, "the broker's workers (--workers)")):
+        reason = address_in_use(address)
+        if reason:
+            hint = " (another launch.py running?)" if "in use" in reason else ""
+            taken.append(f"cannot listen on {address} for {what}: {reason}{hint}")
+    return taken
 
 
 def run_cluster(args: argparse.Namespace) -> int:
@@ -125,6 +147,13 @@ def run_cluster(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"launch.py: {exc}", file=sys.stderr)
         return 2
+    # Say so at once rather than start children that cannot bind. Racy (the port can be taken
+    # in between): then the child exits with EXIT_CONFIG and the supervisor stops, below.
+    taken = addresses_in_use(args)
+    if taken:
+        for line in taken:
+            print(f"launch.py: {line}", file=sys.stderr)
+        return EXIT_CONFIG
     workers = [s for s in specs if s.name.startswith("worker")]
     if not any(s.name.startswith("worker-gpu") for s in workers):
         served = sorted({s.argv[s.argv.index("--model") + 1] for s in workers})
@@ -141,7 +170,15 @@ def run_cluster(args: argparse.Namespace) -> int:
     # readiness from a side thread.
     threading.Thread(target=report_ready, args=(args, len(workers), supervisor),
                      name="readiness", daemon=True).start()
-    return supervisor.wait()
+    return _finish(supervisor)
+
+
+def _finish(supervisor: Supervisor) -> int:
+    """Supervise to the end; the last line says why when a child could not start."""
+    status = supervisor.wait()
+    if supervisor.failure:
+        print(f"launch.py: stopped: {supervisor.failure}", file=sys.stderr, flush=True)
+    return status
 
 
 def report_ready(args: argparse.Namespace, workers: int, supervisor: Supervisor) -> None:
@@ -166,7 +203,7 @@ def run_workers(args: argparse.Namespace) -> int:
     supervisor.install_signal_handlers()
     supervisor.start()
     print(f"Started {len(specs)} worker(s) for {args.broker}", flush=True)
-    return supervisor.wait()
+    return _finish(supervisor)
 
 
 def make_keys(args: argparse.Namespace) -> int:
@@ -316,7 +353,7 @@ def _run_one_worker(args: argparse.Namespace) -> int:
                             grace=args.grace)
     supervisor.install_signal_handlers()
     supervisor.start()
-    return supervisor.wait()
+    return _finish(supervisor)
 
 
 if __name__ == "__main__":

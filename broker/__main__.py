@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -45,8 +46,14 @@ def main(argv: list[str] | None = None) -> int:
                                      max_queue=args.max_queue, curve_dir=args.curve,
                                      insecure=args.insecure))
         broker.bind()
-        broker.self_test()
     except Exception as exc:  # e.g. address in use, missing keys: one line, no traceback
+        logging.error("cannot start: %s", exc)
+        # sysexits' EX_CONFIG (launcher.supervisor.EXIT_CONFIG): a restart would fail the
+        # same way, so launch.py stops the cluster instead of restarting the broker.
+        return os.EX_CONFIG
+    try:
+        broker.self_test()
+    except Exception as exc:  # may be a slow probe on a loaded host: worth a restart
         logging.error("cannot start: %s", exc)
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -264,7 +264,7 @@ class Broker:
             self._reattach(client, owner, existing)
             return
         holder = self._claimed_by(spec.id)
-        if holder is not None:
+        if holder is not None and spec.model in holder.models:
             # A worker re-registered holding this job (we restarted): it stays there.
             self.jobs.add_running(Job(spec=spec, client=client, owner=owner,
                                       deadline=now + spec.timeout), holder.identity)
@@ -420,16 +420,15 @@ class Broker:
     def _on_job_message(self, worker: Worker, msg: Message, now: float) -> None:
         job_id = msg["job_id"]
         job = self.jobs.get(job_id)
-        ours = job is not None and job.worker == worker.identity
+        if job is not None and job.worker != worker.identity:
+            job = None  # not ours: late (re-leased, cancelled, answered) or never leased
         if msg.type is MsgType.PROGRESS:
-            if ours and self._progress_fits(job, msg):
+            if job is not None and self._progress_fits(job, msg):
                 self._forward(job.client, msg)
             return
         self._release(worker, job_id)  # a RESULT or FAILED: the worker is done with it
-        if not ours:
-            # Late (the job was re-leased, cancelled or answered) or never ours: drop it, so
-            # each job gets exactly one answer.
-            return
+        if job is None:
+            return  # dropped, so each job gets exactly one answer
         problem = _mismatch(job.spec, msg) if msg.type is MsgType.RESULT else None
         if msg.type is MsgType.RESULT and problem is None:
             self.jobs.finish(job_id)

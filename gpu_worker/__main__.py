@@ -70,7 +70,7 @@ def run_worker(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     except (OSError, ValueError) as exc:  # missing or unsafe key files: one clear line
         logging.getLogger(__name__).error("cannot start: %s", exc)
-        return 2
+        return os.EX_CONFIG  # launcher.supervisor.EXIT_CONFIG: a restart would fail the same way
     worker = Worker(config)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())

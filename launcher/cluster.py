@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import socket
 import time
 import urllib.request
 from collections.abc import Callable
@@ -15,8 +17,8 @@ from broker import protocol
 from broker.protocol import MsgType, ProtocolError
 from launcher.supervisor import ProcessSpec
 
-__all__ = ["ProcessSpec", "cpu_worker_threads", "parse_model_counts", "place_workers",
-           "visible_gpus", "wait_for_frontend", "wait_until_ready"]
+__all__ = ["ProcessSpec", "address_in_use", "cpu_worker_threads", "parse_model_counts",
+           "place_workers", "visible_gpus", "wait_for_frontend", "wait_until_ready"]
 
 
 def visible_gpus(limit: int | None = None) -> list[str]:
@@ -107,3 +109,48 @@ def place_workers(wanted: list[tuple[str, int]], gpus: list[str]) -> list[tuple[
     devices = iter(gpus) if gpus else None
     return [(model, next(devices) if devices else None)
             for model, count in wanted for _ in range(count)]
+
+
+def split_address(address: str) -> tuple[str, int] | None:
+    """'tcp://HOST:PORT' (ZeroMQ) or 'HOST:PORT' -> (host, port); None for what is not one TCP
+    port on an address (ipc://, an ephemeral port '*', an interface name is left as a host)."""
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme != "tcp":
+        return None
+    host, _, port = (rest if sep else address).rpartition(":")
+    if not port.isdigit():
+        return None
+    host = host.strip("[]")
+    return ("0.0.0.0" if host in ("", "*") else host), int(port)
+
+
+def address_in_use(address: str) -> str | None:
+    """Why a listener could not bind ``address`` right now ('Address already in use'), or None.
+
+    Binds and closes a socket with SO_REUSEADDR, as waitress and ZeroMQ do, so a port left in
+    TIME_WAIT by a cluster that just stopped counts as free. Only an address in use or not ours
+    to take is reported; anything else (a name that does not resolve) is left to the program,
+    which says so itself. A check, not a reservation: the port can still be taken before the
+    program binds it (then the program exits with EXIT_CONFIG).
+    """
+    parsed = split_address(address)
+    if parsed is None:
+        return None
+    host, port = parsed
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return None
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError:
+            continue  # e.g. IPv6 off on this host
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                    return exc.strerror or str(exc)
+    return None

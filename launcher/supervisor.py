@@ -1,4 +1,12 @@
-"""Run child processes, restart the ones that crash (with back-off), stop them all cleanly."""
+"""Run child processes, restart the ones that crash (with back-off), stop them all cleanly.
+
+A child that exits with EXIT_CONFIG is not restarted: it says it cannot run as configured (an
+address already in use, a missing key file), which a restart would not change. The supervisor
+then stops every child and wait() returns EXIT_CONFIG, whether that child was starting for the
+first time or being restarted after it had run fine for hours (the port was taken meanwhile):
+a cluster without its broker or frontend serves nothing, so it stops and says why rather than
+retrying forever.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +24,10 @@ log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 
+# sysexits' EX_CONFIG: "cannot start as configured, do not restart me". The broker, the worker
+# and the frontend exit with it when they cannot bind their address or read their keys.
+EXIT_CONFIG = os.EX_CONFIG  # 78
+
 
 def _die_with_parent() -> None:
     """In the child, before exec: get SIGTERM if launch.py dies, even by SIGKILL (Linux)."""
@@ -32,6 +44,8 @@ class ProcessSpec:
     env: dict[str, str] = field(default_factory=dict)
     # Stopped only after the others exited: the broker carries their last results.
     stop_last: bool = False
+    # The addresses it listens on, named when it cannot start.
+    listens: tuple[str, ...] = ()
 
 
 @dataclass
@@ -53,6 +67,8 @@ class Supervisor:
         self.grace = grace
         self._children = [_Child(spec) for spec in specs]
         self._stop = threading.Event()
+        # Why the supervisor stopped on its own (a child that cannot start), or None.
+        self.failure: str | None = None
 
     def stopping(self) -> bool:
         return self._stop.is_set()
@@ -84,13 +100,14 @@ class Supervisor:
         log.info("started %s (pid %d)", child.spec.name, child.process.pid)
 
     def wait(self) -> int:
-        """Supervise until asked to stop; then stop every child. Returns the exit status."""
+        """Supervise until asked to stop; then stop every child. Returns the exit status:
+        0, or EXIT_CONFIG when a child could not start as configured."""
         try:
             while not self._stop.wait(0.2):
                 self._check_children(time.monotonic())
         finally:
             self._stop_all()
-        return 0
+        return EXIT_CONFIG if self.failure else 0
 
     def _check_children(self, now: float) -> None:
         for child in self._children:
@@ -101,6 +118,9 @@ class Supervisor:
             code = child.process.poll() if child.process else None
             if code is None:
                 continue
+            if code == EXIT_CONFIG:
+                self._give_up(child)
+                return
             if now - child.started_at >= self.STABLE_AFTER:
                 child.restarts = 0
             delay = min(self.MAX_BACKOFF, 0.5 * 2 ** child.restarts)
@@ -108,6 +128,16 @@ class Supervisor:
             child.restart_at = now + delay
             log.warning("%s exited with status %s; restarting in %.1f s",
                         child.spec.name, code, delay)
+
+    def _give_up(self, child: _Child) -> None:
+        """A child that cannot start as configured: stop everything, once, saying why."""
+        spec = child.spec
+        hint = f" (is {' or '.join(spec.listens)} already in use?)" if spec.listens else ""
+        self.failure = (f"{spec.name} cannot start as configured{hint}: it exited with "
+                        f"status {EXIT_CONFIG} after saying why")
+        child.process = None  # reaped; _stop_all has nothing to signal
+        log.error("%s: not restarting it; stopping the cluster", self.failure)
+        self._stop.set()
 
     def _stop_all(self) -> None:
         """SIGTERM the children in two waves, within the grace period; SIGKILL what is left.

@@ -1,8 +1,9 @@
 """Validate JSON instances against OpenAI's own spec for the Images API.
 
 ``validate(instance, "ImagesResponse")`` checks ``instance`` against
-``#/components/schemas/ImagesResponse`` of ``../shared/openai-images-openapi.yaml`` (beside the
-repository; ``DC_OPENAPI_SPEC`` names another file) with a Draft 2020-12 validator, and raises
+``#/components/schemas/ImagesResponse`` of ``tests/data/openai-images-openapi.yaml`` (the subset
+of OpenAI's openai-openapi spec that the tests use, kept in the repository so a clone alone
+passes; ``DC_OPENAPI_SPEC`` names another file) with a Draft 2020-12 validator, and raises
 ``SpecValidationError`` listing every violation.
 
 The spec is OpenAPI 3.1, which is JSON Schema 2020-12 except for OpenAPI 3.0's ``nullable: true``
@@ -24,6 +25,7 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SPEC_FILE = Path(__file__).resolve().parent / "data" / "openai-images-openapi.yaml"
 SPEC_URI = "urn:diffusion-cluster:openai-images-openapi"
 _MAX_LISTED = 20
 
@@ -42,11 +44,11 @@ class SpecValidationError(AssertionError):
 
 
 def spec_path() -> Path:
-    """The spec file: $DC_OPENAPI_SPEC, else shared/ beside the repository."""
+    """The spec file: $DC_OPENAPI_SPEC, else the repository's own copy under tests/data/."""
     override = os.environ.get("DC_OPENAPI_SPEC")
     if override:
         return Path(override)
-    return REPO_ROOT.parent / "shared" / "openai-images-openapi.yaml"
+    return SPEC_FILE
 
 
 def rewrite_nullable(node: Any) -> Any:

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import yaml
 
 from tests import openapi_spec
 from tests.openapi_spec import SpecValidationError, rewrite_nullable, validate
+
+TESTS = Path(__file__).resolve().parent
+SCHEMA_NAMED = re.compile(r"""(?:validate|is_valid|checked)\([^()]*?,\s*["']([A-Z]\w+)["']""")
+# Spelled in pieces so that this file does not match itself.
+_SHARED = "sha" + "red"
+OUTSIDE_THE_CHECKOUT = [
+    re.compile(r"\.\./" + _SHARED + r"\b"),  # a path that climbs out of the checkout
+    re.compile(r"""["']""" + _SHARED + r"""["'/]"""),  # REPO.parent / "<that folder>"
+]
 
 GOOD_IMAGES = {"created": 1_700_000_000, "data": [{"b64_json": "aGk="}],
                "output_format": "png", "size": "1024x1024", "quality": "high",
@@ -110,5 +122,38 @@ def test_spec_path_follows_the_environment_override(tmp_path, monkeypatch):
         validate({"x": "1"}, "Thing")
     validate({"x": 2}, "Thing", path=path)
     monkeypatch.delenv("DC_OPENAPI_SPEC")
-    assert openapi_spec.spec_path() == openapi_spec.REPO_ROOT.parent / "shared" / \
-        "openai-images-openapi.yaml"
+    assert openapi_spec.spec_path() == openapi_spec.SPEC_FILE
+
+
+def test_the_spec_is_the_repositorys_own_copy(monkeypatch):
+    # A fresh clone passes alone: nothing beside the checkout is needed.
+    monkeypatch.delenv("DC_OPENAPI_SPEC", raising=False)
+    path = openapi_spec.spec_path()
+    assert path.is_file()
+    assert path.resolve().is_relative_to(TESTS)
+    assert "openai-openapi" in path.read_text(encoding="utf-8").split("\nopenapi:", 1)[0]
+    document = openapi_spec.load_spec()
+    assert {"/images/generations", "/models"} <= set(document["paths"])
+
+
+def test_every_schema_the_tests_name_is_in_the_copy():
+    named = set()
+    for source in TESTS.rglob("*.py"):
+        named |= set(SCHEMA_NAMED.findall(source.read_text(encoding="utf-8")))
+    named -= {"NoSuchSchema", "Thing"}  # this file's own made-up names
+    assert {"ImagesResponse", "ErrorResponse", "CreateImageRequest"} <= named
+    missing = named - set(openapi_spec.load_spec()["components"]["schemas"])
+    assert not missing, f"schemas the tests validate against but the copy lacks: {missing}"
+
+
+def test_no_test_reads_files_beside_the_checkout():
+    # The folder beside the checkout exists on the project's machines but not in a clone; a
+    # test that reads it passes there and fails everywhere else.
+    offenders = []
+    for source in sorted(TESTS.rglob("*")):
+        if not source.is_file() or source.suffix not in (".py", ".cfg", ".ini", ".toml", ".txt"):
+            continue
+        for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+            if any(pattern.search(line) for pattern in OUTSIDE_THE_CHECKOUT):
+                offenders.append(f"{source.relative_to(TESTS.parent)}:{number}: {line.strip()}")
+    assert not offenders, "tests reading outside the repository:\n" + "\n".join(offenders)

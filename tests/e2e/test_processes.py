@@ -160,21 +160,13 @@ def test_worker_joins_a_running_cluster(cache_dir: Path) -> None:
 
 
 def test_a_child_that_dies_while_others_load_is_restarted(cache_dir: Path) -> None:
-    import socket as socket_module
-
-    # Hold the broker's client port so its first start fails; release it a moment later.
-    blocker = socket_module.socket()
-    blocker.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_REUSEADDR, 1)
-    port = free_port()
-    blocker.bind(("127.0.0.1", port))
-    blocker.listen()
-    cluster = Cluster(cache_dir, workers=1, extra=["--clients", f"tcp://127.0.0.1:{port}"])
-    cluster.clients = f"tcp://127.0.0.1:{port}"
+    # The broker dies while the workers are still loading; it is restarted and they join it.
+    cluster = Cluster(cache_dir, workers=1)
     try:
+        broker = wait_until(lambda: cluster.pid_of("broker"), 30, "the broker to start")[0]
+        os.kill(broker, signal.SIGKILL)
         cluster.log.wait_for("broker exited with status", 30)
-        blocker.close()
         cluster.wait_ready(120)
         assert tiny_image(cluster.url).status_code == 200
     finally:
-        blocker.close()
         cluster.stop()

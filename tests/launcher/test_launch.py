@@ -109,3 +109,30 @@ def test_parse_model_counts_rejects_nonsense(text: str) -> None:
 def test_more_workers_than_gpus_is_refused() -> None:
     with pytest.raises(ValueError, match="only 2 GPU"):
         cluster.place_workers([("flux-schnell", 2), ("sdxl", 1)], ["0", "1"])
+
+
+@pytest.mark.parametrize(("gpus", "argv", "expected"), [
+    ([], (), "tiny"),  # no --model: the frontend still knows what the workers serve
+    (["0", "1"], (), "flux-schnell"),
+    ([], ("--model", "sdxl-turbo"), "sdxl-turbo"),
+    (["0", "1"], ("--models", "sdxl:1,tiny:1"), "sdxl"),
+])
+def test_the_frontend_always_gets_the_default_model(monkeypatch: pytest.MonkeyPatch,
+                                                     gpus: list[str], argv: tuple[str, ...],
+                                                     expected: str) -> None:
+    specs = plan(monkeypatch, gpus, *argv)
+    frontend = specs[-1].argv
+    assert frontend.count("--default-model") == 1
+    assert frontend[frontend.index("--default-model") + 1] == expected
+    first_worker = next(s for s in specs if s.name.startswith("worker"))
+    assert first_worker.argv[first_worker.argv.index("--model") + 1] == expected
+
+
+def test_broker_and_frontend_name_the_addresses_they_listen_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    specs = plan(monkeypatch, [], "--clients", "tcp://127.0.0.1:7000", "--workers",
+                 "tcp://0.0.0.0:7001", "--host", "::", "--port", "9000", "--insecure")
+    by_name = {s.name: s for s in specs}
+    assert by_name["broker"].listens == ("tcp://127.0.0.1:7000", "tcp://0.0.0.0:7001")
+    assert by_name["frontend"].listens == ("[::]:9000",)
+    assert by_name["worker-cpu0"].listens == ()
