@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
+import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
-import waitress
-
+from http_frontend import server as http_server
 from http_frontend.app import FrontendConfig, create_app
 from http_frontend.auth import load_keys
 from http_frontend.broker_client import BrokerClient
@@ -21,6 +24,7 @@ log = logging.getLogger("http_frontend")
 
 # The last answers are written by waitress after the app returned; give them time to go out.
 RESPONSE_FLUSH_S = 0.3
+EXIT_BROKER_THREAD_DIED = 70  # EX_SOFTWARE: the supervisor restarts the frontend
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,16 +37,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the broker's client endpoint")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--frontend-id", default=None,
+                        help="this frontend's stable id: the broker lets only it re-attach to "
+                             "or cancel its jobs, also after a restart; default HOST:PORT")
     parser.add_argument("--default-model", default=None,
-                        help="model for requests that name none; default: one the workers serve")
+                        help="model for requests that name none; default: the one model the "
+                             "workers serve (with several, such a request is a 400)")
     parser.add_argument("--timeout", type=float, default=300.0,
-                        help="seconds a request may take, queueing included (then 504)")
-    parser.add_argument("--threads", type=int, default=32,
+                        help="seconds a request may take, queueing included (then 504); "
+                             "also the most a request's own `timeout` may ask for")
+    parser.add_argument("--threads", type=int, default=64,
                         help="waitress threads: requests served at once")
+    parser.add_argument("--reserved-threads", type=int, default=None,
+                        help="threads never given to requests that wait for images, so "
+                             "health checks and quick requests are served at once; past the "
+                             "rest, such requests get a 429; default: an eighth of the "
+                             "threads, at least 2")
     parser.add_argument("--max-streams", type=int, default=None,
                         help="event streams open at once (each holds a thread while it "
                              "lasts); default: half the threads, so streams never starve "
                              "plain requests")
+    parser.add_argument("--connection-limit", type=int, default=1000,
+                        help="open connections at once; past it new ones wait in the "
+                             "listen backlog")
+    parser.add_argument("--channel-timeout", type=int, default=30,
+                        help="seconds an idle connection is kept open")
+    parser.add_argument("--receive-timeout", type=float, default=30.0,
+                        help="seconds a client has to send a whole request (head and body) "
+                             "from its first byte; then the connection is closed")
     parser.add_argument("--keepalive", type=float, default=10.0,
                         help="seconds between keep-alive comments on an idle event stream")
     parser.add_argument("--max-body", type=int, default=1 << 20,
@@ -60,7 +82,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heartbeat", type=float, default=1.0,
                         help="seconds between status polls of the broker")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.reserved_threads is None:
+        args.reserved_threads = max(2, args.threads // 8)
+    if not 1 <= args.reserved_threads < args.threads:
+        parser.error("--reserved-threads must be at least 1 and fewer than --threads")
+    if args.max_streams is None:
+        args.max_streams = max(1, min(args.threads // 2, args.threads - args.reserved_threads))
+    for name in ("connection_limit", "channel_timeout", "max_streams"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.receive_timeout <= 0:
+        parser.error("--receive-timeout must be above 0")
+    return args
 
 
 def drain_then_close(service: ImageService, seconds: float) -> None:
@@ -80,6 +114,61 @@ def drain_then_close(service: ImageService, seconds: float) -> None:
     threading.Thread(target=wait_then_close, name="drain", daemon=True).start()
 
 
+class BrokerWatchdog:
+    """Notices the broker client's I/O thread dying: nothing reaches the broker without it,
+    so the frontend stops (``on_death``) and its supervisor starts a new one."""
+
+    def __init__(self, broker: Any, on_death: Callable[[], None], *,
+                 interval: float = 0.5) -> None:
+        self.broker = broker
+        self.on_death = on_death
+        self.interval = interval
+        self.died = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="broker-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2.0)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            if not getattr(self.broker, "alive", True):  # BrokerClient.alive: its thread runs
+                self.died = True
+                log.error("the broker connection thread died; stopping, so that the "
+                          "supervisor starts this frontend again")
+                self.on_death()
+                return
+
+
+def raise_open_files_limit(needed: int) -> None:
+    """Lift the soft limit on open files to ``needed`` (connections are files)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < needed:
+        log.warning("only %d open files allowed (hard limit); --connection-limit needs about "
+                    "%d", target, needed)
+
+
+def _create_server(app: Any, args: argparse.Namespace) -> Any:
+    return http_server.create_server(
+        app, host=args.host, port=args.port, threads=args.threads,
+        receive_timeout=args.receive_timeout, max_body=args.max_body,
+        # A backstop: the app answers 413 itself, with the same message, up to here.
+        max_request_body_size=4 * args.max_body + 1,
+        connection_limit=args.connection_limit, channel_timeout=args.channel_timeout,
+        cleanup_interval=1,  # how often idle and slow connections are looked for
+        asyncore_use_poll=True,  # select() stops at 1024 descriptors
+        ident="diffusion-cluster",
+        channel_request_lookahead=1)  # lets a waiting request notice its client hung up
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
@@ -88,40 +177,45 @@ def main(argv: list[str] | None = None) -> int:
     try:
         api_keys = load_keys(args.api_key, args.api_keys_file)
     except OSError as exc:
-        log.error("cannot read the API keys: %s", exc)
-        return 2
-    broker = BrokerClient(args.broker, heartbeat=args.heartbeat)
-    broker.start()
+        log.error("cannot start: cannot read the API keys: %s", exc)
+        return os.EX_CONFIG  # launcher.supervisor.EXIT_CONFIG: a restart would fail the same way
+    raise_open_files_limit(args.connection_limit + args.threads + 128)
+    owner = args.frontend_id or f"{socket.gethostname()}:{args.port}"
+    broker = BrokerClient(args.broker, owner=owner, heartbeat=args.heartbeat)
     config = FrontendConfig(
         service=ServiceConfig(default_model=args.default_model, default_timeout=args.timeout,
-                              max_streams=args.max_streams or max(1, args.threads // 2),
-                              keepalive=args.keepalive),
+                              max_waiting=args.threads - args.reserved_threads,
+                              max_streams=args.max_streams, keepalive=args.keepalive),
         max_body=args.max_body, api_keys=tuple(api_keys),
         cors_origins=tuple(args.cors_origin or ()),
     )
     service = ImageService(broker, config.service)
     app = create_app(config, broker, service=service)
-    server = waitress.create_server(app, host=args.host, port=args.port, threads=args.threads,
-                                    # A backstop only: the app answers 413 in OpenAI's shape
-                                    # first; waitress's own 413 is plain text.
-                                    max_request_body_size=4 * args.max_body + 1,
-                                    ident="diffusion-cluster",
-                                    # Lets a waiting request notice its client hung up.
-                                    channel_request_lookahead=1)
+    try:
+        server = _create_server(app, args)
+    except OSError as exc:
+        log.error("cannot start: cannot listen on %s:%s: %s", args.host, args.port,
+                  exc.strerror or exc)
+        return os.EX_CONFIG  # the port is taken: a restart would fail the same way
+    broker.start()
     # waitress must be closed on the main thread: the drain thread asks for it with SIGUSR1.
     signal.signal(signal.SIGUSR1, lambda *_: server.close())
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: drain_then_close(service, args.drain_timeout))
-    log.info("serving on http://%s:%s (broker %s; %s)", args.host, server.effective_port,
-             args.broker, f"{len(api_keys)} API key(s)" if api_keys else "no API keys")
+    watchdog = BrokerWatchdog(broker, lambda: drain_then_close(service, args.drain_timeout))
+    watchdog.start()
+    log.info("serving on http://%s:%s (broker %s; %s)", args.host,
+             getattr(server, "effective_port", args.port), args.broker,
+             f"{len(api_keys)} API key(s)" if api_keys else "no API keys")
     try:
         server.run()
     except OSError:
         pass  # closing the server from the signal handler ends run() this way
     finally:
+        watchdog.stop()
         broker.close()
     log.info("frontend stopped")
-    return 0
+    return EXIT_BROKER_THREAD_DIED if watchdog.died else 0
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ class FrontendConfig:
 def create_app(config: FrontendConfig, broker: BrokerClient, *,
                service: ImageService | None = None) -> falcon.App:
     service = service or ImageService(broker, config.service)
-    middleware: list[Any] = []
+    middleware: list[Any] = [resources.MethodCheck()]
     if config.cors_origins:
         middleware.append(falcon.CORSMiddleware(
             allow_origins=list(config.cors_origins),
@@ -57,5 +57,6 @@ def create_app(config: FrontendConfig, broker: BrokerClient, *,
     app.add_route("/healthz", resources.Health())
     app.add_route("/readyz", resources.Ready(view, service))
     app.add_route("/", resources.Index(config.static_dir))
-    app.add_static_route("/static", str(config.static_dir))
+    app.add_route(resources.StaticFiles.PREFIX + "/{path:path}",
+                  resources.StaticFiles(config.static_dir))
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from broker.protocol import ErrorCode
-from gpu_worker import models
+from http_frontend import limits
 from http_frontend.broker_client import BrokerClient, ClusterStatus
 from http_frontend.errors import job_failure
 
@@ -25,22 +25,15 @@ class ClusterView:
                 "id": name, "object": "model", "created": 0, "owned_by": "diffusion-cluster",
                 "ready_workers": len(served[name]),
                 "queued": status.queues.get(name, 0),
-                "limits": self._spec(status, name).limits(),
+                "limits": limits.spec_for(status, name).limits(),
             })
         return {"object": "list", "data": data}
 
-    @staticmethod
-    def _spec(status: ClusterStatus, name: str) -> models.ModelSpec:
-        """What the worker announced (it knows its pipeline best), else the registry."""
-        info = status.model_info(name)
-        if info is not None:
-            try:
-                return models.ModelSpec.from_limits(info)
-            except (TypeError, ValueError):
-                pass
-        return models.resolve(name)
-
     def readiness(self, *, draining: bool) -> tuple[bool, dict[str, Any]]:
+        # `alive`: the broker client's I/O thread runs. Without it nothing reaches the broker
+        # again; the process exits so that its supervisor restarts it (see __main__).
+        if not getattr(self.broker, "alive", True):
+            return False, {"ready": False, "reason": "broker connection thread died"}
         if draining:
             return False, {"ready": False, "reason": "shutting down"}
         status = self.broker.status()

@@ -50,7 +50,8 @@ def invalid(param: str | None, message: str, code: str = "invalid_value") -> API
     return APIError(400, message, param=param, code=code)
 
 
-# One table from job failure codes (broker.protocol.ErrorCode) to HTTP.
+# One table from job failure codes (broker.protocol.ErrorCode) to HTTP. "cancelled" is not in
+# it: only a cancel this frontend asked for is a 499 (see job_failure).
 _JOB_FAILURES: dict[str, tuple[int, str]] = {
     ErrorCode.MODEL_NOT_FOUND.value: (404, INVALID_REQUEST),
     ErrorCode.QUEUE_FULL.value: (429, "rate_limit_error"),
@@ -61,17 +62,37 @@ _JOB_FAILURES: dict[str, tuple[int, str]] = {
     ErrorCode.WORKER_LOST.value: (500, SERVER_ERROR),
     ErrorCode.WORKER_ERROR.value: (500, SERVER_ERROR),
     ErrorCode.INVALID_REQUEST.value: (400, INVALID_REQUEST),
-    ErrorCode.CANCELLED.value: (499, INVALID_REQUEST),
 }
+UNKNOWN_FAILURE = "unknown_error"
 
 
-def job_failure(code: str, message: str, *, retry_after: int | None = None) -> APIError:
-    """The APIError for a job the broker or a worker failed with ``code``."""
-    status, kind = _JOB_FAILURES.get(code, (500, SERVER_ERROR))
+def job_failure(code: str, message: str, *, retry_after: int | None = None,
+                cancelled_here: bool = False) -> APIError:
+    """The APIError for a job the broker or a worker failed with ``code``.
+
+    ``cancelled_here``: this frontend cancelled the job itself (its client left or asked), so
+    "cancelled" is the client's own doing (499). Any other "cancelled", and any code this
+    table does not know, is the cluster's failure: a 500.
+    """
+    if code == ErrorCode.CANCELLED.value:
+        if cancelled_here:
+            return APIError(499, message, code=code)
+        return APIError(500, f"the cluster cancelled the job: {message}", type=SERVER_ERROR,
+                        code=code)
+    if code not in _JOB_FAILURES:
+        return APIError(500, f"the job failed with a code this server does not know "
+                             f"({str(code)[:64]!r}): {message}", type=SERVER_ERROR,
+                        code=UNKNOWN_FAILURE)
+    status, kind = _JOB_FAILURES[code]
     param = "model" if code in (ErrorCode.MODEL_NOT_FOUND.value, ErrorCode.NO_WORKER.value) \
         else None
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return APIError(status, message, type=kind, param=param, code=code, headers=headers)
+
+
+def should_retry(status: int) -> str:
+    """The x-should-retry header for an error with ``status``."""
+    return "true" if status in _RETRYABLE_STATUS else "false"
 
 
 def _respond(resp: falcon.Response, error: APIError) -> None:
@@ -80,7 +101,7 @@ def _respond(resp: falcon.Response, error: APIError) -> None:
     resp.text = json.dumps(error.body())
     for name, value in error.headers.items():
         resp.set_header(name, value)
-    resp.set_header("x-should-retry", "true" if error.status in _RETRYABLE_STATUS else "false")
+    resp.set_header("x-should-retry", should_retry(error.status))
 
 
 def _handle_api_error(req: falcon.Request, resp: falcon.Response, ex: APIError,
@@ -94,10 +115,13 @@ def _handle_http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HT
     code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large",
             415: "unsupported_media_type"}.get(status, "http_error")
     message = ex.description or ex.title or "error"
+    # Both come from the client: never echo them back at any length.
+    path = req.path if len(req.path) <= 200 else req.path[:200] + "..."
+    method = req.method if len(req.method) <= 20 else req.method[:20] + "..."
     if status == 404:
-        message = f"no route for {req.method} {req.path}"
+        message = f"no route for {method} {path}"
     elif status == 405:
-        message = f"{req.method} is not allowed on {req.path}"
+        message = f"{method} is not allowed on {path}"
     headers = dict(ex.headers or {})
     _respond(resp, APIError(status, message, type=INVALID_REQUEST if status < 500 else
                             SERVER_ERROR, code=code, headers=headers))

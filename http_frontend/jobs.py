@@ -8,6 +8,7 @@ cancels it. Jobs live in this frontend's memory: finished ones for ``ttl`` secon
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,11 +17,13 @@ from typing import Any
 
 from broker.protocol import ErrorCode, Message, MsgType
 from http_frontend import streaming
-from http_frontend.broker_client import PendingJob
 from http_frontend.errors import APIError
+from http_frontend.pending import PendingJob
 from http_frontend.service import ClientGone, ImageService, Prepared
 
 log = logging.getLogger(__name__)
+
+_PRINTABLE_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")  # ids shown back in a 404; others are not
 
 
 @dataclass(eq=False)
@@ -29,6 +32,8 @@ class JobRecord:
     pending: PendingJob
     created: int = field(default_factory=lambda: int(time.time()))
     watchers: int = 0
+    left_at: float = 0.0  # time.monotonic() when its last watcher left
+    orphan_check: bool = False  # a timer will look at it: one per job, however many churn
     finished_at: float | None = None  # time.monotonic() when its answer was seen
 
     @property
@@ -55,7 +60,11 @@ class JobsAPI:
         if self.service.draining:
             raise self.service.failure(_failed(prepared.job.id, ErrorCode.SHUTTING_DOWN),
                                        prepared.job.model)
-        pending = self.service.submit_for_stream(prepared)
+        release = self.service.take_waiting_slot()  # the broker may take seconds to answer
+        try:
+            pending = self.service.submit_for_stream(prepared)
+        finally:
+            release()
         record = JobRecord(prepared, pending)
         with self._lock:
             self._forget_old()
@@ -75,8 +84,8 @@ class JobsAPI:
     def cancel(self, job_id: str) -> dict[str, Any]:
         record = self._get(job_id)
         if not record.pending.done:
-            self.service.broker.cancel(job_id)
-            record.pending.update(_failed(job_id, ErrorCode.CANCELLED))
+            self.service.broker.cancel(record.id)
+            record.pending.cancel()
         return self._describe(record)
 
     def events(self, job_id: str, client_gone: ClientGone | None) -> Iterator[bytes]:
@@ -88,29 +97,45 @@ class JobsAPI:
         close = self.service.open_stream()
         with self._lock:
             record.watchers += 1
-        return self._watch(record, client_gone, close)
+        return streaming.ClosingStream(self._watch(record, client_gone),
+                                       lambda: self._unwatch(record, close))
 
-    def _watch(self, record: JobRecord, client_gone: ClientGone | None,
-               close: Callable[[], None]) -> Iterator[bytes]:
+    def check(self, job_id: str) -> None:
+        """Raise the 404 for an unknown job; nothing else (HEAD on its events)."""
+        self._get(job_id)
+
+    def _watch(self, record: JobRecord, client_gone: ClientGone | None) -> Iterator[bytes]:
         try:
             yield from self._follow(record, client_gone)
         except APIError as exc:
             if exc.status != 499:  # nobody is left to tell when the client hung up
                 yield streaming.sse("failed", {"id": record.id, "error": exc.body()["error"]})
-        finally:
-            with self._lock:
-                record.watchers -= 1
-                orphaned = record.watchers == 0 and not record.pending.done
-            close()
-            if orphaned:
-                timer = threading.Timer(self.orphan_grace, self._cancel_if_orphaned, (record,))
-                timer.daemon = True
-                timer.start()
+
+    def _unwatch(self, record: JobRecord, close: Callable[[], None]) -> None:
+        """A watcher left: give its slot back; the last one leaving starts the grace period."""
+        with self._lock:
+            record.watchers -= 1
+            record.left_at = time.monotonic()
+            check = record.watchers == 0 and not record.pending.done \
+                and not record.orphan_check
+            record.orphan_check |= check
+        close()
+        if check:
+            self._check_orphan_in(record, self.orphan_grace)
+
+    def _check_orphan_in(self, record: JobRecord, seconds: float) -> None:
+        timer = threading.Timer(seconds, self._cancel_if_orphaned, (record,))
+        timer.daemon = True
+        timer.start()
 
     def _cancel_if_orphaned(self, record: JobRecord) -> None:
         with self._lock:
             orphaned = record.watchers == 0 and not record.pending.done
-        if orphaned:
+            left = self.orphan_grace - (time.monotonic() - record.left_at)
+            record.orphan_check = orphaned and left > 0
+        if record.orphan_check:
+            self._check_orphan_in(record, left)  # someone came back and left again since
+        elif orphaned:
             log.info("job %s cancelled: nobody watched it for %.0f s", record.id,
                      self.orphan_grace)
             self.cancel(record.id)
@@ -128,18 +153,22 @@ class JobsAPI:
                 job.id, msg,
                 completed=lambda m: self.service.images_response(record.prepared, m)
                 | {"id": job.id},
-                failure=lambda m: self._error(record, m))
+                failure=lambda m: self._error(record, m),
+                cancelled_here=record.pending.cancelled_here)
             if event is not None:
                 yield event
 
     def _error(self, record: JobRecord, failed: Message) -> dict[str, Any]:
-        return self.service.failure(failed, record.prepared.job.model).body()["error"]
+        return self.service.failure(failed, record.prepared.job.model,
+                                    cancelled_here=record.pending.cancelled_here
+                                    ).body()["error"]
 
     def _get(self, job_id: str) -> JobRecord:
         with self._lock:
             record = self._jobs.get(job_id)
         if record is None:
-            raise APIError(404, f"no job {job_id!r} here (finished jobs are kept for "
+            shown = f"job {job_id}" if _PRINTABLE_ID.fullmatch(job_id) else "such job"
+            raise APIError(404, f"no {shown} here (finished jobs are kept for "
                                 f"{self.ttl:.0f} s)", param="id", code="job_not_found")
         return record
 
@@ -173,12 +202,11 @@ def _status(pending: PendingJob) -> str:
         return "running" if pending.step else "queued"
     if answer.type is MsgType.RESULT:
         return "succeeded"
-    return "cancelled" if answer["code"] == ErrorCode.CANCELLED.value else "failed"
+    return "cancelled" if pending.cancelled_here else "failed"
 
 
 def _failed(job_id: str, code: ErrorCode) -> Message:
-    messages = {ErrorCode.CANCELLED: "the job was cancelled",
-                ErrorCode.SHUTTING_DOWN: "the server is shutting down"}
+    messages = {ErrorCode.SHUTTING_DOWN: "the server is shutting down"}
     return Message(MsgType.FAILED, {"job_id": job_id, "code": code.value,
                                     "message": messages.get(code, code.value),
                                     "retryable": code is ErrorCode.SHUTTING_DOWN})

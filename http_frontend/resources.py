@@ -1,4 +1,9 @@
-"""Thin Falcon resources: read the request, call the service, write the answer."""
+"""Thin Falcon resources: read the request, call the service, write the answer.
+
+Each resource answers GET and HEAD where it can be read, and only the methods it defines:
+Falcon answers every other method with a 405 listing them in ``Allow`` (errors.py gives it
+OpenAI's shape), and ``MethodCheck`` does the same for methods Falcon does not know.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import falcon
+import falcon.constants
+import falcon.routing
 
 from http_frontend.cluster_view import ClusterView
 from http_frontend.errors import APIError, invalid
@@ -109,6 +116,8 @@ class Job:
     def on_get(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
         resp.media = self.jobs.status(job_id)
 
+    on_head = on_get
+
     def on_delete(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
         resp.media = self.jobs.cancel(job_id)
 
@@ -120,6 +129,11 @@ class JobEvents:
     def on_get(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
         stream_events(resp, self.jobs.events(job_id, client_gone(req)))
 
+    def on_head(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
+        """The stream's headers, without opening it (no stream slot is taken)."""
+        self.jobs.check(job_id)
+        stream_events(resp, iter(()))
+
 
 class Models:
     def __init__(self, view: ClusterView) -> None:
@@ -128,6 +142,8 @@ class Models:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = self.view.list_models()
 
+    on_head = on_get
+
 
 class Cluster:
     def __init__(self, view: ClusterView) -> None:
@@ -135,6 +151,8 @@ class Cluster:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = self.view.cluster()
+
+    on_head = on_get
 
 
 class Health:
@@ -164,3 +182,38 @@ class Index:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = falcon.MEDIA_HTML
         resp.data = self.index.read_bytes()
+
+    on_head = on_get
+
+
+class StaticFiles:
+    """The web UI's files, for GET and HEAD only (Falcon's own static route takes any
+    method)."""
+
+    PREFIX = "/static"
+
+    def __init__(self, static_dir: Path) -> None:
+        self._files = falcon.routing.StaticRoute(self.PREFIX, str(static_dir))
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, path: str) -> None:
+        self._files(req, resp)
+
+    def on_head(self, req: falcon.Request, resp: falcon.Response, path: str) -> None:
+        self._files(req, resp)  # sets Content-Type and Content-Length; the file stays unread
+        close = getattr(resp.stream, "close", None)
+        if close is not None:
+            close()
+        resp.stream = None
+
+
+class MethodCheck:
+    """Falcon middleware: a method Falcon does not know is a 405 on a route that exists (Falcon
+    itself answers 400 "Invalid HTTP method")."""
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: Any,
+                         params: dict) -> None:
+        if resource is None or req.method in falcon.constants.COMBINED_METHODS:
+            return
+        allowed = [m for m in falcon.constants.COMBINED_METHODS
+                   if hasattr(resource, f"on_{m.lower()}")]
+        raise falcon.HTTPMethodNotAllowed(sorted({*allowed, "OPTIONS"}))

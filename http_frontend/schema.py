@@ -17,7 +17,8 @@ from http_frontend.errors import invalid
 
 MAX_PROMPT_CHARS = 32_000
 MAX_N = 10
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**63 - 1  # the last image's seed (seed + n - 1) must fit too
+MAX_SIDE = 16384  # pixels on a side, for `size`, `width` and `height` alike
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 RESPONSE_FORMATS = ("b64_json", "url")
 # Enumerated fields of the spec we accept and either map or ignore.
@@ -30,7 +31,7 @@ _ENUMS: dict[str, tuple[str, ...]] = {
 # The ImagesResponse enums: a value outside them goes in an extension key instead.
 RESPONSE_SIZES = ("1024x1024", "1024x1536", "1536x1024")
 RESPONSE_QUALITIES = ("low", "medium", "high")
-_SIZE = re.compile(r"^(\d{1,6})x(\d{1,6})$")
+_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # ASCII digits only: \d takes any script's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,7 +59,7 @@ class ImageRequest:
     guidance: float | None = None
     seed: int | None = None
     negative_prompt: str | None = None
-    timeout: float | None = None  # seconds; capped by the server's limit
+    timeout: float | None = None  # seconds; at most the server's --timeout
 
 
 def _is_int(value: Any) -> bool:
@@ -78,6 +79,11 @@ def _string(body: dict, name: str, *, max_len: int = 256) -> str | None:
     if len(value) > max_len:
         raise invalid(name, f"'{name}' is longer than {max_len} characters",
                       "string_above_max_length")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON's "\ud800": a lone surrogate, no character
+        raise invalid(name, f"'{name}' is not valid Unicode text: it holds a lone surrogate "
+                            f"at position {exc.start}") from None
     return value
 
 
@@ -103,13 +109,14 @@ def parse_size(value: str) -> tuple[int, int] | None:
     """'WIDTHxHEIGHT' -> (width, height); 'auto' -> None."""
     if value == "auto":
         return None
-    match = _SIZE.match(value)
+    match = _SIZE.fullmatch(value)
     if not match:
         raise invalid("size",
                       f"'size' must be 'auto' or WIDTHxHEIGHT like 1024x1024; got {value!r}")
     width, height = int(match.group(1)), int(match.group(2))
-    if width == 0 or height == 0:
-        raise invalid("size", "'size' needs a width and height above 0")
+    if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+        raise invalid("size", f"'size' needs a width and height between 1 and {MAX_SIDE}; "
+                              f"got {value!r}")
     return width, height
 
 
@@ -154,8 +161,8 @@ def parse_request(body: Any) -> ImageRequest:
         "background": _choice(body, "background", _ENUMS["background"]),
         "style": _choice(body, "style", _ENUMS["style"]),
         "user": _string(body, "user"),
-        "width": _integer(body, "width", 1, 16384),
-        "height": _integer(body, "height", 1, 16384),
+        "width": _integer(body, "width", 1, MAX_SIDE),
+        "height": _integer(body, "height", 1, MAX_SIDE),
         "steps": _integer(body, "steps", 1, 1000),
         "guidance": float(guidance) if guidance is not None else None,
         "seed": _integer(body, "seed", 0, MAX_SEED),
@@ -163,6 +170,10 @@ def parse_request(body: Any) -> ImageRequest:
         "timeout": float(timeout) if timeout is not None else None,
     }
     request = ImageRequest(**{k: v for k, v in values.items() if v is not None})
+    if request.seed is not None and request.seed + request.n - 1 > MAX_SEED:
+        raise invalid("seed", f"image i gets seed + i, and every seed must be at most "
+                              f"2**63-1: with n={request.n}, 'seed' may be at most "
+                              f"{MAX_SEED - request.n + 1}")
     if request.response_format == "url":
         raise invalid("response_format", "'url' responses are not available yet; use "
                                          "'b64_json' (the default)", "unsupported_value")

@@ -21,9 +21,10 @@ from typing import Any
 from broker.protocol import ErrorCode, JobSpec, Message, MsgType
 from gpu_worker import models
 from gpu_worker.models import ModelSpec
-from http_frontend import schema, streaming
-from http_frontend.broker_client import BrokerClient, PendingJob
-from http_frontend.errors import APIError, job_failure
+from http_frontend import limits, schema, streaming
+from http_frontend.broker_client import BrokerClient
+from http_frontend.errors import APIError, invalid, job_failure
+from http_frontend.pending import PendingJob
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,13 @@ ClientGone = Callable[[], bool]
 
 @dataclass(frozen=True, kw_only=True)
 class ServiceConfig:
-    default_model: str | None = None  # None: the model the live workers serve
-    default_timeout: float = 300.0  # seconds a request may take, queue included
-    max_timeout: float = 3600.0
+    default_model: str | None = None  # None: the one model the workers serve, if only one
+    # Seconds a request may take, queue included: the default, and the most one may ask for.
+    default_timeout: float = 300.0
     retry_after: int = 5  # seconds, sent with 429 and 503
+    # Requests that may hold a waitress thread waiting for a job (generations, streams, job
+    # submissions), all together; the server's other threads stay free for health checks.
+    max_waiting: int = 28
     max_streams: int = 16  # event streams open at once; each holds a waitress thread
     keepalive: float = 10.0  # seconds between keep-alive comments on an idle stream
 
@@ -65,6 +69,7 @@ class ImageService:
         self._in_flight = 0
         self._drain_deadline: float | None = None  # set once, when the server begins to stop
         self._streams = threading.BoundedSemaphore(config.max_streams)
+        self._waiting = threading.BoundedSemaphore(config.max_waiting)
 
     # ---------------------------------------------------------------- draining
 
@@ -98,39 +103,56 @@ class ImageService:
         with self._lock:
             self._in_flight -= 1
 
+    def take_waiting_slot(self) -> Callable[[], None]:
+        """Take one of the bounded slots for requests that wait for a job, or refuse at once
+        with a 429; returns the function that gives it back."""
+        if not self._waiting.acquire(blocking=False):
+            raise APIError(429, f"this server already has {self.config.max_waiting} requests "
+                                f"waiting for images; try again shortly",
+                           type="rate_limit_error", code="too_many_requests",
+                           headers={"Retry-After": str(self.config.retry_after)})
+        return self._waiting.release
+
     # ---------------------------------------------------------------- preparing
 
     def prepare(self, body: Any) -> Prepared:
         """Validate ``body`` against its model and build the job; nothing is sent yet."""
         request = schema.parse_request(body)
-        spec = self._spec_for(self._model_name(request.model))
+        limit = self.config.default_timeout
+        if request.timeout is not None and request.timeout > limit:
+            raise invalid("timeout", f"'timeout' may be at most {limit:g} seconds on this "
+                                     f"server; got {request.timeout:g}")
+        spec = limits.spec_for(self.broker.status(), self._model_name(request.model))
         fitted = schema.fit_to_model(request, spec)
         return Prepared(fitted, spec, self._job(fitted, spec))
 
     def _model_name(self, requested: str | None) -> str:
+        """The model a request names; else the configured default; else the only one served."""
         if requested:
             return models.canonical_name(requested)
         if self.config.default_model:
             return models.canonical_name(self.config.default_model)
         status = self.broker.status()
-        served = sorted(status.served_models()) if status else []
-        return served[0] if served else models.TINY
-
-    def _spec_for(self, name: str) -> ModelSpec:
-        """What a worker announced (fitted to the pipeline it loaded), else the registry."""
-        status = self.broker.status()
-        info = status.model_info(name) if status else None
-        if info is not None:
-            try:
-                return models.ModelSpec.from_limits(info)
-            except (TypeError, ValueError):
-                log.warning("worker announced unusable limits for %s", name)
-        return models.lookup(name) or models.generic(name)
+        if status is None:
+            raise job_failure(ErrorCode.BROKER_UNAVAILABLE.value,
+                              "the broker is not reachable", retry_after=self.config.retry_after)
+        served = sorted({m for w in status.workers if isinstance(w, dict)
+                         for m in w.get("models") or () if isinstance(m, str)})
+        if len(served) == 1:
+            return served[0]
+        if not served:
+            raise APIError(503, "no worker serves any model yet; try again shortly",
+                           type="server_error", param="model",
+                           code=ErrorCode.NO_WORKER.value,
+                           headers={"Retry-After": str(self.config.retry_after)})
+        shown = ", ".join(served[:20]) + (", ..." if len(served) > 20 else "")
+        raise invalid("model", f"this server has no default model and serves several: "
+                               f"{shown}; name one in 'model'", "missing_required_parameter")
 
     def _job(self, fitted: schema.FittedRequest, spec: ModelSpec) -> JobSpec:
         req = fitted.request
         first_seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
-        timeout = min(req.timeout or self.config.default_timeout, self.config.max_timeout)
+        timeout = req.timeout or self.config.default_timeout
         return JobSpec(
             id=uuid.uuid4().hex, model=spec.name, prompt=req.prompt,
             width=fitted.width, height=fitted.height, steps=fitted.steps,
@@ -146,14 +168,18 @@ class ImageService:
     def generate(self, prepared: Prepared, client_gone: ClientGone | None = None
                  ) -> dict[str, Any]:
         """Run the job and answer with an ImagesResponse; ``client_gone`` cancels it."""
-        self._enter_flight()
+        release = self.take_waiting_slot()
         try:
-            pending = self.broker.submit(prepared.job)
-            answer: Message | None = None
-            for msg in self.follow(pending, prepared.job, client_gone):
-                answer = msg
+            self._enter_flight()
+            try:
+                pending = self.broker.submit(prepared.job)
+                answer: Message | None = None
+                for msg in self.follow(pending, prepared.job, client_gone):
+                    answer = msg
+            finally:
+                self._leave_flight()
         finally:
-            self._leave_flight()
+            release()
         assert answer is not None  # follow() ends with the answer or raises
         if answer.type is MsgType.FAILED:
             raise self.failure(answer, prepared.job.model)
@@ -162,30 +188,35 @@ class ImageService:
     def submit_for_stream(self, prepared: Prepared) -> PendingJob:
         """Submit, and wait for the broker to take the job, so refusals are plain errors."""
         pending = self.broker.submit(prepared.job)
-        deadline = time.monotonic() + FIRST_ANSWER_WAIT
-        while time.monotonic() < deadline and pending.position is None and not pending.done:
-            pending.events_after(0, deadline - time.monotonic())
+        pending.wait_taken(FIRST_ANSWER_WAIT)
         if pending.answer is not None and pending.answer.type is MsgType.FAILED:
             raise self.failure(pending.answer, prepared.job.model)
         return pending
 
     def open_stream(self) -> Callable[[], None]:
-        """Take one of the bounded event-stream slots (each pins a waitress thread) and count
-        it in flight; returns the function that gives both back. Call before streaming, so a
-        refusal is a plain 429 or 503."""
+        """Take one of the bounded event-stream slots (each pins a waitress thread), a waiting
+        slot, and count it in flight; returns the function that gives all back. Call before
+        streaming, so a refusal is a plain 429 or 503."""
         if not self._streams.acquire(blocking=False):
             raise APIError(429, f"too many open event streams (the limit is "
                                 f"{self.config.max_streams}); try again shortly",
                            type="rate_limit_error", code="too_many_streams",
                            headers={"Retry-After": str(self.config.retry_after)})
         try:
+            release = self.take_waiting_slot()
+        except APIError:
+            self._streams.release()
+            raise
+        try:
             self._enter_flight()
         except APIError:
+            release()
             self._streams.release()
             raise
 
         def close() -> None:
             self._leave_flight()
+            release()
             self._streams.release()
         return close
 
@@ -199,11 +230,16 @@ class ImageService:
         except BaseException:
             close()
             raise
-        return self._openai_events(prepared, pending, client_gone, close)
+
+        def closed() -> None:
+            if not pending.done:
+                self.broker.cancel(prepared.job.id)  # the client stopped reading
+            close()
+        return streaming.ClosingStream(self._openai_events(prepared, pending, client_gone),
+                                       closed)
 
     def _openai_events(self, prepared: Prepared, pending: PendingJob,
-                       client_gone: ClientGone | None, close: Callable[[], None]
-                       ) -> Iterator[bytes]:
+                       client_gone: ClientGone | None) -> Iterator[bytes]:
         shapes = streaming.OpenAIStream(prepared.fitted, lambda: int(time.time()))
         try:
             for msg in self.follow(pending, prepared.job, client_gone,
@@ -218,10 +254,6 @@ class ImageService:
         except APIError as exc:
             if exc.status != 499:  # nobody is left to tell when the client hung up
                 yield streaming.error_event(exc.body()["error"])
-        finally:
-            if not pending.done:
-                self.broker.cancel(prepared.job.id)  # the client stopped reading
-            close()
 
     def follow(self, pending: PendingJob, job: JobSpec, client_gone: ClientGone | None,
                *, keepalive: float | None = None) -> Iterator[Message | None]:
@@ -233,12 +265,12 @@ class ImageService:
         # The broker answers deadlines itself; this later one is the backstop for a broker
         # that went silent.
         deadline = time.monotonic() + job.timeout + DEADLINE_SLACK
-        seen = 0
+        cursor = 0
         quiet_since = time.monotonic()
         while True:
             wait = min(deadline - time.monotonic(), CLIENT_CHECK_INTERVAL)
-            for msg in pending.events_after(seen, wait):
-                seen += 1
+            messages, cursor = pending.events_after(cursor, wait)
+            for msg in messages:
                 quiet_since = time.monotonic()
                 yield msg
                 if msg is pending.answer:
@@ -270,8 +302,9 @@ class ImageService:
 
     # ---------------------------------------------------------------- answers
 
-    def failure(self, failed: Message, model: str) -> APIError:
-        """The APIError for a FAILED answer."""
+    def failure(self, failed: Message, model: str, *, cancelled_here: bool = False
+                ) -> APIError:
+        """The APIError for a FAILED answer; ``cancelled_here``: this frontend cancelled it."""
         code = failed["code"]
         if code == ErrorCode.NO_WORKER.value and not self._known(model):
             return job_failure(ErrorCode.MODEL_NOT_FOUND.value,
@@ -279,7 +312,8 @@ class ImageService:
         retry_after = self.config.retry_after if code in (
             ErrorCode.QUEUE_FULL.value, ErrorCode.NO_WORKER.value,
             ErrorCode.BROKER_UNAVAILABLE.value, ErrorCode.SHUTTING_DOWN.value) else None
-        return job_failure(code, failed["message"], retry_after=retry_after)
+        return job_failure(code, failed["message"], retry_after=retry_after,
+                           cancelled_here=cancelled_here)
 
     def _known(self, model: str) -> bool:
         """In the registry, or announced by any worker, ready or not: a 503, never a 404."""

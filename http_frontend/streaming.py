@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from broker.protocol import ErrorCode, Message, MsgType
@@ -30,6 +30,32 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
 
 
 KEEPALIVE = b": keep-alive\n\n"
+
+
+class ClosingStream:
+    """A response body of events whose ``on_close`` runs exactly once when the server closes
+    it (PEP 3333), even if it was never iterated: a generator's ``finally`` runs only once
+    the generator started, and what it holds (a stream slot, a job) must come back anyway."""
+
+    def __init__(self, events: Iterator[bytes], on_close: Callable[[], None]) -> None:
+        self._events = events
+        self._on_close: Callable[[], None] | None = on_close
+
+    def __iter__(self) -> ClosingStream:
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._events)
+
+    def close(self) -> None:
+        on_close, self._on_close = self._on_close, None
+        try:
+            close = getattr(self._events, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if on_close is not None:
+                on_close()
 
 
 def b64(frame: Any) -> str:
@@ -83,8 +109,13 @@ def error_event(error: dict[str, Any]) -> bytes:
 
 
 def job_event(job_id: str, msg: Message, completed: Callable[[Message], dict[str, Any]],
-              failure: Callable[[Message], dict[str, Any]]) -> bytes | None:
-    """The jobs API's event for one message, or None for messages it does not show."""
+              failure: Callable[[Message], dict[str, Any]], *, cancelled_here: bool = False
+              ) -> bytes | None:
+    """The jobs API's event for one message, or None for messages it does not show.
+
+    ``cancelled_here``: this frontend cancelled the job (someone asked it to); a "cancelled"
+    failure nobody here asked for is shown as ``failed``.
+    """
     if msg.type is MsgType.ACCEPTED:
         return sse("queued", {"id": job_id, "position": msg["position"]})
     if msg.type is MsgType.PROGRESS and msg.payloads:
@@ -96,7 +127,8 @@ def job_event(job_id: str, msg: Message, completed: Callable[[Message], dict[str
         return sse("progress", {"id": job_id, "step": msg["step"], "steps": msg["steps"]})
     if msg.type is MsgType.RESULT:
         return sse("completed", completed(msg))
-    if msg.type is MsgType.FAILED and msg["code"] == ErrorCode.CANCELLED.value:
+    if msg.type is MsgType.FAILED and msg["code"] == ErrorCode.CANCELLED.value \
+            and cancelled_here:
         return sse("cancelled", {"id": job_id})
     if msg.type is MsgType.FAILED:
         return sse("failed", {"id": job_id, "error": failure(msg)})

@@ -18,7 +18,8 @@ from broker.protocol import ErrorCode, ImageInfo, JobSpec, Message, MsgType
 from gpu_worker import models
 from http_frontend import service as service_module
 from http_frontend.app import FrontendConfig, create_app
-from http_frontend.broker_client import ClusterStatus, PendingJob
+from http_frontend.broker_client import ClusterStatus
+from http_frontend.pending import PendingJob
 from http_frontend.service import ServiceConfig
 from tests.openapi_spec import validate
 

@@ -392,3 +392,83 @@ def test_a_model_with_fixed_sizes_takes_only_those() -> None:
         schema.fit_to_model(schema.parse_request({"prompt": "x", "size": "1024x1280"}), spec)
     assert bad.value.param == "size"
     assert "1280x768" in bad.value.message
+
+
+# ------------------------------------------------------------------------------ hostile text
+
+# Every field parse_request reads as a string, with a value it accepts.
+_STRING_FIELDS = {
+    "prompt": "a lighthouse", "negative_prompt": "blurry", "user": "user-1", "model": "tiny",
+    "size": "64x64", "quality": "high", "response_format": "b64_json", "output_format": "png",
+    "moderation": "low", "background": "opaque", "style": "vivid",
+}
+# Text as JSON can carry it: any code point, lone surrogates (category Cs) included, which
+# st.text() leaves out by default.
+_ANY_TEXT = st.text(st.characters(categories=["Cs"]) | st.characters(codec=None), max_size=12)
+
+
+def _encodes(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(_STRING_FIELDS)), _ANY_TEXT, max_size=6))
+def test_string_fields_are_parsed_as_unicode_or_refused_naming_the_field(fields) -> None:
+    sent = {"prompt": "a lighthouse", **fields}
+    try:
+        request = schema.parse_request(sent)
+    except APIError as exc:
+        assert exc.status == 400
+        assert exc.param in sent
+        if not _encodes(sent[exc.param]):
+            assert "Unicode" in exc.message
+        validate(exc.body(), "ErrorResponse")
+        return
+    for name in _STRING_FIELDS:
+        value = getattr(request, name)
+        assert value is None or _encodes(value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(sorted(_STRING_FIELDS)), st.characters(categories=["Cs"]),
+       st.integers(min_value=0, max_value=20))
+def test_a_lone_surrogate_in_any_string_field_is_a_400_naming_it(field, surrogate, where):
+    valid = _STRING_FIELDS[field]
+    where = min(where, len(valid))
+    sent = body(**{**_STRING_FIELDS, field: valid[:where] + surrogate + valid[where:]})
+    error = assert_bad(lambda: schema.parse_request(sent), field)
+    assert error.code == "invalid_value"
+    assert "not valid Unicode" in error.message
+    error.body()["error"]["message"].encode("utf-8")  # the answer itself encodes
+
+
+@pytest.mark.parametrize("size", [
+    "\uff16\uff14x\uff16\uff14",  # fullwidth digits
+    "\u0666\u0664x\u0666\u0664",  # Arabic-Indic digits
+    "64x64\n", " 64x64", "64x64 ", "64X64", "+64x64", "64x-64", "16385x8", "8x16385",
+    "99999x99999", "000000064x64",
+])
+def test_size_takes_only_ascii_digits_within_the_side_limit(size):
+    assert_bad(lambda: schema.parse_request(body(size=size)), "size")
+
+
+def test_the_largest_side_is_accepted():
+    assert schema.parse_size(f"{schema.MAX_SIDE}x8") == (schema.MAX_SIDE, 8)
+    assert schema.parse_size("00064x64") == (64, 64)
+
+
+@pytest.mark.parametrize(("seed", "n"), [(schema.MAX_SEED, 2), (schema.MAX_SEED - 8, 10),
+                                         (schema.MAX_SEED - 1, 3)])
+def test_every_seed_of_the_request_must_be_in_range(seed, n):
+    error = assert_bad(lambda: schema.parse_request(body(seed=seed, n=n)), "seed")
+    assert str(schema.MAX_SEED - n + 1) in error.message
+
+
+@pytest.mark.parametrize("n", [1, 2, 10])
+def test_the_highest_seed_for_each_n_is_accepted(n):
+    request = schema.parse_request(body(seed=schema.MAX_SEED - n + 1, n=n))
+    assert request.seed + request.n - 1 == schema.MAX_SEED

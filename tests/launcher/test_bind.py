@@ -87,10 +87,7 @@ UNCHECKED = ("import sys, launch; launch.addresses_in_use = lambda args: []; "
 @pytest.mark.parametrize(("taken", "child"), [
     ("clients", "broker"),
     ("workers", "broker"),
-    pytest.param("port", "frontend", marks=pytest.mark.xfail(
-        strict=True, reason="python -m http_frontend exits 1 with a traceback when its port is "
-                            "taken; it must log one line naming the address and exit 78 "
-                            "(EX_CONFIG). Remove this mark when it does.")),
+    ("port", "frontend"),
 ])
 def test_a_child_that_cannot_bind_stops_launch_instead_of_looping(
         taken: str, child: str, taken_port: int, cache_dir: Path) -> None:

@@ -1,0 +1,152 @@
+"""A pending job keeps what its watchers need, bounded whatever the workers send."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from broker.protocol import ImageInfo, JobSpec, Message, MsgType
+from http_frontend import pending as pending_module
+from http_frontend.pending import PendingJob
+
+PREVIEW = b"p" * 100_000
+
+
+def spec(n: int = 2) -> JobSpec:
+    return JobSpec(id="j1", model="tiny", prompt="a fox", width=64, height=64, steps=1000,
+                   seeds=tuple(range(n)), timeout=60.0)
+
+
+def accepted(position: int) -> Message:
+    return Message(MsgType.ACCEPTED, {"job_id": "j1", "position": position})
+
+
+def progress(step: int, preview: bytes | None = None, image: int = 0) -> Message:
+    fields = {"job_id": "j1", "step": step, "steps": 1000}
+    if preview is None:
+        return Message(MsgType.PROGRESS, fields)
+    return Message(MsgType.PROGRESS, {**fields, "image_index": image}, (preview,))
+
+
+def result() -> Message:
+    return Message(MsgType.RESULT, {"job_id": "j1", "images": [
+        ImageInfo(seed=0, width=64, height=64, format="png")]}, (b"png",))
+
+
+def held_bytes(job: PendingJob) -> int:
+    """Payload bytes the job holds, in its log and its latest state."""
+    kept = {id(m): m for _, m, _ in job._log}
+    kept |= {id(m): m for m in job._state()}
+    return sum(len(frame) for m in kept.values() for frame in m.payloads)
+
+
+def test_a_flood_of_previews_stays_bounded_in_count_and_bytes():
+    job = PendingJob("j1", spec())
+    job.update(accepted(3))
+    for step in range(1, 2001):
+        job.update(progress(step, PREVIEW, image=step % 2))
+    assert len(job._log) <= pending_module.LOG_MESSAGES
+    assert held_bytes(job) <= pending_module.LOG_BYTES + 2 * len(PREVIEW)
+    assert (job.step, job.position) == (2000, 3)
+
+
+def test_a_late_watcher_gets_the_latest_state_in_order():
+    job = PendingJob("j1", spec())
+    for position in (5, 2, 0):
+        job.update(accepted(position))
+    for step in range(1, 500):
+        job.update(progress(step, PREVIEW if step % 10 == 0 else None, image=(step // 10) % 2))
+    job.update(progress(500))
+    messages, cursor = job.events_after(0, 0.0)
+    assert [m.type for m in messages] == [MsgType.ACCEPTED, MsgType.PROGRESS, MsgType.PROGRESS,
+                                          MsgType.PROGRESS]
+    assert messages[0]["position"] == 0
+    previews = messages[1:3]
+    assert [(m["image_index"], m["step"]) for m in previews] == [(0, 480), (1, 490)]
+    assert messages[3]["step"] == 500 and not messages[3].payloads
+    assert job.events_after(cursor, 0.0) == ([], cursor)
+    job.update(result())
+    messages, _ = job.events_after(cursor, 0.0)
+    assert messages == [job.answer]
+
+
+def test_a_late_watcher_of_a_finished_job_ends_with_its_answer():
+    job = PendingJob("j1", spec())
+    for step in range(1, 200):
+        job.update(progress(step))
+    job.update(result())
+    messages, _ = job.events_after(0, 0.0)
+    assert messages[-1] is job.answer
+    assert messages[-2]["step"] == 199
+
+
+def test_a_follower_that_keeps_up_sees_every_message_in_order():
+    job = PendingJob("j1", spec())
+    seen: list[Message] = []
+
+    def follow() -> None:
+        cursor = 0
+        while True:
+            messages, cursor = job.events_after(cursor, 5.0)
+            seen.extend(messages)
+            if job.answer is not None and seen and seen[-1] is job.answer:
+                return
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    sent = [accepted(0)] + [progress(s, PREVIEW if s % 3 == 0 else None)
+                            for s in range(1, 300)] + [result()]
+    for number, msg in enumerate(sent):
+        job.update(msg)
+        if number % (pending_module.LOG_MESSAGES // 2) == 0:
+            # Keeping up: the follower is never a whole log behind.
+            wait_for(lambda n=number: len(seen) > n)
+    follower.join(10.0)
+    assert seen == sent
+
+
+def wait_for(predicate, timeout: float = 5.0) -> None:
+    event = threading.Event()
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        event.wait(0.01)
+    raise AssertionError("timed out")
+
+
+def test_exactly_one_answer_and_nothing_after_it():
+    job = PendingJob("j1", spec())
+    job.update(result())
+    job.update(progress(3))
+    job.update(Message(MsgType.FAILED, {"job_id": "j1", "code": "worker_lost", "message": "x",
+                                        "retryable": True}))
+    assert job.answer is not None and job.answer.type is MsgType.RESULT
+    assert job.events_after(0, 0.0)[0] == [job.answer]
+    assert job.step == 0
+    assert job.cancel() is False and job.cancelled_here is False
+
+
+def test_a_preview_for_an_image_nobody_asked_for_is_dropped():
+    job = PendingJob("j1", spec(n=2))
+    job.update(progress(1, PREVIEW, image=7))
+    job.update(progress(2, PREVIEW, image=1))
+    messages, _ = job.events_after(0, 0.0)
+    assert [m["image_index"] for m in messages] == [1]
+
+
+def test_cancel_answers_the_job_as_cancelled_here():
+    job = PendingJob("j1", spec())
+    assert job.cancel() is True
+    assert job.cancelled_here and job.done
+    assert job.answer["code"] == "cancelled"
+    job.update(result())  # too late
+    assert job.answer["code"] == "cancelled"
+
+
+@pytest.mark.parametrize("answered", [False, True])
+def test_wait_taken_returns_once_accepted_or_answered(answered):
+    job = PendingJob("j1", spec())
+    threading.Timer(0.05, job.update, (result() if answered else accepted(0),)).start()
+    job.wait_taken(5.0)
+    assert job.done if answered else job.position == 0
