@@ -113,6 +113,9 @@ class PipelineRunner:
         if spec.sized_by_area:
             side = self.pipe.default_sample_size * self.pipe.vae_scale_factor
             spec = spec.with_defaults(max_pixels=min(spec.max_pixels, side * side))
+            width, height = spec.default_size
+            if width * height > spec.max_pixels:  # a smaller checkpoint: its own area
+                spec = spec.with_defaults(default_size=(side, side))
         return spec
 
     def _defaults_from_signature(self, spec: ModelSpec) -> ModelSpec:

@@ -29,6 +29,8 @@ VERSION = "0.1.0"
 # Fault injection for the reliability tests: a job whose prompt contains this text kills the
 # worker process outright, as a driver crash or the OOM killer would. Unset in production.
 CRASH_PROMPT_ENV = "DC_FAULT_CRASH_ON_PROMPT"
+# And one whose every job fails at once, as on a broken driver or a full disk.
+FAIL_EVERY_JOB_ENV = "DC_FAULT_FAIL_EVERY_JOB"
 PREVIEW_QUALITY = 70  # previews are glimpses: small and quick beat faithful
 
 
@@ -265,6 +267,7 @@ class Worker:
         idle = None if self._device_free_since is None else started - self._device_free_since
         try:
             # 1. Denoise: the only step on the device.
+            _maybe_fail()
             images = self.runner.generate_batch(jobs, self._progress_reporter(jobs))
         except Interrupted:
             log.info("job(s) %s interrupted", ", ".join(job.id for job in jobs))
@@ -346,6 +349,11 @@ def _maybe_crash(job: JobSpec) -> None:
     if crash_on and crash_on in job.prompt:
         log.error("fault injection: crashing on job %s", job.id)
         os._exit(70)
+
+
+def _maybe_fail() -> None:
+    if os.environ.get(FAIL_EVERY_JOB_ENV):
+        raise RuntimeError("fault injection: the device is broken")
 
 
 _PATH = re.compile(r"(?:[A-Za-z]:)?[/\\][^\s'\"]+")

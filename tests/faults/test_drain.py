@@ -68,13 +68,14 @@ def test_sigterm_to_launch_finishes_the_running_job_then_stops(cache_dir: Path) 
 
 def test_sigterm_answers_what_cannot_finish_in_the_grace_with_a_retryable_503(
         cache_dir: Path) -> None:
-    # A 4 s drain; the running job needs 50 steps (~40 s here, well over 4 s anywhere).
+    # A 4 s drain; the running job makes 8 images in 50 steps (~30 s on an idle 2-core
+    # machine: one image alone took 4 s, too close to the drain to rely on).
     cluster = Cluster(cache_dir, workers=1, heartbeat=0.2, extra=["--grace", "6"])
     try:
         cluster.wait_ready()
         children = descendants(cluster.process.pid)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            running = pool.submit(generate, cluster, prompt="long", steps=50, seed=8)
+            running = pool.submit(generate, cluster, prompt="long", steps=50, n=8, seed=8)
             wait_until(lambda: jobs_held(cluster) == 1, 30, "the first job to reach the worker")
             queued = pool.submit(generate, cluster, prompt="queued", steps=8)
             wait_until(lambda: jobs_held(cluster) == 2, 30, "the second job to reach the broker")
