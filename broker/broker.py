@@ -247,8 +247,8 @@ class Broker:
         return True
 
     def _on_client_message(self, client: bytes, msg: Message, now: float) -> None:
-        # A frontend that sends no owner (an old one) owns its jobs by connection.
-        owner = msg.get("owner") or client.hex()
+        # Frontends that send no owner (old ones) share one, as before owners existed.
+        owner = msg.get("owner") or ""
         if msg.type is MsgType.SUBMIT:
             self._on_submit(client, owner, msg["job"], now)
         elif msg.type is MsgType.CANCEL:
@@ -356,7 +356,7 @@ class Broker:
         """
         held = list(dict.fromkeys(msg.get("held", [])))
         known = self.workers.get(identity)
-        moved = None if known else self.workers.find(msg["worker_id"])
+        moved = None if known else self._same_process(msg, now)
         if moved is not None:
             self.workers.remove(moved.identity)
         previous = known or moved
@@ -364,13 +364,34 @@ class Broker:
         if moved is not None:
             self._move_leases(moved, worker, set(held))
         for job_id in held[:worker.capacity]:
-            self._claim(worker, job_id)
+            self._claim(worker, job_id, now)
         self.workers.offer(worker)
         self._asked.pop(identity, None)
+        if worker.capacity < msg.get("capacity", 1):
+            log.warning("worker %s asked for room for %d jobs; it gets %d (2 x max_batch)",
+                        worker.worker_id, msg["capacity"], worker.capacity)
         log.info("worker %s %s: host=%s device=%s models=%s capacity=%d max_batch=%d held=%d",
                  worker.worker_id, "registered again" if previous else "ready", worker.host,
                  worker.device, ",".join(worker.models), worker.capacity, worker.max_batch,
                  len(held))
+
+    def _same_process(self, ready: Message, now: float) -> Worker | None:
+        """The record of the worker process that sent ``ready``, from an earlier connection.
+
+        Its ``session`` (random per process) tells a reconnected socket from a restarted
+        process that kept its worker_id (PID 1 in a container, an explicit --worker-id):
+        the jobs of a process that died were lost with it, and count as attempts.
+        """
+        earlier = self.workers.find(ready["worker_id"])
+        session = ready.get("session")
+        if earlier is None or not session or not earlier.session:
+            return None  # a worker without sessions (an old one): its old record expires
+        if earlier.session == session:
+            return earlier
+        log.warning("worker %s restarted; the jobs it held are lost", earlier.worker_id)
+        self.workers.remove(earlier.identity)
+        self._lose_jobs(earlier)
+        return None
 
     def _move_leases(self, old: Worker, new: Worker, held: set[str]) -> None:
         """The worker reconnected: its leases follow it; what it lost goes back, unpunished."""
@@ -384,7 +405,8 @@ class Broker:
                 self.jobs.hand_back(job)
         self._forget_claims(old)
 
-    def _claim(self, worker: Worker, job_id: str) -> None:
+    def _claim(self, worker: Worker, job_id: str, now: float) -> None:
+        """Make a job the worker says it holds its lease."""
         if job_id in worker.running:
             return
         job = self.jobs.get(job_id)
@@ -393,7 +415,10 @@ class Broker:
         elif job.state is JobState.QUEUED:
             self.jobs.claim(job, worker.identity)
         else:
-            return  # leased to another worker: the first answer wins
+            # Leased to another worker meanwhile (we restarted and leased it before this
+            # worker registered again): this one has had it longer; the other stops.
+            self._stop_running(job, now)
+            job.worker = worker.identity
         worker.running.add(job_id)
 
     def _claimed_by(self, job_id: str) -> Worker | None:
@@ -445,15 +470,24 @@ class Broker:
         self._job_failed(worker, job, message, now)
 
     def _job_failed(self, worker: Worker, job: Job, message: str, now: float) -> None:
-        """A worker failed a job: fail it, or, if the worker looks sick, run it elsewhere."""
-        was_quarantined = worker.state is WorkerState.QUARANTINED
-        if self.workers.failed(worker, now):
-            if not was_quarantined:
+        """A worker failed a job. Run it once more on another worker: a sick worker (a broken
+        driver, a full disk) then costs no request, and is quarantined. A job that fails on
+        two workers is the job's own fault: it fails, and counts against neither."""
+        first = None if job.failed_on is None else self.workers.get(job.failed_on)
+        if job.failed_on is not None and job.failed_on != worker.identity:
+            if first is not None:
+                self.workers.absolve(first)
+        else:
+            others = self.workers.others_serve(job.model, worker)
+            was_quarantined = worker.state is WorkerState.QUARANTINED
+            if self.workers.failed(worker, now, others_serve=others) and not was_quarantined:
                 log.warning("worker %s failed %d job(s) in a row; no work for it for %.0f s",
                             worker.worker_id, worker.failures,
                             worker.quarantined_until - now)
-            self.jobs.hand_back(job)  # the worker is suspect, not the job: not an attempt
-            return
+            if others and job.failed_on is None:
+                job.failed_on = worker.identity
+                self.jobs.hand_back(job)  # not an attempt: the worker may be to blame
+                return
         self.jobs.finish(job.id)
         # Only our own code reaches the client: a worker's code could claim anything.
         self._fail(job.client, job.id, ErrorCode.WORKER_ERROR, message)
@@ -581,16 +615,19 @@ class Broker:
         # Only room for a whole batch counts (next_free): answers free a batching worker's
         # slots one job at a time, and leasing into each freed slot would split every later
         # batch into batches of one. The worker is busy with the batch it holds meanwhile.
-        worker = self.workers.next_free(model)
-        if worker is None:
+        passed_over: list[Worker] = []  # every queued job already failed on them
+        try:
+            while (worker := self.workers.next_free(model)) is not None:
+                batch = self.jobs.take_batch(model, worker.identity,
+                                             min(worker.max_batch, worker.capacity))
+                if batch:
+                    self._lease(worker, batch, now)
+                    return True
+                passed_over.append(worker)
             return False
-        batch = self.jobs.take_batch(model, worker.identity,
-                                     min(worker.max_batch, worker.capacity))
-        if not batch:
-            self.workers.offer(worker)  # it stays a candidate
-            return False
-        self._lease(worker, batch, now)
-        return True
+        finally:
+            for worker in passed_over:
+                self.workers.offer(worker)  # they stay candidates
 
     def _announce_positions(self, now: float) -> None:
         """Tell the first jobs still queued where they now stand (ACCEPTED with a position).

@@ -27,6 +27,7 @@ class Job:
     attempt: int = 0
     worker: bytes | None = None  # identity of the worker holding the lease while RUNNING
     seq: int = 0  # submission order, set by JobTable.add; keeps FIFO when jobs come back
+    failed_on: bytes | None = None  # the worker that failed it once: it runs elsewhere next
 
     @property
     def id(self) -> str:
@@ -100,26 +101,32 @@ class JobTable:
         return (job for job in queue if not self._is_stale(job))
 
     def take_batch(self, model: str, worker: bytes, max_batch: int) -> list[Job]:
-        """Lease the oldest queued job of ``model`` plus queued jobs with its batch key."""
+        """Lease the oldest queued job of ``model`` plus queued jobs with its batch key.
+
+        Jobs that already failed on ``worker`` are left for another worker.
+        """
         queue = self._queues.get(model)
-        if not queue:
-            return []
         while queue and self._is_stale(queue[0]):
             queue.popleft()
         if not queue:
             return []
-        head = queue.popleft()
+        head = next((job for job in self._live_queued(queue) if job.failed_on != worker), None)
+        if head is None:
+            return []
         batch = [head]
         if max_batch > 1:
             key = head.spec.batch_key()
             for job in self._live_queued(queue):
                 if len(batch) >= max_batch:
                     break
-                if job.spec.batch_key() == key:
+                if job is not head and job.failed_on != worker \
+                        and job.spec.batch_key() == key:
                     batch.append(job)
-            taken = {id(job) for job in batch[1:]}
-            if taken:
-                self._queues[model] = deque(j for j in queue if id(j) not in taken)
+        if len(batch) == 1 and queue[0] is head:
+            queue.popleft()
+        else:
+            taken = {id(job) for job in batch}
+            self._queues[model] = deque(j for j in queue if id(j) not in taken)
         for job in batch:
             job.state, job.worker = JobState.RUNNING, worker
             self._queued[model] -= 1

@@ -237,7 +237,8 @@ _MESSAGES: dict[MsgType, tuple[_Spec, range]] = {
         {"worker_id": (_STR, True), "host": (_STR, True), "device": (_STR, True),
          "models": (_LIST, True), "max_batch": (_INT, False), "capacity": (_INT, False),
          "version": (_STR, False), "model_info": (_MAP, False),
-         "held": (_LIST, False)},  # ids of the jobs it holds (running or waiting), if any
+         "held": (_LIST, False),  # ids of the jobs it holds (running or waiting), if any
+         "session": (_OPT_STR, False)},  # random per worker process
         range(0, 1),
     ),
     MsgType.HEARTBEAT: ({"running": (_LIST, False)}, range(0, 1)),
@@ -267,7 +268,7 @@ def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
     return isinstance(value, types)
 
 
-_ID_FIELDS = frozenset({"id", "job_id", "owner", "incarnation", "worker_id"})
+_ID_FIELDS = frozenset({"id", "job_id", "owner", "incarnation", "worker_id", "session"})
 
 
 def _check_value(name: str, value: Any) -> None:
@@ -418,8 +419,8 @@ def _check_semantics(msg_type: MsgType, fields: dict[str, Any], payloads: Sequen
         max_batch, capacity = fields.get("max_batch", 1), fields.get("capacity", 1)
         if not 1 <= max_batch <= MAX_BATCH:
             raise ProtocolError(f"ready.max_batch must be 1..{MAX_BATCH}")
-        if not 1 <= capacity <= 2 * max_batch:
-            raise ProtocolError("ready.capacity must be 1..2 x max_batch")
+        if capacity < 1:
+            raise ProtocolError("ready.capacity must be at least 1")
         _check_ids("ready.held", fields.get("held", []))
     elif msg_type is MsgType.HEARTBEAT:
         _check_ids("heartbeat.running", fields.get("running", []))

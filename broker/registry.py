@@ -34,6 +34,7 @@ class Worker:
     version: str
     model_info: dict[str, Any]
     expires_at: float  # time.monotonic(); pushed forward by every message from the worker
+    session: str = ""  # random per worker process (READY); "" from workers that send none
     state: WorkerState = WorkerState.READY
     running: set[str] = field(default_factory=set)  # ids of the jobs it holds
     jobs_done: int = 0
@@ -111,7 +112,9 @@ class WorkerRegistry:
             device=ready["device"],
             models=tuple(ready["models"]),
             max_batch=ready.get("max_batch", 1),
-            capacity=ready.get("capacity", 1),
+            # Room for one batch running and one waiting, at most: more would hoard jobs.
+            capacity=min(ready.get("capacity", 1), 2 * ready.get("max_batch", 1)),
+            session=ready.get("session") or "",
             version=ready.get("version", ""),
             model_info=ready.get("model_info") or {},
             expires_at=now + self.liveness,
@@ -151,13 +154,17 @@ class WorkerRegistry:
     def succeeded(self, worker: Worker) -> None:
         worker.failures = worker.quarantines = 0
 
-    def failed(self, worker: Worker, now: float) -> bool:
-        """Count a failed job; quarantine the worker after too many. Whether it is now."""
+    def failed(self, worker: Worker, now: float, *, others_serve: bool) -> bool:
+        """Count a failed job; quarantine the worker after too many. Whether it is now.
+
+        Only while ``others_serve`` (another ready worker serves its models): quarantining
+        the one worker that can run a model would only make its jobs wait.
+        """
         worker.failures += 1
         if worker.state is WorkerState.QUARANTINED:
             return True
         # A worker on probation (quarantined before, nothing good since) goes back at once.
-        if worker.failures < QUARANTINE_AFTER and not worker.quarantines:
+        if not others_serve or (worker.failures < QUARANTINE_AFTER and not worker.quarantines):
             return False
         seconds = min(QUARANTINE_MAX, QUARANTINE_FIRST * 2 ** worker.quarantines)
         worker.quarantines += 1
@@ -165,6 +172,17 @@ class WorkerRegistry:
         worker.quarantined_until = now + seconds
         self.offer(worker)  # its heap entries go stale: no room while quarantined
         return True
+
+    def absolve(self, worker: Worker) -> None:
+        """Take back a failure counted against a worker: the job failed elsewhere too."""
+        if worker.state is WorkerState.READY and worker.failures:
+            worker.failures -= 1
+
+    def others_serve(self, model: str, worker: Worker) -> bool:
+        """Whether a ready worker other than ``worker`` serves ``model``."""
+        return any(identity != worker.identity
+                   and self._workers[identity].state is WorkerState.READY
+                   for identity in self._by_model.get(model, ()))
 
     def end_quarantines(self, now: float) -> list[Worker]:
         """Put workers whose quarantine is over back to work (on probation); return them."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import socket
 import threading
 import time
@@ -84,6 +85,8 @@ class Worker:
         self.config = config
         self.spec = models.resolve(config.model)
         self.worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}-{config.device}"
+        # Tells the broker a reconnection of this process from a restart under the same id.
+        self.session = secrets.token_hex(8)
         self._stop = threading.Event()
         self.runner = runner  # loaded by run() when not given
         self.link: Link | None = None
@@ -121,7 +124,7 @@ class Worker:
             "device": self.config.device, "models": [self.spec.name],
             # One batch running and one waiting, so the device never idles between batches.
             "max_batch": self.config.max_batch, "capacity": 2 * self.config.max_batch,
-            "version": VERSION,
+            "version": VERSION, "session": self.session,
             "model_info": {self.spec.name: self.spec.limits()},
         }
 

@@ -23,6 +23,7 @@ from http_frontend.service import ClientGone, ImageService, Prepared
 
 log = logging.getLogger(__name__)
 
+COMPACT_AFTER = 30.0  # seconds a finished job keeps its previews for watchers still reading
 _PRINTABLE_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")  # ids shown back in a 404; others are not
 
 
@@ -189,6 +190,8 @@ class JobsAPI:
                 record.finished_at = now
             if record.finished_at is not None and now - record.finished_at > self.ttl:
                 del self._jobs[record.id]
+            elif record.finished_at is not None and now - record.finished_at > COMPACT_AFTER:
+                record.pending.compact()
         excess = len(self._jobs) - self.max_jobs + 1
         if excess > 0:
             finished = [r for r in self._jobs.values() if r.pending.done]

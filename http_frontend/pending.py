@@ -65,6 +65,16 @@ class PendingJob:
             self._append(self.answer)
             return True
 
+    def compact(self) -> None:
+        """Keep only the answer of a finished job (the jobs API keeps those for minutes):
+        the previews are of no use once the images are here."""
+        with self._changed:
+            if self.answer is None:
+                return
+            self._previews.clear()
+            self._log = collections.deque(e for e in self._log if e[1] is self.answer)
+            self._log_bytes = sum(size for _, _, size in self._log)
+
     def wait(self, timeout: float) -> Message | None:
         """The RESULT or FAILED for this job, or None when ``timeout`` passes first."""
         with self._changed:

@@ -8,8 +8,8 @@
     python scripts/attack.py cancel      # cancel jobs a worker has already prefetched
 
 Each starts `launch.py` on free ports (tiny model, CPU workers, the default 1 s heartbeat),
-attacks it, and prints one `RESULT` line: requests sent, answered by status, and how long
-the slowest took (a request still unanswered at the end counts as hung). The regression
+attacks it, and prints `RESULT` lines: requests sent, answered by status, and how long the
+slowest took (one unanswered within its timeout shows as ReadTimeout: hung). The regression
 tests (tests/faults, tests/e2e/test_hostile_http.py) assert the same outcomes; this prints
 the numbers. Run it from a checkout whose .venv is set up (`make test` makes one).
 """
@@ -105,21 +105,21 @@ def attack_flood(cluster: Cluster) -> None:
     slow.sendall(b"GET /healthz HTTP/1.1\r\n")
     try:
         checks = []
-        for _ in range(5):
+        for _ in range(3):
             slow.sendall(b"X")  # a byte of a header, now and then: never idle
-            checks.append(timed(lambda: httpx.get(f"{cluster.url}/healthz", timeout=30)))
-            checks.append(timed(lambda: httpx.get(f"{cluster.url}/v1/models", timeout=30)))
+            checks.append(timed(lambda: httpx.get(f"{cluster.url}/healthz", timeout=10)))
+            checks.append(timed(lambda: httpx.get(f"{cluster.url}/v1/models", timeout=10)))
         report("200 idle sockets + slowloris: /healthz and /v1/models", checks)
     finally:
         for sock in [*idle, slow]:
             sock.close()
-    slow_job = {"prompt": "hold", "size": "512x512", "steps": 200}
+    slow_job = {"prompt": "hold", "size": "512x512", "steps": 50}
     with concurrent.futures.ThreadPoolExecutor(80) as pool:
         held = [pool.submit(generate, cluster.url, slow_job, 15) for _ in range(80)]
         time.sleep(3)
         report("/healthz with 80 slow generations waiting",
-               [timed(lambda: httpx.get(f"{cluster.url}/healthz", timeout=30))
-                for _ in range(5)])
+               [timed(lambda: httpx.get(f"{cluster.url}/healthz", timeout=10))
+                for _ in range(3)])
         report("the 80 slow generations (cut at 15 s)", [h.result() for h in held])
 
 

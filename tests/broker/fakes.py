@@ -139,6 +139,7 @@ class FakeWorker(Peer):
             "worker_id": worker_id, "host": "testhost", "device": "cpu",
             "models": list(models), "capacity": capacity, "max_batch": max_batch,
             "version": "test", "model_info": {m: {"max_steps": 50} for m in models},
+            "session": f"session-of-{worker_id}",
         }
         if held is not None:
             fields["held"] = held

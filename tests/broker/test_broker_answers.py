@@ -3,6 +3,7 @@ quarantine of a worker that fails every job."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -47,16 +48,19 @@ def test_another_frontend_cannot_cancel_a_job(harness: BrokerHarness) -> None:
     assert owner.expect(MsgType.RESULT)["job_id"] == "j1"
 
 
-def test_an_old_frontend_without_an_id_owns_its_jobs_by_connection(
+def test_old_frontends_without_an_id_keep_their_jobs_across_reconnections(
         harness: BrokerHarness) -> None:
+    # As before owners existed: a resubmission from a new connection re-attaches the job.
     worker = harness.worker("w1")
     first, second = harness.client(), harness.client()
     first.submit(make_spec("j1"))
     worker.take()
-    assert second.submit(make_spec("j1"))["code"] == "invalid_request"
-    with harness.consumes(clients=1):
-        second.cancel("j1")
-    assert "j1" in harness.broker.jobs
+    assert second.submit(make_spec("j1")).type is MsgType.ACCEPTED
+    # A frontend with an id cannot touch them.
+    owned = harness.client("frontend-a")
+    assert owned.submit(make_spec("j1"))["code"] == "invalid_request"
+    worker.result(make_spec("j1"))
+    assert second.expect(MsgType.RESULT)["job_id"] == "j1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,10 +124,15 @@ def test_progress_that_does_not_fit_its_job_is_dropped(
 
 def test_a_worker_cannot_announce_room_for_every_job(harness: BrokerHarness) -> None:
     greedy = harness.raw_worker(b"greedy")
-    with harness.consumes(workers=1):
-        greedy.send_msg(MsgType.READY, {"worker_id": "greedy", "host": "h", "device": "cpu",
-                                        "models": ["tiny"], "max_batch": 1, "capacity": 1000})
-    assert harness.broker.workers.get(b"greedy") is None
+    greedy.ready("greedy", max_batch=1, capacity=1000)
+    harness.wait_for(lambda: harness.broker.workers.get(b"greedy") is not None)
+    assert harness.broker.workers.get(b"greedy").capacity == 2  # one running, one waiting
+    client = harness.client()
+    for i in range(5):
+        client.submit(make_spec(f"j{i}"))
+    assert [s.id for s in greedy.take() + greedy.take()] == ["j0", "j1"]
+    greedy.assert_silent()
+    assert harness.broker.jobs.queue_depth("tiny") == 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,32 +143,39 @@ def fail(worker: FakeWorker, job_id: str) -> None:
     worker.send(protocol.failed(job_id, ErrorCode.WORKER_ERROR, "CUDA error: device lost"))
 
 
-def test_a_worker_that_fails_every_job_is_quarantined_and_its_jobs_go_elsewhere(
+def serve(harness: BrokerHarness, client: Any, workers: dict[FakeWorker, bool],
+          answers: int) -> list[tuple[str, str, str]]:
+    """Play the workers (True: it answers, False: it fails every job) until the client has
+    ``answers`` answers; return them as (type, job id, code)."""
+    got: list[tuple[str, str, str]] = []
+    deadline = time.monotonic() + 10
+    while len(got) < answers:
+        assert time.monotonic() < deadline, got
+        harness.pump()
+        for worker, healthy in workers.items():
+            msg = worker.poll_msg()
+            if msg is not None and msg.type is MsgType.JOBS:
+                for spec in msg["jobs"]:
+                    worker.result(spec) if healthy else fail(worker, spec.id)
+        msg = client.poll_msg()
+        if msg is not None and msg.type in (MsgType.RESULT, MsgType.FAILED):
+            got.append((msg.type.value, msg["job_id"], msg.get("code", "")))
+    return got
+
+
+def test_a_sick_worker_costs_no_request_and_is_quarantined(
         make_harness: Callable[..., BrokerHarness]) -> None:
     harness = make_harness(heartbeat_interval=10.0)  # workers stay alive across the jump
-    sick = harness.worker("sick")
+    sick, healthy = harness.worker("sick"), harness.worker("healthy")
     client = harness.client()
-    for i in range(5):
+    for i in range(8):
         client.submit(make_spec(f"j{i}"))
-    failed = []
-    for _ in range(3):
-        (spec,) = sick.take()
-        fail(sick, spec.id)
-        failed.append(spec.id)
-    # Two failures reach their clients; the third tips the worker into quarantine and its
-    # job goes back to the queue (not counted as an attempt).
-    assert [client.expect(MsgType.FAILED)["job_id"] for _ in range(2)] == failed[:2]
-    harness.wait_for(lambda: harness.broker.workers.get(b"sick").state
-                     is WorkerState.QUARANTINED)
-    sick.assert_silent()
-    healthy = harness.worker("healthy", capacity=2)
-    taken = healthy.take() + healthy.take()
-    assert (taken[0].id, taken[0].attempt) == (failed[2], 0)
-    for spec in taken:
-        healthy.result(spec)
-    taken += healthy.take()
-    healthy.result(taken[-1])
-    assert [client.expect(MsgType.RESULT)["job_id"] for _ in range(3)] == ["j2", "j3", "j4"]
+    got = serve(harness, client, {sick: False, healthy: True}, answers=8)
+    # Each job the sick worker failed ran again on the healthy one.
+    assert sorted(got) == sorted(("result", f"j{i}", "") for i in range(8))
+    record = harness.broker.workers.get(sick.identity)
+    assert record.state is WorkerState.QUARANTINED
+    assert record.failures == 3
     client.send_msg(MsgType.STATUS)
     workers = {w["worker_id"]: w for w in client.expect(MsgType.STATUS_REPLY)["workers"]}
     assert workers["sick"]["state"] == "quarantined"
@@ -171,3 +187,37 @@ def test_a_worker_that_fails_every_job_is_quarantined_and_its_jobs_go_elsewhere(
     harness.pump()
     client.submit(make_spec("later"))
     assert [s.id for s in sick.take()] == ["later"]
+
+
+def test_a_job_that_fails_on_two_workers_fails_and_blames_neither(
+        harness: BrokerHarness) -> None:
+    first, second = harness.worker("first"), harness.worker("second")
+    client = harness.client()
+    client.submit(make_spec("poison"))
+    got = serve(harness, client, {first: False, second: False}, answers=1)
+    assert got == [("failed", "poison", "worker_error")]
+    for peer in (first, second):
+        record = harness.broker.workers.get(peer.identity)
+        assert (record.state, record.failures) == (WorkerState.READY, 0)
+
+
+def test_many_bad_jobs_quarantine_no_worker(harness: BrokerHarness) -> None:
+    # A client that sends jobs that fail everywhere must not take the cluster down.
+    first, second = harness.worker("first"), harness.worker("second")
+    client = harness.client()
+    for i in range(6):
+        client.submit(make_spec(f"bad{i}"))
+    got = serve(harness, client, {first: False, second: False}, answers=6)
+    assert sorted(got) == sorted(("failed", f"bad{i}", "worker_error") for i in range(6))
+    assert all(w.state is WorkerState.READY for w in harness.broker.workers)
+
+
+def test_the_only_worker_of_a_model_fails_jobs_at_once_and_is_never_quarantined(
+        harness: BrokerHarness) -> None:
+    only = harness.worker("only")
+    client = harness.client()
+    for i in range(4):
+        client.submit(make_spec(f"j{i}"))
+    got = serve(harness, client, {only: False}, answers=4)
+    assert sorted(got) == sorted(("failed", f"j{i}", "worker_error") for i in range(4))
+    assert harness.broker.workers.get(only.identity).state is WorkerState.READY

@@ -7,7 +7,7 @@ import pytest
 from broker import protocol
 from broker.jobs import JobState
 from broker.protocol import MsgType
-from tests.broker.fakes import BrokerHarness, make_spec
+from tests.broker.fakes import BrokerHarness, make_spec, plain
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -65,14 +65,42 @@ def test_a_frontend_resubmitting_before_the_worker_registers_gives_it_back_its_j
     assert harness.broker.jobs.queue_depth("tiny") == 0
 
 
-def test_a_held_job_leased_to_another_worker_stays_there(harness: BrokerHarness) -> None:
-    first = harness.worker("w1")
+def test_a_held_job_leased_to_another_worker_moves_to_the_worker_that_held_it(
+        harness: BrokerHarness) -> None:
+    # A new broker leased j1 to a worker that registered first; the worker that ran j1
+    # across the restart registers after. j1 stays with it; the other is told to stop.
+    client = harness.client("frontend-a")
+    client.submit(make_spec("j1"))  # queued in the start-up grace
+    early = harness.worker("early")
+    early.take()
+    holder = harness.worker("holder", held=["j1"])
+    assert harness.broker.jobs.get("j1").worker == holder.identity
+    assert plain(early.expect(MsgType.CANCEL)) == {"job_id": "j1"}
+    # The early worker's slot comes back when it says it stopped; its answer is dropped.
+    early_record = harness.broker.workers.get(early.identity)
+    assert early_record.running == {"j1"}
+    early.send(protocol.failed("j1", protocol.ErrorCode.CANCELLED, "cancelled"))
+    harness.wait_for(lambda: not early_record.running)
+    holder.result(make_spec("j1"))
+    assert client.expect(MsgType.RESULT)["job_id"] == "j1"
+    client.assert_silent(skip=(MsgType.ACCEPTED, MsgType.HEARTBEAT))
+
+
+def test_a_worker_process_restarted_under_the_same_id_loses_its_jobs(
+        harness: BrokerHarness) -> None:
+    # PID 1 in a container: the restarted process has the same worker_id, a new session.
+    worker = harness.raw_worker(b"first-socket")
+    worker.send_msg(MsgType.READY, {"worker_id": "w1", "host": "h", "device": "cpu",
+                                    "models": ["tiny"], "session": "one"})
+    harness.wait_for(lambda: harness.broker.workers.get(b"first-socket") is not None)
     client = harness.client()
-    client.submit(make_spec("j1"))
-    first.take()
-    second = harness.worker("w2", held=["j1"])
-    assert harness.broker.jobs.get("j1").worker == b"w1"
-    assert harness.broker.workers.get(second.identity).running == set()
+    client.submit(make_spec("crasher"))
+    worker.take()
+    again = harness.raw_worker(b"second-socket")
+    again.send_msg(MsgType.READY, {"worker_id": "w1", "host": "h", "device": "cpu",
+                                   "models": ["tiny"], "session": "two", "held": []})
+    (spec,) = again.take()
+    assert (spec.id, spec.attempt) == ("crasher", 1)  # counted: it may be what killed it
 
 
 def test_a_worker_on_a_new_connection_keeps_what_it_lists_and_hands_back_the_rest(
@@ -82,7 +110,8 @@ def test_a_worker_on_a_new_connection_keeps_what_it_lists_and_hands_back_the_res
     client.submit(make_spec("j1"))
     client.submit(make_spec("j2"))
     assert [s.id for s in old.take() + old.take()] == ["j1", "j2"]
-    # Same worker (same worker_id), new socket: it still runs j1, it never got j2.
+    # Same worker process (same worker_id and session), new socket: it still runs j1, it
+    # never got j2.
     new = harness.raw_worker(b"w1-again")
     new.ready("w1", capacity=2, held=["j1"])
     harness.wait_for(lambda: harness.broker.workers.get(b"w1-again") is not None)

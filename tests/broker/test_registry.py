@@ -135,9 +135,9 @@ def test_stale_entries_do_not_pile_up() -> None:
 def test_a_worker_that_fails_jobs_in_a_row_is_quarantined_with_back_off() -> None:
     reg = WorkerRegistry(liveness=3.0)
     worker = reg.register(b"a", ready("a", capacity=2), now=0.0)
-    assert not reg.failed(worker, now=1.0)
-    assert not reg.failed(worker, now=1.0)
-    assert reg.failed(worker, now=1.0)  # the third in a row
+    assert not reg.failed(worker, now=1.0, others_serve=True)
+    assert not reg.failed(worker, now=1.0, others_serve=True)
+    assert reg.failed(worker, now=1.0, others_serve=True)  # the third in a row
     assert worker.free == 0
     assert drain(reg) == []
     assert reg.serves("tiny")  # its model's jobs wait for it (or others); they never fail
@@ -147,11 +147,23 @@ def test_a_worker_that_fails_jobs_in_a_row_is_quarantined_with_back_off() -> Non
     assert reg.end_quarantines(now=6.0) == [worker]
     assert drain(reg) == [worker]
     # On probation: one more failure and it is out again, for twice as long.
-    assert reg.failed(worker, now=7.0)
+    assert reg.failed(worker, now=7.0, others_serve=True)
     assert worker.quarantined_until == 17.0
     reg.end_quarantines(now=17.0)
     reg.succeeded(worker)  # a good answer clears its record
-    assert not reg.failed(worker, now=18.0)
+    assert not reg.failed(worker, now=18.0, others_serve=True)
+    reg.absolve(worker)  # that job failed elsewhere too: not this worker's fault
+    assert worker.failures == 0
+
+
+def test_the_only_worker_of_a_model_is_never_quarantined() -> None:
+    reg = WorkerRegistry(liveness=3.0)
+    only = reg.register(b"a", ready("a"), now=0.0)
+    other = reg.register(b"b", ready("b", models=["sdxl"]), now=0.0)
+    assert reg.others_serve("sdxl", only) and not reg.others_serve("tiny", only)
+    assert not reg.others_serve("sdxl", other)
+    assert not any(reg.failed(only, now=1.0, others_serve=False) for _ in range(10))
+    assert only.state is WorkerState.READY
 
 
 def test_full_worker_still_serves() -> None:

@@ -150,3 +150,15 @@ def test_wait_taken_returns_once_accepted_or_answered(answered):
     threading.Timer(0.05, job.update, (result() if answered else accepted(0),)).start()
     job.wait_taken(5.0)
     assert job.done if answered else job.position == 0
+
+
+def test_a_finished_job_compacted_keeps_only_its_answer() -> None:
+    job = PendingJob("j1", spec())
+    for step in range(1, 4):
+        for image in range(2):
+            job.update(progress(step, b"p" * 1000, image))
+    job.update(result())
+    job.compact()
+    assert held_bytes(job) < 1000  # no preview kept
+    late, _ = job.events_after(0, 0.0)
+    assert late[-1] is job.answer
