@@ -113,16 +113,7 @@ def encode_image(width: int, height: int, seed: int, fmt: str) -> bytes:
     return out.getvalue()
 
 
-@pytest.fixture
-def broker() -> FakeBroker:
-    return FakeBroker()
-
-
-@pytest.fixture
-def client(broker: FakeBroker) -> falcon.testing.TestClient:
-    config = FrontendConfig(service=ServiceConfig(default_timeout=30.0, retry_after=RETRY_AFTER),
-                            max_body=MAX_BODY)
-    return falcon.testing.TestClient(create_app(config, broker))
+# The broker and client fixtures are in conftest.py, shared by every HTTP test module.
 
 
 def post(client, body: Any, **kwargs) -> falcon.testing.Result:
