@@ -113,8 +113,9 @@ def test_sigterm_to_a_worker_finishes_its_job_first(cluster: Cluster) -> None:
 
 def test_a_long_job_never_gets_its_worker_declared_dead(cluster: Cluster) -> None:
     started = time.monotonic()
-    resp = httpx.post(f"{cluster.url}/v1/images/generations", json={**SLOW_JOB, "seed": 4},
-                      timeout=120)
+    # Four images: one took 3.9 s on an idle machine, too close to 20 heartbeats.
+    resp = httpx.post(f"{cluster.url}/v1/images/generations",
+                      json={**SLOW_JOB, "n": 4, "seed": 4}, timeout=120)
     elapsed = time.monotonic() - started
     assert resp.status_code == 200, resp.text
     assert elapsed > 20 * HEARTBEAT, "the job was too short to show anything"
