@@ -32,3 +32,29 @@ def test_test_modules_have_unique_names() -> None:
     # pytest's default import mode needs unique basenames; a clash stops the whole run.
     names = [p.name for p in (Path(__file__).parent).rglob("test_*.py")]
     assert sorted(names) == sorted(set(names)), "two test files share a name"
+
+
+def documented_messages() -> dict[str, set[str]]:
+    """docs/architecture.md's message table: each type and the fields its rows name."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    table = doc.split("## Wire protocol", 1)[1].split("\n\n")
+    rows = next(part for part in table if part.startswith("| direction | type |"))
+    fields: dict[str, set[str]] = {}
+    for row in rows.splitlines()[2:]:
+        _, types, names, _ = (cell.strip() for cell in row.strip("|").split("|"))
+        # A field is a backticked name outside parentheses (those describe a field).
+        named = set(re.findall(r"`(\w+)`", re.sub(r"\([^)]*\)", "", names)))
+        for msg_type in re.findall(r"`(\w+)`", types):
+            fields.setdefault(msg_type, set()).update(named)
+    return fields
+
+
+def test_the_architecture_doc_lists_every_message_and_field() -> None:
+    from broker import protocol
+
+    documented = documented_messages()
+    assert set(documented) == {t.value for t in protocol.MsgType}
+    for msg_type, (spec, _) in protocol._MESSAGES.items():
+        # `incarnation` is documented once, below the table, for every type the broker makes.
+        expected = set(spec) - {"incarnation"}
+        assert documented[msg_type.value] == expected, msg_type.value
