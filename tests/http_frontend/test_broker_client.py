@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(30)
 class HandBroker:
     """A ROUTER the test drives: it answers STATUS with its incarnation and records SUBMITs."""
 
-    def __init__(self, ctx: zmq.Context, incarnation: str = "first", *,
+    def __init__(self, ctx: zmq.Context, incarnation: str | None = "first", *,
                  endpoint: str = "tcp://127.0.0.1:*") -> None:
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -209,3 +209,23 @@ def test_an_error_handling_one_message_does_not_end_the_thread(
     hand.send_frames(result(pending.spec, [PNG]))
     assert pending.wait(5.0).type is MsgType.RESULT
     assert client.alive
+
+
+def test_an_old_broker_without_incarnations_still_serves(ctx: zmq.Context) -> None:
+    from tests.broker.test_mixed_versions import OLD
+
+    hand = HandBroker(ctx, incarnation=None)
+    client = BrokerClient(hand.endpoint, owner="frontend-a", heartbeat=0.2, context=ctx)
+    client.start()
+    try:
+        drive(hand, lambda: client.connected)
+        pending = client.submit(make_spec("old-job", timeout=300.0))
+        drive(hand, lambda: hand.submitted == ["old-job"])
+        hand.send_frames(OLD["broker_accepted"])
+        hand.send_frames(OLD["worker_result"])  # the broker relays a worker's RESULT as it came
+        answer = pending.wait(5.0)
+        assert answer.type is MsgType.RESULT
+        hand.pump(0.6)
+        assert hand.submitted == ["old-job"]  # no incarnation: nothing is taken for a restart
+    finally:
+        client.close()
