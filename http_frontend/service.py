@@ -22,13 +22,15 @@ from broker.protocol import ErrorCode, JobSpec, Message, MsgType
 from gpu_worker import models
 from gpu_worker.models import ModelSpec
 from http_frontend import limits, schema, streaming
-from http_frontend.broker_client import BrokerClient
+from http_frontend.broker_client import EXPIRY_SLACK, BrokerClient
 from http_frontend.errors import APIError, invalid, job_failure
 from http_frontend.pending import PendingJob
 
 log = logging.getLogger(__name__)
 
-DEADLINE_SLACK = 5.0  # seconds past a job's deadline before the frontend gives up itself
+# Past a job's deadline, the broker client answers it itself (EXPIRY_SLACK); this backstop
+# comes a moment later, for a waiter that somehow missed that answer.
+DEADLINE_SLACK = EXPIRY_SLACK + 1.0
 CLIENT_CHECK_INTERVAL = 0.25  # how often a waiting request checks that its client is there
 FIRST_ANSWER_WAIT = 5.0  # seconds a streaming request waits for the broker to take its job
 

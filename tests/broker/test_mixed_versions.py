@@ -10,7 +10,7 @@ import pytest
 
 from broker import protocol
 from broker.protocol import MsgType
-from tests.broker.fakes import BrokerHarness, make_spec
+from tests.broker.fakes import BrokerHarness, FakeClient, FakeWorker, make_spec
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -35,14 +35,20 @@ def test_every_old_message_still_decodes(name: str) -> None:
     assert msg.get("incarnation") is None and msg.get("owner") is None
 
 
-def test_an_old_frontend_and_an_old_worker_get_a_job_done_by_a_new_broker(
-        harness: BrokerHarness) -> None:
+def old_peers(harness: BrokerHarness) -> tuple[FakeWorker, FakeClient]:
+    """An old worker registered and an old frontend that submitted 'old-job'."""
     worker = harness.raw_worker(b"old-worker")
     worker.send(OLD["worker_ready"])
     harness.wait_for(lambda: harness.broker.workers.get(b"old-worker") is not None)
     frontend = harness.client()
     frontend.send(OLD["frontend_submit"])
     assert frontend.expect(MsgType.ACCEPTED)["job_id"] == "old-job"
+    return worker, frontend
+
+
+def test_an_old_frontend_and_an_old_worker_get_a_job_done_by_a_new_broker(
+        harness: BrokerHarness) -> None:
+    worker, frontend = old_peers(harness)
     (job,) = worker.take()
     assert job == make_spec("old-job", timeout=300.0)
     worker.send(OLD["worker_heartbeat"])
@@ -53,11 +59,7 @@ def test_an_old_frontend_and_an_old_worker_get_a_job_done_by_a_new_broker(
 
 def test_an_old_worker_that_never_answers_a_cancel_gets_its_slot_back(
         harness: BrokerHarness) -> None:
-    worker = harness.raw_worker(b"old-worker")
-    worker.send(OLD["worker_ready"])
-    harness.wait_for(lambda: harness.broker.workers.get(b"old-worker") is not None)
-    frontend = harness.client()
-    frontend.send(OLD["frontend_submit"])
+    worker, frontend = old_peers(harness)
     worker.take()
     frontend.send(OLD["frontend_cancel"])  # from the job's (owner-less) frontend: obeyed
     assert frontend.expect(MsgType.FAILED)["code"] == "cancelled"
