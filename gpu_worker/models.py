@@ -56,8 +56,8 @@ class ModelSpec:
     extra_components: tuple[tuple[str, str, str], ...] = ()  # (kwarg, repo, transformers class)
     description: str = ""
 
-    def limits(self) -> dict[str, Any]:
-        """The defaults and limits as /v1/models and READY show them."""
+    def describe(self) -> dict[str, Any]:
+        """Every field as plain data, sizes as "WxH": what READY announces and /v1/models shows."""
         data = dataclasses.asdict(self)
         data["default_size"] = _size_str(self.default_size)
         data["allowed_sizes"] = [_size_str(s) for s in self.allowed_sizes]
@@ -65,8 +65,8 @@ class ModelSpec:
         return data
 
     @classmethod
-    def from_limits(cls, data: dict[str, Any]) -> ModelSpec:
-        """Rebuild a spec a worker announced; unknown keys are ignored, bad ones rejected."""
+    def from_description(cls, data: dict[str, Any]) -> ModelSpec:
+        """Rebuild a spec from ``describe()``'s data; unknown keys are ignored, bad ones fail."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         if isinstance(values.get("default_size"), str):
@@ -74,6 +74,11 @@ class ModelSpec:
         values["allowed_sizes"] = tuple(_parse_size(s) for s in values.get("allowed_sizes", ()))
         values["extra_components"] = tuple(tuple(c) for c in values.get("extra_components", ()))
         return cls(**values)
+
+    # Deprecated names, kept until gpu_worker/worker.py and tests/gpu_worker/test_families.py
+    # use the new ones.
+    limits = describe
+    from_limits = from_description
 
     def with_defaults(self, **overrides: Any) -> ModelSpec:
         return dataclasses.replace(self, **overrides)
@@ -275,7 +280,9 @@ def pipeline_class_of(directory: str) -> str | None:
 
 
 def resolve(name: str) -> ModelSpec:
-    """The spec to serve ``name`` with: its entry, its directory's family, or generic."""
+    """The spec a worker serves ``name`` with: its entry, its directory's family (from the
+    model_index.json on this machine's disk), or generic. The frontend resolves names with
+    http_frontend.model_resolver, which trusts what workers announced over any local disk."""
     spec = lookup(name)
     if spec is not None:
         return spec

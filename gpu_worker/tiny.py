@@ -24,9 +24,7 @@ if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTokenizer
 
 TINY_VERSION = 1
-TINY_DEFAULT_SIZE = (256, 256)
-TINY_DEFAULT_STEPS = 4
-TINY_DEFAULT_GUIDANCE = 5.0
+TINY_DEFAULT_SIZE = (256, 256)  # the registry's default size for "tiny" (gpu_worker/models.py)
 
 TINY_MAX_LENGTH = 77
 TINY_VOCAB_SIZE = 2 * 256 + 2  # every byte, alone and word-final, plus BOS/EOS

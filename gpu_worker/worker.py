@@ -125,7 +125,7 @@ class Worker:
             # One batch running and one waiting, so the device never idles between batches.
             "max_batch": self.config.max_batch, "capacity": 2 * self.config.max_batch,
             "version": VERSION, "session": self.session,
-            "model_info": {self.spec.name: self.spec.limits()},
+            "model_info": {self.spec.name: self.spec.describe()},
         }
 
     # ---------------------------------------------------------------- the link's handler

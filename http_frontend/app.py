@@ -13,7 +13,7 @@ from http_frontend.auth import ApiKeyAuth
 from http_frontend.broker_client import BrokerClient
 from http_frontend.cluster_view import ClusterView
 from http_frontend.errors import install_error_handlers
-from http_frontend.jobs import JobsAPI
+from http_frontend.jobs_api import JobsAPI
 from http_frontend.service import ImageService, ServiceConfig
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"

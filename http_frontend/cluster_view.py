@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.protocol import ErrorCode
-from http_frontend import limits
+from http_frontend import model_resolver
 from http_frontend.broker_client import BrokerClient, ClusterStatus
-from http_frontend.errors import job_failure
+from http_frontend.errors import BROKER_UNREACHABLE, job_failure
 
 
 class ClusterView:
@@ -25,7 +24,7 @@ class ClusterView:
                 "id": name, "object": "model", "created": 0, "owned_by": "diffusion-cluster",
                 "ready_workers": len(served[name]),
                 "queued": status.queues.get(name, 0),
-                "limits": limits.spec_for(status, name).limits(),
+                "limits": model_resolver.spec_for(status, name).describe(),
             })
         return {"object": "list", "data": data}
 
@@ -53,6 +52,5 @@ class ClusterView:
     def _status(self) -> ClusterStatus:
         status = self.broker.status()
         if status is None:
-            raise job_failure(ErrorCode.BROKER_UNAVAILABLE.value, "the broker is not reachable",
-                              retry_after=self.retry_after)
+            raise job_failure(BROKER_UNREACHABLE, retry_after=self.retry_after)
         return status

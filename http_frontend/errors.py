@@ -1,20 +1,22 @@
 """Errors as values with codes, turned into OpenAI's error shape at one edge.
 
-Code inside the frontend raises ``APIError`` (or lets Falcon raise its own HTTP errors);
-``install_error_handlers`` makes every failure, Falcon's 404/405/413 and unexpected
-exceptions included, answer ``{"error": {"message", "type", "param", "code"}}``. Tracebacks
-go to the log only.
+A job that fails, wherever it failed (the broker, a worker, this frontend), carries a
+``JobError``; ``job_failure`` turns one into an ``APIError``. Code inside the frontend raises
+``APIError`` (or lets Falcon raise its own HTTP errors); ``install_error_handlers`` makes every
+failure, Falcon's 404/405/413 and unexpected exceptions included, answer
+``{"error": {"message", "type", "param", "code"}}``. Tracebacks go to the log only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import falcon
 
-from broker.protocol import ErrorCode
+from broker.protocol import ErrorCode, Message, MsgType
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,32 @@ SERVER_ERROR = "server_error"
 # Status codes a retry can help with; every other error says x-should-retry: false, so the
 # openai client does not resend a request that can only fail again.
 _RETRYABLE_STATUS = {408, 429, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why a job failed: a code, what to tell the client, and whether a retry may help.
+
+    ``code`` is an ``ErrorCode`` when this frontend made the error; from the broker it is
+    whatever string came, since a newer broker may send codes this frontend does not know.
+    """
+
+    code: str
+    message: str
+    retryable: bool = False
+
+    @classmethod
+    def from_failed(cls, failed: Message) -> JobError:
+        """The error a FAILED message from the broker carries."""
+        if failed.type is not MsgType.FAILED:
+            raise ValueError(f"not a FAILED message: {failed.type.value}")
+        return cls(failed["code"], failed["message"], bool(failed.get("retryable", False)))
+
+
+# Failures this frontend finds itself, before or without the broker.
+SHUTTING_DOWN = JobError(ErrorCode.SHUTTING_DOWN, "the server is shutting down", retryable=True)
+BROKER_UNREACHABLE = JobError(ErrorCode.BROKER_UNAVAILABLE, "the broker is not reachable",
+                              retryable=True)
 
 
 class APIError(Exception):
@@ -63,17 +91,22 @@ _JOB_FAILURES: dict[str, tuple[int, str]] = {
     ErrorCode.WORKER_ERROR.value: (500, SERVER_ERROR),
     ErrorCode.INVALID_REQUEST.value: (400, INVALID_REQUEST),
 }
+# Failures a client may retry after a while: these answers say how long (Retry-After).
+_RETRY_LATER = {ErrorCode.QUEUE_FULL.value, ErrorCode.NO_WORKER.value,
+                ErrorCode.BROKER_UNAVAILABLE.value, ErrorCode.SHUTTING_DOWN.value}
 UNKNOWN_FAILURE = "unknown_error"
 
 
-def job_failure(code: str, message: str, *, retry_after: int | None = None,
+def job_failure(error: JobError, *, retry_after: int | None = None,
                 cancelled_here: bool = False) -> APIError:
-    """The APIError for a job the broker or a worker failed with ``code``.
+    """The APIError for a job that failed with ``error``.
 
+    ``retry_after``: the seconds to send in Retry-After, for the codes a later retry can help.
     ``cancelled_here``: this frontend cancelled the job itself (its client left or asked), so
     "cancelled" is the client's own doing (499). Any other "cancelled", and any code this
     table does not know, is the cluster's failure: a 500.
     """
+    code, message = str(error.code), error.message
     if code == ErrorCode.CANCELLED.value:
         if cancelled_here:
             return APIError(499, message, code=code)
@@ -86,7 +119,8 @@ def job_failure(code: str, message: str, *, retry_after: int | None = None,
     status, kind = _JOB_FAILURES[code]
     param = "model" if code in (ErrorCode.MODEL_NOT_FOUND.value, ErrorCode.NO_WORKER.value) \
         else None
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    headers = {"Retry-After": str(retry_after)} \
+        if retry_after is not None and code in _RETRY_LATER else None
     return APIError(status, message, type=kind, param=param, code=code, headers=headers)
 
 

@@ -1,4 +1,4 @@
-"""A model's limits as the frontend enforces them: the registry's, narrowed by its workers.
+"""What workers announce about a model's limits, checked, and how it narrows the registry's.
 
 Workers announce each model's defaults and limits (``model_info`` in READY, relayed in
 STATUS_REPLY): a worker knows the pipeline it loaded. But a worker may be wrong, stale or
@@ -6,7 +6,8 @@ hostile, so each announced field is checked (a bad one is ignored, with a rate-l
 line) and no announcement ever widens a limit: for a model the registry knows, each limit is
 the narrower of the registry's and every announcing worker's; for one it does not, the
 narrowest the workers announce, over generic defaults. A job may go to any worker serving its
-model, so the narrowest is the one every worker can honour.
+model, so the narrowest is the one every worker can honour. ``model_resolver`` is the one
+caller: it decides what a name means and falls back on generic defaults.
 """
 
 from __future__ import annotations
@@ -121,9 +122,11 @@ class _RateLimitedWarnings:
 _warn = _RateLimitedWarnings(WARN_EVERY)
 
 
-def spec_for(status: ClusterStatus | None, name: str) -> ModelSpec:
-    """The defaults and limits to hold requests for ``name`` to."""
-    spec = models.lookup(name)
+def apply_announcements(spec: ModelSpec | None, status: ClusterStatus | None, name: str
+                        ) -> ModelSpec | None:
+    """``spec`` (the registry's, if any) as every worker's announcement for ``name`` narrows
+    it; for a model the registry does not know, the narrowest announced. None: no spec and no
+    usable announcement."""
     for worker_id, fields in _announcements(status, name):
         if spec is None:
             # Not in the registry: its pipeline's family knows its quirks (two stages, sizing
@@ -137,7 +140,7 @@ def spec_for(status: ClusterStatus | None, name: str) -> ModelSpec:
         else:
             _warn((worker_id, name), "worker %s announced limits for %s that contradict each "
                                      "other or the registry; ignored", worker_id, name)
-    return spec if spec is not None else models.generic(name)
+    return spec
 
 
 def narrow(spec: ModelSpec, fields: dict[str, Any]) -> ModelSpec:

@@ -1,11 +1,14 @@
 """A submitted job as the frontend's request threads see it: its latest state and recent news.
 
-The I/O thread records each message with ``update()``; any number of request threads wait for
-the answer (``wait``) or follow along (``events_after``). What is kept is bounded whatever a
-worker sends: the latest queue position, the latest step, the latest preview of each image,
-the answer, and a short log of recent messages (``LOG_MESSAGES``, ``LOG_BYTES``) so a follower
-that keeps up sees every message in order. A follower the log no longer reaches (it connected
-late, or fell behind a flood) gets the latest state instead.
+The I/O thread records each message from the broker with ``update()``; a job that fails here
+(cancelled, expired, refused before it was sent) is ended with ``fail()``. Either way a job ends
+once, with its ``result`` (the RESULT message) or its ``error`` (a ``JobError``; a FAILED
+message becomes one as it arrives). Any number of request threads follow along
+(``events_after``). What is kept is bounded whatever a worker sends: the latest queue position,
+the latest step, the latest preview of each image, the outcome, and a short log of recent
+events (``LOG_MESSAGES``, ``LOG_BYTES``) so a follower that keeps up sees every event in order.
+A follower the log no longer reaches (it connected late, or fell behind a flood) gets the
+latest state instead.
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ import time
 from typing import Any
 
 from broker.protocol import MAX_IMAGES, ErrorCode, JobSpec, Message, MsgType
+from http_frontend.errors import JobError
 
-LOG_MESSAGES = 64  # recent messages kept for followers
+LOG_MESSAGES = 64  # recent events kept for followers
 LOG_BYTES = 8 << 20  # payload bytes those may hold (previews); the newest is always kept
+
+Event = Message | JobError  # what followers see: the broker's messages, and how the job failed
 
 
 class PendingJob:
-    """A submitted job: its latest state, a bounded log of recent messages, its answer."""
+    """A submitted job: its latest state, a bounded log of recent events, its outcome."""
 
     def __init__(self, job_id: str, spec: JobSpec | None = None) -> None:
         self.job_id = job_id
@@ -31,68 +37,84 @@ class PendingJob:
         self.position: int | None = None
         self.step = 0
         self.steps = 0
-        self.answer: Message | None = None  # the RESULT or FAILED, once it came
-        self.cancelled_here = False  # the answer is this frontend's own cancel
+        self.result: Message | None = None  # the RESULT, once it came
+        self.error: JobError | None = None  # why the job failed, once it did
+        self.cancelled_here = False  # the error is this frontend's own cancel
+        # Deprecated: the RESULT or FAILED message as update() got it (None after fail()).
+        # Only the broker client's tests still read it, through wait().
+        self.answer: Message | None = None
         self._accepted: Message | None = None  # the latest ACCEPTED
         self._previews: dict[int, Message] = {}  # image index -> its latest preview
-        self._log: collections.deque[tuple[int, Message, int]] = collections.deque()
+        self._log: collections.deque[tuple[int, Event, int]] = collections.deque()
         self._log_bytes = 0
-        self._seq = 0  # messages recorded so far; a follower's cursor counts the same way
+        self._seq = 0  # events recorded so far; a follower's cursor counts the same way
         self._changed = threading.Condition()
 
     @property
+    def outcome(self) -> Event | None:
+        """How the job ended: its RESULT or its error; None while it runs."""
+        return self.result if self.result is not None else self.error
+
+    @property
     def done(self) -> bool:
-        return self.answer is not None
+        return self.outcome is not None
 
     def update(self, msg: Message) -> None:
-        """Record one message for this job; the first RESULT or FAILED is its answer."""
+        """Record one message from the broker; the first RESULT or FAILED ends the job."""
         with self._changed:
-            if self.answer is not None:
-                return  # exactly one answer: anything after it is dropped
-            if not self._keep_state(msg):
-                return
-            self._append(msg)
+            if self.done:
+                return  # exactly one outcome: anything after it is dropped
+            event = self._keep_state(msg)
+            if event is not None:
+                self._append(event)
 
-    def cancel(self, message: str = "the job was cancelled") -> bool:
-        """Answer the job as cancelled by this frontend, unless an answer came first."""
+    def fail(self, error: JobError) -> bool:
+        """End the job with ``error``, unless it already ended; whether it did."""
         with self._changed:
-            if self.answer is not None:
+            if self.done:
                 return False
-            self.cancelled_here = True
-            self.answer = Message(MsgType.FAILED, {
-                "job_id": self.job_id, "code": ErrorCode.CANCELLED.value, "message": message,
-                "retryable": False})
-            self._append(self.answer)
+            self.error = error
+            self._append(error)
             return True
 
+    def cancel(self, message: str = "the job was cancelled") -> bool:
+        """End the job as cancelled by this frontend, unless it already ended."""
+        with self._changed:
+            if self.done:
+                return False
+            self.cancelled_here = True
+            return self.fail(JobError(ErrorCode.CANCELLED, message))
+
     def compact(self) -> None:
-        """Keep only the answer of a finished job (the jobs API keeps those for minutes):
+        """Keep only the outcome of a finished job (the jobs API keeps those for minutes):
         the previews are of no use once the images are here."""
         with self._changed:
-            if self.answer is None:
+            outcome = self.outcome
+            if outcome is None:
                 return
             self._previews.clear()
-            self._log = collections.deque(e for e in self._log if e[1] is self.answer)
+            self._log = collections.deque(e for e in self._log if e[1] is outcome)
             self._log_bytes = sum(size for _, _, size in self._log)
 
     def wait(self, timeout: float) -> Message | None:
-        """The RESULT or FAILED for this job, or None when ``timeout`` passes first."""
+        """Deprecated (only tests/http_frontend/test_broker_client.py calls it): ``answer``,
+        once the job ended or ``timeout`` passed."""
         with self._changed:
-            self._changed.wait_for(lambda: self.answer is not None, max(0.0, timeout))
+            self._changed.wait_for(lambda: self.done, max(0.0, timeout))
             return self.answer
 
     def wait_taken(self, timeout: float) -> None:
-        """Wait until the broker took the job (it has a position) or answered it."""
+        """Wait until the broker took the job (it has a position) or the job ended."""
         with self._changed:
-            self._changed.wait_for(lambda: self.position is not None or self.answer is not None,
+            self._changed.wait_for(lambda: self.position is not None or self.done,
                                    max(0.0, timeout))
 
-    def events_after(self, cursor: int, timeout: float) -> tuple[list[Message], int]:
-        """Messages recorded after ``cursor`` (0: from the start), waiting up to ``timeout``
+    def events_after(self, cursor: int, timeout: float) -> tuple[list[Event], int]:
+        """Events recorded after ``cursor`` (0: from the start), waiting up to ``timeout``
         for one, and the cursor to pass next time.
 
         A cursor older than the log reaches gets the job's latest state instead: position,
-        each image's latest preview, the latest step, and the answer once there is one.
+        each image's latest preview, the latest step, and the outcome once there is one.
         """
         with self._changed:
             self._changed.wait_for(lambda: self._seq > cursor, max(0.0, timeout))
@@ -105,8 +127,9 @@ class PendingJob:
 
     # ---------------------------------------------------------------- under the lock
 
-    def _keep_state(self, msg: Message) -> bool:
-        """Fold ``msg`` into the latest state; False for a message this job cannot have."""
+    def _keep_state(self, msg: Message) -> Event | None:
+        """Fold ``msg`` into the latest state; the event followers see, or None for a message
+        this job cannot have."""
         if msg.type is MsgType.ACCEPTED:
             self.position = msg["position"]
             self._accepted = msg
@@ -115,21 +138,25 @@ class PendingJob:
             if msg.payloads:
                 index = msg.get("image_index") or 0
                 if not 0 <= index < self._images():
-                    return False  # a preview for an image nobody asked for
+                    return None  # a preview for an image nobody asked for
                 self._previews[index] = msg
-        elif msg.type in (MsgType.RESULT, MsgType.FAILED):
+        elif msg.type is MsgType.RESULT:
+            self.result = self.answer = msg
+        elif msg.type is MsgType.FAILED:
             self.answer = msg
+            self.error = JobError.from_failed(msg)
+            return self.error
         else:
-            return False
-        return True
+            return None
+        return msg
 
     def _images(self) -> int:
         return len(self.spec.seeds) if self.spec is not None else MAX_IMAGES
 
-    def _append(self, msg: Message) -> None:
+    def _append(self, event: Event) -> None:
         self._seq += 1
-        size = sum(_size(frame) for frame in msg.payloads)
-        self._log.append((self._seq, msg, size))
+        size = sum(_size(frame) for frame in event.payloads) if isinstance(event, Message) else 0
+        self._log.append((self._seq, event, size))
         self._log_bytes += size
         while len(self._log) > LOG_MESSAGES or (self._log_bytes > LOG_BYTES
                                                 and len(self._log) > 1):
@@ -137,14 +164,14 @@ class PendingJob:
             self._log_bytes -= dropped
         self._changed.notify_all()
 
-    def _state(self) -> list[Message]:
-        state = [self._accepted] if self._accepted is not None else []
+    def _state(self) -> list[Event]:
+        state: list[Event] = [self._accepted] if self._accepted is not None else []
         state += [self._previews[i] for i in sorted(self._previews)]
         if self.steps:  # the latest step, after the previews that may be older
             state.append(Message(MsgType.PROGRESS, {"job_id": self.job_id, "step": self.step,
                                                     "steps": self.steps}))
-        if self.answer is not None:
-            state.append(self.answer)
+        if self.outcome is not None:
+            state.append(self.outcome)
         return state
 
 

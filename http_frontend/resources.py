@@ -18,7 +18,7 @@ import falcon.routing
 
 from http_frontend.cluster_view import ClusterView
 from http_frontend.errors import APIError, invalid
-from http_frontend.jobs import JobsAPI
+from http_frontend.jobs_api import JobsAPI
 from http_frontend.service import ImageService
 
 

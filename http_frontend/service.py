@@ -1,9 +1,10 @@
 """The image service: turn a validated request into a job, follow it, shape the answer.
 
 Knows nothing of Falcon; raises APIError for everything that goes wrong. A request is
-``prepare``d (validated against its model, turned into a JobSpec), ``submit``ted, and then
-either waited for (``generate``) or followed as it happens (``follow``, which the streaming
-endpoints turn into server-sent events).
+``prepare``d (validated against its model, turned into a JobSpec), then either run to its end
+(``generate``) or submitted (``submit_until_taken``) and followed as it happens (``follow``,
+which the streaming endpoints turn into server-sent events). A job's failure is a JobError
+value until ``failure`` turns it into the APIError the client gets.
 """
 
 from __future__ import annotations
@@ -18,13 +19,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from broker.protocol import ErrorCode, JobSpec, Message, MsgType
-from gpu_worker import models
+from broker.protocol import ErrorCode, JobSpec, Message
 from gpu_worker.models import ModelSpec
-from http_frontend import limits, schema, streaming
+from http_frontend import model_resolver, schema, streaming
 from http_frontend.broker_client import EXPIRY_SLACK, BrokerClient
-from http_frontend.errors import APIError, invalid, job_failure
-from http_frontend.pending import PendingJob
+from http_frontend.errors import (
+    BROKER_UNREACHABLE,
+    SHUTTING_DOWN,
+    APIError,
+    JobError,
+    invalid,
+    job_failure,
+)
+from http_frontend.pending import Event, PendingJob
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +97,15 @@ class ImageService:
         with self._lock:
             return self._in_flight
 
-    def _shutting_down(self) -> APIError:
-        return job_failure(ErrorCode.SHUTTING_DOWN.value, "the server is shutting down",
-                           retry_after=self.config.retry_after)
+    def refuse_if_draining(self) -> None:
+        """Raise the retryable 503 for new work once the server began to stop."""
+        if self.draining:
+            raise self._error(SHUTTING_DOWN)
 
     def _enter_flight(self) -> None:
         """Count a request as in flight, so a drain waits for it; refuse one while draining."""
         with self._lock:
-            if self._drain_deadline is not None:
-                raise self._shutting_down()
+            self.refuse_if_draining()
             self._in_flight += 1
 
     def _leave_flight(self) -> None:
@@ -124,22 +131,20 @@ class ImageService:
         if request.timeout is not None and request.timeout > limit:
             raise invalid("timeout", f"'timeout' may be at most {limit:g} seconds on this "
                                      f"server; got {request.timeout:g}")
-        spec = limits.spec_for(self.broker.status(), self._model_name(request.model))
+        spec = model_resolver.spec_for(self.broker.status(), self._model_name(request.model))
         fitted = schema.fit_to_model(request, spec)
         return Prepared(fitted, spec, self._job(fitted, spec))
 
     def _model_name(self, requested: str | None) -> str:
         """The model a request names; else the configured default; else the only one served."""
         if requested:
-            return models.canonical_name(requested)
+            return model_resolver.canonical_name(requested)
         if self.config.default_model:
-            return models.canonical_name(self.config.default_model)
+            return model_resolver.canonical_name(self.config.default_model)
         status = self.broker.status()
         if status is None:
-            raise job_failure(ErrorCode.BROKER_UNAVAILABLE.value,
-                              "the broker is not reachable", retry_after=self.config.retry_after)
-        served = sorted({m for w in status.workers if isinstance(w, dict)
-                         for m in w.get("models") or () if isinstance(m, str)})
+            raise self._error(BROKER_UNREACHABLE)
+        served = model_resolver.announced_models(status)
         if len(served) == 1:
             return served[0]
         if not served:
@@ -175,24 +180,25 @@ class ImageService:
             self._enter_flight()
             try:
                 pending = self.broker.submit(prepared.job)
-                answer: Message | None = None
-                for msg in self.follow(pending, prepared.job, client_gone):
-                    answer = msg
+                for _ in self.follow(pending, prepared.job, client_gone):
+                    pass
             finally:
                 self._leave_flight()
         finally:
             release()
-        assert answer is not None  # follow() ends with the answer or raises
-        if answer.type is MsgType.FAILED:
-            raise self.failure(answer, prepared.job.model)
-        return self.images_response(prepared, answer)
+        if pending.error is not None:
+            raise self.failure(pending.error, prepared.job.model)
+        assert pending.result is not None  # follow() ends with the outcome or raises
+        return self.images_response(prepared, pending.result)
 
-    def submit_for_stream(self, prepared: Prepared) -> PendingJob:
-        """Submit, and wait for the broker to take the job, so refusals are plain errors."""
+    def submit_until_taken(self, prepared: Prepared) -> PendingJob:
+        """Submit, and wait (briefly) for the broker to take the job, so that its refusals
+        (unknown model, full queue, no worker) are plain errors; for streams and the jobs
+        API, which follow the job afterwards."""
         pending = self.broker.submit(prepared.job)
         pending.wait_taken(FIRST_ANSWER_WAIT)
-        if pending.answer is not None and pending.answer.type is MsgType.FAILED:
-            raise self.failure(pending.answer, prepared.job.model)
+        if pending.error is not None:
+            raise self.failure(pending.error, prepared.job.model)
         return pending
 
     def open_stream(self) -> Callable[[], None]:
@@ -228,7 +234,7 @@ class ImageService:
         events as the caller iterates."""
         close = self.open_stream()
         try:
-            pending = self.submit_for_stream(prepared)
+            pending = self.submit_until_taken(prepared)
         except BaseException:
             close()
             raise
@@ -244,22 +250,22 @@ class ImageService:
                        client_gone: ClientGone | None) -> Iterator[bytes]:
         shapes = streaming.OpenAIStream(prepared.fitted, lambda: int(time.time()))
         try:
-            for msg in self.follow(pending, prepared.job, client_gone,
-                                   keepalive=self.config.keepalive):
-                if msg is None:
+            for event in self.follow(pending, prepared.job, client_gone,
+                                     keepalive=self.config.keepalive):
+                if event is None:
                     yield streaming.KEEPALIVE
-                elif msg.type is MsgType.FAILED:
+                elif isinstance(event, JobError):
                     yield streaming.error_event(
-                        self.failure(msg, prepared.job.model).body()["error"])
+                        self.failure(event, prepared.job.model).body()["error"])
                 else:
-                    yield from shapes.events(msg)
+                    yield from shapes.events(event)
         except APIError as exc:
             if exc.status != 499:  # nobody is left to tell when the client hung up
                 yield streaming.error_event(exc.body()["error"])
 
     def follow(self, pending: PendingJob, job: JobSpec, client_gone: ClientGone | None,
-               *, keepalive: float | None = None) -> Iterator[Message | None]:
-        """Every message of the job as it comes, ending with its RESULT or FAILED.
+               *, keepalive: float | None = None) -> Iterator[Event | None]:
+        """Every event of the job as it comes, ending with its outcome (RESULT or JobError).
 
         Yields None every ``keepalive`` seconds of silence. Cancels the job and raises when
         the client leaves, the deadline passes or the server stops.
@@ -271,11 +277,11 @@ class ImageService:
         quiet_since = time.monotonic()
         while True:
             wait = min(deadline - time.monotonic(), CLIENT_CHECK_INTERVAL)
-            messages, cursor = pending.events_after(cursor, wait)
-            for msg in messages:
+            events, cursor = pending.events_after(cursor, wait)
+            for event in events:
                 quiet_since = time.monotonic()
-                yield msg
-                if msg is pending.answer:
+                yield event
+                if event is pending.outcome:
                     return
             self._check_still_wanted(job, deadline, client_gone)
             if keepalive is not None and time.monotonic() - quiet_since >= keepalive:
@@ -288,15 +294,16 @@ class ImageService:
         if now >= deadline:
             self.broker.cancel(job.id)
             if not self.broker.connected:
-                raise job_failure(ErrorCode.BROKER_UNAVAILABLE.value,
-                                  "lost contact with the broker and it did not come back "
-                                  "in time", retry_after=self.config.retry_after)
-            raise job_failure(ErrorCode.TIMEOUT.value,
-                              f"no answer within the {job.timeout:.0f} s deadline")
+                raise self._error(JobError(
+                    ErrorCode.BROKER_UNAVAILABLE,
+                    "lost contact with the broker and it did not come back in time",
+                    retryable=True))
+            raise self._error(JobError(ErrorCode.TIMEOUT,
+                                       f"no answer within the {job.timeout:.0f} s deadline"))
         drain_deadline = self._drain_deadline
         if drain_deadline is not None and now >= drain_deadline:
             self.broker.cancel(job.id)
-            raise self._shutting_down()
+            raise self._error(SHUTTING_DOWN)
         if client_gone is not None and client_gone():
             self.broker.cancel(job.id)
             log.info("job %s cancelled: the client went away", job.id)
@@ -304,25 +311,19 @@ class ImageService:
 
     # ---------------------------------------------------------------- answers
 
-    def failure(self, failed: Message, model: str, *, cancelled_here: bool = False
+    def failure(self, error: JobError, model: str, *, cancelled_here: bool = False
                 ) -> APIError:
-        """The APIError for a FAILED answer; ``cancelled_here``: this frontend cancelled it."""
-        code = failed["code"]
-        if code == ErrorCode.NO_WORKER.value and not self._known(model):
-            return job_failure(ErrorCode.MODEL_NOT_FOUND.value,
-                               f"the model {model!r} does not exist or no worker serves it")
-        retry_after = self.config.retry_after if code in (
-            ErrorCode.QUEUE_FULL.value, ErrorCode.NO_WORKER.value,
-            ErrorCode.BROKER_UNAVAILABLE.value, ErrorCode.SHUTTING_DOWN.value) else None
-        return job_failure(code, failed["message"], retry_after=retry_after,
-                           cancelled_here=cancelled_here)
+        """The APIError for a job on ``model`` that failed with ``error``: "no worker" for a
+        model nobody knows is a 404; ``cancelled_here``: this frontend cancelled the job."""
+        if error.code == ErrorCode.NO_WORKER and \
+                not model_resolver.is_known(self.broker.status(), model):
+            error = JobError(ErrorCode.MODEL_NOT_FOUND,
+                             f"the model {model!r} does not exist or no worker serves it")
+        return self._error(error, cancelled_here=cancelled_here)
 
-    def _known(self, model: str) -> bool:
-        """In the registry, or announced by any worker, ready or not: a 503, never a 404."""
-        if models.lookup(model) is not None:
-            return True
-        status = self.broker.status()
-        return status is not None and any(model in w.get("models", []) for w in status.workers)
+    def _error(self, error: JobError, *, cancelled_here: bool = False) -> APIError:
+        return job_failure(error, retry_after=self.config.retry_after,
+                           cancelled_here=cancelled_here)
 
     def images_response(self, prepared: Prepared, answer: Message) -> dict[str, Any]:
         """The ImagesResponse for a RESULT."""

@@ -1,9 +1,11 @@
 """Server-sent events: the wire format, and the two event vocabularies we speak.
 
-``openai_events`` turns a job's messages into OpenAI's image-generation stream
-(``image_generation.partial_image`` then ``image_generation.completed``); ``job_events`` into
-the jobs API's own events for the UI (``queued``, ``progress``, ``preview``, ``completed``,
-``failed``, ``cancelled``). Both are pure functions of messages; the service drives them.
+``OpenAIStream.events`` turns a job's messages into OpenAI's image-generation stream
+(``image_generation.partial_image`` then ``image_generation.completed``; a failure is
+``error_event``); ``job_event`` turns a job's events into the jobs API's own for the UI
+(``queued``, ``progress``, ``preview``, ``completed``, ``failed``, ``cancelled``). Neither
+waits or sends: the service and the jobs API follow the job and drive them. ``ClosingStream``
+is the response body that gives back what a stream holds when the server closes it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 
 from broker.protocol import ErrorCode, Message, MsgType
 from http_frontend import schema
+from http_frontend.errors import JobError
+from http_frontend.pending import Event
 
 # The event shapes' enums (ImageGenPartialImageEvent / ImageGenCompletedEvent).
 _EVENT_SIZES = ("1024x1024", "1024x1536", "1536x1024")
@@ -108,28 +112,28 @@ def error_event(error: dict[str, Any]) -> bytes:
     return sse("error", {"type": "error", "error": error})
 
 
-def job_event(job_id: str, msg: Message, completed: Callable[[Message], dict[str, Any]],
-              failure: Callable[[Message], dict[str, Any]], *, cancelled_here: bool = False
+def job_event(job_id: str, event: Event, completed: Callable[[Message], dict[str, Any]],
+              failure: Callable[[JobError], dict[str, Any]], *, cancelled_here: bool = False
               ) -> bytes | None:
-    """The jobs API's event for one message, or None for messages it does not show.
+    """The jobs API's event for one of the job's events, or None for those it does not show.
 
-    ``cancelled_here``: this frontend cancelled the job (someone asked it to); a "cancelled"
-    failure nobody here asked for is shown as ``failed``.
+    ``completed`` gives the body for a RESULT, ``failure`` the error body for the job's
+    JobError. ``cancelled_here``: this frontend cancelled the job (someone asked it to); a
+    "cancelled" failure nobody here asked for is shown as ``failed``.
     """
-    if msg.type is MsgType.ACCEPTED:
-        return sse("queued", {"id": job_id, "position": msg["position"]})
-    if msg.type is MsgType.PROGRESS and msg.payloads:
-        return sse("preview", {"id": job_id, "image_index": msg.get("image_index") or 0,
-                               "step": msg["step"], "steps": msg["steps"],
-                               "b64_json": b64(msg.payloads[0]),
-                               "output_format": msg.get("preview_format") or "png"})
-    if msg.type is MsgType.PROGRESS:
-        return sse("progress", {"id": job_id, "step": msg["step"], "steps": msg["steps"]})
-    if msg.type is MsgType.RESULT:
-        return sse("completed", completed(msg))
-    if msg.type is MsgType.FAILED and msg["code"] == ErrorCode.CANCELLED.value \
-            and cancelled_here:
-        return sse("cancelled", {"id": job_id})
-    if msg.type is MsgType.FAILED:
-        return sse("failed", {"id": job_id, "error": failure(msg)})
+    if isinstance(event, JobError):
+        if event.code == ErrorCode.CANCELLED and cancelled_here:
+            return sse("cancelled", {"id": job_id})
+        return sse("failed", {"id": job_id, "error": failure(event)})
+    if event.type is MsgType.ACCEPTED:
+        return sse("queued", {"id": job_id, "position": event["position"]})
+    if event.type is MsgType.PROGRESS and event.payloads:
+        return sse("preview", {"id": job_id, "image_index": event.get("image_index") or 0,
+                               "step": event["step"], "steps": event["steps"],
+                               "b64_json": b64(event.payloads[0]),
+                               "output_format": event.get("preview_format") or "png"})
+    if event.type is MsgType.PROGRESS:
+        return sse("progress", {"id": job_id, "step": event["step"], "steps": event["steps"]})
+    if event.type is MsgType.RESULT:
+        return sse("completed", completed(event))
     return None

@@ -34,14 +34,6 @@ def worker(worker_id: str, *models: str, state: str = "ready") -> dict[str, Any]
             "models": list(models), "max_batch": 4, "running": []}
 
 
-class SilentPending(PendingJob):
-    """A job the broker never answers: wait() gives up at once instead of sleeping."""
-
-    def wait(self, timeout: float) -> Message | None:
-        self.waited = timeout
-        return None
-
-
 class FakeBroker:
     """The BrokerClient interface the service uses, answering like a broker and its workers.
 
@@ -77,7 +69,7 @@ class FakeBroker:
         if self.raise_on_submit is not None:
             raise self.raise_on_submit
         if self.silent:
-            return SilentPending(job.id)
+            return PendingJob(job.id)  # never answered
         pending = PendingJob(job.id)
         pending.update(Message(MsgType.ACCEPTED, {"job_id": job.id, "position": 0}))
         pending.update(self._answer(job))
@@ -199,7 +191,7 @@ def test_other_output_formats(client, broker, fmt):
 def test_a_model_outside_the_registry_uses_the_limits_its_worker_announced(client, broker):
     spec = models.generic("someone/my-model", default_size=(512, 384), size_multiple=64,
                           default_steps=12, max_steps=20, default_guidance=2.5)
-    broker.workers = [{**worker("w1", spec.name), "model_info": {spec.name: spec.limits()}}]
+    broker.workers = [{**worker("w1", spec.name), "model_info": {spec.name: spec.describe()}}]
     result = post(client, {"prompt": "a fox", "model": spec.name})
     assert result.status_code == 200
     assert [im.size for im in decode_images(result)] == [(512, 384)]

@@ -13,7 +13,7 @@ import pytest
 from broker import protocol
 from broker.protocol import ErrorCode, JobSpec, Message, MsgType
 from http_frontend.app import FrontendConfig, create_app
-from http_frontend.jobs import JobsAPI
+from http_frontend.jobs_api import JobsAPI
 from http_frontend.pending import PendingJob
 from http_frontend.service import ImageService, ServiceConfig
 from tests.http_frontend.test_app import FakeBroker, checked, error_of

@@ -1,4 +1,7 @@
-"""What workers announce about a model's limits is checked, and never widens the registry's."""
+"""What workers announce about a model's limits is checked, and never widens the registry's.
+
+Driven through model_resolver.spec_for, the one resolver every route uses.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import pytest
 from gpu_worker import models
 from http_frontend import limits
 from http_frontend.broker_client import ClusterStatus
+from http_frontend.model_resolver import spec_for
 from tests.http_frontend.test_app import error_of, post, worker
 
 TINY = models.REGISTRY["tiny"]  # 256x256 default, multiples of 8, 8*8..1024*1024 px, <= 50 steps
@@ -24,7 +28,7 @@ def status(*announcements: tuple[str, dict[str, Any]]) -> ClusterStatus:
 
 
 def announced(spec: models.ModelSpec = TINY, **changes: Any) -> dict[str, Any]:
-    return {**spec.limits(), **changes}
+    return {**spec.describe(), **changes}
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +48,7 @@ def fresh_warnings(monkeypatch):
 ])
 def test_a_badly_typed_limit_is_ignored_with_a_log_line(field, value, caplog):
     with caplog.at_level(logging.WARNING, logger="http_frontend.limits"):
-        spec = limits.spec_for(status(("tiny", announced(**{field: value}))), "tiny")
+        spec = spec_for(status(("tiny", announced(**{field: value}))), "tiny")
     assert spec == TINY
     assert field in caplog.text and "w0" in caplog.text
 
@@ -53,7 +57,7 @@ def test_the_log_line_is_rate_limited(caplog):
     bad = status(("tiny", announced(max_steps="50")))
     with caplog.at_level(logging.WARNING, logger="http_frontend.limits"):
         for _ in range(100):
-            limits.spec_for(bad, "tiny")
+            spec_for(bad, "tiny")
     assert len(caplog.records) == 1
 
 
@@ -62,12 +66,12 @@ def test_the_log_line_is_rate_limited(caplog):
     ("negative_prompt", True),
 ])
 def test_a_worker_never_widens_a_registry_models_limits(field, wider):
-    spec = limits.spec_for(status(("tiny", announced(**{field: wider}))), "tiny")
+    spec = spec_for(status(("tiny", announced(**{field: wider}))), "tiny")
     assert getattr(spec, field) == getattr(TINY, field)
 
 
 def test_a_worker_narrows_a_registry_models_limits_field_by_field():
-    spec = limits.spec_for(status(("tiny", announced(
+    spec = spec_for(status(("tiny", announced(
         max_steps=20, max_pixels=512 * 512, min_pixels=32 * 32, size_multiple=16,
         negative_prompt=False, allowed_sizes=["256x256", "512x512", "4096x4096"],
         default_steps=8, default_size="512x512"))), "tiny")
@@ -79,22 +83,22 @@ def test_a_worker_narrows_a_registry_models_limits_field_by_field():
 
 
 def test_a_default_outside_the_narrowed_limits_is_not_taken():
-    spec = limits.spec_for(status(("tiny", announced(max_steps=20, default_steps=40))), "tiny")
+    spec = spec_for(status(("tiny", announced(max_steps=20, default_steps=40))), "tiny")
     assert (spec.max_steps, spec.default_steps) == (20, TINY.default_steps)
 
 
 def test_the_narrowest_of_several_workers_wins():
-    spec = limits.spec_for(status(("tiny", announced(max_steps=30)),
-                                  ("tiny", announced(max_steps=10)),
-                                  ("tiny", announced(max_steps=40))), "tiny")
+    spec = spec_for(status(("tiny", announced(max_steps=30)),
+                           ("tiny", announced(max_steps=10)),
+                           ("tiny", announced(max_steps=40))), "tiny")
     assert spec.max_steps == 10
 
 
 def test_a_model_outside_the_registry_takes_valid_announcements_over_generic_defaults():
     mine = models.generic("someone/model", default_size=(512, 384), size_multiple=64,
                           default_steps=12, max_steps=20, description="mine")
-    spec = limits.spec_for(status((mine.name, mine.limits()),
-                                  (mine.name, announced(mine, max_steps=15))), mine.name)
+    spec = spec_for(status((mine.name, mine.describe()),
+                           (mine.name, announced(mine, max_steps=15))), mine.name)
     assert (spec.default_size, spec.size_multiple, spec.default_steps, spec.max_steps) == \
         ((512, 384), 64, 12, 15)
     assert (spec.name, spec.description) == (mine.name, "mine")
@@ -103,7 +107,7 @@ def test_a_model_outside_the_registry_takes_valid_announcements_over_generic_def
 def test_a_model_outside_the_registry_with_contradicting_limits_gets_generic_ones(caplog):
     mine = models.generic("someone/model", min_pixels=4096 * 4096, max_pixels=64 * 64)
     with caplog.at_level(logging.WARNING, logger="http_frontend.limits"):
-        spec = limits.spec_for(status((mine.name, mine.limits())), mine.name)
+        spec = spec_for(status((mine.name, mine.describe())), mine.name)
     assert spec == models.generic(mine.name)
     assert "contradict" in caplog.text
 
@@ -112,7 +116,7 @@ def test_a_model_outside_the_registry_with_contradicting_limits_gets_generic_one
 def test_model_info_of_any_shape_is_survived(info):
     workers = [{**worker("w1", "tiny"), "model_info": {"tiny": info}},
                {**worker("w2", "tiny"), "model_info": "not a map"}, "not a worker"]
-    spec = limits.spec_for(ClusterStatus(workers, {}, time.monotonic()), "tiny")
+    spec = spec_for(ClusterStatus(workers, {}, time.monotonic()), "tiny")
     assert spec == TINY
 
 

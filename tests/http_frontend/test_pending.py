@@ -6,8 +6,10 @@ import threading
 
 import pytest
 
-from broker.protocol import ImageInfo, JobSpec, Message, MsgType
+from broker import protocol
+from broker.protocol import ErrorCode, ImageInfo, JobSpec, Message, MsgType
 from http_frontend import pending as pending_module
+from http_frontend.errors import JobError
 from http_frontend.pending import PendingJob
 
 PREVIEW = b"p" * 100_000
@@ -34,11 +36,18 @@ def result() -> Message:
         ImageInfo(seed=0, width=64, height=64, format="png")]}, (b"png",))
 
 
+def failed(code: str = "worker_lost", retryable: bool = True) -> Message:
+    """A FAILED as the broker client decodes it from the wire."""
+    return protocol.decode(protocol.encode(MsgType.FAILED, {
+        "job_id": "j1", "code": code, "message": "the worker died", "retryable": retryable}))
+
+
 def held_bytes(job: PendingJob) -> int:
     """Payload bytes the job holds, in its log and its latest state."""
     kept = {id(m): m for _, m, _ in job._log}
     kept |= {id(m): m for m in job._state()}
-    return sum(len(frame) for m in kept.values() for frame in m.payloads)
+    return sum(len(frame) for m in kept.values() if isinstance(m, Message)
+               for frame in m.payloads)
 
 
 def test_a_flood_of_previews_stays_bounded_in_count_and_bytes():
@@ -68,7 +77,7 @@ def test_a_late_watcher_gets_the_latest_state_in_order():
     assert job.events_after(cursor, 0.0) == ([], cursor)
     job.update(result())
     messages, _ = job.events_after(cursor, 0.0)
-    assert messages == [job.answer]
+    assert messages == [job.result]
 
 
 def test_a_late_watcher_of_a_finished_job_ends_with_its_answer():
@@ -77,7 +86,7 @@ def test_a_late_watcher_of_a_finished_job_ends_with_its_answer():
         job.update(progress(step))
     job.update(result())
     messages, _ = job.events_after(0, 0.0)
-    assert messages[-1] is job.answer
+    assert messages[-1] is job.result is job.outcome
     assert messages[-2]["step"] == 199
 
 
@@ -90,7 +99,7 @@ def test_a_follower_that_keeps_up_sees_every_message_in_order():
         while True:
             messages, cursor = job.events_after(cursor, 5.0)
             seen.extend(messages)
-            if job.answer is not None and seen and seen[-1] is job.answer:
+            if job.done and seen and seen[-1] is job.outcome:
                 return
 
     follower = threading.Thread(target=follow)
@@ -119,10 +128,10 @@ def test_exactly_one_answer_and_nothing_after_it():
     job = PendingJob("j1", spec())
     job.update(result())
     job.update(progress(3))
-    job.update(Message(MsgType.FAILED, {"job_id": "j1", "code": "worker_lost", "message": "x",
-                                        "retryable": True}))
-    assert job.answer is not None and job.answer.type is MsgType.RESULT
-    assert job.events_after(0, 0.0)[0] == [job.answer]
+    job.update(failed())
+    assert job.fail(JobError(ErrorCode.TIMEOUT, "too late")) is False
+    assert job.result is not None and job.error is None
+    assert job.events_after(0, 0.0)[0] == [job.result]
     assert job.step == 0
     assert job.cancel() is False and job.cancelled_here is False
 
@@ -135,13 +144,51 @@ def test_a_preview_for_an_image_nobody_asked_for_is_dropped():
     assert [m["image_index"] for m in messages] == [1]
 
 
-def test_cancel_answers_the_job_as_cancelled_here():
+def test_cancel_ends_the_job_as_cancelled_here():
     job = PendingJob("j1", spec())
     assert job.cancel() is True
     assert job.cancelled_here and job.done
-    assert job.answer["code"] == "cancelled"
+    assert (job.error.code, job.error.retryable) == ("cancelled", False)
     job.update(result())  # too late
-    assert job.answer["code"] == "cancelled"
+    assert job.result is None and job.error.code == "cancelled"
+
+
+def test_a_failed_message_becomes_one_error_value_as_it_arrives():
+    job = PendingJob("j1", spec())
+    job.update(accepted(0))
+    job.update(failed("queue_full", retryable=True))
+    assert job.error == JobError("queue_full", "the worker died", retryable=True)
+    assert job.done and job.result is None and not job.cancelled_here
+    messages, _ = job.events_after(0, 0.0)
+    assert messages[-1] is job.error is job.outcome  # followers see the value, not the message
+    assert job.wait(0.0) is not None and job.wait(0.0)["code"] == "queue_full"  # deprecated
+
+
+def test_a_code_this_frontend_does_not_know_survives_into_the_error():
+    job = PendingJob("j1", spec())
+    job.update(failed("gremlins"))
+    assert job.error is not None and job.error.code == "gremlins"
+
+
+def test_fail_ends_the_job_once_with_the_error_given():
+    job = PendingJob("j1", spec())
+    job.update(progress(1, PREVIEW))
+    error = JobError(ErrorCode.BROKER_UNAVAILABLE, "lost contact", retryable=True)
+    assert job.fail(error) is True
+    assert job.fail(JobError(ErrorCode.TIMEOUT, "later")) is False
+    job.update(failed())
+    job.update(result())
+    assert job.error is error and job.result is None and not job.cancelled_here
+    messages, _ = job.events_after(0, 0.0)
+    assert [type(m) for m in messages] == [Message, JobError] and messages[-1] is error
+
+
+def test_fail_wakes_a_follower():
+    job = PendingJob("j1", spec())
+    error = JobError(ErrorCode.TIMEOUT, "no answer")
+    threading.Timer(0.05, job.fail, (error,)).start()
+    messages, _ = job.events_after(0, 5.0)
+    assert messages == [error]
 
 
 @pytest.mark.parametrize("answered", [False, True])
@@ -161,4 +208,13 @@ def test_a_finished_job_compacted_keeps_only_its_answer() -> None:
     job.compact()
     assert held_bytes(job) < 1000  # no preview kept
     late, _ = job.events_after(0, 0.0)
-    assert late[-1] is job.answer
+    assert late[-1] is job.result
+
+
+def test_a_failed_job_compacted_keeps_only_its_error() -> None:
+    job = PendingJob("j1", spec())
+    job.update(progress(1, b"p" * 1000))
+    job.cancel()
+    job.compact()
+    assert held_bytes(job) == 0
+    assert job.events_after(0, 0.0)[0][-1] is job.error

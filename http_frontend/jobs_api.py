@@ -15,9 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.protocol import ErrorCode, Message, MsgType
 from http_frontend import streaming
-from http_frontend.errors import APIError
+from http_frontend.errors import APIError, JobError
 from http_frontend.pending import PendingJob
 from http_frontend.service import ClientGone, ImageService, Prepared
 
@@ -58,12 +57,10 @@ class JobsAPI:
 
     def submit(self, body: Any) -> dict[str, Any]:
         prepared = self.service.prepare(body)
-        if self.service.draining:
-            raise self.service.failure(_failed(prepared.job.id, ErrorCode.SHUTTING_DOWN),
-                                       prepared.job.model)
+        self.service.refuse_if_draining()
         release = self.service.take_waiting_slot()  # the broker may take seconds to answer
         try:
-            pending = self.service.submit_for_stream(prepared)
+            pending = self.service.submit_until_taken(prepared)
         finally:
             release()
         record = JobRecord(prepared, pending)
@@ -75,11 +72,12 @@ class JobsAPI:
     def status(self, job_id: str) -> dict[str, Any]:
         record = self._get(job_id)
         description = self._describe(record)
-        answer = record.pending.answer
-        if answer is not None and answer.type is MsgType.RESULT:
-            description["result"] = self.service.images_response(record.prepared, answer)
-        elif answer is not None and description["status"] == "failed":
-            description["error"] = self._error(record, answer)
+        pending = record.pending
+        if pending.result is not None:
+            description["result"] = self.service.images_response(record.prepared,
+                                                                 pending.result)
+        elif pending.error is not None and not pending.cancelled_here:
+            description["error"] = self._error(record, pending.error)
         return description
 
     def cancel(self, job_id: str) -> dict[str, Any]:
@@ -145,22 +143,23 @@ class JobsAPI:
 
     def _follow(self, record: JobRecord, client_gone: ClientGone | None) -> Iterator[bytes]:
         job = record.prepared.job
-        for msg in self.service.follow(record.pending, job, client_gone,
-                                       keepalive=self.service.config.keepalive):
-            if msg is None:
+        for event in self.service.follow(record.pending, job, client_gone,
+                                         keepalive=self.service.config.keepalive):
+            if event is None:
                 yield streaming.KEEPALIVE
                 continue
-            event = streaming.job_event(
-                job.id, msg,
+            sse = streaming.job_event(
+                job.id, event,
                 completed=lambda m: self.service.images_response(record.prepared, m)
                 | {"id": job.id},
-                failure=lambda m: self._error(record, m),
+                failure=lambda error: self._error(record, error),
                 cancelled_here=record.pending.cancelled_here)
-            if event is not None:
-                yield event
+            if sse is not None:
+                yield sse
 
-    def _error(self, record: JobRecord, failed: Message) -> dict[str, Any]:
-        return self.service.failure(failed, record.prepared.job.model,
+    def _error(self, record: JobRecord, error: JobError) -> dict[str, Any]:
+        """OpenAI's error body for the job's failure."""
+        return self.service.failure(error, record.prepared.job.model,
                                     cancelled_here=record.pending.cancelled_here
                                     ).body()["error"]
 
@@ -200,16 +199,8 @@ class JobsAPI:
 
 
 def _status(pending: PendingJob) -> str:
-    answer = pending.answer
-    if answer is None:
-        return "running" if pending.step else "queued"
-    if answer.type is MsgType.RESULT:
+    if pending.result is not None:
         return "succeeded"
-    return "cancelled" if pending.cancelled_here else "failed"
-
-
-def _failed(job_id: str, code: ErrorCode) -> Message:
-    messages = {ErrorCode.SHUTTING_DOWN: "the server is shutting down"}
-    return Message(MsgType.FAILED, {"job_id": job_id, "code": code.value,
-                                    "message": messages.get(code, code.value),
-                                    "retryable": code is ErrorCode.SHUTTING_DOWN})
+    if pending.error is not None:
+        return "cancelled" if pending.cancelled_here else "failed"
+    return "running" if pending.step else "queued"
