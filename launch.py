@@ -15,10 +15,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+from broker.__main__ import add_broker_arguments
 from broker.auth import create_keys
-from broker.broker import BrokerConfig
 from gpu_worker import models
+from gpu_worker.__main__ import add_worker_arguments
+from http_frontend.__main__ import add_frontend_arguments, check_frontend_arguments
+from launcher import flags
 from launcher.cluster import (
     ProcessSpec,
     address_in_use,
@@ -33,32 +37,34 @@ from launcher.supervisor import EXIT_CONFIG, Supervisor
 
 log = logging.getLogger("launch")
 LOCAL_WORKER_KEY = "local"  # the key pair this host's own workers use with --curve
-PY = sys.executable
+
+# What launch.py starts; every flag of each is a launch.py flag too, but for those it computes.
+BROKER = flags.Program(
+    "broker", "broker", add_broker_arguments,
+    overrides={"curve": {"help": "keys from `launch.py keys DIR`: the worker endpoint takes "
+                                 "only CURVE-encrypted workers whose key is in DIR/workers/ "
+                                 f"(this host's workers use the '{LOCAL_WORKER_KEY}' pair)"}})
+WORKER = flags.Program(  # a worker of this cluster, on one of this host's devices
+    "worker", "gpu_worker", add_worker_arguments,
+    set_by_launch=frozenset({"broker", "model", "device", "threads", "broker_key", "key"}))
+FRONTEND = flags.Program(
+    "frontend", "http_frontend", add_frontend_arguments, check=check_frontend_arguments,
+    set_by_launch=frozenset({"broker", "default_model", "drain_timeout"}))
+JOINING_WORKER = flags.Program(  # `launch.py worker`: for a broker elsewhere
+    "worker", "gpu_worker", add_worker_arguments,
+    set_by_launch=frozenset({"model", "threads"}),
+    overrides={"broker": {"required": True, "default": argparse.SUPPRESS,
+                          "help": "the head's worker endpoint, e.g. tcp://HEAD:5556"},
+               "device": {"help": "one device for one worker, e.g. cuda:1 or cpu; default: "
+                                  "one worker per GPU, else --num-workers CPU workers"}})
 
 
-def _common_worker_flags(args: argparse.Namespace, model: str) -> list[str]:
-    flags = ["--model", model, "--heartbeat", str(args.heartbeat),
-             "--max-batch", str(args.max_batch), "--log-level", args.log_level]
-    if args.cache_dir:
-        flags += ["--cache-dir", args.cache_dir]
-    if args.offload:
-        flags.append("--offload")
-    if args.compile:
-        flags.append("--compile")
-    broker_key, key = _worker_keys(args)
-    if key:
-        flags += ["--broker-key", broker_key, "--key", key]
-    return flags
-
-
-def _worker_keys(args: argparse.Namespace) -> tuple[str | None, str | None]:
-    """The CURVE key files a worker uses: given outright, or the local pair of --curve DIR."""
-    if getattr(args, "key", None):
-        return args.broker_key, args.key
-    if getattr(args, "curve", None):
-        return (str(Path(args.curve) / "broker.key"),
-                str(Path(args.curve) / "workers" / f"{LOCAL_WORKER_KEY}.key_secret"))
-    return None, None
+def local_worker_keys(args: argparse.Namespace) -> dict[str, str]:
+    """The CURVE key files this host's workers use with --curve DIR: its 'local' pair."""
+    if not args.curve:
+        return {}
+    return {"broker_key": str(Path(args.curve) / "broker.key"),
+            "key": str(Path(args.curve) / "workers" / f"{LOCAL_WORKER_KEY}.key_secret")}
 
 
 def wanted_workers(args: argparse.Namespace, gpus: list[str]) -> list[tuple[str, int]]:
@@ -69,59 +75,44 @@ def wanted_workers(args: argparse.Namespace, gpus: list[str]) -> list[tuple[str,
     return [(model, len(gpus) if gpus else args.num_workers)]
 
 
-def worker_specs(args: argparse.Namespace, broker: str,
-                 gpus: list[str] | None = None) -> list[ProcessSpec]:
+def worker_specs(args: argparse.Namespace, program: flags.Program, broker: str,
+                 gpus: list[str] | None = None, **computed: str) -> list[ProcessSpec]:
     """One worker per GPU used, else CPU workers that share the cores."""
     if gpus is None:
         gpus = visible_gpus(args.num_gpus)
     placed = place_workers(wanted_workers(args, gpus), gpus)
+    if args.worker_id and len(placed) > 1:
+        raise ValueError(f"--worker-id names one worker, but {len(placed)} would start")
     threads = cpu_worker_threads(len(placed))
     specs = []
     for i, (model, gpu) in enumerate(placed):
-        flags = [PY, "-m", "gpu_worker", "--broker", broker, *_common_worker_flags(args, model)]
+        values: dict[str, Any] = {"broker": broker, "model": model, **computed}
         if gpu is not None:
             # Each worker sees exactly one GPU, so its device is always cuda:0.
-            specs.append(ProcessSpec(f"worker-gpu{gpu}", [*flags, "--device", "cuda:0"],
+            specs.append(ProcessSpec(f"worker-gpu{gpu}",
+                                     flags.argv(program, args, **values, device="cuda:0"),
                                      env={"CUDA_VISIBLE_DEVICES": gpu}))
         else:
-            specs.append(ProcessSpec(f"worker-cpu{i}", [*flags, "--device", "cpu",
-                                                         "--threads", str(threads)],
-                                     env={"CUDA_VISIBLE_DEVICES": ""}))
+            specs.append(ProcessSpec(f"worker-cpu{i}", flags.argv(
+                program, args, **values, device="cpu", threads=threads),
+                env={"CUDA_VISIBLE_DEVICES": ""}))
     return specs
 
 
 def cluster_specs(args: argparse.Namespace) -> list[ProcessSpec]:
     gpus = visible_gpus(args.num_gpus)
-    broker_cmd = [
-        PY, "-m", "broker", "--clients", args.clients, "--workers", args.workers,
-        "--heartbeat", str(args.heartbeat), "--max-queue", str(args.max_queue),
-        "--log-level", args.log_level,
-    ]
-    if args.curve:
-        broker_cmd += ["--curve", args.curve]
-    if args.insecure:
-        broker_cmd.append("--insecure")
-    broker = ProcessSpec("broker", broker_cmd, stop_last=True,
+    broker = ProcessSpec("broker", flags.argv(BROKER, args), stop_last=True,
                          listens=(args.clients, args.workers))
-    frontend_cmd = [
-        PY, "-m", "http_frontend", "--broker", args.clients.replace("*", "127.0.0.1"),
-        "--host", args.host, "--port", str(args.port), "--timeout", str(args.timeout),
-        "--heartbeat", str(args.heartbeat), "--log-level", args.log_level,
+    frontend = ProcessSpec("frontend", flags.argv(
+        FRONTEND, args, broker=args.clients.replace("*", "127.0.0.1"),
+        # Always named: a request without `model` goes to the model the operator chose (or
+        # the workers' own default), never to whichever model a worker announced first.
+        default_model=wanted_workers(args, gpus)[0][0],
         # Leave the broker time to stop after the frontend drained.
-        "--drain-timeout", str(max(1.0, args.grace - 2.0)),
-    ]
-    # Always named: a request without `model` goes to the model the operator chose (or the
-    # workers' own default), never to whichever model a worker happened to announce first.
-    frontend_cmd += ["--default-model", wanted_workers(args, gpus)[0][0]]
-    for key in args.api_key or ():
-        frontend_cmd += ["--api-key", key]
-    if args.api_keys_file:
-        frontend_cmd += ["--api-keys-file", args.api_keys_file]
-    for origin in args.cors_origin or ():
-        frontend_cmd += ["--cors-origin", origin]
-    frontend = ProcessSpec("frontend", frontend_cmd, listens=(http_address(args),))
+        drain_timeout=max(1.0, args.grace - 2.0)), listens=(http_address(args),))
     connect = args.workers.replace("*", "127.0.0.1").replace("0.0.0.0", "127.0.0.1")
-    return [broker, *worker_specs(args, connect, gpus), frontend]
+    return [broker, *worker_specs(args, WORKER, connect, gpus, **local_worker_keys(args)),
+            frontend]
 
 
 def http_address(args: argparse.Namespace) -> str:
@@ -197,8 +188,20 @@ def report_ready(args: argparse.Namespace, workers: int, supervisor: Supervisor)
               f"ones that are. Open {url}", flush=True)
 
 
+def join_specs(args: argparse.Namespace) -> list[ProcessSpec]:
+    """`launch.py worker`: one worker on --device, else one per GPU (or CPU workers)."""
+    if not args.device:
+        return worker_specs(args, JOINING_WORKER, args.broker)
+    model = args.model or models.default_model(cuda=args.device.startswith("cuda"))
+    return [ProcessSpec(f"worker-{args.device}", flags.argv(JOINING_WORKER, args, model=model))]
+
+
 def run_workers(args: argparse.Namespace) -> int:
-    specs = worker_specs(args, args.broker)
+    try:
+        specs = join_specs(args)
+    except ValueError as exc:
+        print(f"launch.py worker: {exc}", file=sys.stderr)
+        return 2
     supervisor = Supervisor(specs, grace=args.grace)
     supervisor.install_signal_handlers()
     supervisor.start()
@@ -239,7 +242,8 @@ def print_models(_: argparse.Namespace) -> int:
     return 0
 
 
-def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
+def _add_placement_flags(parser: argparse.ArgumentParser) -> None:
+    """launch.py's own flags for the workers: which models, on how many devices."""
     parser.add_argument("--model", default=None,
                         help="alias (see `launch.py models`), Hugging Face repo id or "
                              "directory; default flux-schnell on CUDA, tiny without")
@@ -252,22 +256,14 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
                              "honoured); default all")
     parser.add_argument("--num-workers", type=int, default=1,
                         help="CPU workers to start when there is no GPU")
-    parser.add_argument("--max-batch", type=int, default=1,
-                        help="queued jobs with equal settings a worker runs at once")
-    parser.add_argument("--heartbeat", type=float, default=BrokerConfig().heartbeat_interval,
-                        help="seconds between heartbeats; a peer is dead after 3 missed")
-    parser.add_argument("--cache-dir", default=None, help="where the tiny model is written")
-    parser.add_argument("--offload", action="store_true", help="model CPU offload on GPUs")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     parser.add_argument("--grace", type=float, default=8.0,
                         help="seconds children get to stop before they are killed")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = BrokerConfig()
     parser = argparse.ArgumentParser(
-        description="Start a diffusion-cluster on this host, or join one.",
+        description="Start a diffusion-cluster on this host, or join one. Every flag of the "
+                    "broker, the workers and the frontend is a flag here too.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command")
@@ -275,15 +271,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "worker", help="join a running cluster from this host",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Start one worker per GPU here (or CPU workers) for a remote broker.")
-    worker.add_argument("--broker", required=True,
-                        help="the head's worker endpoint, e.g. tcp://HEAD:5556")
-    worker.add_argument("--device", default=None,
-                        help="one device for one worker, e.g. cuda:1 or cpu")
-    _add_worker_flags(worker)
-    worker.add_argument("--broker-key", default=None, metavar="FILE",
-                        help="the head's broker.key (public), for a CURVE broker")
-    worker.add_argument("--key", default=None, metavar="FILE",
-                        help="this host's worker secret key (NAME.key_secret)")
+    _add_placement_flags(worker)
+    flags.add_program_arguments(worker, [JOINING_WORKER])
     sub.add_parser("models", help="list the model registry")
     keys = sub.add_parser(
         "keys", help="write CURVE key pairs for the broker and worker hosts",
@@ -297,35 +286,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            f"'{LOCAL_WORKER_KEY}' (this host's workers) and 'worker-1'")
     keys.add_argument("--force", action="store_true", help="replace existing key pairs")
 
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="HTTP address to listen on (0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port")
-    parser.add_argument("--clients", default=defaults.clients,
-                        help="broker endpoint for frontends")
-    parser.add_argument("--workers", default=defaults.workers,
-                        help="broker endpoint for workers (bind 0.0.0.0 to let other hosts "
-                             "join)")
-    parser.add_argument("--timeout", type=float, default=300.0,
-                        help="seconds an HTTP request may take, queueing included")
-    parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
-                        help="queued jobs per model before 429")
+    _add_placement_flags(parser)
     parser.add_argument("--ready-timeout", type=float, default=600.0,
                         help="seconds to wait for every worker's warm-up")
-    parser.add_argument("--curve", metavar="DIR", default=None,
-                        help="keys from `launch.py keys DIR`: the worker endpoint takes only "
-                             "CURVE-encrypted workers whose key is in DIR/workers/ (this "
-                             "host's workers use the 'local' pair)")
-    parser.add_argument("--insecure", action="store_true",
-                        help="allow a plain-TCP worker endpoint beyond loopback")
-    parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
-                        help="require `Authorization: Bearer KEY` on /v1/* (repeatable; "
-                             "prefer --api-keys-file: command lines are visible to `ps`)")
-    parser.add_argument("--api-keys-file", default=None, metavar="FILE",
-                        help="API keys, one per line (# comments)")
-    parser.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
-                        help="allow browser calls from this origin (repeatable); off by "
-                             "default")
-    _add_worker_flags(parser)
+    flags.add_program_arguments(parser, [BROKER, WORKER, FRONTEND])
     return parser.parse_args(argv)
 
 
@@ -339,21 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         return make_keys(args)
     if args.command == "worker":
-        if args.device:
-            return _run_one_worker(args)
         return run_workers(args)
     return run_cluster(args)
-
-
-def _run_one_worker(args: argparse.Namespace) -> int:
-    flags = ["-m", "gpu_worker", "--broker", args.broker, "--device", args.device,
-             *_common_worker_flags(args, args.model or models.default_model(
-                 cuda=args.device.startswith("cuda")))]
-    supervisor = Supervisor([ProcessSpec(f"worker-{args.device}", [PY, *flags])],
-                            grace=args.grace)
-    supervisor.install_signal_handlers()
-    supervisor.start()
-    return _finish(supervisor)
 
 
 if __name__ == "__main__":

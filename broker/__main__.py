@@ -8,23 +8,21 @@ import os
 import signal
 import sys
 
+from broker import defaults
 from broker.broker import Broker, BrokerConfig
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = BrokerConfig()
-    parser = argparse.ArgumentParser(
-        prog="python -m broker",
-        description="Route image-generation jobs from HTTP frontends to GPU workers.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--clients", default=defaults.clients,
+def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The broker's flags; launch.py composes them with the worker's and the frontend's."""
+    parser.add_argument("--clients", default=defaults.CLIENTS_ENDPOINT,
                         help="endpoint the HTTP frontends connect to")
-    parser.add_argument("--workers", default=defaults.workers,
-                        help="endpoint the GPU workers connect to")
-    parser.add_argument("--heartbeat", type=float, default=defaults.heartbeat_interval,
-                        help="seconds between heartbeats; a peer is dead after 3 missed")
-    parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
+    parser.add_argument("--workers", default=defaults.WORKERS_ENDPOINT,
+                        help="endpoint the GPU workers connect to (bind 0.0.0.0 to let other "
+                             "hosts join)")
+    parser.add_argument("--heartbeat", type=float, default=defaults.HEARTBEAT_INTERVAL,
+                        help="seconds between heartbeats; a peer is dead after "
+                             f"{defaults.HEARTBEAT_LIVENESS} missed")
+    parser.add_argument("--max-queue", type=int, default=defaults.MAX_QUEUE,
                         help="queued jobs per model before submissions get 429")
     parser.add_argument("--curve", metavar="DIR", default=None,
                         help="CURVE keys from `launch.py keys DIR`: workers must encrypt and "
@@ -32,7 +30,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the folder changes)")
     parser.add_argument("--insecure", action="store_true",
                         help="allow a plain-TCP worker endpoint beyond loopback")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--log-level", default=defaults.LOG_LEVEL,
+                        help="DEBUG, INFO, WARNING or ERROR")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m broker",
+        description="Route image-generation jobs from HTTP frontends to GPU workers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_broker_arguments(parser)
     return parser.parse_args(argv)
 
 

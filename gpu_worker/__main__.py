@@ -7,15 +7,18 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
+from broker import defaults
 from gpu_worker import models
-from gpu_worker.link import CurveKeys
-from gpu_worker.worker import Worker, WorkerConfig
+
+if TYPE_CHECKING:
+    from gpu_worker.worker import WorkerConfig
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of one worker; launch.py's `worker` command takes the same."""
-    parser.add_argument("--broker", default="tcp://127.0.0.1:5556",
+    """The flags of one worker; launch.py composes them with the broker's and the frontend's."""
+    parser.add_argument("--broker", default=defaults.WORKERS_ENDPOINT,
                         help="the broker's worker endpoint")
     parser.add_argument("--model", default=None,
                         help="registry alias (see `launch.py models`), Hugging Face repo id, "
@@ -29,7 +32,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most queued jobs with equal settings taken at once")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (CPU workers); default: torch's choice")
-    parser.add_argument("--heartbeat", type=float, default=1.0,
+    parser.add_argument("--heartbeat", type=float, default=defaults.HEARTBEAT_INTERVAL,
                         help="seconds between heartbeats; must match the broker's")
     parser.add_argument("--cache-dir", default=None,
                         help="where the tiny model is written; default ~/.cache/diffusion-cluster")
@@ -44,10 +47,15 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                              "with --key, the link is CURVE-encrypted and authenticated")
     parser.add_argument("--key", default=None, metavar="FILE",
                         help="this worker's secret key file (NAME.key_secret, mode 0600)")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--log-level", default=defaults.LOG_LEVEL,
+                        help="DEBUG, INFO, WARNING or ERROR")
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    # Imported here, not at the top: they import torch, and launch.py reads the flags above.
+    from gpu_worker.link import CurveKeys
+    from gpu_worker.worker import WorkerConfig
+
     device = args.device
     if device is None:
         import torch
@@ -71,6 +79,8 @@ def run_worker(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:  # missing or unsafe key files: one clear line
         logging.getLogger(__name__).error("cannot start: %s", exc)
         return os.EX_CONFIG  # launcher.supervisor.EXIT_CONFIG: a restart would fail the same way
+    from gpu_worker.worker import Worker
+
     worker = Worker(config)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())

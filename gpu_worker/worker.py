@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from broker import protocol
+from broker import defaults, protocol
 from broker.protocol import ErrorCode, ImageInfo, JobSpec, MsgType
 from gpu_worker import models
 from gpu_worker.encode import encode_image
@@ -37,12 +37,12 @@ PREVIEW_QUALITY = 70  # previews are glimpses: small and quick beat faithful
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerConfig:
-    broker: str = "tcp://127.0.0.1:5556"
+    broker: str = defaults.WORKERS_ENDPOINT
     model: str = models.TINY
     device: str = "cpu"
     worker_id: str | None = None
     max_batch: int = 1
-    heartbeat: float = 1.0
+    heartbeat: float = defaults.HEARTBEAT_INTERVAL
     threads: int | None = None
     cache_dir: str | None = None
     warm_up: bool = True

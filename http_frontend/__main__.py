@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from broker import defaults
 from http_frontend import server as http_server
 from http_frontend.app import FrontendConfig, create_app
 from http_frontend.auth import load_keys
@@ -27,23 +28,20 @@ RESPONSE_FLUSH_S = 0.3
 EXIT_BROKER_THREAD_DIED = 70  # EX_SOFTWARE: the supervisor restarts the frontend
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m http_frontend",
-        description="Serve the OpenAI-compatible Images API and the web UI.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--broker", default="tcp://127.0.0.1:5555",
+def add_frontend_arguments(parser: argparse.ArgumentParser) -> None:
+    """The frontend's flags; launch.py composes them with the broker's and the worker's."""
+    parser.add_argument("--broker", default=defaults.CLIENTS_ENDPOINT,
                         help="the broker's client endpoint")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--host", default=defaults.HTTP_HOST,
+                        help="address to listen on (0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=defaults.HTTP_PORT, help="port to listen on")
     parser.add_argument("--frontend-id", default=None,
                         help="this frontend's stable id: the broker lets only it re-attach to "
                              "or cancel its jobs, also after a restart; default HOST:PORT")
     parser.add_argument("--default-model", default=None,
                         help="model for requests that name none; default: the one model the "
                              "workers serve (with several, such a request is a 400)")
-    parser.add_argument("--timeout", type=float, default=300.0,
+    parser.add_argument("--timeout", type=float, default=defaults.REQUEST_TIMEOUT,
                         help="seconds a request may take, queueing included (then 504); "
                              "also the most a request's own `timeout` may ask for")
     parser.add_argument("--threads", type=int, default=64,
@@ -79,21 +77,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                         help="allow browser calls from this origin (repeatable); off by "
                              "default")
-    parser.add_argument("--heartbeat", type=float, default=1.0,
+    parser.add_argument("--heartbeat", type=float, default=defaults.HEARTBEAT_INTERVAL,
                         help="seconds between status polls of the broker")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-    args = parser.parse_args(argv)
+    parser.add_argument("--log-level", default=defaults.LOG_LEVEL,
+                        help="DEBUG, INFO, WARNING or ERROR")
+
+
+def check_frontend_arguments(args: argparse.Namespace) -> None:
+    """Fill in the limits derived from --threads; ValueError names a flag that cannot work."""
     if args.reserved_threads is None:
         args.reserved_threads = max(2, args.threads // 8)
     if not 1 <= args.reserved_threads < args.threads:
-        parser.error("--reserved-threads must be at least 1 and fewer than --threads")
+        raise ValueError("--reserved-threads must be at least 1 and fewer than --threads")
     if args.max_streams is None:
         args.max_streams = max(1, min(args.threads // 2, args.threads - args.reserved_threads))
     for name in ("connection_limit", "channel_timeout", "max_streams"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.receive_timeout <= 0:
-        parser.error("--receive-timeout must be above 0")
+        raise ValueError("--receive-timeout must be above 0")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m http_frontend",
+        description="Serve the OpenAI-compatible Images API and the web UI.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_frontend_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        check_frontend_arguments(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
 
 

@@ -16,7 +16,11 @@ from http_frontend.errors import install_error_handlers
 from http_frontend.jobs_api import JobsAPI
 from http_frontend.service import ImageService, ServiceConfig
 
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+# The web UI: http_frontend/static when installed from a wheel (setup.cfg puts it there),
+# static/ beside the packages in a checkout.
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+if not STATIC_DIR.is_dir():
+    STATIC_DIR = STATIC_DIR.parent.parent / "static"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,128 @@
+"""launch.py's flags are the programs' own: declare them again, and turn them back into argv.
+
+Each program (broker, worker, frontend) declares its flags once, in an ``add_*_arguments``
+function. launch.py offers every one of them under the same name, except those it computes
+for each process itself (``set_by_launch``: where a worker connects, its device), and passes
+what the user gave through to the process, so a flag added to a program later is reachable
+from launch.py without a change here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+# Flags that mean the same to every program that has them, so one launch.py flag sets them all.
+SHARED = frozenset({"heartbeat", "log_level"})
+_KINDS = ("store", "store_true", "append")  # the argparse actions argv() can write back
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One flag as its program declared it."""
+
+    option: str  # "--max-queue"
+    dest: str  # "max_queue"
+    kind: str  # one of _KINDS
+    default: Any
+    type: Any  # the converter from the string on the command line, or None
+    declaration: tuple[tuple[str, ...], dict[str, Any]]  # add_argument's arguments
+
+
+class _Recorder(argparse.ArgumentParser):
+    """A parser that remembers each add_argument call, to make it again elsewhere."""
+
+    def __init__(self) -> None:
+        super().__init__(add_help=False)
+        self.flags: list[Flag] = []
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*names, **kwargs)
+        kind = kwargs.get("action", "store")
+        if kind not in _KINDS:
+            raise ValueError(f"{names[0]}: launch.py cannot pass action={kind!r} on")
+        option = next(o for o in action.option_strings if o.startswith("--"))
+        self.flags.append(Flag(option, action.dest, kind, action.default, action.type,
+                               (names, kwargs)))
+        return action
+
+
+@dataclass(frozen=True)
+class Program:
+    """A program launch.py starts, with the flags it computes for each process itself."""
+
+    name: str  # names its group in --help
+    module: str  # run as `python -m MODULE`
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    set_by_launch: frozenset[str] = frozenset()  # dests launch.py computes, not offered
+    # add_argument keywords launch.py changes for a flag it offers, by dest (help, required).
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Checks the flags as the program would, in place; ValueError names one that cannot work.
+    check: Callable[[argparse.Namespace], None] | None = None
+
+    @cached_property
+    def flags(self) -> list[Flag]:
+        recorder = _Recorder()
+        self.add_arguments(recorder)
+        return recorder.flags
+
+    def offered(self) -> list[Flag]:
+        return [flag for flag in self.flags if flag.dest not in self.set_by_launch]
+
+
+def add_program_arguments(parser: argparse.ArgumentParser, programs: list[Program]) -> None:
+    """Offer each program's flags on ``parser``, one argument group per program."""
+    shared: dict[str, tuple[str, Flag]] = {}
+    for program in programs:
+        group = parser.add_argument_group(f"{program.name} (python -m {program.module})")
+        for flag in program.offered():
+            if flag.dest in shared:
+                _check_shared(shared[flag.dest], program.name, flag)
+                continue
+            names, kwargs = flag.declaration
+            target = parser if flag.dest in SHARED else group
+            target.add_argument(*names, **{**kwargs, **program.overrides.get(flag.dest, {})})
+            shared[flag.dest] = (program.name, flag)
+
+
+def _check_shared(first: tuple[str, Flag], name: str, flag: Flag) -> None:
+    """A flag two programs offer must be one that means the same to both, with one default."""
+    owner, earlier = first
+    if flag.dest not in SHARED:
+        raise ValueError(f"{flag.option} is a flag of both {owner} and {name}: add it to "
+                         "SHARED if it means the same to both, else to one's set_by_launch")
+    if (earlier.default, earlier.type) != (flag.default, flag.type):
+        raise ValueError(f"{flag.option}: {owner} and {name} differ in its default or type "
+                         f"({earlier.default!r}, {flag.default!r}); take it from one place")
+
+
+def argv(program: Program, args: argparse.Namespace, **computed: Any) -> list[str]:
+    """The command line of one ``program`` process: its flags the user gave on launch.py
+    (those not at their default) and those launch.py ``computed`` for it (None: left out)."""
+    unknown = computed.keys() - {flag.dest for flag in program.flags}
+    if unknown:
+        raise TypeError(f"{program.name} has no flag for {sorted(unknown)}")
+    values = {flag.dest: computed[flag.dest] if flag.dest in computed else
+              None if flag.dest in program.set_by_launch else getattr(args, flag.dest)
+              for flag in program.flags}
+    if program.check is not None:
+        namespace = argparse.Namespace(**{flag.dest: flag.default if values[flag.dest] is None
+                                          else values[flag.dest] for flag in program.flags})
+        program.check(namespace)
+    line = [sys.executable, "-m", program.module]
+    for flag in program.flags:
+        value = values[flag.dest]
+        if value is None or (value == flag.default and flag.dest not in computed):
+            continue
+        if flag.kind == "store_true":
+            line += [flag.option] if value else []
+        elif flag.kind == "append":
+            for item in value:
+                line += [flag.option, str(item)]
+        else:
+            line += [flag.option, str(value)]
+    return line
