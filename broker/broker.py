@@ -1,8 +1,10 @@
 """The broker loop: route jobs from frontends to workers that have room, and answers back.
 
-One thread owns both ROUTER sockets, the job table and the worker registry. ``run()`` calls
-``tick()`` until stopped; each tick polls the sockets once, then purges what expired, sends
-heartbeats and dispatches, so tests can drive it step by step.
+One thread owns both ROUTER sockets, the job table, the worker registry and the leases
+between them (broker/leases.py: the only code that changes who holds a job). ``run()`` calls
+``tick()`` until stopped; each tick polls the sockets once and routes what arrived, then
+purges what expired, sends heartbeats and dispatches, so tests can drive it step by step.
+CURVE on the worker socket (broker/auth.py) only adds sockets to the poll.
 """
 
 from __future__ import annotations
@@ -19,17 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
-from broker import protocol
-from broker.auth import CurveAuthority, is_loopback
+from broker import defaults, protocol
+from broker.auth import CurveServer, is_loopback
 from broker.jobs import Job, JobState, JobTable
+from broker.leases import Leases
 from broker.protocol import ErrorCode, Message, MsgType, ProtocolError
-from broker.registry import Worker, WorkerRegistry, WorkerState
+from broker.registry import WorkerRecord, WorkerRegistry, WorkerState
 
 log = logging.getLogger(__name__)
 
-KEY_CHECK_INTERVAL = 2.0  # seconds between looks at the allow-list directory
 POSITION_UPDATES = 32  # queued jobs per model told their new position
 POSITION_INTERVAL = 0.5  # seconds between position announcements
 MAX_FAILURE_MESSAGE = 1000  # characters of a worker's failure message passed to the client
@@ -38,11 +39,11 @@ MAX_STEPS = 10_000
 
 @dataclass(frozen=True, kw_only=True)
 class BrokerConfig:
-    clients: str = "tcp://127.0.0.1:5555"
-    workers: str = "tcp://127.0.0.1:5556"
-    heartbeat_interval: float = 1.0
-    heartbeat_liveness: int = 3  # missed heartbeats after which a peer is dead
-    max_queue: int = 256  # queued jobs per model
+    clients: str = defaults.CLIENTS_ENDPOINT
+    workers: str = defaults.WORKERS_ENDPOINT
+    heartbeat_interval: float = defaults.HEARTBEAT_INTERVAL
+    heartbeat_liveness: int = defaults.HEARTBEAT_LIVENESS  # missed heartbeats: a peer is dead
+    max_queue: int = defaults.MAX_QUEUE  # queued jobs per model
     max_attempts: int = 3  # workers lost running one job before it fails
     max_client_frame: int = 1 << 20
     max_worker_frame: int = 256 << 20  # a 4K PNG is tens of MB
@@ -59,6 +60,7 @@ class Broker:
         self.jobs = JobTable(max_queue=config.max_queue, max_attempts=config.max_attempts)
         self.workers = WorkerRegistry(
             liveness=config.heartbeat_interval * config.heartbeat_liveness)
+        self.leases = Leases(self.jobs, self.workers)
         self._stop = threading.Event()
         # After a restart, workers need a heartbeat or two to register again; until then a
         # job for a model nobody has announced yet waits in its queue instead of failing.
@@ -67,36 +69,22 @@ class Broker:
         # Named in every message we make, so peers notice a restart of any length at once.
         self.incarnation = secrets.token_hex(8)
         self._asked: dict[bytes, float] = {}  # unknown peer -> when we last sent RECONNECT
-        self._claims: dict[str, bytes] = {}  # job id -> worker holding it, not yet submitted
         self._next_heartbeat = 0.0
         self._queue_moved: set[str] = set()  # models whose queue moved since the last announce
         self._next_announce = 0.0
         self._next_liveness_check = 0.0
         self._drop = protocol.DropLog(log)
         self._refused_peer = protocol.DropLog(log, "refused")
-        self.clients = self._router(config.max_client_frame)
+        self.client_socket = self._router(config.max_client_frame)
         self.worker_socket = self._router(config.max_worker_frame)
         self._poller = zmq.Poller()
-        self._poller.register(self.clients, zmq.POLLIN)
+        self._poller.register(self.client_socket, zmq.POLLIN)
         self._poller.register(self.worker_socket, zmq.POLLIN)
-        self.auth: CurveAuthority | None = None
-        self._monitor: zmq.Socket | None = None
-        self._reload_requested = threading.Event()
-        self._refused = protocol.DropLog(log, "refused a worker connection on")
-        self._self_testing = False
-        self._next_key_check = 0.0
+        self.curve: CurveServer | None = None
         if config.curve_dir:
-            self._secure_worker_socket(Path(config.curve_dir))
-
-    def _secure_worker_socket(self, key_dir: Path) -> None:
-        self.auth = CurveAuthority(self._ctx, key_dir)
-        self.auth.configure_server(self.worker_socket)
-        self._poller.register(self.auth.socket, zmq.POLLIN)
-        # Peers refused before ZAP (no CURVE at all, a wrong server key) show up only here.
-        self._monitor = self.worker_socket.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-            | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-        self._poller.register(self._monitor, zmq.POLLIN)
+            self.curve = CurveServer(self._ctx, Path(config.curve_dir), self.worker_socket)
+            for sock in self.curve.sockets:
+                self._poller.register(sock, zmq.POLLIN)
 
     def _router(self, max_frame: int) -> zmq.Socket:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -109,7 +97,7 @@ class Broker:
 
     def bind(self) -> None:
         """Bind both endpoints; refuse a plain worker endpoint beyond loopback unless told."""
-        if not is_loopback(self.config.workers) and self.auth is None:
+        if not is_loopback(self.config.workers) and self.curve is None:
             if not self.config.insecure:
                 raise ValueError(f"the worker endpoint {self.config.workers} is reachable from "
                                  "other hosts: secure it with --curve DIR (see `launch.py "
@@ -117,81 +105,46 @@ class Broker:
             log.warning("the worker endpoint %s takes plain TCP from any host (--insecure): "
                         "anyone who reaches it can take jobs and send results",
                         self.config.workers)
-        self.clients.bind(self.config.clients)
+        self.client_socket.bind(self.config.clients)
         self.worker_socket.bind(self.config.workers)
-        log.info("broker: clients on %s, workers on %s%s",
-                 self.clients.getsockopt_string(zmq.LAST_ENDPOINT), self.worker_endpoint,
-                 " (CURVE)" if self.auth else "")
+        log.info("broker: clients on %s, workers on %s%s", self.client_endpoint,
+                 self.worker_endpoint, " (CURVE)" if self.curve else "")
+
+    @property
+    def client_endpoint(self) -> str:
+        return self.client_socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     @property
     def worker_endpoint(self) -> str:
         return self.worker_socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
+    @property
+    def clients(self) -> zmq.Socket:
+        """The client socket by its old name, still read by bench/_common.py."""
+        return self.client_socket
+
     def self_test(self, timeout: float = 3.0) -> None:
         """With CURVE on, prove that an allowed key gets in and an unknown one does not.
 
-        A misconfiguration (a ZAP domain mismatch, an unreadable key) would otherwise refuse
-        every worker silently. Raises RuntimeError naming what failed.
+        Raises RuntimeError naming what failed (see ``CurveServer.self_test``).
         """
-        if self.auth is None:
-            return
-        endpoint = connectable(self.worker_endpoint)
-        allowed, stranger = zmq.curve_keypair(), zmq.curve_keypair()
-        self.auth.allow_temporarily(allowed[0], probe=True)
-        self.auth.allow_temporarily(stranger[0], probe=True, allowed=False)
-        self._self_testing = True
-        try:
-            let_in = self._probe(endpoint, *allowed, timeout=timeout)
-            kept_out = not self._probe(endpoint, *stranger, timeout=min(timeout, 1.0))
-            self._poll(0.05)  # take the stranger's refusal events while still testing
-        finally:
-            self._self_testing = False
-            self.auth.revoke_temporary(allowed[0])
-            self.auth.revoke_temporary(stranger[0])
-        if not let_in:
-            raise RuntimeError("CURVE self-test failed: a key on the allow-list could not "
-                               f"connect to {endpoint}; check the keys in "
-                               f"{self.config.curve_dir} and the ZAP domain")
-        if not kept_out:
-            raise RuntimeError("CURVE self-test failed: a key NOT on the allow-list got in")
-        log.info("CURVE self-test passed: allowed keys get in, others do not")
-
-    def _probe(self, endpoint: str, public: bytes, secret: bytes, *, timeout: float) -> bool:
-        """Connect as a worker would and see whether the broker answers at all."""
-        assert self.auth is not None
-        probe = self._ctx.socket(zmq.DEALER)
-        probe.setsockopt(zmq.LINGER, 0)
-        probe.setsockopt(zmq.CURVE_SERVERKEY, self.auth.public)
-        probe.setsockopt(zmq.CURVE_PUBLICKEY, public)
-        probe.setsockopt(zmq.CURVE_SECRETKEY, secret)
-        try:
-            probe.connect(endpoint)
-            probe.send_multipart(protocol.encode(MsgType.HEARTBEAT))
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                self._poll(0.02)
-                if probe.poll(0):
-                    return True  # any answer (RECONNECT: it does not know us) means we got in
-            return False
-        finally:
-            probe.close(linger=0)
+        if self.curve is not None:
+            self.curve.self_test(self._poll, timeout=timeout)
 
     def request_reload(self) -> None:
         """Re-read the worker allow-list at the next tick; safe from a signal handler."""
-        self._reload_requested.set()
+        if self.curve is not None:
+            self.curve.request_reload()
 
     def stop(self) -> None:
         """Ask the loop to end; safe from any thread or signal handler."""
         self._stop.set()
 
     def close(self) -> None:
-        if self._monitor is not None:
-            self.worker_socket.disable_monitor()
-            self._monitor.close(linger=0)
-        self.clients.close(linger=0)
+        if self.curve is not None:
+            self.curve.close()
+        self.client_socket.close(linger=0)
         self.worker_socket.close(linger=0)
-        if self.auth is not None:
-            self.auth.close()
 
     def run(self) -> None:
         try:
@@ -204,7 +157,8 @@ class Broker:
         """One round: read what arrived, purge what expired, heartbeat, dispatch."""
         self._poll(timeout)
         now = self._clock()
-        self._check_keys(now)
+        if self.curve is not None:
+            self.curve.check_keys(now)
         self._end_startup_grace(now)
         self._purge_expired(now)
         self._send_heartbeats(now)
@@ -214,17 +168,16 @@ class Broker:
 
     def _poll(self, timeout: float) -> None:
         events = dict(self._poller.poll(int(timeout * 1000)))
-        if self.auth is not None and self.auth.socket in events:
-            self.auth.handle()
-        if self._monitor is not None and self._monitor in events:
-            self._log_handshake_failure()
+        if self.curve is not None:
+            self.curve.handle(events)
         # Drain in bounded bursts so neither side can starve the other.
         for _ in range(1000):
             got = False
             if self.worker_socket in events and self._recv(self.worker_socket,
                                                            self._on_worker_message):
                 got = True
-            if self.clients in events and self._recv(self.clients, self._on_client_message):
+            if self.client_socket in events and self._recv(self.client_socket,
+                                                           self._on_client_message):
                 got = True
             if not got:
                 return
@@ -246,6 +199,8 @@ class Broker:
             log.exception("error handling %s from %s", msg.type.value, identity.hex())
         return True
 
+    # ---------------------------------------------------------------------------- frontends
+
     def _on_client_message(self, client: bytes, msg: Message, now: float) -> None:
         # Frontends that send no owner (old ones) share one, as before owners existed.
         owner = msg.get("owner") or ""
@@ -254,7 +209,8 @@ class Broker:
         elif msg.type is MsgType.CANCEL:
             self._on_cancel(owner, msg["job_id"], now)
         elif msg.type is MsgType.STATUS:
-            self._send(self.clients, client, self._msg(MsgType.STATUS_REPLY, self.status(now)))
+            self._send(self.client_socket, client,
+                       self._msg(MsgType.STATUS_REPLY, self.status(now)))
         else:
             self._drop(client.hex(), f"{msg.type.value} is not a client message")
 
@@ -263,11 +219,9 @@ class Broker:
         if existing is not None:
             self._reattach(client, owner, existing)
             return
-        holder = self._claimed_by(spec.id)
-        if holder is not None and spec.model in holder.models:
+        job = Job(spec=spec, client=client, owner=owner, deadline=now + spec.timeout)
+        if self.leases.take_claimed(job):
             # A worker re-registered holding this job (we restarted): it stays there.
-            self.jobs.add_running(Job(spec=spec, client=client, owner=owner,
-                                      deadline=now + spec.timeout), holder.identity)
             self._accepted(client, spec.id, 0)
             return
         if not self.workers.serves(spec.model) and now >= self._startup_grace_until:
@@ -278,7 +232,6 @@ class Broker:
             self._fail(client, spec.id, ErrorCode.QUEUE_FULL,
                        f"the queue for {spec.model!r} is full", retryable=True)
             return
-        job = Job(spec=spec, client=client, owner=owner, deadline=now + spec.timeout)
         self._accepted(client, spec.id, self.jobs.add(job))
 
     def _reattach(self, client: bytes, owner: str, job: Job) -> None:
@@ -308,18 +261,15 @@ class Broker:
         log.info("job %s cancelled by its client", job_id)
 
     def _stop_running(self, job: Job, now: float) -> None:
-        """Tell the worker holding a job the broker dropped to stop it.
+        """Tell the worker holding a job the broker dropped to stop it (its slot stays taken
+        until it answers: ``Leases.stop``)."""
+        self._cancel(self.leases.stop(job, now), job.id)
 
-        The worker's slot stays taken until it says the job ended (a FAILED ``cancelled``):
-        freeing it now would lease another batch on top of one still on the device.
-        """
-        if job.state is not JobState.RUNNING or job.worker is None:
-            return
-        self._send(self.worker_socket, job.worker,
-                   self._msg(MsgType.CANCEL, {"job_id": job.id}))
-        worker = self.workers.get(job.worker)
-        if worker is not None and job.id in worker.running:
-            worker.ending[job.id] = now
+    def _cancel(self, worker: bytes | None, job_id: str) -> None:
+        if worker is not None:
+            self._send(self.worker_socket, worker, self._msg(MsgType.CANCEL, {"job_id": job_id}))
+
+    # ---------------------------------------------------------------------------- workers
 
     def _on_worker_message(self, identity: bytes, msg: Message, now: float) -> None:
         if msg.type is MsgType.READY:
@@ -357,15 +307,14 @@ class Broker:
         held = list(dict.fromkeys(msg.get("held", [])))
         known = self.workers.get(identity)
         moved = None if known else self._same_process(msg, now)
-        if moved is not None:
-            self.workers.remove(moved.identity)
         previous = known or moved
         worker = self.workers.register(identity, msg, now, keep=previous)
-        if moved is not None:
-            self._move_leases(moved, worker, set(held))
+        if known is not None:
+            self.leases.keep(known, worker)
+        elif moved is not None:
+            self.leases.move(moved, worker, set(held))
         for job_id in held[:worker.capacity]:
-            self._claim(worker, job_id, now)
-        self.workers.offer(worker)
+            self._cancel(self.leases.claim(worker, job_id, now), job_id)
         self._asked.pop(identity, None)
         if worker.capacity < msg.get("capacity", 1):
             log.warning("worker %s asked for room for %d jobs; it gets %d (2 x max_batch)",
@@ -375,7 +324,7 @@ class Broker:
                  worker.device, ",".join(worker.models), worker.capacity, worker.max_batch,
                  len(held))
 
-    def _same_process(self, ready: Message, now: float) -> Worker | None:
+    def _same_process(self, ready: Message, now: float) -> WorkerRecord | None:
         """The record of the worker process that sent ``ready``, from an earlier connection.
 
         Its ``session`` (random per process) tells a reconnected socket from a restarted
@@ -389,69 +338,23 @@ class Broker:
         if earlier.session == session:
             return earlier
         log.warning("worker %s restarted; the jobs it held are lost", earlier.worker_id)
-        self.workers.remove(earlier.identity)
-        self._lose_jobs(earlier)
+        self._drop_worker(earlier, lost=True)
         return None
 
-    def _move_leases(self, old: Worker, new: Worker, held: set[str]) -> None:
-        """The worker reconnected: its leases follow it; what it lost goes back, unpunished."""
-        new.running.clear()
-        new.ending.clear()
-        for job in self._held_by(old):
-            if job.id in held:
-                job.worker = new.identity
-                new.running.add(job.id)
-            else:
-                self.jobs.hand_back(job)
-        self._forget_claims(old)
+    def _on_heartbeat(self, worker: WorkerRecord, msg: Message, now: float) -> None:
+        if "running" in msg.fields:
+            # A heartbeat sent before the CANCEL may still list the stopped job.
+            self.leases.settle(worker, msg["running"], now,
+                               after=2 * self.config.heartbeat_interval)
 
-    def _claim(self, worker: Worker, job_id: str, now: float) -> None:
-        """Make a job the worker says it holds its lease."""
-        if job_id in worker.running:
-            return
-        job = self.jobs.get(job_id)
-        if job is None:
-            self._claims[job_id] = worker.identity  # until its frontend resubmits it
-        elif job.state is JobState.QUEUED:
-            self.jobs.claim(job, worker.identity)
-        else:
-            # Leased to another worker meanwhile (we restarted and leased it before this
-            # worker registered again): this one has had it longer; the other stops.
-            self._stop_running(job, now)
-            job.worker = worker.identity
-        worker.running.add(job_id)
-
-    def _claimed_by(self, job_id: str) -> Worker | None:
-        identity = self._claims.pop(job_id, None)
-        worker = None if identity is None else self.workers.get(identity)
-        return worker if worker is not None and job_id in worker.running else None
-
-    def _forget_claims(self, worker: Worker) -> None:
-        for job_id in worker.running:
-            if self._claims.get(job_id) == worker.identity:
-                del self._claims[job_id]
-
-    def _on_heartbeat(self, worker: Worker, msg: Message, now: float) -> None:
-        """Free the slots of stopped jobs a worker no longer holds but never answered
-        (workers before the cancel answer said nothing about a job they interrupted)."""
-        if "running" not in msg.fields or not worker.ending:
-            return
-        running = set(msg["running"])
-        settled = 2 * self.config.heartbeat_interval  # a heartbeat sent before the CANCEL
-        for job_id, since in list(worker.ending.items()):
-            if job_id not in running and now - since >= settled:
-                self._release(worker, job_id)
-
-    def _on_job_message(self, worker: Worker, msg: Message, now: float) -> None:
+    def _on_job_message(self, worker: WorkerRecord, msg: Message, now: float) -> None:
         job_id = msg["job_id"]
-        job = self.jobs.get(job_id)
-        if job is not None and job.worker != worker.identity:
-            job = None  # not ours: late (re-leased, cancelled, answered) or never leased
+        job = self.leases.held(worker, job_id)
         if msg.type is MsgType.PROGRESS:
             if job is not None and self._progress_fits(job, msg):
                 self._forward(job.client, msg)
             return
-        self._release(worker, job_id)  # a RESULT or FAILED: the worker is done with it
+        self.leases.release(worker, job_id)  # a RESULT or FAILED: the worker is done with it
         if job is None:
             return  # dropped, so each job gets exactly one answer
         problem = _mismatch(job.spec, msg) if msg.type is MsgType.RESULT else None
@@ -469,7 +372,7 @@ class Broker:
             message = str(msg["message"])[:MAX_FAILURE_MESSAGE]
         self._job_failed(worker, job, message, now)
 
-    def _job_failed(self, worker: Worker, job: Job, message: str, now: float) -> None:
+    def _job_failed(self, worker: WorkerRecord, job: Job, message: str, now: float) -> None:
         """A worker failed a job. Run it once more on another worker: a sick worker (a broken
         driver, a full disk) then costs no request, and is quarantined. A job that fails on
         two workers is the job's own fault: it fails, and counts against neither."""
@@ -486,7 +389,7 @@ class Broker:
                             worker.quarantined_until - now)
             if others and job.failed_on is None:
                 job.failed_on = worker.identity
-                self.jobs.hand_back(job)  # not an attempt: the worker may be to blame
+                self.leases.hand_back(job)  # not an attempt: the worker may be to blame
                 return
         self.jobs.finish(job.id)
         # Only our own code reaches the client: a worker's code could claim anything.
@@ -501,41 +404,15 @@ class Broker:
             self._drop(job.id, "a progress message that does not fit its job")
         return fits
 
-    def _on_bye(self, worker: Worker) -> None:
+    def _on_bye(self, worker: WorkerRecord) -> None:
         log.info("worker %s said goodbye", worker.worker_id)
-        self.workers.remove(worker.identity)
-        for job in self._held_by(worker):
-            self.jobs.hand_back(job)
-        self._forget_claims(worker)
+        self._drop_worker(worker, lost=False)
 
-    def _release(self, worker: Worker, job_id: str) -> None:
-        """The worker no longer holds ``job_id``: its slot is free."""
-        worker.ending.pop(job_id, None)
-        if self._claims.get(job_id) == worker.identity:
-            del self._claims[job_id]
-        self.workers.release(worker, job_id)
-
-    def _log_handshake_failure(self) -> None:
-        assert self._monitor is not None
-        try:
-            event = recv_monitor_message(self._monitor, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        if self._self_testing:
-            return  # the self-test's stranger is refused on purpose
-        self._refused(bytes(event.get("endpoint") or b"?").decode(errors="replace"),
-                      "its CURVE handshake failed (no CURVE, a wrong broker key, or a key not "
-                      "on the allow-list)")
-
-    def _check_keys(self, now: float) -> None:
-        if self.auth is None:
-            return
-        if self._reload_requested.is_set():
-            self._reload_requested.clear()
-            self.auth.reload()
-        elif now >= self._next_key_check:
-            self.auth.reload_if_changed()
-        self._next_key_check = now + KEY_CHECK_INTERVAL
+    def _drop_worker(self, worker: WorkerRecord, *, lost: bool) -> None:
+        """Remove a worker; its jobs go back to their queues, or fail when out of attempts."""
+        for job in self.leases.drop_worker(worker, lost=lost):
+            self._fail(job.client, job.id, ErrorCode.WORKER_LOST,
+                       f"the job was lost with {job.attempt} workers that ran it")
 
     # ---------------------------------------------------------------------------- timers
 
@@ -552,8 +429,7 @@ class Broker:
     def _purge_dead_workers(self, now: float) -> None:
         for worker in self.workers.expired(now):
             log.warning("worker %s missed its heartbeats; declaring it dead", worker.worker_id)
-            self.workers.remove(worker.identity)
-            self._lose_jobs(worker)
+            self._drop_worker(worker, lost=True)
         for worker in self.workers.end_quarantines(now):
             log.info("worker %s takes work again after its quarantine", worker.worker_id)
         interval = self.config.heartbeat_interval
@@ -570,26 +446,6 @@ class Broker:
             for job in self.jobs.drop_queue(model):
                 self._fail(job.client, job.id, ErrorCode.NO_WORKER,
                            f"no worker serves model {model!r} right now", retryable=True)
-
-    def _lose_jobs(self, worker: Worker) -> None:
-        """Requeue the jobs of a worker that vanished; fail those that used up their attempts."""
-        for job in self._held_by(worker):
-            if self.jobs.requeue(job):
-                log.warning("job %s requeued after losing worker %s (attempt %d)",
-                            job.id, worker.worker_id, job.attempt)
-            else:
-                self.jobs.finish(job.id)
-                self._fail(job.client, job.id, ErrorCode.WORKER_LOST,
-                           f"the job was lost with {job.attempt} workers that ran it")
-        self._forget_claims(worker)
-        worker.running.clear()
-
-    def _held_by(self, worker: Worker) -> list[Job]:
-        """Return the jobs leased to ``worker``, newest first."""
-        # Newest first: putting each back at the head of its queue leaves them oldest first.
-        held = [job for job in map(self.jobs.get, worker.running)
-                if job is not None and job.worker == worker.identity]
-        return sorted(held, key=lambda job: job.seq, reverse=True)
 
     def _send_heartbeats(self, now: float) -> None:
         if now < self._next_heartbeat:
@@ -615,7 +471,7 @@ class Broker:
         # Only room for a whole batch counts (next_free): answers free a batching worker's
         # slots one job at a time, and leasing into each freed slot would split every later
         # batch into batches of one. The worker is busy with the batch it holds meanwhile.
-        passed_over: list[Worker] = []  # every queued job already failed on them
+        passed_over: list[WorkerRecord] = []  # every queued job already failed on them
         try:
             while (worker := self.workers.next_free(model)) is not None:
                 batch = self.jobs.take_batch(model, worker.identity,
@@ -628,6 +484,18 @@ class Broker:
         finally:
             for worker in passed_over:
                 self.workers.offer(worker)  # they stay candidates
+
+    def _lease(self, worker: WorkerRecord, batch: list[Job], now: float) -> None:
+        specs = [_with_attempt(job) for job in batch]
+        if self._send(self.worker_socket, worker.identity,
+                      protocol.jobs(specs, self.incarnation)):
+            self.leases.lease(worker, batch, now)
+            return
+        # The worker is gone (ROUTER_MANDATORY): the batch never left, so it goes back as it
+        # was; what the worker already held is lost with it.
+        for job in reversed(batch):
+            self.leases.hand_back(job)
+        self._drop_worker(worker, lost=True)
 
     def _announce_positions(self, now: float) -> None:
         """Tell the first jobs still queued where they now stand (ACCEPTED with a position).
@@ -643,19 +511,6 @@ class Broker:
                 self._accepted(job.client, job.id, position)
         self._queue_moved.clear()
 
-    def _lease(self, worker: Worker, batch: list[Job], now: float) -> None:
-        specs = [_with_attempt(job) for job in batch]
-        if not self._send(self.worker_socket, worker.identity,
-                          protocol.jobs(specs, self.incarnation)):
-            # The worker is gone (ROUTER_MANDATORY): the batch never left, so it goes back
-            # as it was; what the worker already held is lost with it.
-            for job in reversed(batch):
-                self.jobs.hand_back(job)
-            self.workers.remove(worker.identity)
-            self._lose_jobs(worker)
-            return
-        self.workers.lease(worker, [job.id for job in batch], now)
-
     # ---------------------------------------------------------------------------- sending
 
     def _send(self, sock: zmq.Socket, identity: bytes, frames: list[Any]) -> bool:
@@ -670,15 +525,15 @@ class Broker:
 
     def _forward(self, client: bytes, msg: Message) -> None:
         # The worker's header frame goes on as it came (already validated): no re-encoding.
-        self._send(self.clients, client, msg.frames())
+        self._send(self.client_socket, client, msg.frames())
 
     def _fail(self, client: bytes, job_id: str, code: ErrorCode, message: str, *,
               retryable: bool = False) -> None:
-        self._send(self.clients, client, protocol.failed(
+        self._send(self.client_socket, client, protocol.failed(
             job_id, code, message, retryable=retryable, incarnation=self.incarnation))
 
     def _accepted(self, client: bytes, job_id: str, position: int) -> None:
-        self._send(self.clients, client,
+        self._send(self.client_socket, client,
                    self._msg(MsgType.ACCEPTED, {"job_id": job_id, "position": position}))
 
     def _msg(self, msg_type: MsgType, fields: dict[str, Any] | None = None) -> list[Any]:
@@ -714,11 +569,3 @@ def _with_attempt(job: Job) -> protocol.JobSpec:
 
 __all__ = ["Broker", "BrokerConfig", "WorkerState"]
 
-
-def connectable(endpoint: str) -> str:
-    """An address to reach a bound endpoint from this host (wildcards become loopback)."""
-    for wildcard, local in (("tcp://0.0.0.0:", "tcp://127.0.0.1:"), ("tcp://*:", "tcp://127.0.0.1:"),
-                            ("tcp://[::]:", "tcp://[::1]:")):
-        if endpoint.startswith(wildcard):
-            return local + endpoint[len(wildcard):]
-    return endpoint

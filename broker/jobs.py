@@ -1,4 +1,7 @@
-"""The broker's job table: every job it holds, one FIFO per model, deadlines and leases."""
+"""The broker's job table: every job it holds, one FIFO per model, attempts and deadlines.
+
+Which worker holds a running job is the lease's business: broker/leases.py.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ class Job:
     owner: str = ""  # the submitting frontend's stable id: only it may re-attach or cancel
     state: JobState = JobState.QUEUED
     attempt: int = 0
-    worker: bytes | None = None  # identity of the worker holding the lease while RUNNING
+    worker: bytes | None = None  # the lease's holder while RUNNING; only broker.leases sets it
     seq: int = 0  # submission order, set by JobTable.add; keeps FIFO when jobs come back
     failed_on: bytes | None = None  # the worker that failed it once: it runs elsewhere next
 
@@ -92,7 +95,7 @@ class JobTable:
             heapq.heapify(self._deadlines)
 
     def _enqueue(self, job: Job, *, at_head: bool) -> None:
-        job.state, job.worker = JobState.QUEUED, None
+        job.state = JobState.QUEUED
         queue = self._queues.setdefault(job.model, deque())
         queue.appendleft(job) if at_head else queue.append(job)
         self._queued[job.model] = self._queued.get(job.model, 0) + 1
@@ -101,9 +104,10 @@ class JobTable:
         return (job for job in queue if not self._is_stale(job))
 
     def take_batch(self, model: str, worker: bytes, max_batch: int) -> list[Job]:
-        """Lease the oldest queued job of ``model`` plus queued jobs with its batch key.
+        """Take the oldest queued job of ``model`` plus queued jobs with its batch key.
 
-        Jobs that already failed on ``worker`` are left for another worker.
+        They are RUNNING from now on; ``Leases.lease`` gives them to ``worker`` once they are
+        sent. Jobs that already failed on ``worker`` are left for another worker.
         """
         queue = self._queues.get(model)
         while queue and self._is_stale(queue[0]):
@@ -128,7 +132,7 @@ class JobTable:
             taken = {id(job) for job in batch}
             self._queues[model] = deque(j for j in queue if id(j) not in taken)
         for job in batch:
-            job.state, job.worker = JobState.RUNNING, worker
+            job.state = JobState.RUNNING
             self._queued[model] -= 1
         return batch
 
@@ -147,16 +151,16 @@ class JobTable:
     def _is_stale(self, job: Job) -> bool:
         return self._jobs.get(job.id) is not job or job.state is not JobState.QUEUED
 
-    def claim(self, job: Job, worker: bytes) -> None:
-        """Lease a queued job to a worker that already holds it (it re-registered with it)."""
+    def claim(self, job: Job) -> None:
+        """Take a queued job out of its queue: a worker already runs it (it re-registered)."""
         if job.state is JobState.QUEUED:
             self._queued[job.model] -= 1  # its queue entry is stale from now on
-        job.state, job.worker = JobState.RUNNING, worker
+        job.state = JobState.RUNNING
 
-    def add_running(self, job: Job, worker: bytes) -> None:
-        """Take a new job that a worker already holds: leased at once, never queued."""
+    def add_running(self, job: Job) -> None:
+        """Take a new job that a worker already runs: RUNNING at once, never queued."""
         self._track(job)
-        job.state, job.worker = JobState.RUNNING, worker
+        job.state = JobState.RUNNING
 
     def finish(self, job_id: str) -> Job | None:
         """Forget a job (answered, cancelled or failed); return it if it was known."""

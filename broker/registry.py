@@ -6,7 +6,7 @@ import copy
 import enum
 import heapq
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,9 @@ class WorkerState(enum.StrEnum):
 
 
 @dataclass(eq=False)
-class Worker:
+class WorkerRecord:
+    """The broker's record of a registered worker (gpu_worker.worker.Worker is the process)."""
+
     identity: bytes  # ROUTER identity of its DEALER connection
     worker_id: str
     host: str
@@ -36,14 +38,16 @@ class Worker:
     expires_at: float  # time.monotonic(); pushed forward by every message from the worker
     session: str = ""  # random per worker process (READY); "" from workers that send none
     state: WorkerState = WorkerState.READY
-    running: set[str] = field(default_factory=set)  # ids of the jobs it holds
+    # Its side of the leases, written only by broker.leases.Leases: ids of the jobs it holds.
+    running: set[str] = field(default_factory=set)
     jobs_done: int = 0
     last_dispatch: float = 0.0
     failures: int = 0  # failed jobs in a row; a good answer resets it
     quarantines: int = 0  # quarantines in a row; a good answer resets it
     quarantined_until: float = 0.0
-    # Jobs the broker dropped (cancelled, expired) that the worker has not said it ended;
-    # their slots stay taken until it does. Job id -> when the broker asked it to stop.
+    # Jobs the broker dropped (cancelled, expired, moved) that the worker has not said it
+    # ended; their slots stay taken until it does. Job id -> when the broker asked it to stop.
+    # Written only by Leases, like ``running``.
     ending: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -66,13 +70,15 @@ class Worker:
         return described
 
 
-# What a worker's record keeps when the worker registers again.
-_CARRIED_OVER = ("state", "running", "ending", "jobs_done", "last_dispatch", "failures",
-                 "quarantines", "quarantined_until")
+# What a worker's record keeps when the worker registers again (its leases: Leases.keep/move).
+_CARRIED_OVER = ("state", "jobs_done", "last_dispatch", "failures", "quarantines",
+                 "quarantined_until")
 
 
 class WorkerRegistry:
-    """Owns worker records and their load; only the broker thread touches it.
+    """Owns worker records, their health and who gets work next; only the broker thread
+    touches it. Their load (``running``) is the leases': broker/leases.py changes it, then
+    calls ``offer``.
 
     Finding a worker for a model is O(log n): each model keeps a heap of the workers that
     had room, keyed by (jobs held, last dispatch). Entries go stale when a worker's load
@@ -81,7 +87,7 @@ class WorkerRegistry:
 
     def __init__(self, *, liveness: float) -> None:
         self.liveness = liveness  # seconds of silence after which a worker is dead
-        self._workers: dict[bytes, Worker] = {}
+        self._workers: dict[bytes, WorkerRecord] = {}
         self._by_model: dict[str, set[bytes]] = {}  # READY workers serving each model
         self._free: dict[str, list[tuple[int, float, int, bytes]]] = {}
         self._stamps: dict[bytes, int] = {}  # identity -> stamp of its current heap entries
@@ -90,22 +96,22 @@ class WorkerRegistry:
     def __len__(self) -> int:
         return len(self._workers)
 
-    def __iter__(self) -> Iterator[Worker]:
+    def __iter__(self) -> Iterator[WorkerRecord]:
         return iter(list(self._workers.values()))
 
-    def get(self, identity: bytes) -> Worker | None:
+    def get(self, identity: bytes) -> WorkerRecord | None:
         return self._workers.get(identity)
 
-    def find(self, worker_id: str) -> Worker | None:
+    def find(self, worker_id: str) -> WorkerRecord | None:
         """The registered worker that calls itself ``worker_id``, on any connection."""
         return next((w for w in self._workers.values() if w.worker_id == worker_id), None)
 
     def register(self, identity: bytes, ready: Message, now: float, *,
-                 keep: Worker | None = None) -> Worker:
-        """Record a READY; ``keep`` is the worker's earlier record, whose load and health
-        carry over (registering again is idempotent)."""
+                 keep: WorkerRecord | None = None) -> WorkerRecord:
+        """Record a READY; ``keep`` is the worker's earlier record, whose health carries over
+        (registering again is idempotent). What it holds is the leases' (Leases.keep/move)."""
         self.remove(identity)
-        worker = Worker(
+        worker = WorkerRecord(
             identity=identity,
             worker_id=ready["worker_id"],
             host=ready["host"],
@@ -128,13 +134,13 @@ class WorkerRegistry:
         self.offer(worker)
         return worker
 
-    def touch(self, identity: bytes, now: float) -> Worker | None:
+    def touch(self, identity: bytes, now: float) -> WorkerRecord | None:
         worker = self._workers.get(identity)
         if worker is not None:
             worker.expires_at = now + self.liveness
         return worker
 
-    def remove(self, identity: bytes) -> Worker | None:
+    def remove(self, identity: bytes) -> WorkerRecord | None:
         worker = self._workers.pop(identity, None)
         self._stamps.pop(identity, None)  # its heap entries are stale from now on
         if worker is not None:
@@ -142,7 +148,7 @@ class WorkerRegistry:
                 self._by_model.get(model, set()).discard(identity)
         return worker
 
-    def expired(self, now: float) -> list[Worker]:
+    def expired(self, now: float) -> list[WorkerRecord]:
         return [w for w in self._workers.values() if w.expires_at <= now]
 
     def serves(self, model: str) -> bool:
@@ -151,10 +157,10 @@ class WorkerRegistry:
 
     # ---------------------------------------------------------------- health
 
-    def succeeded(self, worker: Worker) -> None:
+    def succeeded(self, worker: WorkerRecord) -> None:
         worker.failures = worker.quarantines = 0
 
-    def failed(self, worker: Worker, now: float, *, others_serve: bool) -> bool:
+    def failed(self, worker: WorkerRecord, now: float, *, others_serve: bool) -> bool:
         """Count a failed job; quarantine the worker after too many. Whether it is now.
 
         Only while ``others_serve`` (another ready worker serves its models): quarantining
@@ -173,18 +179,18 @@ class WorkerRegistry:
         self.offer(worker)  # its heap entries go stale: no room while quarantined
         return True
 
-    def absolve(self, worker: Worker) -> None:
+    def absolve(self, worker: WorkerRecord) -> None:
         """Take back a failure counted against a worker: the job failed elsewhere too."""
         if worker.state is WorkerState.READY and worker.failures:
             worker.failures -= 1
 
-    def others_serve(self, model: str, worker: Worker) -> bool:
+    def others_serve(self, model: str, worker: WorkerRecord) -> bool:
         """Whether a ready worker other than ``worker`` serves ``model``."""
         return any(identity != worker.identity
                    and self._workers[identity].state is WorkerState.READY
                    for identity in self._by_model.get(model, ()))
 
-    def end_quarantines(self, now: float) -> list[Worker]:
+    def end_quarantines(self, now: float) -> list[WorkerRecord]:
         """Put workers whose quarantine is over back to work (on probation); return them."""
         freed = [w for w in self._workers.values()
                  if w.state is WorkerState.QUARANTINED and w.quarantined_until <= now]
@@ -195,19 +201,11 @@ class WorkerRegistry:
 
     # ---------------------------------------------------------------- load
 
-    def lease(self, worker: Worker, job_ids: Iterable[str], now: float) -> None:
-        worker.running.update(job_ids)
-        worker.last_dispatch = now
-        self.offer(worker)
-
-    def release(self, worker: Worker, job_id: str) -> None:
-        """The worker no longer holds ``job_id`` (answered, cancelled, expired, lost)."""
-        if job_id in worker.running:
-            worker.running.discard(job_id)
-            self.offer(worker)
-
-    def offer(self, worker: Worker) -> None:
-        """Record the worker's current load; it is a candidate while it has room."""
+    def offer(self, worker: WorkerRecord, *, dispatched: float | None = None) -> None:
+        """Record the worker's current load (and when it was last sent work); it is a
+        candidate while it has room."""
+        if dispatched is not None:
+            worker.last_dispatch = dispatched
         stamp = next(self._next_stamp)
         self._stamps[worker.identity] = stamp
         if worker.free > 0:
@@ -224,7 +222,7 @@ class WorkerRegistry:
                              if self._stamps.get(entry[3]) == entry[2]]
         heapq.heapify(self._free[model])
 
-    def next_free(self, model: str) -> Worker | None:
+    def next_free(self, model: str) -> WorkerRecord | None:
         """The least loaded, longest idle worker of ``model`` with room for a whole batch.
 
         The worker leaves the candidates; leasing to it (or ``offer``) puts it back.

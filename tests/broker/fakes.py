@@ -168,8 +168,8 @@ class BrokerHarness:
         config = {"clients": "tcp://127.0.0.1:*", "workers": "tcp://127.0.0.1:*", **config}
         self.broker = Broker(BrokerConfig(**config), ctx, clock=self.clock)
         self.broker.bind()
-        self.clients_endpoint = self.broker.clients.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.workers_endpoint = self.broker.worker_socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.clients_endpoint = self.broker.client_endpoint
+        self.workers_endpoint = self.broker.worker_endpoint
         self.consumed: Counter[str] = Counter()  # messages the broker read, handled or dropped
         self._peers: list[Peer] = []
         self._count_consumed()
@@ -235,8 +235,8 @@ class LiveBroker:
         config = {"clients": "tcp://127.0.0.1:*", "workers": "tcp://127.0.0.1:*", **config}
         self.broker = Broker(BrokerConfig(**config), ctx)
         self.broker.bind()
-        self.clients_endpoint = self.broker.clients.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.workers_endpoint = self.broker.worker_socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.clients_endpoint = self.broker.client_endpoint
+        self.workers_endpoint = self.broker.worker_endpoint
         self.thread = threading.Thread(target=self.broker.run, name="broker", daemon=True)
         self._peers: list[Peer] = []
         self.thread.start()

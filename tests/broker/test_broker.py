@@ -611,7 +611,7 @@ def test_run_serves_a_job_and_stops(make_live_broker: Callable[..., LiveBroker])
     worker.result(spec, payloads)
     assert list(client.expect(MsgType.RESULT).payloads) == payloads
     live.stop()
-    assert live.broker.clients.closed and live.broker.worker_socket.closed
+    assert live.broker.client_socket.closed and live.broker.worker_socket.closed
 
 
 def test_run_requeues_from_a_worker_that_stops_heartbeating(

@@ -1,4 +1,7 @@
-"""Tests for broker.jobs.JobTable: FIFO queues, batching, leases, attempts and deadlines."""
+"""Tests for broker.jobs.JobTable: FIFO queues, batching, attempts and deadlines.
+
+Who holds a running job is tested with its owner, in test_leases.py.
+"""
 
 from __future__ import annotations
 
@@ -53,11 +56,12 @@ def test_fifo_order_per_model() -> None:
     assert t.take_batch("unknown", W1, 1) == []
 
 
-def test_take_batch_leases_to_worker() -> None:
+def test_take_batch_takes_the_job_out_of_its_queue() -> None:
     t = table()
     t.add(make_job("a"))
     (job,) = t.take_batch("tiny", W1, 1)
-    assert job.state is JobState.RUNNING and job.worker == W1
+    assert job.state is JobState.RUNNING and t.queue_depth("tiny") == 0
+    assert job.worker is None  # Leases.lease names the holder once the batch is sent
     assert t.queue_depth("tiny") == 0
     assert "a" in t  # still owned by the table while it runs
 
@@ -153,7 +157,7 @@ def test_requeue_puts_job_at_head_and_counts_attempts() -> None:
     t.add(make_job("b"))
     (a,) = t.take_batch("tiny", W1, 1)
     assert t.requeue(a) is True
-    assert (a.attempt, a.state, a.worker) == (1, JobState.QUEUED, None)
+    assert (a.attempt, a.state) == (1, JobState.QUEUED)
     assert t.queue_depth("tiny") == 2
     assert ids(t.take_batch("tiny", W2, 1)) == ["a"]
     assert t.requeue(a) is True
@@ -182,7 +186,7 @@ def test_hand_back_does_not_count_an_attempt() -> None:
     (a,) = t.take_batch("tiny", W1, 1)
     for _ in range(5):
         t.hand_back(a)
-        assert (a.attempt, a.state, a.worker) == (0, JobState.QUEUED, None)
+        assert (a.attempt, a.state) == (0, JobState.QUEUED)
         assert t.queue_depth("tiny") == 2
         assert ids(t.take_batch("tiny", W2, 1)) == ["a"]
     assert t.queue_depth("tiny") == 1

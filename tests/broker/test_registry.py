@@ -6,7 +6,19 @@ from typing import Any
 
 from broker import protocol
 from broker.protocol import Message, MsgType
-from broker.registry import WorkerRegistry, WorkerState
+from broker.registry import WorkerRecord, WorkerRegistry, WorkerState
+
+
+def load(reg: WorkerRegistry, worker: WorkerRecord, job_ids: list[str], *, now: float) -> None:
+    """Give ``worker`` jobs as Leases.lease does: its load belongs to the leases."""
+    worker.running.update(job_ids)
+    reg.offer(worker, dispatched=now)
+
+
+def unload(reg: WorkerRegistry, worker: WorkerRecord, job_id: str) -> None:
+    """Take a job off ``worker`` as Leases.release does."""
+    worker.running.discard(job_id)
+    reg.offer(worker)
 
 
 def ready(worker_id: str = "w", **fields: Any) -> Message:
@@ -45,6 +57,16 @@ def test_register_again_replaces_the_record() -> None:
     assert second.worker_id == "new" and second.running == set()
 
 
+def test_register_again_carries_health_over_but_not_leases() -> None:
+    reg = WorkerRegistry(liveness=3.0)
+    first = reg.register(b"i", ready("w"), now=0.0)
+    load(reg, first, ["job"], now=1.0)
+    first.jobs_done, first.failures = 4, 1
+    second = reg.register(b"i-again", ready("w"), now=2.0, keep=first)
+    assert (second.jobs_done, second.failures, second.last_dispatch) == (4, 1, 1.0)
+    assert second.running == set()  # Leases.keep or Leases.move decide what it holds
+
+
 def test_touch_extends_expiry() -> None:
     reg = WorkerRegistry(liveness=3.0)
     worker = reg.register(b"i", ready(), now=0.0)
@@ -68,7 +90,7 @@ def test_expired_lists_only_silent_workers_and_keeps_them() -> None:
     assert [w.worker_id for w in reg] == ["b"]
 
 
-def drain(reg: WorkerRegistry, model: str = "tiny") -> list:
+def drain(reg: WorkerRegistry, model: str = "tiny") -> list[WorkerRecord]:
     """Every candidate for ``model``, best first (each leaves the candidates)."""
     found = []
     while (worker := reg.next_free(model)) is not None:
@@ -81,14 +103,14 @@ def test_next_free_least_running_first() -> None:
     a = reg.register(b"a", ready("a", capacity=4, max_batch=2), now=0.0)
     b = reg.register(b"b", ready("b", capacity=4, max_batch=2), now=0.0)
     c = reg.register(b"c", ready("c", capacity=4, max_batch=2), now=0.0)
-    reg.lease(a, ["1", "2"], now=1.0)
-    reg.lease(b, ["3"], now=1.0)
+    load(reg, a, ["1", "2"], now=1.0)
+    load(reg, b, ["3"], now=1.0)
     assert drain(reg) == [c, b, a]
-    reg.lease(c, ["4", "5", "6"], now=2.0)  # no room for a whole batch
+    load(reg, c, ["4", "5", "6"], now=2.0)  # no room for a whole batch
     reg.offer(a)
     reg.offer(b)
     assert drain(reg) == [b, a]
-    reg.release(c, "4")  # room again
+    unload(reg, c, "4")  # room again
     assert drain(reg) == [c]
 
 
@@ -98,8 +120,8 @@ def test_next_free_longest_idle_first_on_ties() -> None:
     b = reg.register(b"b", ready("b", capacity=2), now=0.0)
     c = reg.register(b"c", ready("c", capacity=2), now=0.0)
     for worker, when in ((a, 30.0), (b, 10.0), (c, 20.0)):
-        reg.lease(worker, [f"job-{worker.worker_id}"], now=when)
-        reg.release(worker, f"job-{worker.worker_id}")
+        load(reg, worker, [f"job-{worker.worker_id}"], now=when)
+        unload(reg, worker, f"job-{worker.worker_id}")
     assert drain(reg) == [b, c, a]
 
 
@@ -117,9 +139,9 @@ def test_next_free_filters_by_model_and_skips_removed_workers() -> None:
 def test_next_free_wants_room_for_a_whole_batch() -> None:
     reg = WorkerRegistry(liveness=3.0)
     worker = reg.register(b"a", ready("a", capacity=4, max_batch=2), now=0.0)
-    reg.lease(worker, ["1", "2", "3"], now=1.0)  # one slot free: not a batch of two
+    load(reg, worker, ["1", "2", "3"], now=1.0)  # one slot free: not a batch of two
     assert drain(reg) == []
-    reg.release(worker, "1")
+    unload(reg, worker, "1")
     assert drain(reg) == [worker]
 
 
@@ -127,8 +149,8 @@ def test_stale_entries_do_not_pile_up() -> None:
     reg = WorkerRegistry(liveness=3.0)
     worker = reg.register(b"a", ready("a", capacity=2), now=0.0)
     for i in range(10_000):
-        reg.lease(worker, [str(i)], now=float(i))
-        reg.release(worker, str(i))
+        load(reg, worker, [str(i)], now=float(i))
+        unload(reg, worker, str(i))
     assert len(reg._free["tiny"]) < 100
 
 
