@@ -265,6 +265,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Start a diffusion-cluster on this host, or join one. Every flag of the "
                     "broker, the workers and the frontend is a flag here too.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        # No abbreviations: with every program's flags here, `keys --worker` would read as an
+        # ambiguous prefix of --workers and --worker-id.
+        allow_abbrev=False,
     )
     sub = parser.add_subparsers(dest="command")
     worker = sub.add_parser(

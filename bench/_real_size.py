@@ -138,7 +138,7 @@ def _cut(config: dict[str, Any], depth: int | None, *keys: str) -> dict[str, Any
 def _clip(config: dict[str, Any], depth: int | None, *, projection: bool) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from tests.gpu_worker.families import _tokenizers_a as tok
+    from tests.gpu_worker.families import _tokenizers as tok
 
     bos, eos = tok.clip_special_ids()  # the in-memory tokenizer's ids, inside the real vocab
     text = CLIPTextConfig(**_cut(config, depth, "num_hidden_layers"), bos_token_id=bos,
@@ -168,7 +168,7 @@ def flux_schnell_modules(depth: int | None = None) -> dict[str, Any]:
 def flux_schnell_pipeline(modules: dict[str, Any]) -> Any:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    from tests.gpu_worker.families import _tokenizers_a as tok
+    from tests.gpu_worker.families import _tokenizers as tok
 
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHNELL_SCHEDULER),
                         tokenizer=tok.clip_tokenizer(), tokenizer_2=tok.t5_tokenizer(),
@@ -192,7 +192,7 @@ def sdxl_turbo_modules(depth: int | None = None) -> dict[str, Any]:
 def sdxl_turbo_pipeline(modules: dict[str, Any]) -> Any:
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
 
-    from tests.gpu_worker.families import _tokenizers_a as tok
+    from tests.gpu_worker.families import _tokenizers as tok
 
     return StableDiffusionXLPipeline(
         scheduler=EulerAncestralDiscreteScheduler(**SDXL_TURBO_SCHEDULER),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +22,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def bound_broker_endpoints(log: OutputLog, timeout: float = 30.0) -> tuple[str, str]:
+    """The (clients, workers) endpoints a broker started on ``tcp://127.0.0.1:*`` bound.
+
+    Binding port 0 and reading back what the broker logs leaves no window in which another
+    process can take a port picked for it, as ``free_port()`` does.
+    """
+    line = log.wait_for("broker: clients on ", timeout)
+    match = re.search(r"clients on (\S+), workers on (\S+)", line)
+    assert match, line
+    return match.group(1), match.group(2)
+
+
+def bound_http_port(log: OutputLog, timeout: float = 30.0) -> int:
+    """The port a frontend started with ``--port 0`` listens on, from its "serving on" line."""
+    line = log.wait_for("serving on http://", timeout)
+    match = re.search(r"serving on http://\S+?:(\d+) ", line)
+    assert match and match.group(1) != "0", line
+    return int(match.group(1))
 
 
 def cluster_env(cache_dir: Path) -> dict[str, str]:

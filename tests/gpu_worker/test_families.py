@@ -26,7 +26,13 @@ from PIL import Image
 from broker import protocol
 from broker.protocol import JobSpec, MsgType
 from gpu_worker import models
-from tests.cluster import REPO, OutputLog, cluster_env, free_port
+from tests.cluster import (
+    REPO,
+    OutputLog,
+    bound_broker_endpoints,
+    bound_http_port,
+    cluster_env,
+)
 from tests.openapi_spec import validate
 
 pytestmark = pytest.mark.slow
@@ -47,19 +53,26 @@ class Head:
 
     def __init__(self, cache_dir: Path) -> None:
         self.cache_dir = cache_dir
-        self.clients = f"tcp://127.0.0.1:{free_port()}"
-        self.workers = f"tcp://127.0.0.1:{free_port()}"
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.processes = [self._start("-m", "broker", "--clients", self.clients, "--workers",
-                                      self.workers, "--heartbeat", str(HEARTBEAT)),
-                          self._start("-m", "http_frontend", "--broker", self.clients,
-                                      "--port", str(port), "--heartbeat", str(HEARTBEAT))]
+        self.processes: list[subprocess.Popen] = []
+        try:
+            # Port 0 everywhere: each process binds what is free and logs what it got.
+            broker = self._start("-m", "broker", "--clients", "tcp://127.0.0.1:*",
+                                 "--workers", "tcp://127.0.0.1:*", "--heartbeat", str(HEARTBEAT))
+            self.clients, self.workers = bound_broker_endpoints(OutputLog(broker))
+            frontend = self._start("-m", "http_frontend", "--broker", self.clients,
+                                   "--host", "127.0.0.1", "--port", "0",
+                                   "--heartbeat", str(HEARTBEAT))
+            self.url = f"http://127.0.0.1:{bound_http_port(OutputLog(frontend))}"
+        except BaseException:
+            self.stop()
+            raise
 
     def _start(self, *argv: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, *argv], cwd=REPO,
-                                env=cluster_env(self.cache_dir), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        process = subprocess.Popen([sys.executable, *argv], cwd=REPO,
+                                   env=cluster_env(self.cache_dir), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        self.processes.append(process)
+        return process
 
     def served(self) -> dict[str, dict]:
         try:

@@ -143,6 +143,12 @@ def test_the_flags_of_earlier_releases_still_parse(argv: list[str]) -> None:
     assert args.heartbeat == 0.5 and args.grace == 4.0 and args.log_level == "DEBUG"
 
 
+def test_keys_worker_is_not_read_as_a_prefix_of_a_program_flag() -> None:
+    # --worker is a prefix of the broker's --workers and the worker's --worker-id.
+    args = launch.parse_args(["keys", "/k", "--worker", "gpu-7", "--worker", "gpu-8"])
+    assert (args.command, args.dir, args.worker) == ("keys", "/k", ["gpu-7", "gpu-8"])
+
+
 def test_a_frontend_limit_that_cannot_work_stops_launch_before_it_starts(
         monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="--reserved-threads"):

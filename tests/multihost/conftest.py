@@ -29,7 +29,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.cluster import REPO, OutputLog, alive, cluster_env, free_port
+from tests.cluster import REPO, OutputLog, alive, bound_http_port, cluster_env
 
 PREFIX = "dcmh-"
 HEARTBEAT = 0.3
@@ -58,16 +58,30 @@ def our_namespaces() -> list[str]:
             if line.strip() and line.split()[0].startswith(PREFIX)]
 
 
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
+               details: Callable[[], str] | None = None) -> Any:
+    """Poll ``predicate`` until it is truthy (returned) or ``timeout`` passes (an assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}" +
+                         (f"\n{details()}" if details else ""))
+
+
 def delete_namespace(name: str) -> None:
     """SIGKILL what still runs in the namespace (only what we started there), then delete it."""
-    for _ in range(20):
+    def emptied() -> bool:
         pids = [int(p) for p in ip("netns", "pids", name, check=False).stdout.split()]
-        if not pids:
-            break
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        time.sleep(0.1)
+        return not pids
+
+    with contextlib.suppress(AssertionError):  # delete it anyway; `ip` says what is left
+        wait_until(emptied, 2.0, f"the processes in {name} to die")
     ip("netns", "del", name, check=False)
 
 
@@ -230,10 +244,11 @@ class MultiHost:
             "broker", self.head, "-m", "broker", "--clients", self.clients_endpoint,
             "--workers", f"tcp://{HEAD_IP}:{WORKER_PORT}", "--curve", str(self.keys),
             "--heartbeat", str(HEARTBEAT))
-        self.port = free_port()
+        # Port 0: the frontend binds a free port and logs it; nothing can take it in between.
         self.frontend = self.start(
             "frontend", None, "-m", "http_frontend", "--broker", self.clients_endpoint,
-            "--host", "127.0.0.1", "--port", str(self.port), "--heartbeat", str(HEARTBEAT))
+            "--host", "127.0.0.1", "--port", "0", "--heartbeat", str(HEARTBEAT))
+        self.port = bound_http_port(self.frontend.log)
 
     def start_worker(self, host: str, worker_id: str, key: str | None, *extra: str) -> Proc:
         """A worker on ``host`` with the key pair ``key`` (None: plain TCP, no CURVE)."""
@@ -274,18 +289,7 @@ class MultiHost:
         self.wait_until(lambda: set(hosts) <= self.ready(), timeout,
                         f"{', '.join(hosts)} to be ready", self.logs)
 
-    @staticmethod
-    def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-                   details: Callable[[], str] | None = None) -> Any:
-        """Poll ``predicate`` until it is truthy (returned) or ``timeout`` passes (an assertion)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}" +
-                             (f"\n{details()}" if details else ""))
+    wait_until = staticmethod(wait_until)  # the tests reach helpers through the fixture
 
     @staticmethod
     def check_image(resp: httpx.Response, width: int, height: int) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:  # the fixture's type; its helpers are reached through the fixture
-    from conftest import MultiHost
+    from conftest import MultiHost, Proc
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +69,15 @@ def watch_outsider(multihost: MultiHost, outsider: str, seconds: float) -> None:
         time.sleep(0.1)
 
 
+def refused(multihost: MultiHost, outsider: Proc, line: str, since: int = 0) -> bool:
+    """Whether the broker logged ``line`` (after line ``since``); the outsider meanwhile must
+    keep running (it hears nothing, so it keeps trying) and never be listed."""
+    assert outsider.process.poll() is None, outsider.log.text()
+    assert outsider.name not in {w["worker_id"] for w in multihost.workers()}
+    assert multihost.broker is not None
+    return any(line in logged for logged in multihost.broker.log.lines[since:])
+
+
 def test_requests_are_served_by_both_hosts(multihost: MultiHost) -> None:
     multihost.wait_ready()
     seen: set[str] = set()
@@ -87,13 +96,9 @@ def test_a_worker_key_not_on_the_allow_list_never_gets_work(multihost: MultiHost
     try:
         assert multihost.broker is not None
         # The rogue loads its model, then tries to register; the broker's ZAP says no.
-        deadline = time.monotonic() + 60
-        while not any(f"refused worker key {rogue_key}" in line
-                      for line in multihost.broker.log.lines):
-            assert rogue.process.poll() is None, rogue.log.text()
-            assert time.monotonic() < deadline, multihost.logs()
-            assert "rogue" not in {w["worker_id"] for w in multihost.workers()}
-            time.sleep(0.1)
+        multihost.wait_until(
+            lambda: refused(multihost, rogue, f"refused worker key {rogue_key}"), 60,
+            "the broker to refuse the rogue's key", multihost.logs)
         # It keeps trying (it hears nothing); it is never listed and never gets a job.
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             jobs = pool.submit(generate_many, multihost, 6, "not rogue")
@@ -109,19 +114,15 @@ def test_a_worker_key_not_on_the_allow_list_never_gets_work(multihost: MultiHost
 def test_an_unencrypted_worker_is_refused_and_logged(multihost: MultiHost) -> None:
     multihost.wait_ready()
     assert multihost.broker is not None
-    # The broker logs refused handshakes at most once a second, and the rogue of the test
-    # before (stopped by now) was refused too: start past that limit, and read only new lines.
-    time.sleep(1.1)
+    # Read only new lines: the rogue of the test before (stopped by now) was refused too. The
+    # broker logs refused handshakes at most once a second, but the plain worker retries every
+    # handshake, so a refusal of its own is logged once that second is over.
     mark = len(multihost.broker.log.lines)
     plain = multihost.start_worker("host-c", "plain", None, "--no-warm-up")
     try:
-        deadline = time.monotonic() + 60
-        while not any("refused a worker connection" in line
-                      for line in multihost.broker.log.lines[mark:]):
-            assert plain.process.poll() is None, plain.log.text()
-            assert time.monotonic() < deadline, multihost.logs()
-            assert "plain" not in {w["worker_id"] for w in multihost.workers()}
-            time.sleep(0.1)
+        multihost.wait_until(
+            lambda: refused(multihost, plain, "refused a worker connection", mark), 60,
+            "the broker to refuse the plain connection", multihost.logs)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             jobs = pool.submit(generate_many, multihost, 4, "not plain")
             watch_outsider(multihost, "plain", 2.0)
@@ -165,8 +166,11 @@ def test_cutting_a_hosts_link_mid_job(multihost: MultiHost) -> None:
     worker = next(p for p in multihost.procs if p.name == cut)
     assert "broker silent" in worker.log.text()
     # And it gets work again.
-    deadline = time.monotonic() + 60
     seen: set[str] = set()
-    while cut not in seen:
-        assert time.monotonic() < deadline, f"{cut} got no job after rejoining: {seen}"
-        seen |= {body["worker_id"] for body in generate_many(multihost, 2, "rejoined")}
+
+    def cut_got_a_job() -> bool:
+        seen.update(body["worker_id"] for body in generate_many(multihost, 2, "rejoined"))
+        return cut in seen
+
+    multihost.wait_until(cut_got_a_job, 60, f"{cut} to get a job after rejoining",
+                         lambda: f"served by: {seen}")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pathlib
 from typing import TYPE_CHECKING, Any
 
-from tests.gpu_worker.families import _tokenizers_e as tok
+from tests.gpu_worker.families import _tokenizers as tok
+from tests.gpu_worker.families._components import save_seeded, vae
 
 if TYPE_CHECKING:
-    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, AutoencoderKL
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel
     from transformers import UMT5EncoderModel
 
 PIPELINE = "AuraFlowPipeline"
@@ -35,8 +36,9 @@ NOTES = (
     "2-layer UMT5 (d_model 32), 1 MMDiT + 1 single-DiT block, 4-level 8-channel VAE."
 )
 
-TOKENIZER_SPECS: dict[str, tuple[int, int]] = {
-    "tokenizer": (tok.SP_VOCAB_SIZE, 256),  # (len(), model_max_length)
+# Tokenizer component -> (len(tokenizer), model_max_length), for tests.
+TOKENIZERS: dict[str, tuple[int, int]] = {
+    "tokenizer": (tok.SP_BPE_VOCAB_SIZE, 256),
 }
 
 _TEXT_DIM = 32
@@ -44,24 +46,16 @@ _TEXT_DIM = 32
 
 def build(path: pathlib.Path) -> None:
     """Build the tiny AuraFlow pipeline with seeded weights and save it to path."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        pipe = _build_pipeline()
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.eval()
-    pipe.save_pretrained(path)
+    save_seeded(path, _build_pipeline)
 
 
 def _build_pipeline() -> AuraFlowPipeline:
     from diffusers import AuraFlowPipeline, FlowMatchEulerDiscreteScheduler
 
     return AuraFlowPipeline(
-        tokenizer=tok.sentencepiece_bpe_tokenizer(TOKENIZER_SPECS["tokenizer"][1]),
+        tokenizer=tok.sentencepiece_bpe_tokenizer(TOKENIZERS["tokenizer"][1]),
         text_encoder=_build_text_encoder(),
-        vae=_build_vae(),
+        vae=vae(sample_size=1024, scaling_factor=0.13025),
         transformer=_build_transformer(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.73),
     )
@@ -71,7 +65,7 @@ def _build_text_encoder() -> UMT5EncoderModel:
     from transformers import UMT5Config, UMT5EncoderModel
 
     config = UMT5Config(
-        vocab_size=tok.SP_VOCAB_SIZE,
+        vocab_size=tok.SP_BPE_VOCAB_SIZE,
         d_model=_TEXT_DIM,
         d_kv=8,
         d_ff=64,
@@ -104,22 +98,3 @@ def _build_transformer() -> AuraFlowTransformer2DModel:
         pos_embed_max_size=9216,
     )
 
-
-def _build_vae() -> AutoencoderKL:
-    from diffusers import AutoencoderKL
-
-    # Four levels give the real scale factor 8, so the server sees the real size multiple (16).
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=1024,
-        scaling_factor=0.13025,
-        # Full attention over a 128x128 latent would dominate a 1024px decode on CPU.
-        mid_block_add_attention=False,
-    )

@@ -5,10 +5,16 @@ from __future__ import annotations
 import pathlib
 from typing import TYPE_CHECKING, Any
 
-from tests.gpu_worker.families import _tokenizers_a as tok
+from tests.gpu_worker.families import _tokenizers as tok
+from tests.gpu_worker.families._components import (
+    flux_scheduler,
+    flux_vae,
+    save_seeded,
+    t5_encoder,
+)
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel
 
 PIPELINE = "ChromaPipeline"
 
@@ -32,34 +38,22 @@ NOTES = (
 
 _TEXT_DIM = 32
 
+# Tokenizer component -> (len(tokenizer), model_max_length), for tests.
+TOKENIZERS = {"tokenizer": (tok.T5_VOCAB_SIZE, tok.T5_MAX_LENGTH)}
+
 
 def build(path: pathlib.Path) -> None:
     """Build the tiny Chroma pipeline with seeded weights and save it to path."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        pipe = _build_pipeline()
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.eval()
-    pipe.save_pretrained(path)
+    save_seeded(path, _build_pipeline)
 
 
 def _build_pipeline() -> ChromaPipeline:
-    from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
+    from diffusers import ChromaPipeline
 
     return ChromaPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-        ),
-        vae=_build_vae(),
-        text_encoder=tok.t5_encoder(d_model=_TEXT_DIM),
+        scheduler=flux_scheduler(),
+        vae=flux_vae(),
+        text_encoder=t5_encoder(d_model=_TEXT_DIM),
         tokenizer=tok.t5_tokenizer(),
         transformer=_build_transformer(),
     )
@@ -80,27 +74,4 @@ def _build_transformer() -> ChromaTransformer2DModel:
         approximator_num_channels=16,
         approximator_hidden_dim=32,
         approximator_layers=1,
-    )
-
-
-def _build_vae() -> AutoencoderKL:
-    from diffusers import AutoencoderKL
-
-    # Four levels give the real scale factor 8, so the server sees the real size multiple (16).
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=1024,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.1159,
-        scaling_factor=0.3611,
-        # Full attention over a 128x128 latent would dominate a 1024px decode on CPU.
-        mid_block_add_attention=False,
     )

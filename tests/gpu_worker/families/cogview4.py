@@ -5,10 +5,11 @@ from __future__ import annotations
 import pathlib
 from typing import TYPE_CHECKING, Any
 
-from tests.gpu_worker.families import _tokenizers_e as tok
+from tests.gpu_worker.families import _tokenizers as tok
+from tests.gpu_worker.families._components import save_seeded, vae
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, CogView4Pipeline, CogView4Transformer2DModel
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel
     from transformers import GlmModel, PreTrainedTokenizerFast
 
 PIPELINE = "CogView4Pipeline"
@@ -38,8 +39,9 @@ NOTES = (
 _PAD = "<|endoftext|>"
 _SPECIALS = [_PAD, "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>"]
 
-TOKENIZER_SPECS: dict[str, tuple[int, int]] = {
-    "tokenizer": (256 + len(_SPECIALS), 1024),  # (len(), model_max_length)
+# Tokenizer component -> (len(tokenizer), model_max_length), for tests.
+TOKENIZERS: dict[str, tuple[int, int]] = {
+    "tokenizer": (256 + len(_SPECIALS), 1024),
 }
 
 _TEXT_DIM = 32
@@ -47,15 +49,7 @@ _TEXT_DIM = 32
 
 def build(path: pathlib.Path) -> None:
     """Build the tiny CogView4 pipeline with seeded weights and save it to path."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        pipe = _build_pipeline()
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.eval()
-    pipe.save_pretrained(path)
+    save_seeded(path, _build_pipeline)
 
 
 def _build_pipeline() -> CogView4Pipeline:
@@ -65,7 +59,7 @@ def _build_pipeline() -> CogView4Pipeline:
     return CogView4Pipeline(
         tokenizer=tokenizer,
         text_encoder=_build_text_encoder(len(tokenizer), tokenizer.pad_token_id),
-        vae=_build_vae(),
+        vae=vae(sample_size=1024, scaling_factor=1.0),
         transformer=_build_transformer(),
         scheduler=FlowMatchEulerDiscreteScheduler(
             base_shift=0.25,
@@ -84,7 +78,7 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
         eos=_PAD,
         pad=_PAD,
         padding_side="left",
-        model_max_length=TOKENIZER_SPECS["tokenizer"][1],
+        model_max_length=TOKENIZERS["tokenizer"][1],
     )
 
 
@@ -122,22 +116,3 @@ def _build_transformer() -> CogView4Transformer2DModel:
         sample_size=128,
     )
 
-
-def _build_vae() -> AutoencoderKL:
-    from diffusers import AutoencoderKL
-
-    # Four levels give the real scale factor 8, so the server sees the real size constraints.
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=1024,
-        scaling_factor=1.0,
-        # Full attention over a 128x128 latent would dominate a 1024px decode on CPU.
-        mid_block_add_attention=False,
-    )

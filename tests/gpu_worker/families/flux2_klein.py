@@ -5,11 +5,12 @@ from __future__ import annotations
 import pathlib
 from typing import TYPE_CHECKING, Any
 
-from tests.gpu_worker.families import _tokenizers_a as tok
+from tests.gpu_worker.families import _tokenizers as tok
+from tests.gpu_worker.families._components import flux_scheduler, save_seeded, vae_config
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
-    from transformers import Qwen3ForCausalLM
+    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen2Tokenizer, Qwen3ForCausalLM
 
 PIPELINE = "Flux2KleinPipeline"
 
@@ -35,61 +36,52 @@ NOTES = (
 )
 
 _QWEN_HIDDEN = 16
+_QWEN_MAX_LENGTH = 512
 _QWEN_LAYERS = 27  # the pipeline's default text_encoder_out_layers read hidden state 27
 _STACKED_LAYERS = 3  # len(text_encoder_out_layers)
 _LATENT_CHANNELS = 4
 
+# Tokenizer component -> (len(tokenizer), model_max_length), for tests.
+TOKENIZERS = {"tokenizer": (tok.QWEN_VOCAB_SIZE, _QWEN_MAX_LENGTH)}
+
 
 def build(path: pathlib.Path) -> None:
     """Build the tiny FLUX.2 klein pipeline with seeded weights and save it to path."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        pipe = _build_pipeline()
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.eval()
-    pipe.save_pretrained(path)
+    save_seeded(path, _build_pipeline)
 
 
 def _build_pipeline() -> Flux2KleinPipeline:
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline
 
+    tokenizer = tok.qwen_tokenizer(model_max_length=_QWEN_MAX_LENGTH)
+    tokenizer.chat_template = tok.QWEN3_CHAT_TEMPLATE
     return Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-        ),
-        vae=_build_vae(),
-        text_encoder=_build_text_encoder(),
-        tokenizer=tok.qwen2_tokenizer(),
+        scheduler=flux_scheduler(),
+        vae=AutoencoderKLFlux2(**vae_config(latent_channels=_LATENT_CHANNELS, sample_size=1024)),
+        text_encoder=_build_text_encoder(tokenizer),
+        tokenizer=tokenizer,
         transformer=_build_transformer(),
         is_distilled=False,
     )
 
 
-def _build_text_encoder() -> Qwen3ForCausalLM:
+def _build_text_encoder(tokenizer: Qwen2Tokenizer) -> Qwen3ForCausalLM:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    special = {token: 256 + i for i, token in enumerate(tok.QWEN_SPECIAL)}
+    ids = tokenizer.convert_tokens_to_ids
     config = Qwen3Config(
-        vocab_size=tok.QWEN_VOCAB_SIZE,
+        vocab_size=len(tokenizer),
         hidden_size=_QWEN_HIDDEN,
         intermediate_size=2 * _QWEN_HIDDEN,
         num_hidden_layers=_QWEN_LAYERS,
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=8,
-        max_position_embeddings=tok.QWEN_MAX_LENGTH,
+        max_position_embeddings=_QWEN_MAX_LENGTH,
         tie_word_embeddings=True,
-        bos_token_id=special["<|endoftext|>"],
-        eos_token_id=special["<|im_end|>"],
-        pad_token_id=special["<|endoftext|>"],
+        bos_token_id=ids(tok.QWEN_ENDOFTEXT),
+        eos_token_id=ids(tok.QWEN_IM_END),
+        pad_token_id=ids(tok.QWEN_ENDOFTEXT),
     )
     return Qwen3ForCausalLM(config)
 
@@ -110,21 +102,3 @@ def _build_transformer() -> Flux2Transformer2DModel:
         guidance_embeds=False,
     )
 
-
-def _build_vae() -> AutoencoderKLFlux2:
-    from diffusers import AutoencoderKLFlux2
-
-    # Four levels give the real scale factor 8, so the server sees the real size multiple (16).
-    return AutoencoderKLFlux2(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=_LATENT_CHANNELS,
-        norm_num_groups=4,
-        sample_size=1024,
-        # Full attention over a 128x128 latent would dominate a 1024px decode on CPU.
-        mid_block_add_attention=False,
-    )

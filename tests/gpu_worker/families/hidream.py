@@ -11,16 +11,12 @@ import math
 import pathlib
 from typing import TYPE_CHECKING, Any
 
-from tests.gpu_worker.families import _tokenizers_e as tok
+from tests.gpu_worker.families import _tokenizers as tok
+from tests.gpu_worker.families._components import clip_text_encoder, save_seeded, t5_encoder, vae
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, HiDreamImagePipeline, HiDreamImageTransformer2DModel
-    from transformers import (
-        CLIPTextModelWithProjection,
-        LlamaForCausalLM,
-        PreTrainedTokenizerFast,
-        T5EncoderModel,
-    )
+    from diffusers import HiDreamImagePipeline, HiDreamImageTransformer2DModel
+    from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 PIPELINE = "HiDreamImagePipeline"
 
@@ -63,7 +59,8 @@ _T5_MAX_LENGTH = 128
 _LLAMA_MAX_LENGTH = 128
 _LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
 
-TOKENIZER_SPECS: dict[str, tuple[int, int]] = {  # (len(), model_max_length)
+# Tokenizer component -> (len(tokenizer), model_max_length), for tests.
+TOKENIZERS: dict[str, tuple[int, int]] = {
     "tokenizer": (tok.CLIP_VOCAB_SIZE, _CLIP_MAX_LENGTH),
     "tokenizer_2": (tok.CLIP_VOCAB_SIZE, _CLIP_MAX_LENGTH),
     "tokenizer_3": (tok.T5_VOCAB_SIZE, _T5_MAX_LENGTH),
@@ -86,15 +83,7 @@ def output_size(width: int, height: int) -> tuple[int, int]:
 
 def build(path: pathlib.Path) -> None:
     """Build the tiny HiDream-I1 pipeline with seeded weights and save it to path."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        pipe = _build_pipeline()
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.eval()
-    pipe.save_pretrained(path)
+    save_seeded(path, _build_pipeline)
 
 
 def _build_pipeline() -> HiDreamImagePipeline:
@@ -103,12 +92,13 @@ def _build_pipeline() -> HiDreamImagePipeline:
     tokenizer_4 = _build_llama_tokenizer()
     return HiDreamImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_build_vae(),
+        # One level (scale factor 1) keeps the forced 128^2-area output small (module docstring).
+        vae=vae(levels=1, sample_size=128, scaling_factor=0.3611, shift_factor=0.1159),
         text_encoder=_build_clip(),
         tokenizer=tok.clip_tokenizer(_CLIP_MAX_LENGTH),
         text_encoder_2=_build_clip(),
         tokenizer_2=tok.clip_tokenizer(_CLIP_MAX_LENGTH),
-        text_encoder_3=_build_t5(),
+        text_encoder_3=t5_encoder(d_model=_T5_DIM),
         tokenizer_3=tok.t5_tokenizer(_T5_MAX_LENGTH),
         text_encoder_4=_build_llama(tokenizer_4),
         tokenizer_4=tokenizer_4,
@@ -116,44 +106,9 @@ def _build_pipeline() -> HiDreamImagePipeline:
     )
 
 
-def _build_clip() -> CLIPTextModelWithProjection:
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    vocab_size = tok.CLIP_VOCAB_SIZE
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=_CLIP_DIM,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=_CLIP_MAX_LENGTH,
-        projection_dim=_CLIP_DIM,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-    )
-    return CLIPTextModelWithProjection(config)
-
-
-def _build_t5() -> T5EncoderModel:
-    from transformers import T5Config, T5EncoderModel
-
-    config = T5Config(
-        vocab_size=tok.T5_VOCAB_SIZE,
-        d_model=_T5_DIM,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        dropout_rate=0.0,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    return T5EncoderModel(config)
+def _build_clip() -> PreTrainedModel:
+    return clip_text_encoder(with_projection=True, hidden_size=_CLIP_DIM,
+                             max_length=_CLIP_MAX_LENGTH)
 
 
 def _build_llama_tokenizer() -> PreTrainedTokenizerFast:
@@ -210,22 +165,3 @@ def _build_transformer() -> HiDreamImageTransformer2DModel:
         llama_layers=[0, 1],  # one Llama hidden state per block (1 double + 1 single)
     )
 
-
-def _build_vae() -> AutoencoderKL:
-    from diffusers import AutoencoderKL
-
-    # One level (scale factor 1) keeps the forced 128^2-area output small; see module docstring.
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        block_out_channels=(8,),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=128,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        mid_block_add_attention=False,
-    )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pathlib
 from typing import TYPE_CHECKING, Any
 
-from tests.gpu_worker.families._tokenizers_c import (
+from tests.gpu_worker.families._components import save_seeded, t5_encoder, vae
+from tests.gpu_worker.families._tokenizers import (
     BERT_VOCAB_SIZE,
     T5_VOCAB_SIZE,
     bert_tokenizer,
@@ -13,8 +14,8 @@ from tests.gpu_worker.families._tokenizers_c import (
 )
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, DDPMScheduler, HunyuanDiT2DModel
-    from transformers import BertModel, T5EncoderModel
+    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+    from transformers import BertModel
 
 PIPELINE = "HunyuanDiTPipeline"
 
@@ -23,7 +24,6 @@ BERT_MAX_LENGTH = 77
 T5_MAX_LENGTH = 256
 BERT_DIM = 32
 T5_DIM = 32
-SEED = 0
 
 # Tokenizer component -> (len(tokenizer), model_max_length), for tests.
 TOKENIZERS = {
@@ -62,27 +62,24 @@ NOTES = (
 
 def build(path: pathlib.Path) -> None:
     """Build the tiny HunyuanDiT pipeline with fixed weights and save it to path."""
-    import torch
+    save_seeded(path, _build_pipeline)
+
+
+def _build_pipeline() -> HunyuanDiTPipeline:
     from diffusers import HunyuanDiTPipeline
 
-    # Fork the RNG so building does not disturb the caller's torch seed.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        pipe = HunyuanDiTPipeline(
-            vae=_vae(),
-            text_encoder=_bert(),
-            tokenizer=bert_tokenizer(BERT_MAX_LENGTH),
-            transformer=_transformer(),
-            scheduler=_scheduler(),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            text_encoder_2=_t5(),
-            tokenizer_2=t5_tokenizer(T5_MAX_LENGTH),
-        )
-    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
-        module.eval()
-    pipe.save_pretrained(path)
+    return HunyuanDiTPipeline(
+        vae=vae(sample_size=64, scaling_factor=0.13025),
+        text_encoder=_bert(),
+        tokenizer=bert_tokenizer(BERT_MAX_LENGTH),
+        transformer=_transformer(),
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        text_encoder_2=t5_encoder(T5_DIM),
+        tokenizer_2=t5_tokenizer(T5_MAX_LENGTH),
+    )
 
 
 def _bert() -> BertModel:
@@ -99,26 +96,6 @@ def _bert() -> BertModel:
         pad_token_id=0,
     )
     return BertModel(config)
-
-
-def _t5() -> T5EncoderModel:
-    """Build a two-layer (m)T5 encoder sized to the character Unigram vocabulary."""
-    from transformers import T5Config, T5EncoderModel
-
-    config = T5Config(
-        vocab_size=T5_VOCAB_SIZE,
-        d_model=T5_DIM,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    return T5EncoderModel(config)
 
 
 def _transformer() -> HunyuanDiT2DModel:
@@ -140,25 +117,6 @@ def _transformer() -> HunyuanDiT2DModel:
         text_len=BERT_MAX_LENGTH,
         text_len_t5=T5_MAX_LENGTH,
         use_style_cond_and_image_meta_size=False,
-    )
-
-
-def _vae() -> AutoencoderKL:
-    """Build a four-level (8x) VAE with tiny channels and no mid-block attention."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-        mid_block_add_attention=False,
-        scaling_factor=0.13025,
     )
 
 

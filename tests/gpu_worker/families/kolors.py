@@ -14,7 +14,9 @@ import tempfile
 from typing import TYPE_CHECKING, Any
 
 from tests.gpu_worker.families import sdxl
-from tests.gpu_worker.families._tokenizers_b import (
+from tests.gpu_worker.families._components import save_seeded
+from tests.gpu_worker.families._tokenizers import (
+    CHATGLM_LEN,
     CHATGLM_MAX_LENGTH,
     CHATGLM_VOCAB_SIZE,
     chatglm_tokenizer,
@@ -50,26 +52,24 @@ GLM_DIM = 32
 GLM_LAYERS = 2  # Kolors reads hidden_states[-2]
 # Rounded up past the tokenizer's ids, as ChatGLM3 pads 64798+ ids to 65024 rows.
 GLM_PADDED_VOCAB = 384
-SEED = 0
+
+# Tokenizer component -> (len(tokenizer), model_max_length), for tests.
+TOKENIZERS = {"tokenizer": (CHATGLM_LEN, CHATGLM_MAX_LENGTH)}
 
 
 def build(path: pathlib.Path) -> None:
     """Build the tiny Kolors pipeline deterministically and save it to path."""
-    import torch
-
     # The tokenizer's sentencepiece file must exist until save_pretrained has copied it.
     with tempfile.TemporaryDirectory(prefix="kolors-sp-") as scratch:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(SEED)
-            pipe = build_pipeline(chatglm_tokenizer(pathlib.Path(scratch)))
-        pipe.save_pretrained(path)
+        tokenizer = chatglm_tokenizer(pathlib.Path(scratch))
+        save_seeded(path, lambda: build_pipeline(tokenizer))
 
 
 def build_pipeline(tokenizer: ChatGLMTokenizer) -> KolorsPipeline:
-    """Build the pipeline in memory (seed the RNG first) with every module in eval mode."""
+    """Build the pipeline in memory (seed the RNG first)."""
     from diffusers import KolorsPipeline
 
-    pipe = KolorsPipeline(
+    return KolorsPipeline(
         vae=sdxl.build_vae(),
         text_encoder=_build_text_encoder(),
         tokenizer=tokenizer,
@@ -82,9 +82,6 @@ def build_pipeline(tokenizer: ChatGLMTokenizer) -> KolorsPipeline:
         scheduler=sdxl.build_scheduler(),
         force_zeros_for_empty_prompt=False,
     )
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
-        module.eval()
-    return pipe
 
 
 def _build_text_encoder() -> ChatGLMModel:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import pathlib
 from typing import TYPE_CHECKING, Any
 
-from tests.gpu_worker.families._tokenizers_d import gemma_tokenizer
+from tests.gpu_worker.families._components import flux_vae, save_seeded
+from tests.gpu_worker.families._tokenizers import gemma_tokenizer
 
 if TYPE_CHECKING:
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
+        Lumina2Pipeline,
         Lumina2Transformer2DModel,
     )
     from transformers import Gemma2Model, GemmaTokenizer
@@ -47,29 +48,29 @@ SYSTEM_PROMPT = (
 )
 MAX_LENGTH = 256
 VOCAB_SIZE = 451
+# Tokenizer component -> (len(tokenizer), model_max_length), for tests.
+TOKENIZERS = {"tokenizer": (VOCAB_SIZE, MAX_LENGTH)}
 TEXT_DIM = 16
 LATENT_CHANNELS = 16
-SEED = 0
 
 
 def build(path: pathlib.Path) -> None:
     """Build the tiny Lumina 2 pipeline deterministically and save it to ``path``."""
-    import torch
+    save_seeded(path, _build_pipeline)
+
+
+def _build_pipeline() -> Lumina2Pipeline:
     from diffusers import Lumina2Pipeline
 
     tokenizer = _tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        pipe = Lumina2Pipeline(
-            transformer=_transformer(),
-            scheduler=_scheduler(),
-            vae=_vae(),
-            text_encoder=_text_encoder(),
-            tokenizer=tokenizer,
-        )
-    for module in (pipe.vae, pipe.text_encoder, pipe.transformer):
-        module.eval()
-    pipe.save_pretrained(path)
+    return Lumina2Pipeline(
+        transformer=_transformer(),
+        scheduler=_scheduler(),
+        # FLUX-style: 16 latent channels.
+        vae=flux_vae(latent_channels=LATENT_CHANNELS, sample_size=128),
+        text_encoder=_text_encoder(),
+        tokenizer=tokenizer,
+    )
 
 
 def _tokenizer() -> GemmaTokenizer:
@@ -121,28 +122,6 @@ def _transformer() -> Lumina2Transformer2DModel:
         cap_feat_dim=TEXT_DIM,
     )
 
-
-def _vae() -> AutoencoderKL:
-    from diffusers import AutoencoderKL
-
-    # FLUX-style: 16 latent channels, no quant convs, scale and shift as in the real VAE;
-    # four levels give its 8x compression, which the pipeline hard-codes.
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=4,
-        sample_size=128,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=False,
-    )
 
 
 def _scheduler() -> FlowMatchEulerDiscreteScheduler:

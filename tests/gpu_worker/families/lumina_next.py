@@ -10,13 +10,14 @@ from __future__ import annotations
 import pathlib
 from typing import TYPE_CHECKING, Any
 
-from tests.gpu_worker.families._tokenizers_d import gemma_tokenizer
+from tests.gpu_worker.families._components import save_seeded, vae
+from tests.gpu_worker.families._tokenizers import gemma_tokenizer
 
 if TYPE_CHECKING:
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         LuminaNextDiT2DModel,
+        LuminaPipeline,
     )
     from transformers import GemmaModel, GemmaTokenizer
 
@@ -46,29 +47,29 @@ NOTES = (
 
 MAX_LENGTH = 256
 VOCAB_SIZE = 414
+# Tokenizer component -> (len(tokenizer), model_max_length), for tests.
+TOKENIZERS = {"tokenizer": (VOCAB_SIZE, MAX_LENGTH)}
 TEXT_DIM = 32
 LATENT_CHANNELS = 4
-SEED = 0
 
 
 def build(path: pathlib.Path) -> None:
     """Build the tiny Lumina-Next pipeline deterministically and save it to ``path``."""
-    import torch
+    save_seeded(path, _build_pipeline)
+
+
+def _build_pipeline() -> LuminaPipeline:
     from diffusers import LuminaPipeline
 
     tokenizer = _tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        pipe = LuminaPipeline(
-            transformer=_transformer(),
-            scheduler=_scheduler(),
-            vae=_vae(),
-            text_encoder=_text_encoder(),
-            tokenizer=tokenizer,
-        )
-    for module in (pipe.vae, pipe.text_encoder, pipe.transformer):
-        module.eval()
-    pipe.save_pretrained(path)
+    return LuminaPipeline(
+        transformer=_transformer(),
+        scheduler=_scheduler(),
+        # SDXL-VAE-style: 4 latent channels and its scaling factor.
+        vae=vae(latent_channels=LATENT_CHANNELS, sample_size=128, scaling_factor=0.13025),
+        text_encoder=_text_encoder(),
+        tokenizer=tokenizer,
+    )
 
 
 def _tokenizer() -> GemmaTokenizer:
@@ -122,25 +123,6 @@ def _transformer() -> LuminaNextDiT2DModel:
     torch.nn.init.normal_(transformer.pad_token, std=0.02)
     return transformer
 
-
-def _vae() -> AutoencoderKL:
-    from diffusers import AutoencoderKL
-
-    # SDXL-VAE-style: 4 latent channels and its scaling factor; four levels give the 8x
-    # compression the pipeline hard-codes.
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=4,
-        sample_size=128,
-        scaling_factor=0.13025,
-        mid_block_add_attention=False,
-    )
 
 
 def _scheduler() -> FlowMatchEulerDiscreteScheduler:

@@ -5,18 +5,21 @@ from __future__ import annotations
 import pathlib
 from typing import TYPE_CHECKING, Any
 
-from tests.gpu_worker.families._tokenizers_c import T5_VOCAB_SIZE, t5_tokenizer
+from tests.gpu_worker.families._components import save_seeded, t5_encoder, vae
+from tests.gpu_worker.families._tokenizers import T5_VOCAB_SIZE, t5_tokenizer
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
-    from transformers import T5EncoderModel
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        PixArtSigmaPipeline,
+        PixArtTransformer2DModel,
+    )
 
 PIPELINE = "PixArtSigmaPipeline"
 
 TOKENIZER_VOCAB_SIZE = T5_VOCAB_SIZE
 TOKENIZER_MAX_LENGTH = 300  # the pipeline's default max_sequence_length
 TEXT_DIM = 32
-SEED = 0
 
 # Tokenizer component -> (len(tokenizer), model_max_length), for tests.
 TOKENIZERS = {"tokenizer": (TOKENIZER_VOCAB_SIZE, TOKENIZER_MAX_LENGTH)}
@@ -52,42 +55,19 @@ NOTES = (
 
 def build(path: pathlib.Path) -> None:
     """Build the tiny PixArt-Σ pipeline with fixed weights and save it to path."""
-    import torch
+    save_seeded(path, _build_pipeline)
+
+
+def _build_pipeline() -> PixArtSigmaPipeline:
     from diffusers import PixArtSigmaPipeline
 
-    # Fork the RNG so building does not disturb the caller's torch seed.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        pipe = PixArtSigmaPipeline(
-            tokenizer=t5_tokenizer(TOKENIZER_MAX_LENGTH),
-            text_encoder=_text_encoder(),
-            vae=_vae(),
-            transformer=_transformer(),
-            scheduler=_scheduler(),
-        )
-    for module in (pipe.text_encoder, pipe.vae, pipe.transformer):
-        module.eval()
-    pipe.save_pretrained(path)
-
-
-def _text_encoder() -> T5EncoderModel:
-    """Build a two-layer T5 encoder sized to the character tokenizer."""
-    from transformers import T5Config, T5EncoderModel
-
-    config = T5Config(
-        vocab_size=TOKENIZER_VOCAB_SIZE,
-        d_model=TEXT_DIM,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        pad_token_id=0,
-        eos_token_id=1,
+    return PixArtSigmaPipeline(
+        tokenizer=t5_tokenizer(TOKENIZER_MAX_LENGTH),
+        text_encoder=t5_encoder(TEXT_DIM),
+        vae=vae(sample_size=64),
+        transformer=_transformer(),
+        scheduler=_scheduler(),
     )
-    return T5EncoderModel(config)
 
 
 def _transformer() -> PixArtTransformer2DModel:
@@ -112,24 +92,6 @@ def _transformer() -> PixArtTransformer2DModel:
         norm_eps=1e-6,
         # Sigma passes no resolution/aspect-ratio micro-conditions.
         use_additional_conditions=False,
-    )
-
-
-def _vae() -> AutoencoderKL:
-    """Build a four-level (8x) VAE with tiny channels and no mid-block attention."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-        mid_block_add_attention=False,
     )
 
 

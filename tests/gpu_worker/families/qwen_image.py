@@ -10,7 +10,8 @@ from __future__ import annotations
 import pathlib
 from typing import TYPE_CHECKING, Any
 
-from tests.gpu_worker.families._tokenizers_d import (
+from tests.gpu_worker.families._components import save_seeded
+from tests.gpu_worker.families._tokenizers import (
     QWEN_ENDOFTEXT,
     QWEN_IM_END,
     QWEN_IM_START,
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
         QwenImageTransformer2DModel,
     )
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
@@ -57,29 +59,28 @@ TEMPLATE = (
 TEMPLATE_PREFIX_TOKENS = 34
 MAX_LENGTH = 1024 + TEMPLATE_PREFIX_TOKENS  # what the pipeline truncates to
 VOCAB_SIZE = 363
+# Tokenizer component -> (len(tokenizer), model_max_length), for tests.
+TOKENIZERS = {"tokenizer": (VOCAB_SIZE, MAX_LENGTH)}
 TEXT_DIM = 16
 Z_DIM = 4
-SEED = 0
 
 
 def build(path: pathlib.Path) -> None:
     """Build the tiny Qwen-Image pipeline deterministically and save it to ``path``."""
-    import torch
+    save_seeded(path, _build_pipeline)
+
+
+def _build_pipeline() -> QwenImagePipeline:
     from diffusers import QwenImagePipeline
 
     tokenizer = _tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        pipe = QwenImagePipeline(
-            scheduler=_scheduler(),
-            vae=_vae(),
-            text_encoder=_text_encoder(tokenizer),
-            tokenizer=tokenizer,
-            transformer=_transformer(),
-        )
-    for module in (pipe.vae, pipe.text_encoder, pipe.transformer):
-        module.eval()
-    pipe.save_pretrained(path)
+    return QwenImagePipeline(
+        scheduler=_scheduler(),
+        vae=_vae(),
+        text_encoder=_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        transformer=_transformer(),
+    )
 
 
 def _tokenizer() -> Qwen2Tokenizer:

@@ -5,10 +5,16 @@ from __future__ import annotations
 import pathlib
 from typing import TYPE_CHECKING, Any
 
-from tests.gpu_worker.families._tokenizers_c import GEMMA_VOCAB_SIZE, gemma_tokenizer
+from tests.gpu_worker.families._components import save_seeded
+from tests.gpu_worker.families._tokenizers import GEMMA_VOCAB_SIZE, gemma_tokenizer
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaTransformer2DModel
+    from diffusers import (
+        AutoencoderDC,
+        DPMSolverMultistepScheduler,
+        SanaPipeline,
+        SanaTransformer2DModel,
+    )
     from transformers import Gemma2Model
 
 PIPELINE = "SanaPipeline"
@@ -17,7 +23,6 @@ TOKENIZER_VOCAB_SIZE = GEMMA_VOCAB_SIZE
 # The complex human instruction alone is ~1000 character tokens; leave room for it plus 300.
 TOKENIZER_MAX_LENGTH = 2048
 TEXT_DIM = 16
-SEED = 0
 
 # Tokenizer component -> (len(tokenizer), model_max_length), for tests.
 TOKENIZERS = {"tokenizer": (TOKENIZER_VOCAB_SIZE, TOKENIZER_MAX_LENGTH)}
@@ -53,22 +58,19 @@ NOTES = (
 
 def build(path: pathlib.Path) -> None:
     """Build the tiny Sana pipeline with fixed weights and save it to path."""
-    import torch
+    save_seeded(path, _build_pipeline)
+
+
+def _build_pipeline() -> SanaPipeline:
     from diffusers import SanaPipeline
 
-    # Fork the RNG so building does not disturb the caller's torch seed.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        pipe = SanaPipeline(
-            tokenizer=gemma_tokenizer(TOKENIZER_MAX_LENGTH),
-            text_encoder=gemma2_text_encoder(),
-            vae=dc_autoencoder(),
-            transformer=sana_transformer(),
-            scheduler=_scheduler(),
-        )
-    for module in (pipe.text_encoder, pipe.vae, pipe.transformer):
-        module.eval()
-    pipe.save_pretrained(path)
+    return SanaPipeline(
+        tokenizer=gemma_tokenizer(model_max_length=TOKENIZER_MAX_LENGTH),
+        text_encoder=gemma2_text_encoder(),
+        vae=dc_autoencoder(),
+        transformer=sana_transformer(),
+        scheduler=_scheduler(),
+    )
 
 
 def gemma2_text_encoder() -> Gemma2Model:

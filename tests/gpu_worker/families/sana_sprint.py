@@ -5,7 +5,8 @@ from __future__ import annotations
 import pathlib
 from typing import TYPE_CHECKING, Any
 
-from tests.gpu_worker.families._tokenizers_c import gemma_tokenizer
+from tests.gpu_worker.families._components import save_seeded
+from tests.gpu_worker.families._tokenizers import gemma_tokenizer
 from tests.gpu_worker.families.sana import (
     TOKENIZER_MAX_LENGTH,
     TOKENIZER_VOCAB_SIZE,
@@ -15,10 +16,9 @@ from tests.gpu_worker.families.sana import (
 )
 
 if TYPE_CHECKING:
-    from diffusers import SanaTransformer2DModel, SCMScheduler
+    from diffusers import SanaSprintPipeline, SanaTransformer2DModel, SCMScheduler
 
 PIPELINE = "SanaSprintPipeline"
-SEED = 0
 
 # Tokenizer component -> (len(tokenizer), model_max_length), for tests.
 TOKENIZERS = {"tokenizer": (TOKENIZER_VOCAB_SIZE, TOKENIZER_MAX_LENGTH)}
@@ -51,22 +51,19 @@ NOTES = (
 
 def build(path: pathlib.Path) -> None:
     """Build the tiny Sana Sprint pipeline with fixed weights and save it to path."""
-    import torch
+    save_seeded(path, _build_pipeline)
+
+
+def _build_pipeline() -> SanaSprintPipeline:
     from diffusers import SanaSprintPipeline
 
-    # Fork the RNG so building does not disturb the caller's torch seed.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        pipe = SanaSprintPipeline(
-            tokenizer=gemma_tokenizer(TOKENIZER_MAX_LENGTH),
-            text_encoder=gemma2_text_encoder(),
-            vae=dc_autoencoder(),
-            transformer=_transformer(),
-            scheduler=_scheduler(),
-        )
-    for module in (pipe.text_encoder, pipe.vae, pipe.transformer):
-        module.eval()
-    pipe.save_pretrained(path)
+    return SanaSprintPipeline(
+        tokenizer=gemma_tokenizer(model_max_length=TOKENIZER_MAX_LENGTH),
+        text_encoder=gemma2_text_encoder(),
+        vae=dc_autoencoder(),
+        transformer=_transformer(),
+        scheduler=_scheduler(),
+    )
 
 
 def _transformer() -> SanaTransformer2DModel:

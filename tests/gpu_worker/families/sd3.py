@@ -5,10 +5,16 @@ from __future__ import annotations
 import pathlib
 from typing import TYPE_CHECKING, Any
 
-from tests.gpu_worker.families import _tokenizers_a as tok
+from tests.gpu_worker.families import _tokenizers as tok
+from tests.gpu_worker.families._components import (
+    clip_text_encoder,
+    save_seeded,
+    t5_encoder,
+    vae,
+)
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
 PIPELINE = "StableDiffusion3Pipeline"
 
@@ -36,18 +42,17 @@ NOTES = (
 _CLIP_DIM = 32
 _T5_DIM = 2 * _CLIP_DIM  # CLIP-L and CLIP-G hidden states are concatenated, padded to T5's width
 
+# Tokenizer component -> (len(tokenizer), model_max_length), for tests.
+TOKENIZERS = {
+    "tokenizer": (tok.CLIP_VOCAB_SIZE, tok.CLIP_MAX_LENGTH),
+    "tokenizer_2": (tok.CLIP_VOCAB_SIZE, tok.CLIP_MAX_LENGTH),
+    "tokenizer_3": (tok.T5_VOCAB_SIZE, tok.T5_MAX_LENGTH),
+}
+
 
 def build(path: pathlib.Path) -> None:
     """Build the tiny SD3 pipeline with seeded weights and save it to path."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        pipe = _build_pipeline()
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.eval()
-    pipe.save_pretrained(path)
+    save_seeded(path, _build_pipeline)
 
 
 def _build_pipeline() -> StableDiffusion3Pipeline:
@@ -55,12 +60,13 @@ def _build_pipeline() -> StableDiffusion3Pipeline:
 
     return StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_build_vae(),
-        text_encoder=tok.clip_text_encoder(with_projection=True, hidden_size=_CLIP_DIM),
+        vae=vae(sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
+                shift_factor=0.0609, scaling_factor=1.5305),
+        text_encoder=clip_text_encoder(with_projection=True, hidden_size=_CLIP_DIM),
         tokenizer=tok.clip_tokenizer(),
-        text_encoder_2=tok.clip_text_encoder(with_projection=True, hidden_size=_CLIP_DIM),
+        text_encoder_2=clip_text_encoder(with_projection=True, hidden_size=_CLIP_DIM),
         tokenizer_2=tok.clip_tokenizer(),
-        text_encoder_3=tok.t5_encoder(d_model=_T5_DIM),
+        text_encoder_3=t5_encoder(d_model=_T5_DIM),
         tokenizer_3=tok.t5_tokenizer(),
         transformer=_build_transformer(),
     )
@@ -85,25 +91,3 @@ def _build_transformer() -> SD3Transformer2DModel:
         qk_norm="rms_norm",
     )
 
-
-def _build_vae() -> AutoencoderKL:
-    from diffusers import AutoencoderKL
-
-    # Four levels give the real scale factor 8, so the server sees the real size multiple (16).
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=1024,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5305,
-        # Full attention over a 128x128 latent would dominate a 1024px decode on CPU.
-        mid_block_add_attention=False,
-    )

@@ -11,11 +11,17 @@ from __future__ import annotations
 import pathlib
 from typing import TYPE_CHECKING, Any
 
-from tests.gpu_worker.families._tokenizers_b import clip_text_config_kwargs, clip_tokenizer
+from gpu_worker.tiny import _build_scheduler
+from tests.gpu_worker.families._components import clip_text_encoder, save_seeded, vae
+from tests.gpu_worker.families._tokenizers import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
 PIPELINE = "StableDiffusionXLPipeline"
 CALL_KWARGS: dict[str, Any] = {}
@@ -44,52 +50,36 @@ NOTES = (
 TEXT_DIM = 32
 TIME_EMBED_DIM = 8
 SAMPLE_SIZE = 32  # latent size; default image side is 8x this
-SEED = 0
+
+# Tokenizer component -> (len(tokenizer), model_max_length), for tests.
+TOKENIZERS = {
+    "tokenizer": (CLIP_VOCAB_SIZE, CLIP_MAX_LENGTH),
+    "tokenizer_2": (CLIP_VOCAB_SIZE, CLIP_MAX_LENGTH),
+}
 
 
 def build(path: pathlib.Path) -> None:
     """Build the tiny SDXL pipeline deterministically and save it to path."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        pipe = build_pipeline()
-    pipe.save_pretrained(path)
+    save_seeded(path, build_pipeline)
 
 
 def build_pipeline() -> StableDiffusionXLPipeline:
-    """Build the pipeline in memory (seed the RNG first) with every module in eval mode."""
+    """Build the pipeline in memory (seed the RNG first)."""
     from diffusers import StableDiffusionXLPipeline
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    config = _text_config()
-    pipe = StableDiffusionXLPipeline(
+    return StableDiffusionXLPipeline(
         vae=build_vae(),
-        text_encoder=CLIPTextModel(config),
-        text_encoder_2=CLIPTextModelWithProjection(config),
+        # SDXL reads both encoders' hidden_states[-2]: two layers are the fewest that have one.
+        text_encoder=clip_text_encoder(with_projection=False, hidden_size=TEXT_DIM,
+                                       hidden_act="gelu"),
+        text_encoder_2=clip_text_encoder(with_projection=True, hidden_size=TEXT_DIM,
+                                         hidden_act="gelu"),
         tokenizer=clip_tokenizer(),
         tokenizer_2=clip_tokenizer(),
         # The UNet cross-attends to both encoders' penultimate states, concatenated.
         unet=build_unet(cross_attention_dim=2 * TEXT_DIM, pooled_dim=TEXT_DIM),
         scheduler=build_scheduler(),
         force_zeros_for_empty_prompt=True,
-    )
-    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.unet):
-        module.eval()
-    return pipe
-
-
-def _text_config() -> CLIPTextConfig:
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        hidden_size=TEXT_DIM,
-        intermediate_size=64,
-        num_hidden_layers=2,  # SDXL reads hidden_states[-2]
-        num_attention_heads=4,
-        projection_dim=TEXT_DIM,
-        hidden_act="gelu",
-        **clip_text_config_kwargs(),
     )
 
 
@@ -119,33 +109,10 @@ def build_unet(cross_attention_dim: int, pooled_dim: int, **extra: Any) -> UNet2
 
 
 def build_vae() -> AutoencoderKL:
-    """Build a four-level VAE (factor 8, as SDXL's), no mid-block attention (Kolors uses it too)."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=SAMPLE_SIZE * 8,
-        scaling_factor=0.13025,
-        mid_block_add_attention=False,
-    )
+    """Build a four-level VAE (factor 8, as SDXL's) with SDXL's scaling (Kolors uses it too)."""
+    return vae(sample_size=SAMPLE_SIZE * 8, scaling_factor=0.13025)
 
 
-def build_scheduler() -> Any:
-    """Build the Euler scheduler with SDXL base's configuration."""
-    from diffusers import EulerDiscreteScheduler
-
-    return EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        timestep_spacing="leading",
-        steps_offset=1,
-    )
+def build_scheduler() -> EulerDiscreteScheduler:
+    """Build the Euler scheduler with SDXL base's configuration: SD 1.x's, as the tiny model's."""
+    return _build_scheduler()

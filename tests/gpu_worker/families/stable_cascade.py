@@ -12,12 +12,13 @@ from __future__ import annotations
 import pathlib
 from typing import TYPE_CHECKING, Any
 
-from tests.gpu_worker.families._tokenizers_b import clip_text_config_kwargs, clip_tokenizer
+from tests.gpu_worker.families._components import clip_text_encoder, save_seeded
+from tests.gpu_worker.families._tokenizers import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer
 
 if TYPE_CHECKING:
     from diffusers import StableCascadeCombinedPipeline, StableCascadeUNet
     from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
-    from transformers import CLIPTextModelWithProjection
+    from transformers import PreTrainedModel
 
 PIPELINE = "StableCascadeCombinedPipeline"
 # num_inference_steps only sets the decoder's steps; the prior's default is 60.
@@ -68,21 +69,21 @@ NOTES = (
 TEXT_DIM = 32
 COND_DIM = 32
 PRIOR_CHANNELS = 16  # stage C latent channels, fixed by the decoder's effnet input
-SEED = 0
+
+# Tokenizer component -> (len(tokenizer), model_max_length), for tests.
+TOKENIZERS = {
+    "tokenizer": (CLIP_VOCAB_SIZE, CLIP_MAX_LENGTH),
+    "prior_tokenizer": (CLIP_VOCAB_SIZE, CLIP_MAX_LENGTH),
+}
 
 
 def build(path: pathlib.Path) -> None:
     """Build the tiny Stable Cascade pipeline deterministically and save it to path."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        pipe = build_pipeline()
-    pipe.save_pretrained(path)
+    save_seeded(path, build_pipeline)
 
 
 def build_pipeline() -> StableCascadeCombinedPipeline:
-    """Build the combined pipeline in memory (seed the RNG first) with every module in eval mode."""
+    """Build the combined pipeline in memory (seed the RNG first)."""
     from diffusers import DDPMWuerstchenScheduler, StableCascadeCombinedPipeline
 
     pipe = StableCascadeCombinedPipeline(
@@ -96,8 +97,6 @@ def build_pipeline() -> StableCascadeCombinedPipeline:
         prior_tokenizer=clip_tokenizer(),
         prior_scheduler=DDPMWuerstchenScheduler(),
     )
-    for name in ("text_encoder", "prior_text_encoder", "decoder", "prior_prior", "vqgan"):
-        getattr(pipe, name).eval()
     # PaellaVQModel moved to diffusers.pipelines.deprecated; `diffusers` no longer exports it, yet
     # save_pretrained records ["diffusers", "PaellaVQModel"], which from_pretrained cannot resolve.
     # The full module path resolves: importing the combined pipeline put it in sys.modules.
@@ -105,19 +104,8 @@ def build_pipeline() -> StableCascadeCombinedPipeline:
     return pipe
 
 
-def _build_text_encoder() -> CLIPTextModelWithProjection:
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        hidden_size=TEXT_DIM,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        projection_dim=TEXT_DIM,
-        hidden_act="gelu",
-        **clip_text_config_kwargs(),
-    )
-    return CLIPTextModelWithProjection(config)
+def _build_text_encoder() -> PreTrainedModel:
+    return clip_text_encoder(with_projection=True, hidden_size=TEXT_DIM, hidden_act="gelu")
 
 
 def _build_prior() -> StableCascadeUNet:

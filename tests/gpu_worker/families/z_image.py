@@ -10,7 +10,8 @@ from __future__ import annotations
 import pathlib
 from typing import TYPE_CHECKING, Any
 
-from tests.gpu_worker.families._tokenizers_d import (
+from tests.gpu_worker.families._components import flux_vae, save_seeded
+from tests.gpu_worker.families._tokenizers import (
     QWEN3_CHAT_TEMPLATE,
     QWEN_ENDOFTEXT,
     QWEN_IM_END,
@@ -19,8 +20,8 @@ from tests.gpu_worker.families._tokenizers_d import (
 
 if TYPE_CHECKING:
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
+        ZImagePipeline,
         ZImageTransformer2DModel,
     )
     from transformers import Qwen2Tokenizer, Qwen3Model
@@ -48,29 +49,29 @@ NOTES = (
 
 MAX_LENGTH = 512
 VOCAB_SIZE = 273
+# Tokenizer component -> (len(tokenizer), model_max_length), for tests.
+TOKENIZERS = {"tokenizer": (VOCAB_SIZE, MAX_LENGTH)}
 TEXT_DIM = 16
 LATENT_CHANNELS = 16
-SEED = 0
 
 
 def build(path: pathlib.Path) -> None:
     """Build the tiny Z-Image pipeline deterministically and save it to ``path``."""
-    import torch
+    save_seeded(path, _build_pipeline)
+
+
+def _build_pipeline() -> ZImagePipeline:
     from diffusers import ZImagePipeline
 
     tokenizer = _tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        pipe = ZImagePipeline(
-            scheduler=_scheduler(),
-            vae=_vae(),
-            text_encoder=_text_encoder(tokenizer),
-            tokenizer=tokenizer,
-            transformer=_transformer(),
-        )
-    for module in (pipe.vae, pipe.text_encoder, pipe.transformer):
-        module.eval()
-    pipe.save_pretrained(path)
+    return ZImagePipeline(
+        scheduler=_scheduler(),
+        # FLUX-style: 16 latent channels.
+        vae=flux_vae(latent_channels=LATENT_CHANNELS, sample_size=64),
+        text_encoder=_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        transformer=_transformer(),
+    )
 
 
 def _tokenizer() -> Qwen2Tokenizer:
@@ -123,28 +124,6 @@ def _transformer() -> ZImageTransformer2DModel:
         axes_lens=[1024, 512, 512],
     )
 
-
-def _vae() -> AutoencoderKL:
-    from diffusers import AutoencoderKL
-
-    # FLUX-style: 16 latent channels, no quant convs, scale and shift as in the real VAE;
-    # four levels give its 8x compression.
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=False,
-    )
 
 
 def _scheduler() -> FlowMatchEulerDiscreteScheduler:
