@@ -75,11 +75,6 @@ class ModelSpec:
         values["extra_components"] = tuple(tuple(c) for c in values.get("extra_components", ()))
         return cls(**values)
 
-    # Deprecated names, kept until gpu_worker/worker.py and tests/gpu_worker/test_families.py
-    # use the new ones.
-    limits = describe
-    from_limits = from_description
-
     def with_defaults(self, **overrides: Any) -> ModelSpec:
         return dataclasses.replace(self, **overrides)
 

@@ -134,7 +134,7 @@ def size_for(spec: models.ModelSpec) -> tuple[int, int]:
 
 
 def announced_spec(head: Head, model: str) -> models.ModelSpec:
-    return models.ModelSpec.from_limits(head.served()[model]["limits"])
+    return models.ModelSpec.from_description(head.served()[model]["limits"])
 
 
 def generate(head: Head, model: str, **body) -> dict:
