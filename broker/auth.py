@@ -98,7 +98,7 @@ def load_public(path: str | os.PathLike[str]) -> bytes:
 class CurveAuthority:
     """Owns the allow-list and answers ZAP requests; only the broker thread calls it."""
 
-    def __init__(self, context: zmq.Context, key_dir: Path) -> None:
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], key_dir: Path) -> None:
         self.key_dir = key_dir
         self.public, self.secret = load_secret(key_dir / "broker.key_secret")
         self._allowed: set[bytes] = set()
@@ -113,7 +113,7 @@ class CurveAuthority:
     def close(self) -> None:
         self.socket.close(linger=0)
 
-    def configure_server(self, sock: zmq.Socket) -> None:
+    def configure_server(self, sock: zmq.Socket[bytes]) -> None:
         sock.setsockopt(zmq.CURVE_SERVER, 1)
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret)
         sock.setsockopt_string(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
@@ -193,7 +193,8 @@ class CurveServer:
     the broker thread calls it, but ``request_reload`` is safe from a signal handler.
     """
 
-    def __init__(self, context: zmq.Context, key_dir: Path, server: zmq.Socket) -> None:
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], key_dir: Path,
+                 server: zmq.Socket[bytes]) -> None:
         self.key_dir = key_dir
         self._ctx = context
         self._server = server
@@ -209,11 +210,11 @@ class CurveServer:
         self._self_testing = False
 
     @property
-    def sockets(self) -> tuple[zmq.Socket, zmq.Socket]:
+    def sockets(self) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
         """The sockets the broker's poller must watch for us."""
         return self.authority.socket, self._monitor
 
-    def handle(self, events: Mapping[zmq.Socket, int]) -> None:
+    def handle(self, events: Mapping[zmq.Socket[bytes], int]) -> None:
         """Answer a ZAP request and log a refused handshake, whichever ``events`` holds."""
         if self.authority.socket in events:
             self.authority.handle()

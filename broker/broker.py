@@ -52,11 +52,12 @@ class BrokerConfig:
 
 
 class Broker:
-    def __init__(self, config: BrokerConfig, context: zmq.Context | None = None, *,
+    def __init__(self, config: BrokerConfig,
+                 context: zmq.Context[zmq.Socket[bytes]] | None = None, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._clock = clock
-        self._ctx = context or zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context.instance()
         self.jobs = JobTable(max_queue=config.max_queue, max_attempts=config.max_attempts)
         self.workers = WorkerRegistry(
             liveness=config.heartbeat_interval * config.heartbeat_liveness)
@@ -86,7 +87,7 @@ class Broker:
             for sock in self.curve.sockets:
                 self._poller.register(sock, zmq.POLLIN)
 
-    def _router(self, max_frame: int) -> zmq.Socket:
+    def _router(self, max_frame: int) -> zmq.Socket[bytes]:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -119,7 +120,7 @@ class Broker:
         return self.worker_socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     @property
-    def clients(self) -> zmq.Socket:
+    def clients(self) -> zmq.Socket[bytes]:
         """The client socket by its old name, still read by bench/_common.py."""
         return self.client_socket
 
@@ -182,7 +183,8 @@ class Broker:
             if not got:
                 return
 
-    def _recv(self, sock: zmq.Socket, handler) -> bool:
+    def _recv(self, sock: zmq.Socket[bytes],
+              handler: Callable[[bytes, Message, float], None]) -> bool:
         try:
             frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -513,7 +515,7 @@ class Broker:
 
     # ---------------------------------------------------------------------------- sending
 
-    def _send(self, sock: zmq.Socket, identity: bytes, frames: list[Any]) -> bool:
+    def _send(self, sock: zmq.Socket[bytes], identity: bytes, frames: list[Any]) -> bool:
         try:
             sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
             return True

@@ -269,9 +269,10 @@ def pipeline_class_of(directory: str) -> str | None:
     """The pipeline class a local model directory declares in model_index.json."""
     index = Path(directory) / "model_index.json"
     try:
-        return json.loads(index.read_text()).get("_class_name")
+        class_name: str | None = json.loads(index.read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError):
         return None
+    return class_name
 
 
 def resolve(name: str) -> ModelSpec:

@@ -268,7 +268,8 @@ class PipelineRunner:
                 # Raising leaves the pipeline at once; no VAE decode for an abandoned job.
                 raise Interrupted()
 
-        def on_step_end(pipe: Any, i: int, t: Any, callback_kwargs: dict) -> dict:
+        def on_step_end(pipe: Any, i: int, t: Any,
+                        callback_kwargs: dict[str, Any]) -> dict[str, Any]:
             step(callback_kwargs.get("latents"))
             return callback_kwargs
 

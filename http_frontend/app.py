@@ -36,8 +36,8 @@ class FrontendConfig:
                 f"api_keys=<{len(self.api_keys)}>, cors_origins={self.cors_origins!r})")
 
 
-def create_app(config: FrontendConfig, broker: BrokerClient, *,
-               service: ImageService | None = None) -> falcon.App:
+def create_app(config: FrontendConfig, broker: BrokerClient, *, service: ImageService | None = None
+               ) -> falcon.App[falcon.Request, falcon.Response]:
     service = service or ImageService(broker, config.service)
     middleware: list[Any] = [resources.MethodCheck()]
     if config.cors_origins:

@@ -69,8 +69,12 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
+        return {"error": self.error_object()}
+
+    def error_object(self) -> dict[str, Any]:
+        """OpenAI's error object: what ``body`` holds under "error"."""
+        return {"message": self.message, "type": self.type, "param": self.param,
+                "code": self.code}
 
 
 def invalid(param: str | None, message: str, code: str = "invalid_value") -> APIError:
@@ -139,12 +143,12 @@ def _respond(resp: falcon.Response, error: APIError) -> None:
 
 
 def _handle_api_error(req: falcon.Request, resp: falcon.Response, ex: APIError,
-                      params: dict) -> None:
+                      params: dict[str, Any]) -> None:
     _respond(resp, ex)
 
 
 def _handle_http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError,
-                       params: dict) -> None:
+                       params: dict[str, Any]) -> None:
     status = falcon.http_status_to_code(ex.status)
     code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large",
             415: "unsupported_media_type"}.get(status, "http_error")
@@ -162,13 +166,13 @@ def _handle_http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HT
 
 
 def _handle_unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception,
-                       params: dict) -> None:
+                       params: dict[str, Any]) -> None:
     log.exception("unhandled error on %s %s", req.method, req.path)
     _respond(resp, APIError(500, "internal server error; the server log has the details",
                             type=SERVER_ERROR, code="internal_error"))
 
 
-def install_error_handlers(app: falcon.App) -> None:
+def install_error_handlers(app: falcon.App[falcon.Request, falcon.Response]) -> None:
     # Falcon picks the most specific handler for an exception's class.
     app.add_error_handler(Exception, _handle_unexpected)
     app.add_error_handler(falcon.HTTPError, _handle_http_error)

@@ -108,7 +108,7 @@ class JobsAPI:
             yield from self._follow(record, client_gone)
         except APIError as exc:
             if exc.status != 499:  # nobody is left to tell when the client hung up
-                yield streaming.sse("failed", {"id": record.id, "error": exc.body()["error"]})
+                yield streaming.sse("failed", {"id": record.id, "error": exc.error_object()})
 
     def _unwatch(self, record: JobRecord, close: Callable[[], None]) -> None:
         """A watcher left: give its slot back; the last one leaving starts the grace period."""
@@ -161,7 +161,7 @@ class JobsAPI:
         """OpenAI's error body for the job's failure."""
         return self.service.failure(error, record.prepared.job.model,
                                     cancelled_here=record.pending.cancelled_here
-                                    ).body()["error"]
+                                    ).error_object()
 
     def _get(self, job_id: str) -> JobRecord:
         with self._lock:

@@ -211,7 +211,7 @@ class MethodCheck:
     itself answers 400 "Invalid HTTP method")."""
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: Any,
-                         params: dict) -> None:
+                         params: dict[str, Any]) -> None:
         if resource is None or req.method in falcon.constants.COMBINED_METHODS:
             return
         allowed = [m for m in falcon.constants.COMBINED_METHODS

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from gpu_worker.models import ModelSpec
 from http_frontend.errors import invalid
@@ -62,15 +62,15 @@ class ImageRequest:
     timeout: float | None = None  # seconds; at most the server's --timeout
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _string(body: dict, name: str, *, max_len: int = 256) -> str | None:
+def _string(body: dict[str, Any], name: str, *, max_len: int = 256) -> str | None:
     value = body.get(name)
     if value is None:
         return None
@@ -87,7 +87,7 @@ def _string(body: dict, name: str, *, max_len: int = 256) -> str | None:
     return value
 
 
-def _integer(body: dict, name: str, low: int, high: int) -> int | None:
+def _integer(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
     value = body.get(name)
     if value is None:
         return None
@@ -98,7 +98,7 @@ def _integer(body: dict, name: str, low: int, high: int) -> int | None:
     return value
 
 
-def _choice(body: dict, name: str, choices: tuple[str, ...]) -> str | None:
+def _choice(body: dict[str, Any], name: str, choices: tuple[str, ...]) -> str | None:
     value = _string(body, name)
     if value is not None and value not in choices:
         raise invalid(name, f"'{name}' must be one of {', '.join(choices)}; got {value!r}")

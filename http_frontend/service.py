@@ -256,12 +256,12 @@ class ImageService:
                     yield streaming.KEEPALIVE
                 elif isinstance(event, JobError):
                     yield streaming.error_event(
-                        self.failure(event, prepared.job.model).body()["error"])
+                        self.failure(event, prepared.job.model).error_object())
                 else:
                     yield from shapes.events(event)
         except APIError as exc:
             if exc.status != 499:  # nobody is left to tell when the client hung up
-                yield streaming.error_event(exc.body()["error"])
+                yield streaming.error_event(exc.error_object())
 
     def follow(self, pending: PendingJob, job: JobSpec, client_gone: ClientGone | None,
                *, keepalive: float | None = None) -> Iterator[Event | None]:

@@ -46,7 +46,7 @@ def cpu_worker_threads(workers: int) -> int:
 def wait_until_ready(clients_endpoint: str, workers: int, *, timeout: float,
                      should_stop: Callable[[], bool]) -> bool:
     """Poll the broker until ``workers`` workers have registered (after their warm-up)."""
-    sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(clients_endpoint)
     deadline = time.monotonic() + timeout

@@ -51,7 +51,7 @@ class ProcessSpec:
 @dataclass
 class _Child:
     spec: ProcessSpec
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     restarts: int = 0
     restart_at: float | None = None
@@ -161,7 +161,7 @@ class Supervisor:
         log.info("all processes stopped")
 
 
-def _signal(process: subprocess.Popen, sig: int) -> None:
+def _signal(process: subprocess.Popen[bytes], sig: int) -> None:
     try:
         # Each child leads its own session: signal the group, so grandchildren go too.
         os.killpg(process.pid, sig)
