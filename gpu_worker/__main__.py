@@ -53,7 +53,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     # Imported here, not at the top: they import torch, and launch.py reads the flags above.
-    from gpu_worker.link import CurveKeys
+    from broker.connection import CurveKeys
     from gpu_worker.worker import WorkerConfig
 
     device = args.device

@@ -17,10 +17,11 @@ from typing import Any, Protocol
 from PIL import Image
 
 from broker import defaults, protocol
+from broker.connection import CurveKeys
 from broker.protocol import ErrorCode, ImageInfo, JobSpec, MsgType
 from gpu_worker import models
 from gpu_worker.encode import encode_image
-from gpu_worker.link import BrokerLink, CurveKeys
+from gpu_worker.link import BrokerLink
 from gpu_worker.pipeline import Interrupted, LoadOptions, PipelineRunner, StepCallback
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
-"""The frontend's connection to the broker: one I/O thread owns the DEALER socket.
+"""The frontend's connection to the broker: pending jobs, status, resubmission and expiry.
 
-Request threads call ``submit()`` and wait on the returned ``PendingJob``; the I/O thread sends
-what they queue, routes each answer to the job waiting for it, and polls the broker's STATUS
-every heartbeat, which doubles as the liveness check. Answers for jobs nobody waits on are
-dropped.
+The transport (``broker.connection``) owns the DEALER socket and its I/O thread. Request
+threads call ``submit()`` and wait on the returned ``PendingJob``; the I/O thread sends what
+they queue, routes each answer to the job waiting for it, and polls the broker's STATUS every
+heartbeat, which doubles as the liveness check. Answers for jobs nobody waits on are dropped.
 
 Every message the broker makes names its incarnation. The first message from a new one (the
 broker restarted, however quickly, or came back after the network healed) makes the client
@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import queue
 import secrets
 import socket
 import threading
@@ -27,8 +26,10 @@ from typing import Any
 
 import zmq
 
-from broker import protocol
+from broker import defaults, protocol
+from broker.connection import Connection
 from broker.protocol import ErrorCode, JobSpec, Message, MsgType, ProtocolError
+from http_frontend.errors import BROKER_UNREACHABLE, JobError
 from http_frontend.pending import PendingJob
 
 log = logging.getLogger(__name__)
@@ -62,46 +63,45 @@ class BrokerClient:
     the owner of a job re-attach to it or cancel it.
     """
 
-    def __init__(self, endpoint: str, *, owner: str | None = None, heartbeat: float = 1.0,
-                 liveness: int = 3, context: zmq.Context | None = None) -> None:
+    def __init__(self, endpoint: str, *, owner: str | None = None,
+                 heartbeat: float = defaults.HEARTBEAT_INTERVAL,
+                 liveness: int = defaults.HEARTBEAT_LIVENESS,
+                 context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
         self.endpoint = endpoint
         self.owner = owner or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self.heartbeat = heartbeat
         self.liveness = liveness
-        self._ctx = context or zmq.Context.instance()
         self._pending: dict[str, PendingJob] = {}
         self._lock = threading.Lock()  # guards _pending and _status
         self._status: ClusterStatus | None = None
-        self._last_heard = 0.0
-        self._incarnation: str | None = None  # the broker's, as last heard; I/O thread only
-        self._reconnected = False  # a new connection since the last message; I/O thread only
-        self._outbox: queue.Queue[list[Any]] = queue.Queue()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._stop = threading.Event()
-        self._drop = protocol.DropLog(log)
-        self._thread = threading.Thread(target=self._run, name="broker-client", daemon=True)
+        self._was_connected = False  # I/O thread only
+        # One socket for the process's life, on the shared context, which nobody terminates:
+        # ZeroMQ reconnects it (100 ms, backing off to 2 s), and each new connection gets a
+        # STATUS at once, whose reply names the broker's incarnation. Nothing is queued while
+        # no broker is connected: a job stays waiting and goes again with the others when one
+        # comes back (see on_new_broker); a cancel is moot by then.
+        self._conn = Connection(
+            endpoint, self, name="broker-client", heartbeat=heartbeat, liveness=liveness,
+            context=context or zmq.Context.instance(), redial=False, immediate=True,
+            reconnect_max=2.0, notice_reconnects=True)
 
     # ---------------------------------------------------------------- called from any thread
 
     def start(self) -> None:
-        self._thread.start()
+        self._conn.start()
 
     def close(self) -> None:
-        self._stop.set()
-        self._wake()
-        self._thread.join(2.0)
+        self._conn.stop(timeout=2.0)
 
     @property
     def alive(self) -> bool:
         """Whether the I/O thread runs; the frontend cannot serve without it."""
-        return self._thread.is_alive() or not self._thread.ident
+        return self._conn.alive or not self._conn.started
 
     @property
     def connected(self) -> bool:
         """Whether the broker answered within the last ``liveness`` heartbeats."""
-        return time.monotonic() - self._last_heard < self.heartbeat * self.liveness
+        return self._conn.connected
 
     def status(self) -> ClusterStatus | None:
         """The broker's last status, or None when the broker is not reachable."""
@@ -118,168 +118,68 @@ class BrokerClient:
         try:
             frames = protocol.submit(job, self.owner)
         except ProtocolError as exc:
-            pending.update(_failure(job.id, ErrorCode.INVALID_REQUEST,
-                                    f"the request cannot be sent on: {exc}", retryable=False))
+            pending.fail(JobError(ErrorCode.INVALID_REQUEST,
+                                  f"the request cannot be sent on: {exc}"))
             return pending
         if not self.connected:
-            pending.update(_failure(job.id, ErrorCode.BROKER_UNAVAILABLE,
-                                    "the broker is not reachable"))
+            pending.fail(BROKER_UNREACHABLE)
             return pending
         with self._lock:
             self._pending[job.id] = pending
-        self._queue(frames)
+        self._conn.send(frames)
         return pending
 
     def cancel(self, job_id: str) -> None:
         self.forget(job_id)
-        self._queue(protocol.encode(MsgType.CANCEL, {"job_id": job_id, "owner": self.owner}))
+        self._conn.send(protocol.encode(MsgType.CANCEL, {"job_id": job_id, "owner": self.owner}))
 
     def forget(self, job_id: str) -> None:
         with self._lock:
             self._pending.pop(job_id, None)
 
-    def _queue(self, frames: list[Any]) -> None:
-        self._outbox.put(frames)
-        self._wake()
+    # ---------------------------------------------------------------- the transport's hooks
 
-    def _wake(self) -> None:
+    def on_connect(self) -> None:
+        self._conn.send_now(self.on_beat())  # the first STATUS, without waiting a heartbeat
+
+    def on_message(self, msg: Message) -> None:
         try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass
-
-    # ---------------------------------------------------------------- the I/O thread
-
-    def _socket(self) -> zmq.Socket:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IMMEDIATE, 1)  # do not queue for a broker that is not there
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        return sock
-
-    def _run(self) -> None:
-        sock = self._socket()
-        # A new connection (a restarted broker, a healed network) is asked for its status at
-        # once: its reply names its incarnation, and a new one means resubmitting.
-        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
-        sock.connect(self.endpoint)
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
-        next_status = 0.0
-        was_connected = False
-        connections = 0
-        try:
-            while not self._stop.is_set():
-                now = time.monotonic()
-                if now >= next_status:
-                    self._send(sock, protocol.encode(MsgType.STATUS))
-                    next_status = now + self.heartbeat
-                events = dict(poller.poll(int(max(0.0, next_status - time.monotonic()) * 1000)))
-                if monitor in events:
-                    connections += _drain_monitor(monitor)
-                    if connections > 1:  # answers sent while we were cut off are lost
-                        self._reconnected = True
-                    next_status = 0.0
-                if sock in events:
-                    while self._recv(sock):
-                        pass
-                if self._wake_r.fileno() in events:
-                    _drain(self._wake_r)
-                self._flush(sock)
-                self._expire(time.monotonic())
-                if was_connected and not self.connected:
-                    log.warning("broker %s stopped answering; %d job(s) wait for it to return",
-                                self.endpoint, len(self._pending))
-                was_connected = self.connected
-        except Exception:
-            log.exception("the connection to the broker failed; the frontend cannot serve")
-            raise
-        finally:
-            sock.disable_monitor()
-            monitor.close(linger=0)
-            sock.close(linger=0)
-
-    def _flush(self, sock: zmq.Socket) -> None:
-        while True:
-            try:
-                frames = self._outbox.get_nowait()
-            except queue.Empty:
-                return
-            # No connection right now (the broker is restarting): a job stays waiting and
-            # goes out with the others when one comes back; a cancel is moot by then.
-            self._send(sock, frames)
-
-    def _send(self, sock: zmq.Socket, frames: list[Any]) -> bool:
-        try:
-            sock.send_multipart(frames, flags=zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            return False
-
-    def _recv(self, sock: zmq.Socket) -> bool:
-        try:
-            frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            return False
-        try:
-            msg = protocol.decode(frames)
-        except ProtocolError as exc:
-            self._drop("the broker", str(exc))
-            return True
-        try:
-            self._handle(sock, msg)
+            if msg.type is MsgType.STATUS_REPLY:
+                with self._lock:
+                    self._status = ClusterStatus(msg["workers"], msg["queues"],
+                                                 self._conn.last_heard)
+            elif msg.type in (MsgType.ACCEPTED, MsgType.PROGRESS, MsgType.RESULT,
+                              MsgType.FAILED):
+                self._deliver(msg)
+            else:
+                log.warning("dropped unexpected %s from the broker", msg.type.value)
         except Exception:  # one bad message must not end the thread every request needs
             log.exception("error handling %s from the broker", msg.type.value)
-        return True
 
-    def _handle(self, sock: zmq.Socket, msg: Message) -> None:
-        self._last_heard = time.monotonic()
-        self._notice_broker(sock, msg.get("incarnation"))
-        if msg.type is MsgType.STATUS_REPLY:
-            with self._lock:
-                self._status = ClusterStatus(msg["workers"], msg["queues"], self._last_heard)
-        elif msg.type in (MsgType.ACCEPTED, MsgType.PROGRESS, MsgType.RESULT, MsgType.FAILED):
-            self._deliver(msg)
-        else:
-            log.warning("dropped unexpected %s from the broker", msg.type.value)
-
-    def _notice_broker(self, sock: zmq.Socket, incarnation: str | None) -> None:
-        """Submit every waiting job again after a reconnection or a broker restart.
+    def on_new_broker(self) -> None:
+        """Submit every waiting job again.
 
         A broker we have not heard from before (a restart, however quick) knows none of our
         jobs; the same broker after a cut connection may have answered into the void.
         """
-        restarted = None not in (incarnation, self._incarnation) and \
-            incarnation != self._incarnation
-        if incarnation is not None:
-            self._incarnation = incarnation
-        if restarted:
-            log.warning("broker %s restarted (incarnation %s)", self.endpoint, incarnation)
-        if restarted or self._reconnected:
-            self._reconnected = False
-            self._resubmit(sock)
+        try:
+            self._resubmit()
+        except Exception:  # as in on_message: the thread every request needs lives on
+            log.exception("error resubmitting the waiting jobs to broker %s", self.endpoint)
 
-    def _deliver(self, msg: Message) -> None:
-        final = msg.type in (MsgType.RESULT, MsgType.FAILED)
-        with self._lock:
-            pending = self._pending.pop(msg["job_id"], None) if final else \
-                self._pending.get(msg["job_id"])
-        if pending is None:
-            return
-        if msg.type is MsgType.RESULT and pending.spec is not None:
-            problem = answer_mismatch(pending.spec, msg)
-            if problem is not None:
-                log.warning("job %s: the worker's answer did not match the job: %s",
-                            pending.job_id, problem)
-                msg = _failure(pending.job_id, ErrorCode.WORKER_ERROR,
-                               f"the worker's answer did not match the job: {problem}",
-                               retryable=False)
-        pending.update(msg)
+    def on_beat(self) -> list[Any]:
+        return protocol.encode(MsgType.STATUS)  # the poll that doubles as the liveness check
 
-    def _resubmit(self, sock: zmq.Socket) -> None:
+    def on_tick(self, now: float) -> float | None:
+        self._expire(now)
+        connected = self.connected
+        if self._was_connected and not connected:
+            log.warning("broker %s stopped answering; %d job(s) wait for it to return",
+                        self.endpoint, len(self._pending))
+        self._was_connected = connected
+        return None
+
+    def _resubmit(self) -> None:
         """Send every waiting job again, with the time it has left."""
         now = time.monotonic()
         with self._lock:
@@ -296,9 +196,26 @@ class BrokerClient:
             except ProtocolError:  # cannot happen for a job submit() took; never fatal
                 log.exception("could not resubmit job %s", job.job_id)
                 continue
-            sent += self._send(sock, frames)
+            sent += self._conn.send_now(frames)
         if sent:
             log.info("resubmitted %d waiting job(s) to broker %s", sent, self.endpoint)
+
+    def _deliver(self, msg: Message) -> None:
+        final = msg.type in (MsgType.RESULT, MsgType.FAILED)
+        with self._lock:
+            pending = self._pending.pop(msg["job_id"], None) if final else \
+                self._pending.get(msg["job_id"])
+        if pending is None:
+            return
+        if msg.type is MsgType.RESULT and pending.spec is not None:
+            problem = answer_mismatch(pending.spec, msg)
+            if problem is not None:
+                log.warning("job %s: the worker's answer did not match the job: %s",
+                            pending.job_id, problem)
+                pending.fail(JobError(ErrorCode.WORKER_ERROR,
+                                      f"the worker's answer did not match the job: {problem}"))
+                return
+        pending.update(msg)
 
     def _expire(self, now: float) -> None:
         """Answer jobs the broker never answered by their deadline (and a little more), so
@@ -311,13 +228,12 @@ class BrokerClient:
         for pending in late:
             if self.connected:
                 timeout = pending.spec.timeout if pending.spec else 0.0
-                pending.update(_failure(pending.job_id, ErrorCode.TIMEOUT,
-                                        f"no answer within the {timeout:.0f} s deadline",
-                                        retryable=False))
+                pending.fail(JobError(ErrorCode.TIMEOUT,
+                                      f"no answer within the {timeout:.0f} s deadline"))
             else:
-                pending.update(_failure(pending.job_id, ErrorCode.BROKER_UNAVAILABLE,
-                                        "lost contact with the broker and it did not come "
-                                        "back in time"))
+                pending.fail(JobError(ErrorCode.BROKER_UNAVAILABLE, "lost contact with the "
+                                      "broker and it did not come back in time",
+                                      retryable=True))
 
 
 _MAGIC: dict[str, tuple[bytes, ...]] = {
@@ -345,27 +261,3 @@ def answer_mismatch(spec: JobSpec, result: Message) -> str | None:
 
 def _bytes(frame: Any) -> bytes:
     return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
-
-
-def _failure(job_id: str, code: ErrorCode, message: str, *, retryable: bool = True) -> Message:
-    return Message(MsgType.FAILED, {"job_id": job_id, "code": code.value, "message": message,
-                                    "retryable": retryable})
-
-
-def _drain(sock: socket.socket) -> None:
-    try:
-        while sock.recv(4096):
-            pass
-    except (BlockingIOError, OSError):
-        pass
-
-
-def _drain_monitor(monitor: zmq.Socket) -> int:
-    """Read every pending monitor event; return how many there were."""
-    count = 0
-    while True:
-        try:
-            monitor.recv_multipart(flags=zmq.NOBLOCK)
-        except zmq.Again:
-            return count
-        count += 1

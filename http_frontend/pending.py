@@ -40,9 +40,6 @@ class PendingJob:
         self.result: Message | None = None  # the RESULT, once it came
         self.error: JobError | None = None  # why the job failed, once it did
         self.cancelled_here = False  # the error is this frontend's own cancel
-        # Deprecated: the RESULT or FAILED message as update() got it (None after fail()).
-        # Only the broker client's tests still read it, through wait().
-        self.answer: Message | None = None
         self._accepted: Message | None = None  # the latest ACCEPTED
         self._previews: dict[int, Message] = {}  # image index -> its latest preview
         self._log: collections.deque[tuple[int, Event, int]] = collections.deque()
@@ -96,13 +93,6 @@ class PendingJob:
             self._log = collections.deque(e for e in self._log if e[1] is outcome)
             self._log_bytes = sum(size for _, _, size in self._log)
 
-    def wait(self, timeout: float) -> Message | None:
-        """Deprecated (only tests/http_frontend/test_broker_client.py calls it): ``answer``,
-        once the job ended or ``timeout`` passed."""
-        with self._changed:
-            self._changed.wait_for(lambda: self.done, max(0.0, timeout))
-            return self.answer
-
     def wait_taken(self, timeout: float) -> None:
         """Wait until the broker took the job (it has a position) or the job ended."""
         with self._changed:
@@ -141,9 +131,8 @@ class PendingJob:
                     return None  # a preview for an image nobody asked for
                 self._previews[index] = msg
         elif msg.type is MsgType.RESULT:
-            self.result = self.answer = msg
+            self.result = msg
         elif msg.type is MsgType.FAILED:
-            self.answer = msg
             self.error = JobError.from_failed(msg)
             return self.error
         else:

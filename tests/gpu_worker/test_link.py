@@ -15,9 +15,11 @@ import zmq
 
 from broker import protocol
 from broker.auth import create_keys, load_public, load_secret
+from broker.connection import CurveKeys
 from broker.protocol import ImageInfo, JobSpec, Message, MsgType
-from gpu_worker.link import BrokerLink, CurveKeys
+from gpu_worker.link import BrokerLink
 from tests.broker.fakes import LiveBroker, make_spec
+from tests.broker.test_connection import Router
 
 READY = {"worker_id": "w", "host": "h", "device": "cpu", "models": ["tiny"]}
 
@@ -46,47 +48,12 @@ class FakeHandler:
         return list(self.held_ids)
 
 
-class BareBroker:
-    """A ROUTER socket the test drives by hand, as a broker (or a restarted one) would."""
-
-    def __init__(self, ctx: zmq.Context) -> None:
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
-        self.endpoint = f"tcp://127.0.0.1:{port}"
-        self.peer: bytes | None = None
-
-    def recv(self, timeout: float) -> Message | None:
-        """The next message from the worker, or None after ``timeout``."""
-        if not self.sock.poll(int(timeout * 1000)):
-            return None
-        self.peer, *frames = self.sock.recv_multipart()
-        return protocol.decode(frames)
-
-    def expect(self, msg_type: MsgType, timeout: float = 5.0) -> Message:
-        """The next message of ``msg_type``, past others."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            msg = self.recv(left)
-            if msg is not None and msg.type is msg_type:
-                return msg
-        raise AssertionError(f"no {msg_type.value} within {timeout} s")
+class BareBroker(Router):
+    """A ROUTER the test drives by hand, counting the worker's READYs."""
 
     def readies_within(self, seconds: float) -> list[Message]:
         """Every READY the worker sends in the next ``seconds``."""
-        got, deadline = [], time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            msg = self.recv(left)
-            if msg is not None and msg.type is MsgType.READY:
-                got.append(msg)
-        return got
-
-    def send(self, msg_type: MsgType, fields: dict | None = None) -> None:
-        assert self.peer is not None, "the worker has not spoken yet"
-        self.sock.send_multipart([self.peer, *protocol.encode(msg_type, fields)])
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
+        return self.collect(MsgType.READY, seconds)
 
 
 @pytest.fixture
@@ -131,6 +98,10 @@ def wait_for_log(caplog, text: str, timeout: float = 5.0) -> bool:
     ("plain", "requires CURVE"),
     ("alpha", None),
 ])
+# The transport's own behaviour (back-off, redial, stop during a back-off) is tested in
+# tests/broker/test_connection.py; these check what the link builds on it.
+
+
 def test_refusals_are_explained(ctx: zmq.Context, tmp_path: Path, caplog, who: str,
                                 expected: str | None) -> None:
     keys = tmp_path / "keys"
@@ -201,7 +172,7 @@ def test_a_link_that_cannot_connect_says_why_and_still_stops(caplog) -> None:
     # An error on the I/O thread must not leave a socket open in the link's context: stop()
     # terminates that context, which would wait for ever.
     link = BrokerLink("not-an-endpoint", READY, handler=FakeHandler())
-    with caplog.at_level(logging.ERROR, logger="gpu_worker.link"):
+    with caplog.at_level(logging.ERROR, logger="broker.connection"):
         link.start()
         assert wait_for_log(caplog, "the link to the broker not-an-endpoint failed")
     deadline = time.monotonic() + 5
@@ -211,18 +182,6 @@ def test_a_link_that_cannot_connect_says_why_and_still_stops(caplog) -> None:
     started = time.monotonic()
     link.stop()
     assert time.monotonic() - started < 1.0
-
-
-def test_stop_interrupts_the_wait_before_a_reconnect(caplog) -> None:
-    link = BrokerLink("tcp://127.0.0.1:1", READY, handler=FakeHandler(), heartbeat=2.0,
-                      liveness=1)
-    with caplog.at_level(logging.WARNING, logger="gpu_worker.link"):
-        link.start()
-        assert wait_for_log(caplog, "reconnecting to tcp://127.0.0.1:1", timeout=6)
-    started = time.monotonic()
-    link.stop(bye=True)  # the back-off is 1-2 s; stop() must not sit it out
-    assert time.monotonic() - started < 0.8
-    assert not link.alive
 
 
 def test_stop_before_start_is_harmless() -> None:

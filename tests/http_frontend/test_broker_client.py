@@ -13,6 +13,8 @@ from broker import protocol
 from broker.protocol import ImageInfo, JobSpec, Message, MsgType
 from http_frontend import broker_client
 from http_frontend.broker_client import BrokerClient
+from http_frontend.errors import JobError
+from http_frontend.pending import PendingJob
 from tests.broker.fakes import make_spec
 from tests.cluster import wait_until
 
@@ -98,11 +100,20 @@ def result(spec: JobSpec, payloads: list[bytes], fmt: str = "png") -> list[Any]:
     return protocol.result(spec.id, images, payloads)
 
 
+def outcome(pending: PendingJob, timeout: float = 5.0) -> Any:
+    """The job's RESULT or JobError, once it ends (a follower's wait, as request threads do)."""
+    deadline, cursor = time.monotonic() + timeout, 0
+    while not pending.done and time.monotonic() < deadline:
+        _, cursor = pending.events_after(cursor, deadline - time.monotonic())
+    assert pending.done, f"job {pending.job_id} did not end within {timeout} s"
+    return pending.outcome
+
+
 def test_a_job_that_cannot_be_encoded_is_answered_and_never_waits(
         client: BrokerClient, hand: HandBroker) -> None:
     bad = make_spec("bad", prompt="lone \ud800 surrogate")
     pending = client.submit(bad)
-    assert pending.done and pending.answer["code"] == "invalid_request"
+    assert pending.done and pending.error is not None and pending.error.code == "invalid_request"
     # It never joined the waiting jobs: a broker restart resubmits only the good one...
     good = client.submit(make_spec("good"))
     drive(hand, lambda: hand.submitted == ["good"])
@@ -112,7 +123,7 @@ def test_a_job_that_cannot_be_encoded_is_answered_and_never_waits(
     # ...and the connection thread lives on to deliver its answer.
     assert client.alive
     hand.send_frames(result(good.spec, [PNG]))
-    assert good.wait(5.0).type is MsgType.RESULT
+    assert outcome(good).type is MsgType.RESULT
 
 
 def test_a_new_broker_incarnation_resubmits_every_waiting_job_at_once(
@@ -121,7 +132,7 @@ def test_a_new_broker_incarnation_resubmits_every_waiting_job_at_once(
     drive(hand, lambda: len(hand.submitted) == 3)
     answered = jobs[0]
     hand.send_frames(result(answered.spec, [PNG]))
-    answered.wait(5.0)
+    outcome(answered)
     # A broker restarted faster than any heartbeat could miss: only its id is new.
     hand.incarnation = "second"
     hand.send(MsgType.HEARTBEAT, {})
@@ -171,7 +182,8 @@ def test_a_job_nobody_answers_is_answered_at_its_deadline(
     monkeypatch.setattr(broker_client, "EXPIRY_SLACK", 0.1)
     pending = client.submit(make_spec("silent", timeout=0.3))
     drive(hand, lambda: pending.done)
-    assert (pending.answer["code"], pending.answer["retryable"]) == ("timeout", False)
+    assert pending.error is not None
+    assert (pending.error.code, pending.error.retryable) == ("timeout", False)
 
 
 @pytest.mark.parametrize("fmt, payloads, why", [
@@ -187,9 +199,9 @@ def test_a_result_that_does_not_match_its_job_is_a_worker_error(
     drive(hand, lambda: hand.submitted == ["j1"])
     images = [ImageInfo(seed=7, width=64, height=64, format=fmt) for _ in payloads]
     hand.send_frames(protocol.result("j1", images, payloads))
-    answer = pending.wait(5.0)
-    assert (answer.type, answer["code"]) == (MsgType.FAILED, "worker_error")
-    assert why in answer["message"]
+    error = outcome(pending)
+    assert isinstance(error, JobError) and error.code == "worker_error"
+    assert why in error.message
 
 
 def test_an_error_handling_one_message_does_not_end_the_thread(
@@ -207,7 +219,7 @@ def test_an_error_handling_one_message_does_not_end_the_thread(
     pending = client.submit(make_spec("j1"))
     drive(hand, lambda: hand.submitted == ["j1"])  # its ACCEPTED hit the bug
     hand.send_frames(result(pending.spec, [PNG]))
-    assert pending.wait(5.0).type is MsgType.RESULT
+    assert outcome(pending).type is MsgType.RESULT
     assert client.alive
 
 
@@ -223,8 +235,7 @@ def test_an_old_broker_without_incarnations_still_serves(ctx: zmq.Context) -> No
         drive(hand, lambda: hand.submitted == ["old-job"])
         hand.send_frames(OLD["broker_accepted"])
         hand.send_frames(OLD["worker_result"])  # the broker relays a worker's RESULT as it came
-        answer = pending.wait(5.0)
-        assert answer.type is MsgType.RESULT
+        assert outcome(pending).type is MsgType.RESULT
         hand.pump(0.6)
         assert hand.submitted == ["old-job"]  # no incarnation: nothing is taken for a restart
     finally:

@@ -161,7 +161,6 @@ def test_a_failed_message_becomes_one_error_value_as_it_arrives():
     assert job.done and job.result is None and not job.cancelled_here
     messages, _ = job.events_after(0, 0.0)
     assert messages[-1] is job.error is job.outcome  # followers see the value, not the message
-    assert job.wait(0.0) is not None and job.wait(0.0)["code"] == "queue_full"  # deprecated
 
 
 def test_a_code_this_frontend_does_not_know_survives_into_the_error():
