@@ -132,9 +132,23 @@ def _reference_main(conn: Connection) -> None:
                                                                "jobs": [job]})])
 
 
+MAX_BATCH = 1  # the no-op workers take one job per JOBS, as the reference forwarder sends them
+MAX_CAPACITY = 2 * MAX_BATCH  # the broker gives a worker no more room than this
+
+
 def _ready_fields(worker_id: str, capacity: int) -> dict[str, Any]:
     return {"worker_id": worker_id, "host": "bench", "device": "none", "models": [MODEL],
-            "max_batch": 1, "capacity": capacity, "version": "bench"}
+            "max_batch": MAX_BATCH, "capacity": capacity, "version": "bench"}
+
+
+def _result(job: dict[str, Any], payload: bytes, worker_id: str) -> list[Any]:
+    """A RESULT as a real worker makes it: one image per seed, in the size and format asked.
+
+    The broker checks every answer against its job and fails a job answered wrongly.
+    """
+    images = [ImageInfo(seed=seed, width=job["width"], height=job["height"],
+                        format=job.get("output_format", "png")) for seed in job["seeds"]]
+    return protocol.result(job["id"], images, [payload] * len(images), worker_id=worker_id)
 
 
 def _workers_main(endpoint: str, ids: list[str], capacity: int, payload_size: int,
@@ -146,7 +160,6 @@ def _workers_main(endpoint: str, ids: list[str], capacity: int, payload_size: in
     """
     ctx = zmq.Context()
     payload = os.urandom(payload_size)
-    image = [ImageInfo(seed=0, width=64, height=64, format="png")]
     socks: dict[zmq.Socket, str] = {}
     poller = zmq.Poller()
     for worker_id in ids:
@@ -173,8 +186,7 @@ def _workers_main(endpoint: str, ids: list[str], capacity: int, payload_size: in
                 kind = header.get("t")
                 if kind == "jobs":
                     for job in header["jobs"]:
-                        sock.send_multipart(protocol.result(job["id"], image, [payload],
-                                                            worker_id=worker_id), copy=False)
+                        sock.send_multipart(_result(job, payload, worker_id), copy=False)
                 elif kind == "reconnect":
                     sock.send_multipart(protocol.encode(MsgType.READY,
                                                         _ready_fields(worker_id, capacity)))
@@ -421,9 +433,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker-procs", type=int, default=1,
                         help="processes the no-op workers are spread over (each polls its "
                              "workers' sockets on one thread)")
-    parser.add_argument("--capacity", type=int, default=0,
-                        help="capacity each worker announces in READY (0: the concurrency, "
-                             "so one worker alone could hold every outstanding job)")
+    parser.add_argument("--capacity", type=int, default=MAX_CAPACITY,
+                        help="capacity each worker announces in READY: 1 or 2 (the broker "
+                             f"gives a worker at most 2 x max_batch, and max_batch is "
+                             f"{MAX_BATCH}); with fewer slots than --concurrency the rest of "
+                             "the jobs wait in the broker's queue")
     parser.add_argument("--payload", type=int, default=1024,
                         help="bytes in each RESULT's payload frame")
     parser.add_argument("--heartbeat", type=float, default=1.0,
@@ -439,7 +453,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.concurrency, args.workers, args.worker_procs, args.rounds) < 1:
         parser.error("--concurrency, --workers, --worker-procs and --rounds must be at least 1")
-    args.capacity = args.capacity or args.concurrency
+    if not 1 <= args.capacity <= MAX_CAPACITY:
+        parser.error(f"--capacity must be 1..{MAX_CAPACITY} (2 x max_batch {MAX_BATCH})")
     return args
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import math
 import secrets
 import threading
 import time
@@ -318,6 +319,7 @@ class Broker:
         for job_id in held[:worker.capacity]:
             self._cancel(self.leases.claim(worker, job_id, now), job_id)
         self._asked.pop(identity, None)
+        self._check_heartbeat(worker, msg.get("heartbeat"))
         if worker.capacity < msg.get("capacity", 1):
             log.warning("worker %s asked for room for %d jobs; it gets %d (2 x max_batch)",
                         worker.worker_id, msg["capacity"], worker.capacity)
@@ -325,6 +327,15 @@ class Broker:
                  worker.worker_id, "registered again" if previous else "ready", worker.host,
                  worker.device, ",".join(worker.models), worker.capacity, worker.max_batch,
                  len(held))
+
+    def _check_heartbeat(self, worker: WorkerRecord, interval: float | None) -> None:
+        """Warn about a worker that heartbeats at another interval than ours (workers from
+        before READY named it say nothing): each side declares the other dead by its own
+        interval, so a slower worker is declared dead while it is well."""
+        ours = self.config.heartbeat_interval
+        if interval is not None and not math.isclose(interval, ours):
+            log.warning("worker %s heartbeats every %g s, this broker every %g s: give every "
+                        "program the same --heartbeat", worker.worker_id, interval, ours)
 
     def _same_process(self, ready: Message, now: float) -> WorkerRecord | None:
         """The record of the worker process that sent ``ready``, from an earlier connection.
@@ -566,6 +577,8 @@ def _mismatch(spec: protocol.JobSpec, result: Message) -> str | None:
 
 
 def _with_attempt(job: Job) -> protocol.JobSpec:
+    if job.spec.attempt == job.attempt:  # nearly always: a copy costs more than encoding it
+        return job.spec
     return dataclasses.replace(job.spec, attempt=job.attempt)
 
 

@@ -5,8 +5,13 @@ Every message is one msgpack *header* frame (a map with the protocol version ``v
 images, previews). The broker reads headers only; payload frames pass through it untouched.
 
 This is the one module the other packages import the protocol from. Records have defaults for
-every optional field, and decoders ignore unknown fields, so a newer peer can add fields
+every optional field, and decoders skip unknown fields unread, so a newer peer can add fields
 without breaking an older one; a change that breaks old peers bumps ``VERSION``.
+
+Every header is decoded and checked in one pass by msgspec, against the types below: each
+message type is a Struct tagged by ``t``, and the constraints (id lengths, ranges, list
+caps) are in the annotations. What msgspec cannot say (finite floats, what a RESULT carries
+for its payload frames, maps of anything) is checked after, in ``_check_semantics``.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import msgpack
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
 
 VERSION = 1
 
@@ -77,28 +83,41 @@ class ErrorCode(enum.StrEnum):
 
 
 # --------------------------------------------------------------------------------------------
-# Records carried inside headers
+# Field types: the checks every field of that kind gets
+
+Id = Annotated[str, Meta(max_length=MAX_ID)]
+JobId = Annotated[str, Meta(min_length=1, max_length=MAX_ID)]  # in lists of held/running jobs
+Text = Annotated[str, Meta(max_length=MAX_STRING)]
+Positive = Annotated[int, Meta(ge=1)]
+Seed = Annotated[int, Meta(ge=0, le=MAX_SEED)]
+OptId = Id | UnsetType | None  # UNSET: absent from the header, so absent from Message.fields
+OptText = Text | UnsetType | None
+AnyMap = Annotated[dict[str, Any], Meta(max_length=MAX_LIST)]  # values: _check_plain
+
+
+# --------------------------------------------------------------------------------------------
+# Records carried inside headers (dataclasses: callers use dataclasses.replace on them)
 
 
 @dataclass(frozen=True, kw_only=True)
 class JobSpec:
     """One generation request: everything a worker needs to make ``len(seeds)`` images."""
 
-    id: str
-    model: str
-    prompt: str
-    width: int
-    height: int
-    steps: int
-    seeds: tuple[int, ...]
-    negative_prompt: str | None = None
-    guidance: float | None = None
-    output_format: str = "png"
+    id: Id
+    model: Text
+    prompt: Text
+    width: Positive
+    height: Positive
+    steps: Positive
+    seeds: Annotated[tuple[Seed, ...], Meta(min_length=1, max_length=MAX_IMAGES)]
+    negative_prompt: Text | None = None
+    guidance: float | None = None  # finite: checked by _check_job
+    output_format: Text = "png"
     output_compression: int | None = None
-    timeout: float = 300.0  # seconds from submission; each hop keeps its own clock
-    user: str | None = None
+    timeout: Annotated[float, Meta(gt=0)] = 300.0  # seconds from submission; finite
+    user: Text | None = None
     attempt: int = 0  # set by the broker: how many workers were lost running this job
-    previews: int = 0  # partial images to send while denoising (PROGRESS with a payload)
+    previews: Annotated[int, Meta(ge=0, le=MAX_PREVIEWS)] = 0  # partial images while denoising
 
     @property
     def n(self) -> int:
@@ -109,34 +128,22 @@ class JobSpec:
         return (self.model, self.width, self.height, self.steps, self.guidance, self.previews)
 
     def to_wire(self) -> dict[str, Any]:
-        # By hand: dataclasses.asdict deep-copies and costs 20x more, on the broker's hot path.
+        """The job as a plain map (encode() takes the JobSpec itself)."""
         data = {name: getattr(self, name) for name in _JOB_FIELDS}
         data["seeds"] = list(self.seeds)
         return data
 
     @classmethod
     def from_wire(cls, data: Any) -> JobSpec:
-        values = _check_record(data, _JOB_FIELDS, "job")
-        seeds = values["seeds"]
-        if not 1 <= len(seeds) <= MAX_IMAGES or not all(
-                _is_int(s) and 0 <= s <= MAX_SEED for s in seeds):
-            raise ProtocolError(f"job.seeds must be 1..{MAX_IMAGES} integers in 0..2**63-1")
-        if values["width"] <= 0 or values["height"] <= 0 or values["steps"] <= 0:
-            raise ProtocolError("job width, height and steps must be positive")
-        values["seeds"] = tuple(seeds)
-        if not 0 <= values.get("previews", 0) <= MAX_PREVIEWS:
-            raise ProtocolError(f"job.previews must be 0..{MAX_PREVIEWS}")
-        if values.get("guidance") is not None:
-            if not math.isfinite(values["guidance"]):
-                raise ProtocolError("job.guidance must be a finite number")
-            values["guidance"] = float(values["guidance"])
-        if "timeout" in values:
-            # A NaN or infinite deadline would never expire, and a NaN at the top of the
-            # broker's deadline heap would stop every other job from expiring too.
-            if not (math.isfinite(values["timeout"]) and values["timeout"] > 0):
-                raise ProtocolError("job.timeout must be a positive finite number")
-            values["timeout"] = float(values["timeout"])
-        return cls(**values)
+        try:
+            spec = msgspec.convert(data, cls)
+        except msgspec.ValidationError as exc:
+            raise ProtocolError(f"job: {exc}") from None
+        _check_job(spec)
+        return spec
+
+
+_JOB_FIELDS = tuple(f.name for f in dataclasses.fields(JobSpec))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,11 +153,14 @@ class ImageInfo:
     seed: int
     width: int
     height: int
-    format: str
+    format: Text
 
     @classmethod
     def from_wire(cls, data: Any) -> ImageInfo:
-        return cls(**_check_record(data, _IMAGE_FIELDS, "image"))
+        try:
+            return msgspec.convert(data, cls)
+        except msgspec.ValidationError as exc:
+            raise ProtocolError(f"image: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -166,7 +176,7 @@ class Message:
         """The message as frames again: the received header when there is one."""
         if self.header is not None:
             return [self.header, *self.payloads]
-        return encode(self.type, _to_wire(self.fields), self.payloads)
+        return encode(self.type, self.fields, self.payloads)
 
     def __getitem__(self, key: str) -> Any:
         return self.fields[key]
@@ -176,147 +186,131 @@ class Message:
 
 
 # --------------------------------------------------------------------------------------------
-# Field tables: name -> (accepted types, required)
+# Headers: one Struct per message type, told apart by ``t``
 
-_Spec = dict[str, tuple[tuple[type, ...], bool]]
-_STR, _INT, _NUM, _BOOL = (str,), (int,), (int, float), (bool,)
-_LIST, _MAP = (list,), (dict,)
-_OPT_STR = (str, type(None))
-_OPT_NUM = (int, float, type(None))
-_OPT_INT = (int, type(None))
 
-_JOB_FIELDS: _Spec = {
-    "id": (_STR, True),
-    "model": (_STR, True),
-    "prompt": (_STR, True),
-    "width": (_INT, True),
-    "height": (_INT, True),
-    "steps": (_INT, True),
-    "seeds": (_LIST, True),
-    "negative_prompt": (_OPT_STR, False),
-    "guidance": (_OPT_NUM, False),
-    "output_format": (_STR, False),
-    "output_compression": (_OPT_INT, False),
-    "timeout": (_NUM, False),
-    "user": (_OPT_STR, False),
-    "attempt": (_INT, False),
-    "previews": (_INT, False),
+class _Header(msgspec.Struct, tag_field="t", kw_only=True):
+    v: Literal[1]  # VERSION; not True, not 1.0
+
+
+class Submit(_Header, tag=MsgType.SUBMIT.value):
+    job: JobSpec
+    owner: OptId = UNSET  # the submitting frontend's stable id; its jobs across reconnects
+
+
+class Cancel(_Header, tag=MsgType.CANCEL.value):
+    job_id: Id
+    owner: OptId = UNSET
+    incarnation: OptId = UNSET
+
+
+class Status(_Header, tag=MsgType.STATUS.value):
+    pass
+
+
+class Accepted(_Header, tag=MsgType.ACCEPTED.value):
+    job_id: Id
+    position: int
+    incarnation: OptId = UNSET
+
+
+class StatusReply(_Header, tag=MsgType.STATUS_REPLY.value):
+    workers: Annotated[list[AnyMap], Meta(max_length=MAX_LIST)]
+    queues: Annotated[dict[str, int], Meta(max_length=MAX_LIST)]  # model -> queue depth
+    incarnation: OptId = UNSET
+
+
+class Progress(_Header, tag=MsgType.PROGRESS.value):
+    job_id: Id
+    step: int
+    steps: int
+    image_index: int | UnsetType | None = UNSET  # a payload frame previews this image
+    preview_format: OptText = UNSET
+
+
+class Result(_Header, tag=MsgType.RESULT.value):
+    job_id: Id
+    images: Annotated[list[ImageInfo], Meta(min_length=1, max_length=MAX_IMAGES)]
+    timings: AnyMap | UnsetType = UNSET
+    worker_id: OptId = UNSET
+
+
+class Failed(_Header, tag=MsgType.FAILED.value):
+    job_id: Id
+    code: Text
+    message: Text
+    retryable: bool = False
+    incarnation: OptId = UNSET
+
+
+class Ready(_Header, tag=MsgType.READY.value):
+    worker_id: Id
+    host: Text
+    device: Text
+    models: Annotated[list[Annotated[str, Meta(min_length=1, max_length=MAX_STRING)]],
+                      Meta(min_length=1, max_length=MAX_LIST)]
+    max_batch: Annotated[int, Meta(ge=1, le=MAX_BATCH)] | UnsetType = UNSET
+    capacity: Positive | UnsetType = UNSET
+    version: Text | UnsetType = UNSET
+    model_info: AnyMap | UnsetType = UNSET
+    held: Annotated[list[JobId], Meta(max_length=MAX_LIST)] | UnsetType = UNSET  # its jobs
+    session: OptId = UNSET  # random per worker process
+    # Seconds between its heartbeats: the broker logs a worker whose interval is not its own.
+    heartbeat: Annotated[float, Meta(gt=0)] | UnsetType = UNSET
+
+
+class Heartbeat(_Header, tag=MsgType.HEARTBEAT.value):
+    running: Annotated[list[JobId], Meta(max_length=MAX_LIST)] | UnsetType = UNSET
+    incarnation: OptId = UNSET
+
+
+class Bye(_Header, tag=MsgType.BYE.value):
+    pass
+
+
+class Jobs(_Header, tag=MsgType.JOBS.value):
+    jobs: Annotated[list[JobSpec], Meta(min_length=1, max_length=MAX_LIST)]
+    incarnation: OptId = UNSET
+
+
+class Reconnect(_Header, tag=MsgType.RECONNECT.value):
+    incarnation: OptId = UNSET
+
+
+# Per message type: its header and how many payload frames it may carry. Every message the
+# broker makes names its incarnation (a random id per broker process), so a peer notices a
+# restart on the first message from the new one, however fast it was.
+_HEADERS: dict[MsgType, tuple[type[_Header], range]] = {
+    MsgType.SUBMIT: (Submit, range(0, 1)),
+    MsgType.CANCEL: (Cancel, range(0, 1)),
+    MsgType.STATUS: (Status, range(0, 1)),
+    MsgType.ACCEPTED: (Accepted, range(0, 1)),
+    MsgType.STATUS_REPLY: (StatusReply, range(0, 1)),
+    MsgType.PROGRESS: (Progress, range(0, 2)),
+    MsgType.RESULT: (Result, range(1, MAX_PAYLOAD_FRAMES + 1)),
+    MsgType.FAILED: (Failed, range(0, 1)),
+    MsgType.READY: (Ready, range(0, 1)),
+    MsgType.HEARTBEAT: (Heartbeat, range(0, 1)),
+    MsgType.BYE: (Bye, range(0, 1)),
+    MsgType.JOBS: (Jobs, range(0, 1)),
+    MsgType.RECONNECT: (Reconnect, range(0, 1)),
 }
 
-_IMAGE_FIELDS: _Spec = {
-    "seed": (_INT, True),
-    "width": (_INT, True),
-    "height": (_INT, True),
-    "format": (_STR, True),
-}
 
-# Per message type: its fields and how many payload frames it may carry.
-_MESSAGES: dict[MsgType, tuple[_Spec, range]] = {
-    # owner: the submitting frontend's stable id; its jobs are its own across reconnects.
-    MsgType.SUBMIT: ({"job": (_MAP, True), "owner": (_OPT_STR, False)}, range(0, 1)),
-    MsgType.CANCEL: ({"job_id": (_STR, True), "owner": (_OPT_STR, False)}, range(0, 1)),
-    MsgType.STATUS: ({}, range(0, 1)),
-    MsgType.ACCEPTED: ({"job_id": (_STR, True), "position": (_INT, True)}, range(0, 1)),
-    MsgType.STATUS_REPLY: ({"workers": (_LIST, True), "queues": (_MAP, True)}, range(0, 1)),
-    MsgType.PROGRESS: (
-        {"job_id": (_STR, True), "step": (_INT, True), "steps": (_INT, True),
-         "image_index": (_OPT_INT, False), "preview_format": (_OPT_STR, False)},
-        range(0, 2),  # a payload frame is a preview of image `image_index`
-    ),
-    MsgType.RESULT: (
-        {"job_id": (_STR, True), "images": (_LIST, True), "timings": (_MAP, False),
-         "worker_id": (_OPT_STR, False)},
-        range(1, MAX_PAYLOAD_FRAMES + 1),
-    ),
-    MsgType.FAILED: (
-        {"job_id": (_STR, True), "code": (_STR, True), "message": (_STR, True),
-         "retryable": (_BOOL, False)},
-        range(0, 1),
-    ),
-    MsgType.READY: (
-        {"worker_id": (_STR, True), "host": (_STR, True), "device": (_STR, True),
-         "models": (_LIST, True), "max_batch": (_INT, False), "capacity": (_INT, False),
-         "version": (_STR, False), "model_info": (_MAP, False),
-         "held": (_LIST, False),  # ids of the jobs it holds (running or waiting), if any
-         "session": (_OPT_STR, False)},  # random per worker process
-        range(0, 1),
-    ),
-    MsgType.HEARTBEAT: ({"running": (_LIST, False)}, range(0, 1)),
-    MsgType.BYE: ({}, range(0, 1)),
-    MsgType.JOBS: ({"jobs": (_LIST, True)}, range(0, 1)),
-    MsgType.RECONNECT: ({}, range(0, 1)),
-}
+def _names(cls: type[_Header]) -> tuple[str, ...]:
+    return tuple(name for name in cls.__struct_fields__ if name != "v")
 
 
-# Every message the broker makes names its incarnation (a random id per broker process), so a
-# peer notices a restart on the first message from the new one, however fast it was.
-_INCARNATION: _Spec = {"incarnation": (_OPT_STR, False)}
-for _type in (MsgType.ACCEPTED, MsgType.STATUS_REPLY, MsgType.FAILED, MsgType.HEARTBEAT,
-              MsgType.JOBS, MsgType.CANCEL, MsgType.RECONNECT):
-    _MESSAGES[_type][0].update(_INCARNATION)
-
-_TYPE_NAMES = frozenset(t.value for t in MsgType)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
-    if isinstance(value, bool) and bool not in types:
-        return False  # bool is an int subclass; never accept True as a width
-    return isinstance(value, types)
-
-
-_ID_FIELDS = frozenset({"id", "job_id", "owner", "incarnation", "worker_id", "session"})
-
-
-def _check_value(name: str, value: Any) -> None:
-    if isinstance(value, str) and name.rpartition(".")[2] in _ID_FIELDS and len(value) > MAX_ID:
-        raise ProtocolError(f"{name} is longer than {MAX_ID} characters")
-    if isinstance(value, str) and len(value) > MAX_STRING:
-        raise ProtocolError(f"{name} is longer than {MAX_STRING} characters")
-    if isinstance(value, (list, dict)) and len(value) > MAX_LIST:
-        raise ProtocolError(f"{name} has more than {MAX_LIST} entries")
-
-
-def _check_record(data: Any, spec: _Spec, what: str) -> dict[str, Any]:
-    """Return the known fields of ``data`` after checking their types; ignore unknown ones."""
-    if not isinstance(data, dict):
-        raise ProtocolError(f"{what} must be a map")
-    values: dict[str, Any] = {}
-    for name, (types, required) in spec.items():
-        if name not in data:
-            if required:
-                raise ProtocolError(f"{what}.{name} is missing")
-            continue
-        value = data[name]
-        if not _type_ok(value, types):
-            raise ProtocolError(f"{what}.{name} has the wrong type {type(value).__name__}")
-        _check_value(f"{what}.{name}", value)
-        values[name] = value
-    return values
+# The fields of each type (for the docs' test): msg type -> (field names, payload counts).
+_MESSAGES = {t: (_names(cls), counts) for t, (cls, counts) in _HEADERS.items()}
+_BY_CLASS = {cls: (t, _names(cls), counts) for t, (cls, counts) in _HEADERS.items()}
+_DECODER = msgspec.msgpack.Decoder(Submit | Cancel | Status | Accepted | StatusReply | Progress
+                                   | Result | Failed | Ready | Heartbeat | Bye | Jobs | Reconnect)
+_ENCODER = msgspec.msgpack.Encoder()
 
 
 # --------------------------------------------------------------------------------------------
 # Encoding and decoding
-
-
-def _to_wire(fields: dict[str, Any]) -> dict[str, Any]:
-    """Decoded fields back to plain msgpack values (records become maps)."""
-    def plain(value: Any) -> Any:
-        if isinstance(value, JobSpec):
-            return value.to_wire()
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            return dataclasses.asdict(value)
-        if isinstance(value, list):
-            return [plain(v) for v in value]
-        return value
-    return {k: plain(v) for k, v in fields.items()}
-
-
-def _reject_ext(code: int, data: bytes) -> Any:
-    raise ProtocolError("msgpack extension types are not allowed")
 
 
 def encode(msg_type: MsgType, fields: dict[str, Any] | None = None,
@@ -328,18 +322,10 @@ def encode(msg_type: MsgType, fields: dict[str, Any] | None = None,
     """
     header = {"v": VERSION, "t": msg_type.value, **(fields or {})}
     try:
-        packed = msgpack.packb(header, use_bin_type=True)
+        packed = _ENCODER.encode(header)
     except (UnicodeEncodeError, TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(f"cannot encode {msg_type.value}: {type(exc).__name__}") from None
     return [packed, *payloads]
-
-
-def _frame_bytes(frame: Any) -> bytes:
-    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
-
-
-def _frame_len(frame: Any) -> int:
-    return len(frame.buffer) if hasattr(frame, "buffer") else len(frame)
 
 
 def decode(frames: Sequence[Any]) -> Message:
@@ -349,93 +335,72 @@ def decode(frames: Sequence[Any]) -> Message:
     """
     if not 1 <= len(frames) <= MAX_FRAMES:
         raise ProtocolError(f"a message has 1..{MAX_FRAMES} frames, got {len(frames)}")
-    if _frame_len(frames[0]) > MAX_HEADER_BYTES:
+    raw = frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]  # zmq.Frame: no copy
+    if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError("header frame too large")
-    header = _unpack_header(_frame_bytes(frames[0]))
-    if not _is_int(header.get("v")) or header["v"] != VERSION:  # not True, not 1.0
-        raise ProtocolError(f"unsupported protocol version {header.get('v')!r}")
-    name = header.get("t")
-    if not isinstance(name, str) or name not in _TYPE_NAMES:
-        raise ProtocolError(f"unknown message type {name!r}")
-    msg_type = MsgType(name)
-    spec, payload_counts = _MESSAGES[msg_type]
+    try:
+        header = _DECODER.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"invalid header: {exc}") from None
+    except Exception as exc:  # malformed msgpack, or nested too deep (RecursionError)
+        raise ProtocolError(f"undecodable header: {type(exc).__name__}") from None
+    msg_type, names, payload_counts = _BY_CLASS[type(header)]
     payloads = tuple(frames[1:])
     if len(payloads) not in payload_counts:
         raise ProtocolError(f"{msg_type.value} takes {payload_counts} payload frames")
-    fields = _check_record(header, spec, msg_type.value)
-    _check_semantics(msg_type, fields, payloads)
+    _check_semantics(header, payloads)
+    fields = {name: value for name in names
+              if (value := getattr(header, name)) is not UNSET}
     return Message(msg_type, fields, payloads, header=frames[0])
 
 
-def _unpack_header(raw: bytes) -> dict[str, Any]:
-    try:
-        header = msgpack.unpackb(
-            raw, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True,
-            max_str_len=MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES,
-            max_array_len=MAX_LIST, max_map_len=MAX_LIST,
-        )
-    except ProtocolError:
-        raise
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise ProtocolError(f"undecodable header: {type(exc).__name__}") from None
-    if not isinstance(header, dict):
-        raise ProtocolError("header must be a map")
-    _reject_timestamps(header)
-    return header
+def _check_job(spec: JobSpec) -> None:
+    # A NaN or infinite deadline would never expire, and a NaN at the top of the broker's
+    # deadline heap would stop every other job from expiring too.
+    if not math.isfinite(spec.timeout):
+        raise ProtocolError("job.timeout must be a positive finite number")
+    if spec.guidance is not None and not math.isfinite(spec.guidance):
+        raise ProtocolError("job.guidance must be a finite number")
 
 
 _PLAIN = (str, bytes, int, float, bool, type(None))
 
 
-def _reject_timestamps(header: dict[str, Any]) -> None:
-    """Reject msgpack Timestamps: extension -1 is decoded without asking ``ext_hook``."""
-    stack: list[Any] = [header]
+def _check_plain(name: str, value: Any) -> None:
+    """Check a map of anything as msgpack's own limits did: no extension types (msgspec
+    decodes Timestamps to datetimes and others to Ext), str keys, no list over MAX_LIST."""
+    stack: list[Any] = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
-            stack.extend(item.values())  # keys are str or bytes (strict_map_key)
+            if len(item) > MAX_LIST or not all(isinstance(k, str) for k in item):
+                raise ProtocolError(f"{name} holds a map too long or with non-string keys")
+            stack.extend(item.values())
         elif isinstance(item, list):
+            if len(item) > MAX_LIST:
+                raise ProtocolError(f"{name} has more than {MAX_LIST} entries")
             stack.extend(item)
         elif not isinstance(item, _PLAIN):
-            raise ProtocolError("msgpack extension types are not allowed")
+            raise ProtocolError(f"{name}: msgpack extension types are not allowed")
 
 
-def _check_semantics(msg_type: MsgType, fields: dict[str, Any], payloads: Sequence[Any]) -> None:
-    """Checks that span fields: nested records and payload counts that depend on the header."""
-    if msg_type is MsgType.SUBMIT:
-        fields["job"] = JobSpec.from_wire(fields["job"])
-    elif msg_type is MsgType.JOBS:
-        fields["jobs"] = [JobSpec.from_wire(j) for j in fields["jobs"]]
-        if not fields["jobs"]:
-            raise ProtocolError("jobs must not be empty")
-    elif msg_type is MsgType.RESULT:
-        fields["images"] = [ImageInfo.from_wire(i) for i in fields["images"]]
-        if len(fields["images"]) != len(payloads):
+def _check_semantics(header: _Header, payloads: Sequence[Any]) -> None:
+    """Checks that the types cannot say: finite floats, payload counts, maps of anything."""
+    if isinstance(header, Submit):
+        _check_job(header.job)
+    elif isinstance(header, Jobs):
+        for spec in header.jobs:
+            _check_job(spec)
+    elif isinstance(header, Result):
+        if len(header.images) != len(payloads):
             raise ProtocolError("result needs one payload frame per image")
-    elif msg_type is MsgType.READY:
-        models = fields["models"]
-        if not models or not all(isinstance(m, str) and m for m in models):
-            raise ProtocolError("ready.models must be a non-empty list of names")
-        max_batch, capacity = fields.get("max_batch", 1), fields.get("capacity", 1)
-        if not 1 <= max_batch <= MAX_BATCH:
-            raise ProtocolError(f"ready.max_batch must be 1..{MAX_BATCH}")
-        if capacity < 1:
-            raise ProtocolError("ready.capacity must be at least 1")
-        _check_ids("ready.held", fields.get("held", []))
-    elif msg_type is MsgType.HEARTBEAT:
-        _check_ids("heartbeat.running", fields.get("running", []))
-    elif msg_type is MsgType.FAILED:
-        fields.setdefault("retryable", False)
-    elif msg_type is MsgType.STATUS_REPLY:
-        if not all(isinstance(w, dict) for w in fields["workers"]):
-            raise ProtocolError("status_reply.workers must be a list of maps")
-        if not all(isinstance(k, str) and _is_int(v) for k, v in fields["queues"].items()):
-            raise ProtocolError("status_reply.queues must map model names to depths")
-
-
-def _check_ids(name: str, ids: list[Any]) -> None:
-    if not all(isinstance(i, str) and 0 < len(i) <= MAX_ID for i in ids):
-        raise ProtocolError(f"{name} must be a list of job ids")
+        if header.timings:
+            _check_plain("result.timings", header.timings)
+    elif isinstance(header, Ready):
+        if header.model_info:
+            _check_plain("ready.model_info", header.model_info)
+    elif isinstance(header, StatusReply):
+        _check_plain("status_reply.workers", header.workers)
 
 
 class DropLog:
@@ -465,12 +430,11 @@ class DropLog:
 
 
 def submit(job: JobSpec, owner: str | None = None) -> list[Any]:
-    return encode(MsgType.SUBMIT, {"job": job.to_wire(), "owner": owner})
+    return encode(MsgType.SUBMIT, {"job": job, "owner": owner})
 
 
 def jobs(specs: Sequence[JobSpec], incarnation: str | None = None) -> list[Any]:
-    return encode(MsgType.JOBS, {"jobs": [s.to_wire() for s in specs],
-                                 "incarnation": incarnation})
+    return encode(MsgType.JOBS, {"jobs": specs, "incarnation": incarnation})
 
 
 def failed(job_id: str, code: ErrorCode, message: str, *, retryable: bool = False,
@@ -485,7 +449,6 @@ def result(job_id: str, images: Sequence[ImageInfo], payloads: Sequence[Any], *,
            timings: dict[str, float] | None = None, worker_id: str | None = None) -> list[Any]:
     return encode(
         MsgType.RESULT,
-        {"job_id": job_id, "images": [dataclasses.asdict(i) for i in images],
-         "timings": timings or {}, "worker_id": worker_id},
+        {"job_id": job_id, "images": images, "timings": timings or {}, "worker_id": worker_id},
         payloads,
     )

@@ -127,6 +127,8 @@ class Worker:
             "max_batch": self.config.max_batch, "capacity": 2 * self.config.max_batch,
             "version": VERSION, "session": self.session,
             "model_info": {self.spec.name: self.spec.describe()},
+            # The broker checks it against its own: peers that disagree declare each other dead.
+            "heartbeat": self.config.heartbeat,
         }
 
     # ---------------------------------------------------------------- the link's handler

@@ -133,7 +133,8 @@ class FakeWorker(Peer):
     """A GPU worker without a GPU: the test decides what it answers and when."""
 
     def ready(self, worker_id: str = "w", *, models: tuple[str, ...] = (MODEL,),
-              capacity: int = 1, max_batch: int = 1, held: list[str] | None = None) -> None:
+              capacity: int = 1, max_batch: int = 1, held: list[str] | None = None,
+              heartbeat: float | None = None) -> None:
         self.worker_id = worker_id
         fields: dict[str, Any] = {
             "worker_id": worker_id, "host": "testhost", "device": "cpu",
@@ -143,6 +144,8 @@ class FakeWorker(Peer):
         }
         if held is not None:
             fields["held"] = held
+        if heartbeat is not None:
+            fields["heartbeat"] = heartbeat
         self.send_msg(MsgType.READY, fields)
 
     def take(self, timeout: float = 5.0, **kwargs: Any) -> list[JobSpec]:

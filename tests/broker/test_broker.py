@@ -678,3 +678,15 @@ def test_a_worker_with_room_for_several_jobs_gets_them_in_one_round(
     worker = harness.worker("w1", max_batch=1, capacity=2)
     harness.broker.tick()  # one round, no waiting for the next message or poll timeout
     assert [[s.id for s in worker.take(timeout=0.5)] for _ in range(2)] == [["r0"], ["r1"]]
+
+
+@pytest.mark.parametrize("interval, warned", [(1.0, False), (2.5, True), (None, False)],
+                         ids=["same", "slower", "not-said"])
+def test_a_worker_with_another_heartbeat_interval_is_logged(
+        harness: BrokerHarness, caplog: pytest.LogCaptureFixture, interval: float | None,
+        warned: bool) -> None:
+    caplog.set_level(logging.WARNING, logger="broker")
+    harness.worker("w1", heartbeat=interval)  # the harness's broker beats every 1 s
+    lines = [r.getMessage() for r in caplog.records if "heartbeats every" in r.getMessage()]
+    assert lines == (["worker w1 heartbeats every 2.5 s, this broker every 1 s: give every "
+                      "program the same --heartbeat"] if warned else [])

@@ -368,15 +368,27 @@ def test_rejects_random_bytes(raw: bytes) -> None:
 
 
 def test_rejects_ext_type() -> None:
-    rejects([header("status", x=msgpack.ExtType(5, b"abc"))])
     rejects([header("cancel", job_id=msgpack.ExtType(1, b""))])
+    rejects([header("ready", worker_id="w", host="h", device="d", models=["m"],
+                    model_info={"m": [msgpack.ExtType(5, b"abc")]})])
 
 
 def test_rejects_timestamp_ext_type() -> None:
-    # msgpack decodes extension -1 as a Timestamp without asking ext_hook.
-    rejects([header("status", x=msgpack.Timestamp(5, 0))])
+    # Extension -1 is a Timestamp: decoded as a datetime where a field takes anything.
     rejects([header("result", job_id="j", images=[image(1)],
                     timings={"at": msgpack.Timestamp(5, 0)}), b"x"])
+    rejects([header("status_reply", workers=[{"at": msgpack.Timestamp(5, 0)}], queues={})])
+
+
+def test_unknown_fields_are_skipped_unread() -> None:
+    # Nothing in an unknown field is decoded or kept, so nothing in it can do harm.
+    for odd in (msgpack.ExtType(5, b"abc"), msgpack.Timestamp(5, 0),
+                list(range(MAX_LIST + 1)), {5: "x"}):
+        assert protocol.decode([header("cancel", job_id="j", x=odd)]).fields == {"job_id": "j"}
+
+
+def test_rejects_nesting_too_deep_even_in_unknown_fields() -> None:
+    rejects([header("status")[:-1] + b"\x81\xa1x" + b"\x91" * 100_000 + b"\xc0"])
 
 
 def test_rejects_non_string_map_keys() -> None:
@@ -423,6 +435,18 @@ def test_rejects_seeds_outside_the_documented_range(seed: int) -> None:
     rejects([header("submit", job=job_map(seeds=[seed]))])
 
 
+@pytest.mark.parametrize(("frame", "name"), [
+    (header("submit", job=job_map(seeds=[-1])), "job.seeds"),
+    (header("submit", job=job_map(width=0)), "job.width"),
+    (header("cancel", job_id="j" * (protocol.MAX_ID + 1)), "job_id"),
+    (header("ready", worker_id="w", host="h", device="d", models=["m"], max_batch=99),
+     "max_batch"),
+])
+def test_rejection_names_the_field(frame: bytes, name: str) -> None:
+    with pytest.raises(ProtocolError, match=name.replace(".", r"\.")):
+        protocol.decode([frame])
+
+
 @pytest.mark.parametrize("text", ["\ud800", "a\udfffb"])
 def test_encoding_a_string_that_is_not_unicode_raises_protocol_error(text: str) -> None:
     # A lone surrogate cannot be UTF-8: the one message is refused, nothing else breaks.
@@ -434,7 +458,8 @@ def test_encoding_a_string_that_is_not_unicode_raises_protocol_error(text: str) 
 
 def test_rejects_lists_over_max_list() -> None:
     rejects([header("heartbeat", running=["j"] * (MAX_LIST + 1))])
-    rejects([header("status", pad=list(range(MAX_LIST + 1)))])  # even in unknown fields
+    rejects([header("result", job_id="j", images=[image(1)],
+                    timings={"x": list(range(MAX_LIST + 1))}), b"x"])  # at any depth
     assert len(protocol.decode([header("heartbeat", running=["j"] * MAX_LIST)])["running"]) \
         == MAX_LIST
 

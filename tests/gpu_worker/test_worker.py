@@ -146,6 +146,13 @@ def assert_cancelled(msg: Message) -> None:
 # ------------------------------------------------------------------------------ answers
 
 
+def test_ready_names_the_heartbeat_interval_the_link_uses() -> None:
+    worker = Worker(WorkerConfig(worker_id="w", heartbeat=0.5, warm_up=False),
+                    runner=FakeRunner())
+    frames = protocol.encode(MsgType.READY, worker.ready_fields())
+    assert protocol.decode(frames)["heartbeat"] == 0.5
+
+
 def test_a_job_gets_one_result_and_is_forgotten(running: Callable[..., Running]) -> None:
     run = running()
     run.worker.on_jobs([make_spec("a", seeds=(1, 2))])
