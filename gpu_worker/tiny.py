@@ -77,7 +77,7 @@ def build_tiny_pipeline() -> StableDiffusionPipeline:
             text_encoder=_build_text_encoder(),
             tokenizer=_build_tokenizer(),
             unet=_build_unet(),
-            scheduler=_build_scheduler(),
+            scheduler=build_scheduler(),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
@@ -87,7 +87,7 @@ def build_tiny_pipeline() -> StableDiffusionPipeline:
     return pipe
 
 
-def _byte_symbols() -> list[str]:
+def byte_symbols() -> list[str]:
     """Return the 256 printable symbols GPT-2/CLIP byte-level BPE uses for bytes."""
     printable = (
         list(range(ord("!"), ord("~") + 1))
@@ -103,7 +103,7 @@ def _build_tokenizer() -> CLIPTokenizer:
     from transformers import CLIPTokenizer
 
     # Every byte alone and word-final: any word splits into known symbols, never unk.
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     tokens = symbols + [s + "</w>" for s in symbols] + [_BOS, _EOS]
     vocab = {token: i for i, token in enumerate(tokens)}
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TINY_MAX_LENGTH)
@@ -166,7 +166,7 @@ def _build_vae() -> AutoencoderKL:
     )
 
 
-def _build_scheduler() -> EulerDiscreteScheduler:
+def build_scheduler() -> EulerDiscreteScheduler:
     """Build a deterministic Euler scheduler with Stable Diffusion 1.x betas."""
     from diffusers import EulerDiscreteScheduler
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 # The GPT-2 byte table, defined once for the built-in tiny model and for these tokenizers.
-from gpu_worker.tiny import _byte_symbols as byte_symbols
+from gpu_worker.tiny import byte_symbols
 
 if TYPE_CHECKING:
     from diffusers.pipelines.kolors import ChatGLMTokenizer

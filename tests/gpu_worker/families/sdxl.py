@@ -11,7 +11,7 @@ from __future__ import annotations
 import pathlib
 from typing import TYPE_CHECKING, Any
 
-from gpu_worker.tiny import _build_scheduler
+from gpu_worker import tiny
 from tests.gpu_worker.families._components import clip_text_encoder, save_seeded, vae
 from tests.gpu_worker.families._tokenizers import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer
 
@@ -115,4 +115,4 @@ def build_vae() -> AutoencoderKL:
 
 def build_scheduler() -> EulerDiscreteScheduler:
     """Build the Euler scheduler with SDXL base's configuration: SD 1.x's, as the tiny model's."""
-    return _build_scheduler()
+    return tiny.build_scheduler()
