@@ -120,7 +120,7 @@ def _broker_main(conn: Connection, config: dict[str, Any], profile: str | None) 
 
     broker.tick = counting_tick  # type: ignore[method-assign]
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
-    conn.send((broker.clients.getsockopt_string(zmq.LAST_ENDPOINT), broker.worker_endpoint))
+    conn.send((broker.client_endpoint, broker.worker_endpoint))
     started = time.process_time()
     if profile:
         import cProfile

@@ -120,11 +120,6 @@ class Broker:
     def worker_endpoint(self) -> str:
         return self.worker_socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
-    @property
-    def clients(self) -> zmq.Socket[bytes]:
-        """The client socket by its old name, still read by bench/_common.py."""
-        return self.client_socket
-
     def self_test(self, timeout: float = 3.0) -> None:
         """With CURVE on, prove that an allowed key gets in and an unknown one does not.
 
@@ -225,7 +220,7 @@ class Broker:
         job = Job(spec=spec, client=client, owner=owner, deadline=now + spec.timeout)
         if self.leases.take_claimed(job):
             # A worker re-registered holding this job (we restarted): it stays there.
-            self._accepted(client, spec.id, 0)
+            self._tell_position(client, spec.id, 0)
             return
         if not self.workers.serves(spec.model) and now >= self._startup_grace_until:
             self._fail(client, spec.id, ErrorCode.NO_WORKER,
@@ -235,7 +230,7 @@ class Broker:
             self._fail(client, spec.id, ErrorCode.QUEUE_FULL,
                        f"the queue for {spec.model!r} is full", retryable=True)
             return
-        self._accepted(client, spec.id, self.jobs.add(job))
+        self._tell_position(client, spec.id, self.jobs.add(job))
 
     def _reattach(self, client: bytes, owner: str, job: Job) -> None:
         """A resubmission: its owner's answers go to the connection it came from."""
@@ -249,7 +244,7 @@ class Broker:
         if job.state is JobState.QUEUED:
             queued = self.jobs.head(job.model, POSITION_UPDATES)
             position = next((i for i, j in enumerate(queued) if j is job), len(queued))
-        self._accepted(client, job.id, position)
+        self._tell_position(client, job.id, position)
 
     def _on_cancel(self, owner: str, job_id: str, now: float) -> None:
         job = self.jobs.get(job_id)
@@ -521,7 +516,7 @@ class Broker:
         self._next_announce = now + POSITION_INTERVAL
         for model in self._queue_moved:
             for position, job in enumerate(self.jobs.head(model, POSITION_UPDATES)):
-                self._accepted(job.client, job.id, position)
+                self._tell_position(job.client, job.id, position)
         self._queue_moved.clear()
 
     # ---------------------------------------------------------------------------- sending
@@ -545,7 +540,10 @@ class Broker:
         self._send(self.client_socket, client, protocol.failed(
             job_id, code, message, retryable=retryable, incarnation=self.incarnation))
 
-    def _accepted(self, client: bytes, job_id: str, position: int) -> None:
+    def _tell_position(self, client: bytes, job_id: str, position: int) -> None:
+        """ACCEPTED: the job is held here, ``position`` jobs ahead of it in its queue (0 when
+        it is next or running). Sent when a job is taken, and again when its place changes:
+        one message, one meaning, whether the frontend has heard of the job before or not."""
         self._send(self.client_socket, client,
                    self._msg(MsgType.ACCEPTED, {"job_id": job_id, "position": position}))
 
