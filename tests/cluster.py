@@ -10,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -79,15 +81,18 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def wait_until(predicate, timeout: float, what: str):
-    """Poll ``predicate`` until it returns something true (returned), or fail naming ``what``."""
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
+               details: Callable[[], str] | None = None) -> Any:
+    """Poll ``predicate`` until it returns something true (returned), or fail naming ``what``
+    (and what ``details`` says then)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}"
+                         + (f"\n{details()}" if details else ""))
 
 
 class OutputLog:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.cluster import REPO, OutputLog, alive, bound_http_port, cluster_env
+from tests.cluster import REPO, OutputLog, alive, bound_http_port, cluster_env, wait_until
 
 PREFIX = "dcmh-"
 HEARTBEAT = 0.3
@@ -56,19 +56,6 @@ def our_namespaces() -> list[str]:
     listing = ip("netns", "list", check=False).stdout
     return [line.split()[0] for line in listing.splitlines()
             if line.strip() and line.split()[0].startswith(PREFIX)]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               details: Callable[[], str] | None = None) -> Any:
-    """Poll ``predicate`` until it is truthy (returned) or ``timeout`` passes (an assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}" +
-                         (f"\n{details()}" if details else ""))
 
 
 def delete_namespace(name: str) -> None:
