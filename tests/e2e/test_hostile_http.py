@@ -8,6 +8,7 @@ finishes one, so generations wait as long as a test wants.
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import socket
@@ -24,7 +25,7 @@ import zmq
 
 from broker import protocol
 from broker.protocol import MsgType, ProtocolError
-from tests.cluster import REPO, OutputLog, cluster_env, free_port, wait_until
+from tests.cluster import REPO, OutputLog, bound_http_port, cluster_env, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +39,8 @@ class StandInBroker:
     def __init__(self, ctx: zmq.Context) -> None:
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
-        self.sock.bind(self.endpoint)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
         self.submitted: list[str] = []
         self.cancelled: list[str] = []
         self._stop = threading.Event()
@@ -77,17 +78,25 @@ class StandInBroker:
 
 
 class Frontend:
-    """``python -m http_frontend`` on a free port."""
+    """``python -m http_frontend`` on a port it picks itself (``--port 0``)."""
+
+    _ids = itertools.count(1)
 
     def __init__(self, cache_dir: Path, broker: str, *extra: str) -> None:
-        self.port = free_port()
+        # Its own id: by default it would be HOST:0 for every frontend started on port 0.
+        frontend_id = f"hostile-{next(self._ids)}"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "http_frontend", "--port", str(self.port), "--broker", broker,
-             "--heartbeat", "0.2", "--max-body", str(MAX_BODY), *extra],
+            [sys.executable, "-m", "http_frontend", "--port", "0", "--frontend-id", frontend_id,
+             "--broker", broker, "--heartbeat", "0.2", "--max-body", str(MAX_BODY), *extra],
             cwd=REPO, env=cluster_env(cache_dir), stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True)
         self.log = OutputLog(self.process)
-        self.log.wait_for("serving on", 30.0)
+        try:
+            self.port = bound_http_port(self.log)
+        except BaseException:
+            self.process.kill()
+            self.process.wait(10)
+            raise
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)

@@ -18,9 +18,10 @@ from tests.cluster import (
     Cluster,
     OutputLog,
     alive,
+    bound_broker_endpoints,
+    bound_http_port,
     cluster_env,
     descendants,
-    free_port,
     wait_until,
 )
 
@@ -77,22 +78,27 @@ def test_crashed_worker_is_restarted_and_cluster_keeps_serving(cache_dir: Path) 
 
 
 def test_components_run_on_their_own(cache_dir: Path) -> None:
-    clients, workers, port = (f"tcp://127.0.0.1:{free_port()}",
-                              f"tcp://127.0.0.1:{free_port()}", free_port())
-    commands = [
-        [sys.executable, "-m", "broker", "--clients", clients, "--workers", workers,
-         "--heartbeat", str(HEARTBEAT)],
-        [sys.executable, "-m", "gpu_worker", "--broker", workers, "--model", "tiny",
-         "--device", "cpu", "--threads", "1", "--heartbeat", str(HEARTBEAT)],
-        [sys.executable, "-m", "http_frontend", "--broker", clients, "--host", "127.0.0.1",
-         "--port", str(port)],
-    ]
-    processes = [subprocess.Popen(cmd, cwd=REPO, env=cluster_env(cache_dir),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for cmd in commands]
-    logs = [OutputLog(p) for p in processes]
-    url = f"http://127.0.0.1:{port}"
+    processes: list[subprocess.Popen] = []
+    logs: list[OutputLog] = []
+
+    def start(*argv: str) -> OutputLog:
+        process = subprocess.Popen([sys.executable, "-m", *argv], cwd=REPO,
+                                   env=cluster_env(cache_dir), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        processes.append(process)
+        logs.append(OutputLog(process))
+        return logs[-1]
+
     try:
+        # Port 0 everywhere: each process binds what is free and logs what it got.
+        clients, workers = bound_broker_endpoints(start(
+            "broker", "--clients", "tcp://127.0.0.1:*", "--workers", "tcp://127.0.0.1:*",
+            "--heartbeat", str(HEARTBEAT)))
+        start("gpu_worker", "--broker", workers, "--model", "tiny", "--device", "cpu",
+              "--threads", "1", "--heartbeat", str(HEARTBEAT))
+        port = bound_http_port(start("http_frontend", "--broker", clients,
+                                     "--host", "127.0.0.1", "--port", "0"))
+        url = f"http://127.0.0.1:{port}"
         wait_until(lambda: len(ready_workers(url)) == 1, 60, "the worker to register")
         resp = tiny_image(url, seed=9)
         assert resp.status_code == 200, resp.text

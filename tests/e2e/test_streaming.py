@@ -178,19 +178,21 @@ def test_streams_are_bounded_and_never_starve_plain_requests(cluster: Cluster,
     import subprocess
     import sys
 
-    from tests.cluster import REPO, cluster_env, free_port
+    from tests.cluster import REPO, OutputLog, bound_http_port, cluster_env
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    # A second frontend on the same broker: 4 threads, so at most 2 streams.
+    # A second frontend on the same broker: 4 threads, so at most 2 streams. On port 0 its
+    # default id would be HOST:0, so it gets its own.
     frontend = subprocess.Popen(
-        [sys.executable, "-m", "http_frontend", "--broker", cluster.clients, "--port",
-         str(port), "--threads", "4", "--keepalive", "0.2", "--heartbeat", "0.5"],
-        cwd=REPO, env=cluster_env(cache_dir), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+        [sys.executable, "-m", "http_frontend", "--broker", cluster.clients, "--port", "0",
+         "--frontend-id", "streaming-second", "--threads", "4", "--keepalive", "0.2",
+         "--heartbeat", "0.5"],
+        cwd=REPO, env=cluster_env(cache_dir), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    log = OutputLog(frontend)
     opened: list[httpx.Response] = []
     clients: list[httpx.Client] = []
     try:
+        url = f"http://127.0.0.1:{bound_http_port(log)}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:

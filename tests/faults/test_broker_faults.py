@@ -13,7 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cluster import REPO, Cluster, OutputLog, cluster_env, free_port, wait_until
+from tests.cluster import (
+    REPO,
+    Cluster,
+    OutputLog,
+    bound_broker_endpoints,
+    bound_http_port,
+    cluster_env,
+    wait_until,
+)
 from tests.openapi_spec import validate
 
 pytestmark = pytest.mark.slow
@@ -40,7 +48,9 @@ def start(cache_dir: Path, *argv: str) -> tuple[subprocess.Popen, OutputLog]:
     return process, OutputLog(process)
 
 
-def stop(*processes: subprocess.Popen) -> None:
+def stop(*maybe: subprocess.Popen | None) -> None:
+    """Stop the processes that were started (None: one never was)."""
+    processes = [process for process in maybe if process is not None]
     for process in processes:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -78,18 +88,20 @@ def test_broker_killed_mid_job_is_restarted_and_the_job_completes(cache_dir: Pat
 
 
 def test_a_standalone_broker_can_simply_be_started_again(cache_dir: Path) -> None:
-    clients, workers, port = (f"tcp://127.0.0.1:{free_port()}",
-                              f"tcp://127.0.0.1:{free_port()}", free_port())
-    broker_argv = ["-m", "broker", "--clients", clients, "--workers", workers,
-                   "--heartbeat", str(HEARTBEAT)]
-    url = f"http://127.0.0.1:{port}"
-    broker, _ = start(cache_dir, *broker_argv)
-    worker, worker_log = start(cache_dir, "-m", "gpu_worker", "--broker", workers, "--model",
-                               "tiny", "--device", "cpu", "--threads", "1",
-                               "--heartbeat", str(HEARTBEAT))
-    frontend, _ = start(cache_dir, "-m", "http_frontend", "--broker", clients, "--port",
-                        str(port), "--heartbeat", str(HEARTBEAT))
+    broker, broker_log = start(cache_dir, "-m", "broker", "--clients", "tcp://127.0.0.1:*",
+                               "--workers", "tcp://127.0.0.1:*", "--heartbeat", str(HEARTBEAT))
+    worker = frontend = None
     try:
+        clients, workers = bound_broker_endpoints(broker_log)
+        # The restarted broker binds the same ports: its peers reconnect to what they know.
+        broker_argv = ["-m", "broker", "--clients", clients, "--workers", workers,
+                       "--heartbeat", str(HEARTBEAT)]
+        worker, worker_log = start(cache_dir, "-m", "gpu_worker", "--broker", workers,
+                                   "--model", "tiny", "--device", "cpu", "--threads", "1",
+                                   "--heartbeat", str(HEARTBEAT))
+        frontend, frontend_log = start(cache_dir, "-m", "http_frontend", "--broker", clients,
+                                       "--port", "0", "--heartbeat", str(HEARTBEAT))
+        url = f"http://127.0.0.1:{bound_http_port(frontend_log)}"
         wait_until(lambda: ready_count(url) == 1, 60, "the worker")
         broker.kill()
         broker.wait()
@@ -108,13 +120,14 @@ def test_a_standalone_broker_can_simply_be_started_again(cache_dir: Path) -> Non
         stop(frontend, worker, broker)
 
 
-def test_no_broker_503_within_2_s_even_past_the_thread_count(cache_dir: Path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    frontend, _ = start(cache_dir, "-m", "http_frontend", "--broker",
-                        f"tcp://127.0.0.1:{free_port()}", "--port", str(port),
-                        "--threads", "4", "--heartbeat", str(HEARTBEAT))
+def test_no_broker_503_within_2_s_even_past_the_thread_count(cache_dir: Path,
+                                                             tmp_path: Path) -> None:
+    # An ipc path in a fresh directory: no process can be listening there.
+    frontend, log = start(cache_dir, "-m", "http_frontend", "--broker",
+                          f"ipc://{tmp_path / 'no-broker'}", "--port", "0",
+                          "--threads", "4", "--heartbeat", str(HEARTBEAT))
     try:
+        url = f"http://127.0.0.1:{bound_http_port(log)}"
         wait_until(lambda: _answers(f"{url}/healthz"), 30, "the frontend")
 
         def one(_: int) -> tuple[int, float]:
@@ -132,13 +145,14 @@ def test_no_broker_503_within_2_s_even_past_the_thread_count(cache_dir: Path) ->
 
 
 def test_no_worker_is_a_fast_503(cache_dir: Path) -> None:
-    clients, port = f"tcp://127.0.0.1:{free_port()}", free_port()
-    url = f"http://127.0.0.1:{port}"
-    broker, _ = start(cache_dir, "-m", "broker", "--clients", clients, "--workers",
-                      f"tcp://127.0.0.1:{free_port()}", "--heartbeat", str(HEARTBEAT))
-    frontend, _ = start(cache_dir, "-m", "http_frontend", "--broker", clients, "--port",
-                        str(port), "--heartbeat", str(HEARTBEAT))
+    broker, broker_log = start(cache_dir, "-m", "broker", "--clients", "tcp://127.0.0.1:*",
+                               "--workers", "tcp://127.0.0.1:*", "--heartbeat", str(HEARTBEAT))
+    frontend = None
     try:
+        clients, _ = bound_broker_endpoints(broker_log)
+        frontend, frontend_log = start(cache_dir, "-m", "http_frontend", "--broker", clients,
+                                       "--port", "0", "--heartbeat", str(HEARTBEAT))
+        url = f"http://127.0.0.1:{bound_http_port(frontend_log)}"
         wait_until(lambda: _answers(f"{url}/readyz", 503), 30, "the frontend")
         time.sleep(6 * HEARTBEAT)  # past the broker's start-up grace for re-registration
         started = time.monotonic()

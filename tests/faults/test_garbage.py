@@ -31,7 +31,7 @@ import zmq
 
 from broker import protocol
 from broker.protocol import MsgType
-from tests.cluster import REPO, Cluster, OutputLog, alive, cluster_env, free_port, wait_until
+from tests.cluster import REPO, Cluster, OutputLog, alive, bound_http_port, cluster_env, wait_until
 from tests.openapi_spec import validate
 
 pytestmark = pytest.mark.slow
@@ -336,16 +336,14 @@ class FakeBroker:
 
 def test_frontend_drops_garbage_from_the_broker(cache_dir: Path) -> None:
     broker = FakeBroker()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     frontend = subprocess.Popen(
         [sys.executable, "-m", "http_frontend", "--broker", f"tcp://127.0.0.1:{broker.port}",
-         "--port", str(port), "--heartbeat", str(HEARTBEAT)],
+         "--port", "0", "--heartbeat", str(HEARTBEAT)],
         cwd=REPO, env=cluster_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
     log = OutputLog(frontend)
     try:
-        log.wait_for("serving on", 30)
+        url = f"http://127.0.0.1:{bound_http_port(log)}"
         # Every STATUS so far got only garbage back; several polls in, the frontend still
         # polls (its I/O thread survived) and counts the broker as unreachable.
         wait_until(lambda: broker.answered["garbage"] >= 8, 20, "eight garbage answers")
