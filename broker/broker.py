@@ -36,6 +36,9 @@ POSITION_UPDATES = 32  # queued jobs per model told their new position
 POSITION_INTERVAL = 0.5  # seconds between position announcements
 MAX_FAILURE_MESSAGE = 1000  # characters of a worker's failure message passed to the client
 MAX_STEPS = 10_000
+# Plain ints, not zmq's IntFlag members: combining enum flags runs Python code on every frame.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,7 +185,7 @@ class Broker:
     def _recv(self, sock: zmq.Socket[bytes],
               handler: Callable[[bytes, Message, float], None]) -> bool:
         try:
-            frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            frames = _recv_frames(sock)
         except zmq.Again:
             return False
         identity = frames[0].bytes
@@ -522,8 +525,14 @@ class Broker:
     # ---------------------------------------------------------------------------- sending
 
     def _send(self, sock: zmq.Socket[bytes], identity: bytes, frames: list[Any]) -> bool:
+        # Frame by frame rather than send_multipart, which type-checks every frame and ORs
+        # enum flags in Python. Bytes (our small headers) are copied, which costs less than
+        # wrapping them in a zmq.Frame; received frames (payloads) still go on without a copy.
         try:
-            sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
+            sock.send(identity, _SNDMORE)
+            for frame in frames[:-1]:
+                sock.send(frame, _SNDMORE)
+            sock.send(frames[-1], _NOBLOCK)
             return True
         except zmq.ZMQError as exc:
             if exc.errno not in (errno.EHOSTUNREACH, zmq.EAGAIN):
@@ -557,6 +566,20 @@ class Broker:
             "workers": [w.describe(now) for w in self.workers],
             "queues": self.jobs.depths(),
         }
+
+
+def _recv_frames(sock: zmq.Socket[bytes]) -> list[zmq.Frame]:
+    """One whole message, without copies; raises zmq.Again when none is waiting.
+
+    Like recv_multipart, which asks the socket after every frame whether more follow (a
+    getsockopt call each); a received Frame already knows (``more``).
+    """
+    frame = sock.recv(_NOBLOCK, copy=False)
+    frames = [frame]
+    while frame.more:  # the rest of a message arrives with its first frame
+        frame = sock.recv(_NOBLOCK, copy=False)
+        frames.append(frame)
+    return frames
 
 
 def _mismatch(spec: protocol.JobSpec, result: Message) -> str | None:

@@ -335,11 +335,11 @@ def decode(frames: Sequence[Any]) -> Message:
     """
     if not 1 <= len(frames) <= MAX_FRAMES:
         raise ProtocolError(f"a message has 1..{MAX_FRAMES} frames, got {len(frames)}")
-    raw = frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]  # zmq.Frame: no copy
-    if len(raw) > MAX_HEADER_BYTES:
+    # msgspec reads a zmq.Frame through the buffer protocol: no copy, and no memoryview to make.
+    if len(frames[0]) > MAX_HEADER_BYTES:
         raise ProtocolError("header frame too large")
     try:
-        header = _DECODER.decode(raw)
+        header = _DECODER.decode(frames[0])
     except msgspec.ValidationError as exc:
         raise ProtocolError(f"invalid header: {exc}") from None
     except Exception as exc:  # malformed msgpack, or nested too deep (RecursionError)
