@@ -21,7 +21,11 @@ from broker.__main__ import add_broker_arguments
 from broker.auth import create_keys
 from gpu_worker import models
 from gpu_worker.__main__ import add_worker_arguments
-from http_frontend.__main__ import add_frontend_arguments, check_frontend_arguments
+from http_frontend.__main__ import (
+    add_frontend_arguments,
+    check_frontend_arguments,
+    describe_storage,
+)
 from launcher import flags
 from launcher.cluster import (
     ProcessSpec,
@@ -154,6 +158,7 @@ def run_cluster(args: argparse.Namespace) -> int:
             print("  'tiny' has random weights and makes noise: it shows the cluster works.\n"
                   "  Serve a real model with --model (see `python launch.py models`); on a "
                   "GPU host\n  the default is flux-schnell.")
+    print(describe_storage(args), flush=True)
     supervisor = Supervisor(specs, grace=args.grace)
     supervisor.install_signal_handlers()
     supervisor.start()
@@ -202,6 +207,7 @@ def run_workers(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"launch.py worker: {exc}", file=sys.stderr)
         return 2
+    print(describe_storage(args), flush=True)
     supervisor = Supervisor(specs, grace=args.grace)
     supervisor.install_signal_handlers()
     supervisor.start()

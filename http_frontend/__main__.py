@@ -19,6 +19,20 @@ from http_frontend import server as http_server
 from http_frontend.app import FrontendConfig, create_app
 from http_frontend.auth import load_keys
 from http_frontend.broker_client import BrokerClient
+from http_frontend.database import DatabaseError, open_database
+from http_frontend.history import History
+from http_frontend.image_store import (
+    ImageStore,
+    Retention,
+    StoreError,
+    Sweeper,
+    open_store,
+    parse_duration,
+    parse_size,
+)
+from http_frontend.jobs_api import JobsAPI
+from http_frontend.keeper import Keeper
+from http_frontend.records import JobRecords
 from http_frontend.service import ImageService, ServiceConfig
 
 log = logging.getLogger("http_frontend")
@@ -77,10 +91,58 @@ def add_frontend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                         help="allow browser calls from this origin (repeatable); off by "
                              "default")
+    add_storage_arguments(parser)
     parser.add_argument("--heartbeat", type=float, default=defaults.HEARTBEAT_INTERVAL,
                         help="seconds between status polls of the broker")
     parser.add_argument("--log-level", default=defaults.LOG_LEVEL,
                         help="DEBUG, INFO, WARNING or ERROR")
+
+
+def default_data_dir() -> str:
+    """$DC_DATA_DIR, else the per-user data directory (XDG)."""
+    if os.environ.get("DC_DATA_DIR"):
+        return os.environ["DC_DATA_DIR"]
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(base, "diffusion-cluster")
+
+
+def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where jobs and images outlive a request (docs/storage.md)."""
+    parser.add_argument("--data-dir", default=default_data_dir(),
+                        help="job records (SQLite) and images, unless --db and --image-store "
+                             "say otherwise; default $DC_DATA_DIR, else ~/.local/share/"
+                             "diffusion-cluster")
+    parser.add_argument("--db", default=None, metavar="URL",
+                        help="job records: postgresql://USER@HOST/DB when several frontends "
+                             "share one history; a path or sqlite:///PATH; default "
+                             "DATA_DIR/jobs.db")
+    parser.add_argument("--image-store", default=None, metavar="LOCATION",
+                        help="where images are kept: a directory, or s3://BUCKET/PREFIX "
+                             "(credentials the usual AWS way); default DATA_DIR/images")
+    parser.add_argument("--s3-endpoint", default=None, metavar="URL",
+                        help="an S3-compatible server's URL (MinIO, Ceph, R2, ...); default "
+                             "AWS, or $AWS_ENDPOINT_URL")
+    parser.add_argument("--no-image-store", action="store_true",
+                        help="keep no images: answers carry them inline only (no url)")
+    parser.add_argument("--public-url", default=None, metavar="URL",
+                        help="the base of image URLs behind a proxy (https://images.example."
+                             "com); default each request's own scheme and host")
+    parser.add_argument("--image-ttl", default="7d", metavar="DURATION",
+                        help="how long images are kept (90s, 30m, 12h, 7d; 0: forever)")
+    parser.add_argument("--image-store-limit", default="10G", metavar="SIZE",
+                        help="most bytes all images may take (500M, 10G; 0: no cap); the "
+                             "oldest go first, never one younger than 5 minutes")
+    parser.add_argument("--default-response-format", choices=("b64_json", "url"),
+                        default="b64_json",
+                        help="the answer for a request that sends no response_format")
+    parser.add_argument("--history-days", type=float, default=30.0,
+                        help="days finished job records are kept (0: forever)")
+    parser.add_argument("--no-history", action="store_true",
+                        help="keep no prompts: a job's prompt is kept only while it runs "
+                             "(to resume it after a restart), then overwritten")
+    parser.add_argument("--lease", type=float, default=15.0,
+                        help="seconds another frontend sharing --db waits after this one "
+                             "stops before it takes over this one's unfinished jobs")
 
 
 def check_frontend_arguments(args: argparse.Namespace) -> None:
@@ -96,6 +158,17 @@ def check_frontend_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.receive_timeout <= 0:
         raise ValueError("--receive-timeout must be above 0")
+    # Parsed beside the flags, which keep what was typed (launch.py passes those on).
+    args.image_ttl_s = parse_duration(args.image_ttl) or None
+    args.image_store_bytes = parse_size(args.image_store_limit) or None
+    if args.history_days < 0:
+        raise ValueError("--history-days must be 0 (forever) or more")
+    if args.lease < 1:
+        raise ValueError("--lease must be at least 1 second")
+    if args.no_image_store and args.image_store:
+        raise ValueError("--image-store and --no-image-store cannot go together")
+    if args.no_image_store and args.default_response_format == "url":
+        raise ValueError("--default-response-format url needs an image store")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -160,6 +233,34 @@ class BrokerWatchdog:
                 return
 
 
+def describe_storage(args: argparse.Namespace) -> str:
+    """Where the flags put job records and images, for launch.py to print."""
+    data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
+    records = "a database given by --db" if args.db else os.path.join(data_dir, "jobs.db")
+    images = "not kept" if args.no_image_store else \
+        args.image_store or os.path.join(data_dir, "images")
+    return f"Data: job records in {records}; images in {images}"
+
+
+def open_storage(args: argparse.Namespace, frontend: str) -> tuple[History, Sweeper | None]:
+    """The job records and the image store the flags name; DatabaseError or StoreError
+    says why they cannot be used."""
+    data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
+    records = JobRecords(open_database(args.db or os.path.join(data_dir, "jobs.db")),
+                         keep_prompts=not args.no_history)
+    store: ImageStore | None = None
+    sweeper = None
+    if not args.no_image_store:
+        store = open_store(args.image_store or os.path.join(data_dir, "images"),
+                           s3_endpoint=args.s3_endpoint)
+        store.check()
+        sweeper = Sweeper(store, Retention(max_age=args.image_ttl_s,
+                                           max_bytes=args.image_store_bytes))
+    history = History(records, store, frontend=frontend, lease=args.lease,
+                      public_url=args.public_url)
+    return history, sweeper
+
+
 def raise_open_files_limit(needed: int) -> None:
     """Lift the soft limit on open files to ``needed`` (connections are files)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -192,21 +293,30 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     try:
         api_keys = load_keys(args.api_key, args.api_keys_file)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         log.error("cannot start: cannot read the API keys: %s", exc)
         return os.EX_CONFIG  # launcher.supervisor.EXIT_CONFIG: a restart would fail the same way
     raise_open_files_limit(args.connection_limit + args.threads + 128)
     owner = args.frontend_id or f"{socket.gethostname()}:{args.port}"
+    try:
+        history, sweeper = open_storage(args, owner)
+    except (DatabaseError, StoreError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        return os.EX_UNAVAILABLE  # the supervisor tries again: a database may be starting
     broker = BrokerClient(args.broker, owner=owner, heartbeat=args.heartbeat)
     config = FrontendConfig(
         service=ServiceConfig(default_model=args.default_model, default_timeout=args.timeout,
                               max_waiting=args.threads - args.reserved_threads,
-                              max_streams=args.max_streams, keepalive=args.keepalive),
+                              max_streams=args.max_streams, keepalive=args.keepalive,
+                              default_response_format=args.default_response_format),
         max_body=args.max_body, api_keys=tuple(api_keys),
-        cors_origins=tuple(args.cors_origin or ()),
+        cors_origins=tuple(args.cors_origin or ()), image_ttl=args.image_ttl_s,
     )
-    service = ImageService(broker, config.service)
-    app = create_app(config, broker, service=service)
+    service = ImageService(broker, config.service, history=history)
+    jobs = JobsAPI(service)
+    app = create_app(config, broker, service=service, jobs=jobs)
+    keeper = Keeper(jobs, connected=lambda: broker.connected,
+                    history_days=args.history_days or None)
     try:
         server = _create_server(app, args)
     except OSError as exc:
@@ -214,8 +324,11 @@ def main(argv: list[str] | None = None) -> int:
                   exc.strerror or exc)
         return os.EX_CONFIG  # the port is taken: a restart would fail the same way
     broker.start()
+    keeper.start()
+    if sweeper is not None:
+        sweeper.start()
     # waitress must be closed on the main thread: the drain thread asks for it with SIGUSR1.
-    signal.signal(signal.SIGUSR1, lambda *_: server.close())
+    signal.signal(signal.SIGUSR1, lambda *_: http_server.close_everything(server))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: drain_then_close(service, args.drain_timeout))
     watchdog = BrokerWatchdog(broker, lambda: drain_then_close(service, args.drain_timeout))
@@ -223,13 +336,18 @@ def main(argv: list[str] | None = None) -> int:
     log.info("serving on http://%s:%s (broker %s; %s)", args.host,
              getattr(server, "effective_port", args.port), args.broker,
              f"{len(api_keys)} API key(s)" if api_keys else "no API keys")
+    log.info("%s", describe_storage(args))
     try:
         server.run()
     except OSError:
         pass  # closing the server from the signal handler ends run() this way
     finally:
         watchdog.stop()
+        keeper.stop()
+        if sweeper is not None:
+            sweeper.stop()
         broker.close()
+        history.close()
     log.info("frontend stopped")
     return EXIT_BROKER_THREAD_DIED if watchdog.died else 0
 

@@ -9,7 +9,7 @@ from typing import Any
 import falcon
 
 from http_frontend import resources
-from http_frontend.auth import ApiKeyAuth
+from http_frontend.auth import ApiKey, ApiKeyAuth, default_name
 from http_frontend.broker_client import BrokerClient
 from http_frontend.cluster_view import ClusterView
 from http_frontend.errors import install_error_handlers
@@ -28,16 +28,19 @@ class FrontendConfig:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     max_body: int = 1 << 20
     static_dir: Path = STATIC_DIR
-    api_keys: tuple[str, ...] = ()  # none: the API is open (bind to loopback, or set keys)
+    # None: the API is open (bind to loopback, or set keys); a plain string is a key with
+    # its default name.
+    api_keys: tuple[ApiKey | str, ...] = ()
     cors_origins: tuple[str, ...] = ()  # none: no cross-origin browser calls
+    image_ttl: float | None = None  # seconds images are kept: how long clients may cache them
 
     def __repr__(self) -> str:  # never print the keys
         return (f"FrontendConfig(service={self.service!r}, max_body={self.max_body}, "
                 f"api_keys=<{len(self.api_keys)}>, cors_origins={self.cors_origins!r})")
 
 
-def create_app(config: FrontendConfig, broker: BrokerClient, *, service: ImageService | None = None
-               ) -> falcon.App[falcon.Request, falcon.Response]:
+def create_app(config: FrontendConfig, broker: BrokerClient, *, service: ImageService | None = None,
+               jobs: JobsAPI | None = None) -> falcon.App[falcon.Request, falcon.Response]:
     service = service or ImageService(broker, config.service)
     middleware: list[Any] = [resources.MethodCheck()]
     if config.cors_origins:
@@ -45,17 +48,20 @@ def create_app(config: FrontendConfig, broker: BrokerClient, *, service: ImageSe
             allow_origins=list(config.cors_origins),
             expose_headers=["Retry-After", "x-should-retry"]))
     if config.api_keys:
-        middleware.append(ApiKeyAuth(list(config.api_keys)))
+        middleware.append(ApiKeyAuth([k if isinstance(k, ApiKey) else ApiKey(k, default_name(k))
+                                      for k in config.api_keys]))
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     install_error_handlers(app)
     view = ClusterView(broker, retry_after=config.service.retry_after)
-    jobs = JobsAPI(service)
+    jobs = jobs or JobsAPI(service)
     app.add_route("/v1/images/generations",
                   resources.ImageGenerations(service, max_body=config.max_body))
     app.add_route("/v1/jobs", resources.Jobs(jobs, max_body=config.max_body))
     app.add_route("/v1/jobs/{job_id}", resources.Job(jobs))
     app.add_route("/v1/jobs/{job_id}/events", resources.JobEvents(jobs))
+    app.add_route("/v1/images/files/{name}",
+                  resources.ImageFiles(service.history, max_age=config.image_ttl))
     app.add_route("/v1/models", resources.Models(view))
     app.add_route("/v1/cluster", resources.Cluster(view))
     app.add_route("/healthz", resources.Health())

@@ -1,8 +1,18 @@
-"""API keys for /v1/*: `Authorization: Bearer KEY`, compared in constant time."""
+"""API keys for /v1/*: `Authorization: Bearer KEY`, compared in constant time.
+
+A key may carry attributes in the keys file: ``KEY name=alice admin``. The name is who owns
+the jobs made with the key (records store it, never the key); an admin key sees every
+identity's jobs. Every request gets ``req.context.identity``: its key's, or, on a server
+without keys, an open identity that sees everything (without keys there is nothing to keep
+apart: anyone can call the API).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import falcon
@@ -10,38 +20,111 @@ import falcon
 from http_frontend.errors import APIError
 
 PROTECTED_PREFIX = "/v1/"
+# Image URLs work without a key: an <img> tag or a chat client sends none. Their names are
+# unguessable (image_store.new_name) and expire with retention.
+OPEN_PREFIXES = ("/v1/images/files/",)
+_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 
 
-def load_keys(keys: list[str] | None, keys_file: str | None) -> list[str]:
-    """Keys from the command line and a file (one per line, # comments, blanks skipped)."""
-    found = [k.strip() for k in keys or () if k.strip()]
+@dataclass(frozen=True)
+class ApiKey:
+    secret: str
+    name: str
+    admin: bool = False
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"ApiKey(name={self.name!r}, admin={self.admin})"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a request is: ``key`` names its API key (None on a server without keys);
+    ``sees_all``: may read and cancel every identity's jobs."""
+
+    key: str | None
+    sees_all: bool
+
+    def owner(self, user: str | None) -> str | None:
+        """The owner a new job is recorded under: the key's name, else the request's
+        ``user``."""
+        return self.key if self.key is not None else user
+
+
+OPEN = Identity(key=None, sees_all=True)
+
+
+def default_name(secret: str) -> str:
+    """A stable name for a key given without one: a hash prefix, never the key itself."""
+    return "key-" + hashlib.sha256(secret.encode()).hexdigest()[:12]
+
+
+def parse_key_line(line: str) -> ApiKey | None:
+    """One keys-file line: ``KEY [name=NAME] [admin]``; None for a blank or comment line.
+    ValueError names what is wrong (never the key)."""
+    words = line.split("#", 1)[0].split()
+    if not words:
+        return None
+    secret, name, admin = words[0], None, False
+    for position, word in enumerate(words[1:], 2):
+        if word == "admin":
+            admin = True
+        elif word.startswith("name=") and _NAME.fullmatch(word[5:]):
+            name = word[5:]
+        else:  # not shown: it may be a second key pasted on the line
+            raise ValueError(f"word {position} is not a key attribute: use name=NAME "
+                             f"(letters, digits, . _ @ -, at most 64) and admin")
+    return ApiKey(secret, name or default_name(secret), admin)
+
+
+def load_keys(keys: list[str] | None, keys_file: str | None) -> list[ApiKey]:
+    """Keys from the command line (no attributes) and a file (one per line, # comments,
+    blanks skipped). ValueError for a line that cannot be read, with its number."""
+    found = [ApiKey(k.strip(), default_name(k.strip())) for k in keys or () if k.strip()]
     if keys_file:
-        for line in Path(keys_file).read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
-                found.append(line)
+        for number, line in enumerate(Path(keys_file).read_text().splitlines(), 1):
+            try:
+                key = parse_key_line(line)
+            except ValueError as exc:
+                raise ValueError(f"{keys_file} line {number}: {exc}") from None
+            if key is not None:
+                found.append(key)
+    names = [k.name for k in found]
+    if len(set(names)) != len(names):
+        raise ValueError("two API keys have the same name; each key needs its own")
     return found
 
 
 class ApiKeyAuth:
     """Falcon middleware: a request to /v1/* needs one of the keys; the rest stays open."""
 
-    def __init__(self, keys: list[str]) -> None:
-        self._keys = [k.encode() for k in keys]
+    def __init__(self, keys: list[ApiKey]) -> None:
+        self._keys = [(k.secret.encode(), Identity(k.name, k.admin)) for k in keys]
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if not req.path.startswith(PROTECTED_PREFIX) or req.method == "OPTIONS":
-            return  # health checks, the UI's files and CORS preflights need no key
-        if not self._valid(req.get_header("Authorization") or ""):
+        if not req.path.startswith(PROTECTED_PREFIX) or req.method == "OPTIONS" \
+                or req.path.startswith(OPEN_PREFIXES):
+            return  # health checks, the UI's files, images and CORS preflights need no key
+        identity = self._identity(req.get_header("Authorization") or "")
+        if identity is None:
             raise APIError(401, "a valid API key is required: send it as "
                                 "'Authorization: Bearer KEY'", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
+        req.context.identity = identity
 
-    def _valid(self, header: str) -> bool:
+    def _identity(self, header: str) -> Identity | None:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer":
-            return False
+            return None
         given = token.strip().encode()
         # Compare against every key, always, so timing says nothing about which one is close.
-        matches = [hmac.compare_digest(given, key) for key in self._keys]
-        return any(matches)
+        found = None
+        for secret, identity in self._keys:
+            if hmac.compare_digest(given, secret):
+                found = identity
+        return found
+
+
+def identity_of(req: falcon.Request) -> Identity:
+    """The request's identity (set by ApiKeyAuth); the open one on a server without keys."""
+    identity = getattr(req.context, "identity", None)
+    return identity if isinstance(identity, Identity) else OPEN

@@ -108,15 +108,19 @@ class BrokerClient:
         with self._lock:
             return self._status if self.connected else None
 
-    def submit(self, job: JobSpec) -> PendingJob:
+    def submit(self, job: JobSpec, *, owner: str | None = None) -> PendingJob:
         """Send ``job``; its answer comes to the returned PendingJob.
+
+        ``owner``: the broker owner to submit under, when not this frontend's own: a job
+        taken over from a frontend that stopped keeps the owner it was first submitted
+        under, so the broker lets this connection re-attach to it.
 
         A job whose fields cannot be encoded is answered at once and never joins the jobs
         waiting for the broker: a resubmission after a reconnect would fail the same way.
         """
-        pending = PendingJob(job.id, job)
+        pending = PendingJob(job.id, job, owner=owner or self.owner)
         try:
-            frames = protocol.submit(job, self.owner)
+            frames = protocol.submit(job, pending.owner)
         except ProtocolError as exc:
             pending.fail(JobError(ErrorCode.INVALID_REQUEST,
                                   f"the request cannot be sent on: {exc}"))
@@ -129,9 +133,13 @@ class BrokerClient:
         self._conn.send(frames)
         return pending
 
-    def cancel(self, job_id: str) -> None:
-        self.forget(job_id)
-        self._conn.send(protocol.encode(MsgType.CANCEL, {"job_id": job_id, "owner": self.owner}))
+    def cancel(self, job_id: str, *, owner: str | None = None) -> None:
+        """Cancel a job; ``owner``: the broker owner it was submitted under, when that is
+        not this frontend (another frontend sharing the job records submitted it)."""
+        with self._lock:
+            pending = self._pending.pop(job_id, None)
+        owner = owner or (pending.owner if pending is not None else self.owner)
+        self._conn.send(protocol.encode(MsgType.CANCEL, {"job_id": job_id, "owner": owner}))
 
     def forget(self, job_id: str) -> None:
         with self._lock:
@@ -192,7 +200,7 @@ class BrokerClient:
             if left <= 0:
                 continue
             try:
-                frames = protocol.submit(dataclasses.replace(job.spec, timeout=left), self.owner)
+                frames = protocol.submit(dataclasses.replace(job.spec, timeout=left), job.owner)
             except ProtocolError:  # cannot happen for a job submit() took; never fatal
                 log.exception("could not resubmit job %s", job.job_id)
                 continue

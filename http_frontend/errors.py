@@ -17,6 +17,8 @@ from typing import Any
 import falcon
 
 from broker.protocol import ErrorCode, Message, MsgType
+from http_frontend.database import DatabaseError
+from http_frontend.image_store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +174,20 @@ def _handle_unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception
                             type=SERVER_ERROR, code="internal_error"))
 
 
+def _handle_storage_error(req: falcon.Request, resp: falcon.Response, ex: Exception,
+                          params: dict[str, Any]) -> None:
+    """The job records or the image store cannot be reached: the operator's log says why;
+    the client gets a retryable 503 without the details (they may name hosts or paths)."""
+    log.error("%s %s: %s", req.method, req.path[:200], ex)
+    _respond(resp, APIError(503, "this server's storage is not reachable right now; try "
+                                 "again shortly", type=SERVER_ERROR, code="storage_unavailable",
+                            headers={"Retry-After": "5"}))
+
+
 def install_error_handlers(app: falcon.App[falcon.Request, falcon.Response]) -> None:
     # Falcon picks the most specific handler for an exception's class.
     app.add_error_handler(Exception, _handle_unexpected)
+    app.add_error_handler(DatabaseError, _handle_storage_error)
+    app.add_error_handler(StoreError, _handle_storage_error)
     app.add_error_handler(falcon.HTTPError, _handle_http_error)
     app.add_error_handler(APIError, _handle_api_error)

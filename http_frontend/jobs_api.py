@@ -1,8 +1,14 @@
-"""The jobs API: submit now, follow later, cancel any time.
+"""The jobs API: submit now, follow later, cancel any time, list what was done.
 
-``POST /v1/jobs`` answers as soon as the broker took the job; ``GET /v1/jobs/{id}/events``
-streams what happens to it (late watchers first get what already happened); ``DELETE``
-cancels it. Jobs live in this frontend's memory: finished ones for ``ttl`` seconds.
+``POST /v1/jobs`` records the job, then answers as soon as the broker took it. Every job lives
+in the job records (http_frontend/history.py), so any frontend sharing the database answers
+``GET /v1/jobs/{id}``, lists it, watches it and cancels it, for the identity that made it. The
+frontend that submitted a job also follows it live (``LiveJob``): queue position, steps,
+previews; a watcher elsewhere sees its record change instead (``_watch_record``).
+
+``DELETE`` cancels a job that is still running (the broker is told under the owner the job
+was submitted with, whichever frontend submitted it) and removes a finished job's record and
+images.
 """
 
 from __future__ import annotations
@@ -11,196 +17,382 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from broker.protocol import ErrorCode, JobSpec
 from http_frontend import streaming
-from http_frontend.errors import APIError, JobError
-from http_frontend.pending import PendingJob
-from http_frontend.service import ClientGone, ImageService, Prepared
+from http_frontend.auth import Identity
+from http_frontend.errors import APIError, JobError, invalid
+from http_frontend.history import Caller, Tracked, error_of
+from http_frontend.records import ACTIVE, TERMINAL, Record
+from http_frontend.service import DEADLINE_SLACK, ClientGone, ImageService, Prepared
 
 log = logging.getLogger(__name__)
 
 COMPACT_AFTER = 30.0  # seconds a finished job keeps its previews for watchers still reading
+RECORD_POLL = 0.5  # seconds between looks at a record followed from another frontend
+MAX_LIST = 100  # most jobs one page of GET /v1/jobs holds
 _PRINTABLE_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")  # ids shown back in a 404; others are not
+STATUSES = ACTIVE + TERMINAL
 
 
 @dataclass(eq=False)
-class JobRecord:
+class LiveJob:
+    """A job this frontend submitted (or took over) and follows as it happens."""
+
     prepared: Prepared
-    pending: PendingJob
-    created: int = field(default_factory=lambda: int(time.time()))
+    tracked: Tracked
     watchers: int = 0
     left_at: float = 0.0  # time.monotonic() when its last watcher left
     orphan_check: bool = False  # a timer will look at it: one per job, however many churn
     finished_at: float | None = None  # time.monotonic() when its answer was seen
+    marked_running: bool = False  # its record says "running"
 
     @property
     def id(self) -> str:
         return self.prepared.job.id
+
+    @property
+    def done(self) -> bool:
+        return self.tracked.pending.done
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    limit: int = 20
+    before: str | None = None
+    status: str | None = None
+    model: str | None = None
+    query: str | None = None
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any]) -> ListQuery:
+        """The query string of GET /v1/jobs, each bad parameter a 400 naming it."""
+        limit = params.get("limit", "20")
+        if not isinstance(limit, str) or not limit.isascii() or not limit.isdigit() \
+                or not 1 <= int(limit) <= MAX_LIST:
+            raise invalid("limit", f"'limit' must be a whole number from 1 to {MAX_LIST}")
+        status = _one(params, "status")
+        if status is not None and status not in STATUSES:
+            raise invalid("status", f"'status' must be one of {', '.join(STATUSES)}")
+        return cls(int(limit), _one(params, "before"), status, _one(params, "model"),
+                   _one(params, "q"))
+
+
+def _one(params: Mapping[str, Any], name: str) -> str | None:
+    value = params.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise invalid(name, f"give '{name}' once")
+    if len(value) > 256:
+        raise invalid(name, f"'{name}' is longer than 256 characters")
+    return value
 
 
 class JobsAPI:
     def __init__(self, service: ImageService, *, ttl: float = 600.0, max_jobs: int = 1000,
                  orphan_grace: float = 10.0) -> None:
         self.service = service
-        self.ttl = ttl
+        self.history = service.history
+        self.ttl = ttl  # seconds a finished job stays followed live here (its record stays)
         self.max_jobs = max_jobs
         # A page reload or a network blip drops the stream for a moment: a job whose last
         # watcher left is cancelled only if nobody is back within this many seconds.
         self.orphan_grace = orphan_grace
-        self._jobs: dict[str, JobRecord] = {}
-        self._lock = threading.Lock()  # guards _jobs and every record's watchers
+        self._live: dict[str, LiveJob] = {}
+        self._lock = threading.Lock()  # guards _live and every live job's watchers
 
     # ---------------------------------------------------------------- endpoints
 
-    def submit(self, body: Any) -> dict[str, Any]:
+    def submit(self, body: Any, caller: Caller) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, the job): 202 for a new job, 200 for the one a repeated
+        Idempotency-Key names."""
         prepared = self.service.prepare(body)
         self.service.refuse_if_draining()
         release = self.service.take_waiting_slot()  # the broker may take seconds to answer
         try:
-            pending = self.service.submit_until_taken(prepared)
+            record = self.service.open_record(prepared, caller, kind="job")
+            if record.id != prepared.job.id:
+                return 200, self._describe(record, self._live_job(record.id), caller.base_url)
+            tracked = self.service.submit_until_taken(prepared)
         finally:
             release()
-        record = JobRecord(prepared, pending)
-        with self._lock:
-            self._forget_old()
-            self._jobs[record.id] = record
-        return self._describe(record)
+        live = self._add(prepared, tracked)
+        return 202, self._describe(record, live, caller.base_url)
 
-    def status(self, job_id: str) -> dict[str, Any]:
-        record = self._get(job_id)
-        description = self._describe(record)
-        pending = record.pending
-        if pending.result is not None:
-            description["result"] = self.service.images_response(record.prepared,
-                                                                 pending.result)
-        elif pending.error is not None and not pending.cancelled_here:
-            description["error"] = self._error(record, pending.error)
-        return description
+    def adopt(self, record: Record, now: float) -> None:
+        """Follow a recorded job this frontend did not submit in this life: its own before a
+        restart, or another frontend's that stopped renewing its lease. It is submitted
+        again under its id and first owner, with the time its deadline leaves."""
+        body = record.request or {}
+        job = JobSpec.from_wire({**record.job, "timeout": record.deadline - now})
+        prepared = Prepared.restore(body, job)
+        pending = self.service.broker.submit(job, owner=record.submitter)
+        self._add(prepared, self.history.track(job, pending))
+        log.info("job %s: following it again (%.0f s left)", job.id, record.deadline - now)
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
-        record = self._get(job_id)
-        if not record.pending.done:
-            self.service.broker.cancel(record.id)
-            record.pending.cancel()
-        return self._describe(record)
+    def status(self, job_id: str, identity: Identity, base_url: str) -> dict[str, Any]:
+        record = self._visible(job_id, identity)
+        live = self._live_job(job_id)
+        if live is not None and live.done:
+            live.tracked.settled.wait(5.0)  # so the answer is the stored one
+            record = self.history.records.get(job_id) or record
+        return self._describe(record, live, base_url, result=True)
 
-    def events(self, job_id: str, client_gone: ClientGone | None) -> Iterator[bytes]:
+    def cancel(self, job_id: str, identity: Identity, base_url: str) -> dict[str, Any]:
+        """Cancel a job still running; remove a finished one's record and images."""
+        record = self._visible(job_id, identity)
+        if record.status in TERMINAL:
+            self.history.delete(record)
+            with self._lock:
+                self._live.pop(job_id, None)
+            return {"id": job_id, "object": "image.job.deleted", "deleted": True}
+        live = self._live_job(job_id)
+        if live is not None:
+            self.service.broker.cancel(job_id)
+            live.tracked.pending.cancel()
+            live.tracked.settled.wait(5.0)
+        else:  # another frontend follows it: the broker tells that one, the record ends here
+            self.service.broker.cancel(job_id, owner=record.submitter)
+            self.history.fail(job_id, JobError(ErrorCode.CANCELLED, "the job was cancelled"))
+        return self._describe(self.history.records.get(job_id) or record, live, base_url)
+
+    def listing(self, identity: Identity, query: ListQuery, base_url: str) -> dict[str, Any]:
+        records, more = self.history.records.list(
+            identity.key, everyone=identity.sees_all, limit=query.limit, before=query.before,
+            status=query.status, model=query.model, query=query.query)
+        data = [self._describe(r, self._live_job(r.id), base_url) for r in records]
+        return {"object": "list", "data": data, "has_more": more,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None}
+
+    def events(self, job_id: str, identity: Identity, client_gone: ClientGone | None,
+               base_url: str) -> Iterator[bytes]:
         """The job's events as SSE; the last watcher leaving an unfinished job cancels it.
 
         The job is looked up and a stream slot taken now, so a refusal is a plain error.
         """
-        record = self._get(job_id)
+        record = self._visible(job_id, identity)
+        live = self._live_job(job_id)
         close = self.service.open_stream()
+        if live is None:
+            return streaming.ClosingStream(
+                self._watch_record(record, client_gone, base_url), close)
         with self._lock:
-            record.watchers += 1
-        return streaming.ClosingStream(self._watch(record, client_gone),
-                                       lambda: self._unwatch(record, close))
+            live.watchers += 1
+        return streaming.ClosingStream(self._watch(live, client_gone, base_url),
+                                       lambda: self._unwatch(live, close))
 
-    def check(self, job_id: str) -> None:
+    def check(self, job_id: str, identity: Identity) -> None:
         """Raise the 404 for an unknown job; nothing else (HEAD on its events)."""
-        self._get(job_id)
+        self._visible(job_id, identity)
 
-    def _watch(self, record: JobRecord, client_gone: ClientGone | None) -> Iterator[bytes]:
+    def live_jobs(self) -> list[LiveJob]:
+        with self._lock:
+            self._forget_old()
+            return list(self._live.values())
+
+    # ---------------------------------------------------------------- following here
+
+    def _watch(self, live: LiveJob, client_gone: ClientGone | None, base_url: str
+               ) -> Iterator[bytes]:
         try:
-            yield from self._follow(record, client_gone)
+            yield from self._follow(live, client_gone, base_url)
         except APIError as exc:
             if exc.status != 499:  # nobody is left to tell when the client hung up
-                yield streaming.sse("failed", {"id": record.id, "error": exc.error_object()})
+                yield streaming.sse("failed", {"id": live.id, "error": exc.error_object()})
 
-    def _unwatch(self, record: JobRecord, close: Callable[[], None]) -> None:
-        """A watcher left: give its slot back; the last one leaving starts the grace period."""
-        with self._lock:
-            record.watchers -= 1
-            record.left_at = time.monotonic()
-            check = record.watchers == 0 and not record.pending.done \
-                and not record.orphan_check
-            record.orphan_check |= check
-        close()
-        if check:
-            self._check_orphan_in(record, self.orphan_grace)
-
-    def _check_orphan_in(self, record: JobRecord, seconds: float) -> None:
-        timer = threading.Timer(seconds, self._cancel_if_orphaned, (record,))
-        timer.daemon = True
-        timer.start()
-
-    def _cancel_if_orphaned(self, record: JobRecord) -> None:
-        with self._lock:
-            orphaned = record.watchers == 0 and not record.pending.done
-            left = self.orphan_grace - (time.monotonic() - record.left_at)
-            record.orphan_check = orphaned and left > 0
-        if record.orphan_check:
-            self._check_orphan_in(record, left)  # someone came back and left again since
-        elif orphaned:
-            log.info("job %s cancelled: nobody watched it for %.0f s", record.id,
-                     self.orphan_grace)
-            self.cancel(record.id)
-
-    # ---------------------------------------------------------------- helpers
-
-    def _follow(self, record: JobRecord, client_gone: ClientGone | None) -> Iterator[bytes]:
-        job = record.prepared.job
-        for event in self.service.follow(record.pending, job, client_gone,
+    def _follow(self, live: LiveJob, client_gone: ClientGone | None, base_url: str
+                ) -> Iterator[bytes]:
+        job, pending = live.prepared.job, live.tracked.pending
+        for event in self.service.follow(pending, job, client_gone,
                                          keepalive=self.service.config.keepalive):
             if event is None:
                 yield streaming.KEEPALIVE
                 continue
             sse = streaming.job_event(
-                job.id, event,
-                completed=lambda m: self.service.images_response(record.prepared, m)
-                | {"id": job.id},
-                failure=lambda error: self._error(record, error),
-                cancelled_here=record.pending.cancelled_here)
+                job.id, event, completed=lambda _: self._completed(live, base_url),
+                failure=lambda error: self._error(job.model, error),
+                cancelled_here=pending.cancelled_here
+                or (isinstance(event, JobError) and event.code == ErrorCode.CANCELLED))
             if sse is not None:
                 yield sse
 
-    def _error(self, record: JobRecord, error: JobError) -> dict[str, Any]:
-        """OpenAI's error body for the job's failure."""
-        return self.service.failure(error, record.prepared.job.model,
-                                    cancelled_here=record.pending.cancelled_here
-                                    ).error_object()
+    def _completed(self, live: LiveJob, base_url: str) -> dict[str, Any]:
+        """The completed event: the images by URL once stored (b64 where they are not)."""
+        tracked = live.tracked
+        tracked.settled.wait(30.0)
+        if tracked.record is not None and all(tracked.image_names):
+            return self.service.record_response(tracked.record, "url", base_url) | \
+                {"id": live.id}
+        assert tracked.pending.result is not None
+        return self.service.images_response(live.prepared, tracked.pending.result, tracked,
+                                            base_url, response_format="b64_json") | \
+            {"id": live.id}
 
-    def _get(self, job_id: str) -> JobRecord:
+    def _unwatch(self, live: LiveJob, close: Callable[[], None]) -> None:
+        """A watcher left: give its slot back; the last one leaving starts the grace period."""
         with self._lock:
-            record = self._jobs.get(job_id)
-        if record is None:
+            live.watchers -= 1
+            live.left_at = time.monotonic()
+            check = live.watchers == 0 and not live.done and not live.orphan_check
+            live.orphan_check |= check
+        close()
+        if check:
+            self._check_orphan_in(live, self.orphan_grace)
+
+    def _check_orphan_in(self, live: LiveJob, seconds: float) -> None:
+        timer = threading.Timer(seconds, self._cancel_if_orphaned, (live,))
+        timer.daemon = True
+        timer.start()
+
+    def _cancel_if_orphaned(self, live: LiveJob) -> None:
+        with self._lock:
+            orphaned = live.watchers == 0 and not live.done
+            left = self.orphan_grace - (time.monotonic() - live.left_at)
+            live.orphan_check = orphaned and left > 0
+        if live.orphan_check:
+            self._check_orphan_in(live, left)  # someone came back and left again since
+        elif orphaned:
+            log.info("job %s cancelled: nobody watched it for %.0f s", live.id,
+                     self.orphan_grace)
+            self.service.broker.cancel(live.id)
+            live.tracked.pending.cancel()
+
+    # ---------------------------------------------------------------- following elsewhere
+
+    def _watch_record(self, record: Record, client_gone: ClientGone | None, base_url: str
+                      ) -> Iterator[bytes]:
+        """A job another frontend follows: its record's changes, until it ends."""
+        shown = None
+        deadline = record.deadline + DEADLINE_SLACK
+        quiet_since = time.monotonic()
+        while True:
+            if record.status != shown:
+                shown = record.status
+                quiet_since = time.monotonic()
+                yield self._record_event(record, base_url)
+                if record.status in TERMINAL:
+                    return
+            if time.time() >= deadline or (client_gone is not None and client_gone()):
+                return
+            if time.monotonic() - quiet_since >= self.service.config.keepalive:
+                quiet_since = time.monotonic()
+                yield streaming.KEEPALIVE
+            time.sleep(RECORD_POLL)
+            found = self.history.records.get(record.id)
+            if found is None:  # deleted meanwhile
+                yield streaming.sse("cancelled", {"id": record.id})
+                return
+            record = found
+
+    def _record_event(self, record: Record, base_url: str) -> bytes:
+        if record.status == "queued":
+            return streaming.sse("queued", {"id": record.id, "position": None})
+        if record.status == "running":
+            return streaming.sse("progress", {"id": record.id, "step": 0,
+                                              "steps": record.job.get("steps")})
+        if record.status == "succeeded":
+            return streaming.sse("completed", self._record_result(record, base_url)
+                                 | {"id": record.id})
+        if record.status == "cancelled":
+            return streaming.sse("cancelled", {"id": record.id})
+        return streaming.sse("failed", {"id": record.id,
+                                        "error": self._error(record.model, error_of(record))})
+
+    # ---------------------------------------------------------------- helpers
+
+    def _result(self, record: Record, live: LiveJob | None, base_url: str
+                ) -> dict[str, Any]:
+        """A finished job's ImagesResponse: by URL where its images are stored, else the
+        bytes this frontend still holds."""
+        answer = live.tracked.pending.result if live is not None else None
+        if answer is not None and not all(image.get("name") for image in record.images):
+            assert live is not None
+            return self.service.images_response(live.prepared, answer, live.tracked,
+                                                base_url, response_format="b64_json")
+        return self._record_result(record, base_url)
+
+    def _record_result(self, record: Record, base_url: str) -> dict[str, Any]:
+        stored = all(image.get("name") for image in record.images)
+        return self.service.record_response(record, "url" if stored else "b64_json",
+                                            base_url)
+
+    def _error(self, model: str, error: JobError) -> dict[str, Any]:
+        """OpenAI's error body for a job's failure."""
+        return self.service.failure(error, model).error_object()
+
+    def _add(self, prepared: Prepared, tracked: Tracked) -> LiveJob:
+        live = LiveJob(prepared, tracked)
+        with self._lock:
+            self._forget_old()
+            self._live[live.id] = live
+        return live
+
+    def _live_job(self, job_id: str) -> LiveJob | None:
+        with self._lock:
+            return self._live.get(job_id)
+
+    def _visible(self, job_id: str, identity: Identity) -> Record:
+        """The job's record, if ``identity`` may see it; else the same 404 as for no job."""
+        record = self.history.records.get(job_id) if _PRINTABLE_ID.fullmatch(job_id) \
+            else None
+        if record is None or not (identity.sees_all or record.owner == identity.key):
             shown = f"job {job_id}" if _PRINTABLE_ID.fullmatch(job_id) else "such job"
-            raise APIError(404, f"no {shown} here (finished jobs are kept for "
-                                f"{self.ttl:.0f} s)", param="id", code="job_not_found")
+            raise APIError(404, f"no {shown} here", param="id", code="job_not_found")
         return record
 
-    def _describe(self, record: JobRecord) -> dict[str, Any]:
-        job, pending = record.prepared.job, record.pending
-        return {
-            "id": job.id, "object": "image.job", "status": _status(pending),
-            "created": record.created, "model": job.model, "width": job.width,
-            "height": job.height, "steps": job.steps, "n": job.n, "seeds": list(job.seeds),
-            "position": pending.position, "step": pending.step,
+    def _describe(self, record: Record, live: LiveJob | None, base_url: str, *,
+                  result: bool = False) -> dict[str, Any]:
+        job = record.job
+        status = record.status
+        position, step = None, 0
+        if live is not None and status in ACTIVE:
+            pending = live.tracked.pending
+            position, step = pending.position, pending.step
+            status = "running" if step else status
+        description: dict[str, Any] = {
+            "id": record.id, "object": "image.job", "status": status,
+            "created": int(record.created),
+            "finished": int(record.finished) if record.finished else None,
+            "model": record.model, "prompt": record.prompt,
+            "negative_prompt": job.get("negative_prompt"), "width": job.get("width"),
+            "height": job.get("height"), "steps": job.get("steps"),
+            "guidance": job.get("guidance"), "n": len(job.get("seeds") or ()),
+            "seeds": list(job.get("seeds") or ()),
+            "output_format": job.get("output_format"), "owner": record.owner,
+            "request": record.request, "position": position, "step": step,
+            "images": [self._image(image, base_url) for image in record.images],
         }
+        if record.status == "succeeded" and result:
+            description["result"] = self._result(record, live, base_url)
+        elif record.status == "failed":
+            description["error"] = self._error(record.model, error_of(record))
+        return description
+
+    def _image(self, image: dict[str, Any], base_url: str) -> dict[str, Any]:
+        name = image.get("name")
+        return {"url": self.history.url(name, base_url) if name else None,
+                "seed": image.get("seed"), "width": image.get("width"),
+                "height": image.get("height")}
 
     def _forget_old(self) -> None:
-        """Drop finished jobs past their time to live, and the oldest past the bound."""
+        """Stop following finished jobs past their time to live (their records stay), and
+        the oldest past the bound."""
         now = time.monotonic()
-        for record in list(self._jobs.values()):
-            if record.pending.done and record.finished_at is None:
-                record.finished_at = now
-            if record.finished_at is not None and now - record.finished_at > self.ttl:
-                del self._jobs[record.id]
-            elif record.finished_at is not None and now - record.finished_at > COMPACT_AFTER:
-                record.pending.compact()
-        excess = len(self._jobs) - self.max_jobs + 1
+        for live in list(self._live.values()):
+            if live.done and live.finished_at is None:
+                live.finished_at = now
+            if live.finished_at is not None and now - live.finished_at > self.ttl:
+                del self._live[live.id]
+            elif live.finished_at is not None and now - live.finished_at > COMPACT_AFTER:
+                live.tracked.pending.compact()
+        excess = len(self._live) - self.max_jobs + 1
         if excess > 0:
-            finished = [r for r in self._jobs.values() if r.pending.done]
-            for record in sorted(finished, key=lambda r: r.created)[:excess]:
-                del self._jobs[record.id]
-
-
-def _status(pending: PendingJob) -> str:
-    if pending.result is not None:
-        return "succeeded"
-    if pending.error is not None:
-        return "cancelled" if pending.cancelled_here else "failed"
-    return "running" if pending.step else "queued"
+            finished = [j for j in self._live.values() if j.done]
+            for live in sorted(finished, key=lambda j: j.tracked.pending.submitted_at
+                               )[:excess]:
+                del self._live[live.id]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from broker.protocol import MAX_IMAGES, ErrorCode, JobSpec, Message, MsgType
@@ -30,9 +31,10 @@ Event = Message | JobError  # what followers see: the broker's messages, and how
 class PendingJob:
     """A submitted job: its latest state, a bounded log of recent events, its outcome."""
 
-    def __init__(self, job_id: str, spec: JobSpec | None = None) -> None:
+    def __init__(self, job_id: str, spec: JobSpec | None = None, *, owner: str = "") -> None:
         self.job_id = job_id
         self.spec = spec
+        self.owner = owner  # the broker owner it was submitted under
         self.submitted_at = time.monotonic()
         self.position: int | None = None
         self.step = 0
@@ -46,6 +48,7 @@ class PendingJob:
         self._log_bytes = 0
         self._seq = 0  # events recorded so far; a follower's cursor counts the same way
         self._changed = threading.Condition()
+        self._when_done: list[Callable[[PendingJob], None]] = []
 
     @property
     def outcome(self) -> Event | None:
@@ -56,6 +59,15 @@ class PendingJob:
     def done(self) -> bool:
         return self.outcome is not None
 
+    def when_done(self, callback: Callable[[PendingJob], None]) -> None:
+        """Call ``callback(self)`` once the job ends (at once if it has): on the thread that
+        ends it, often the broker client's I/O thread, so it must not block."""
+        with self._changed:
+            if not self.done:
+                self._when_done.append(callback)
+                return
+        callback(self)
+
     def update(self, msg: Message) -> None:
         """Record one message from the broker; the first RESULT or FAILED ends the job."""
         with self._changed:
@@ -64,6 +76,7 @@ class PendingJob:
             event = self._keep_state(msg)
             if event is not None:
                 self._append(event)
+        self._call_when_done()
 
     def fail(self, error: JobError) -> bool:
         """End the job with ``error``, unless it already ended; whether it did."""
@@ -72,7 +85,8 @@ class PendingJob:
                 return False
             self.error = error
             self._append(error)
-            return True
+        self._call_when_done()
+        return True
 
     def cancel(self, message: str = "the job was cancelled") -> bool:
         """End the job as cancelled by this frontend, unless it already ended."""
@@ -80,7 +94,18 @@ class PendingJob:
             if self.done:
                 return False
             self.cancelled_here = True
-            return self.fail(JobError(ErrorCode.CANCELLED, message))
+            self.error = JobError(ErrorCode.CANCELLED, message)
+            self._append(self.error)
+        self._call_when_done()
+        return True
+
+    def _call_when_done(self) -> None:
+        with self._changed:
+            if not self.done:
+                return
+            callbacks, self._when_done = self._when_done, []
+        for callback in callbacks:
+            callback(self)
 
     def compact(self) -> None:
         """Keep only the outcome of a finished job (the jobs API keeps those for minutes):

@@ -16,10 +16,15 @@ import falcon
 import falcon.constants
 import falcon.routing
 
+from http_frontend.auth import identity_of
 from http_frontend.cluster_view import ClusterView
 from http_frontend.errors import APIError, invalid
-from http_frontend.jobs_api import JobsAPI
+from http_frontend.history import Caller, History
+from http_frontend.image_store import CONTENT_TYPES, valid_name
+from http_frontend.jobs_api import JobsAPI, ListQuery
 from http_frontend.service import ImageService
+
+MAX_IDEMPOTENCY_KEY = 255
 
 
 def read_json(req: falcon.Request, max_body: int) -> Any:
@@ -79,6 +84,30 @@ def client_gone(req: falcon.Request) -> Callable[[], bool] | None:
     return req.env.get("waitress.client_disconnected")
 
 
+def caller(req: falcon.Request, body: Any, history: History) -> Caller:
+    """Who sent ``req``: the owner its job is recorded under, where its image URLs start,
+    and its Idempotency-Key."""
+    user = body.get("user") if isinstance(body, dict) else None
+    owner = identity_of(req).owner(user if isinstance(user, str) else None)
+    return Caller(owner, base_url(req, history), idempotency_key(req))
+
+
+def base_url(req: falcon.Request, history: History) -> str:
+    """Where image URLs start: --public-url, else this request's own scheme and host."""
+    return history.public_url or req.prefix
+
+
+def idempotency_key(req: falcon.Request) -> str | None:
+    key = req.get_header("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or not key.isascii() or \
+            not key.isprintable():
+        raise invalid("Idempotency-Key", f"an Idempotency-Key is 1 to {MAX_IDEMPOTENCY_KEY} "
+                                         f"printable ASCII characters")
+    return key
+
+
 def stream_events(resp: falcon.Response, events: Iterator[bytes]) -> None:
     resp.content_type = "text/event-stream"
     resp.set_header("Cache-Control", "no-cache")
@@ -92,11 +121,13 @@ class ImageGenerations:
         self.max_body = max_body
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        prepared = self.service.prepare(read_json(req, self.max_body))
+        body = read_json(req, self.max_body)
+        who = caller(req, body, self.service.history)
+        prepared = self.service.prepare(body)
         if prepared.stream:
-            stream_events(resp, self.service.stream_openai(prepared, client_gone(req)))
+            stream_events(resp, self.service.stream_openai(prepared, who, client_gone(req)))
         else:
-            resp.media = self.service.generate(prepared, client_gone(req))
+            resp.media = self.service.generate(prepared, who, client_gone(req))
 
 
 class Jobs:
@@ -105,8 +136,16 @@ class Jobs:
         self.max_body = max_body
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.status = falcon.HTTP_202
-        resp.media = self.jobs.submit(read_json(req, self.max_body))
+        body = read_json(req, self.max_body)
+        status, resp.media = self.jobs.submit(body, caller(req, body, self.jobs.history))
+        resp.status = falcon.code_to_http_status(status)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        query = ListQuery.parse(req.params)
+        resp.media = self.jobs.listing(identity_of(req), query,
+                                    base_url(req, self.jobs.history))
+
+    on_head = on_get
 
 
 class Job:
@@ -114,12 +153,14 @@ class Job:
         self.jobs = jobs
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
-        resp.media = self.jobs.status(job_id)
+        resp.media = self.jobs.status(job_id, identity_of(req),
+                                      base_url(req, self.jobs.history))
 
     on_head = on_get
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
-        resp.media = self.jobs.cancel(job_id)
+        resp.media = self.jobs.cancel(job_id, identity_of(req),
+                                      base_url(req, self.jobs.history))
 
 
 class JobEvents:
@@ -127,12 +168,46 @@ class JobEvents:
         self.jobs = jobs
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
-        stream_events(resp, self.jobs.events(job_id, client_gone(req)))
+        stream_events(resp, self.jobs.events(job_id, identity_of(req), client_gone(req),
+                                             base_url(req, self.jobs.history)))
 
     def on_head(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
         """The stream's headers, without opening it (no stream slot is taken)."""
-        self.jobs.check(job_id)
+        self.jobs.check(job_id, identity_of(req))
         stream_events(resp, iter(()))
+
+
+class ImageFiles:
+    """GET /v1/images/files/{name}: a stored image, cacheable for as long as it is kept
+    (its name never names other bytes); no API key needed (auth.OPEN_PREFIXES)."""
+
+    def __init__(self, history: History, *, max_age: float | None) -> None:
+        self.history = history
+        self.cache_control = f"public, max-age={int(max_age or 31536000)}, immutable"
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        self._answer(req, resp, name, body=True)
+
+    def on_head(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        self._answer(req, resp, name, body=False)
+
+    def _answer(self, req: falcon.Request, resp: falcon.Response, name: str, *,
+                body: bool) -> None:
+        store = self.history.store
+        image = store.get(name) if store is not None and valid_name(name) else None
+        if image is None:
+            raise APIError(404, "no such image: it expired, was deleted, or never was",
+                           code="image_not_found")
+        etag = f'"{name.split(".")[0]}"'
+        resp.set_header("ETag", etag)
+        resp.set_header("Cache-Control", self.cache_control)
+        resp.content_type = CONTENT_TYPES[name.rsplit(".", 1)[1]]
+        if etag in (req.get_header("If-None-Match") or "").replace(" ", "").split(","):
+            resp.status = falcon.HTTP_304
+            return
+        resp.content_length = len(image.data)
+        if body:
+            resp.data = image.data
 
 
 class Models:

@@ -42,7 +42,7 @@ class ImageRequest:
     model: str | None = None
     n: int = 1
     quality: str = "auto"
-    response_format: str = "b64_json"
+    response_format: str | None = None  # None: the server's default (--default-response-format)
     output_format: str = "png"
     output_compression: int | None = None
     stream: bool = False
@@ -84,6 +84,9 @@ def _string(body: dict[str, Any], name: str, *, max_len: int = 256) -> str | Non
     except UnicodeEncodeError as exc:  # JSON's "\ud800": a lone surrogate, no character
         raise invalid(name, f"'{name}' is not valid Unicode text: it holds a lone surrogate "
                             f"at position {exc.start}") from None
+    if "\x00" in value:  # JSON's "\u0000": no text needs it, and PostgreSQL's text refuses it
+        raise invalid(name, f"'{name}' holds a NUL character (\\u0000) at position "
+                            f"{value.index(chr(0))}")
     return value
 
 
@@ -174,9 +177,6 @@ def parse_request(body: Any) -> ImageRequest:
         raise invalid("seed", f"image i gets seed + i, and every seed must be at most "
                               f"2**63-1: with n={request.n}, 'seed' may be at most "
                               f"{MAX_SEED - request.n + 1}")
-    if request.response_format == "url":
-        raise invalid("response_format", "'url' responses are not available yet; use "
-                                         "'b64_json' (the default)", "unsupported_value")
     return request
 
 

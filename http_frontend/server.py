@@ -24,6 +24,7 @@ import socket
 import time
 from typing import Any
 
+from waitress import wasyncore
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 from waitress.server import MultiSocketServer, TcpWSGIServer
@@ -148,6 +149,15 @@ class Server(TcpWSGIServer):
                 log.info("closing the connection from %s: its request did not arrive within "
                          "%.0f s", channel.addr, self.receive_timeout)
                 channel.will_close = True
+
+
+def close_everything(server: Server | MultiSocketServer) -> None:
+    """Stop listening and close every connection, idle keep-alive ones included: waitress's
+    loop runs while any connection is open, so closing only the listener would leave the
+    process up until each client hung up or --channel-timeout passed."""
+    socket_map = server._map if isinstance(server, Server) else server.map
+    server.close()
+    wasyncore.close_all(socket_map)
 
 
 def create_server(app: Any, *, receive_timeout: float, max_body: int, **adjustments: Any

@@ -10,6 +10,7 @@ value until ``failure`` turns it into the APIError the client gets.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import secrets
 import threading
@@ -21,8 +22,10 @@ from typing import Any
 
 from broker.protocol import ErrorCode, JobSpec, Message
 from gpu_worker.models import ModelSpec
+from http_frontend import history as history_module
 from http_frontend import model_resolver, schema, streaming
 from http_frontend.broker_client import EXPIRY_SLACK, BrokerClient
+from http_frontend.database import open_database
 from http_frontend.errors import (
     BROKER_UNREACHABLE,
     SHUTTING_DOWN,
@@ -31,7 +34,9 @@ from http_frontend.errors import (
     invalid,
     job_failure,
 )
+from http_frontend.history import Caller, History, Tracked, error_of
 from http_frontend.pending import Event, PendingJob
+from http_frontend.records import TERMINAL, JobRecords, Record
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,8 @@ log = logging.getLogger(__name__)
 DEADLINE_SLACK = EXPIRY_SLACK + 1.0
 CLIENT_CHECK_INTERVAL = 0.25  # how often a waiting request checks that its client is there
 FIRST_ANSWER_WAIT = 5.0  # seconds a streaming request waits for the broker to take its job
+SETTLE_WAIT = 30.0  # seconds an answer waits for its images to be stored (then: b64 only)
+REPLAY_POLL = 0.25  # seconds between looks at the job a repeated Idempotency-Key names
 
 ClientGone = Callable[[], bool]
 
@@ -55,25 +62,42 @@ class ServiceConfig:
     max_waiting: int = 28
     max_streams: int = 16  # event streams open at once; each holds a waitress thread
     keepalive: float = 10.0  # seconds between keep-alive comments on an idle stream
+    # The answer for a request that sends no `response_format` (some clients never do, and
+    # read `url`).
+    default_response_format: str = "b64_json"
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """A validated request and the job it becomes."""
+    """A validated request (``body`` as the client sent it) and the job it becomes."""
 
     fitted: schema.FittedRequest
-    spec: ModelSpec
     job: JobSpec
+    body: dict[str, Any]
 
     @property
     def stream(self) -> bool:
         return self.fitted.request.stream
 
+    @property
+    def response_format(self) -> str:
+        return self.fitted.request.response_format or "b64_json"
+
+    @classmethod
+    def restore(cls, body: dict[str, Any], job: JobSpec) -> Prepared:
+        """A recorded job as it was prepared (after a restart): the request is parsed again,
+        and the job keeps what it was resolved to then."""
+        request = schema.parse_request(body)
+        fitted = schema.FittedRequest(request, job.width, job.height, job.steps, job.guidance)
+        return cls(fitted, job, body)
+
 
 class ImageService:
-    def __init__(self, broker: BrokerClient, config: ServiceConfig) -> None:
+    def __init__(self, broker: BrokerClient, config: ServiceConfig, *,
+                 history: History | None = None) -> None:
         self.broker = broker
         self.config = config
+        self.history = history or in_memory_history(getattr(broker, "owner", "frontend"))
         self._lock = threading.Lock()
         self._in_flight = 0
         self._drain_deadline: float | None = None  # set once, when the server begins to stop
@@ -127,13 +151,20 @@ class ImageService:
     def prepare(self, body: Any) -> Prepared:
         """Validate ``body`` against its model and build the job; nothing is sent yet."""
         request = schema.parse_request(body)
+        if request.response_format is None:
+            request = dataclasses.replace(
+                request, response_format=self.config.default_response_format)
+        if request.response_format == "url" and self.history.store is None:
+            raise invalid("response_format", "this server keeps no images (it was started "
+                                             "with --no-image-store), so it cannot answer "
+                                             "with URLs; use 'b64_json'", "unsupported_value")
         limit = self.config.default_timeout
         if request.timeout is not None and request.timeout > limit:
             raise invalid("timeout", f"'timeout' may be at most {limit:g} seconds on this "
                                      f"server; got {request.timeout:g}")
         spec = model_resolver.spec_for(self.broker.status(), self._model_name(request.model))
         fitted = schema.fit_to_model(request, spec)
-        return Prepared(fitted, spec, self._job(fitted, spec))
+        return Prepared(fitted, self._job(fitted, spec), body)
 
     def _model_name(self, requested: str | None) -> str:
         """The model a request names; else the configured default; else the only one served."""
@@ -172,34 +203,95 @@ class ImageService:
 
     # ---------------------------------------------------------------- running
 
-    def generate(self, prepared: Prepared, client_gone: ClientGone | None = None
-                 ) -> dict[str, Any]:
-        """Run the job and answer with an ImagesResponse; ``client_gone`` cancels it."""
+    def generate(self, prepared: Prepared, caller: Caller,
+                 client_gone: ClientGone | None = None) -> dict[str, Any]:
+        """Run the job and answer with an ImagesResponse; ``client_gone`` cancels it.
+
+        A repeated Idempotency-Key answers with the first request's job, waiting for it
+        while it runs."""
         release = self.take_waiting_slot()
         try:
             self._enter_flight()
             try:
-                pending = self.broker.submit(prepared.job)
-                for _ in self.follow(pending, prepared.job, client_gone):
-                    pass
+                record = self.open_record(prepared, caller, kind="generation")
+                if record.id != prepared.job.id:
+                    return self._replay(record, prepared, caller, client_gone)
+                tracked = self.submit(prepared)
+                try:
+                    for _ in self.follow(tracked.pending, prepared.job, client_gone):
+                        pass
+                except APIError as exc:  # the client left, the deadline passed, ...
+                    self.end_here(tracked, JobError(exc.code or ErrorCode.CANCELLED,
+                                                    exc.message))
+                    raise
+                finally:
+                    self.end_here(tracked, JobError(ErrorCode.CANCELLED,
+                                                    "the request ended before its job did"))
             finally:
                 self._leave_flight()
         finally:
             release()
+        pending = tracked.pending
         if pending.error is not None:
             raise self.failure(pending.error, prepared.job.model)
         assert pending.result is not None  # follow() ends with the outcome or raises
-        return self.images_response(prepared, pending.result)
+        tracked.settled.wait(SETTLE_WAIT)
+        return self.images_response(prepared, pending.result, tracked, caller.base_url)
 
-    def submit_until_taken(self, prepared: Prepared) -> PendingJob:
+    def open_record(self, prepared: Prepared, caller: Caller, *, kind: str) -> Record:
+        """Record the job before it is sent (or find the job a reused Idempotency-Key
+        names: a key used for another request is a 409)."""
+        record = self.history.open(prepared.job, prepared.body, kind=kind, caller=caller,
+                                   submitter=self.broker.owner)
+        if record.id != prepared.job.id and record.request_hash != \
+                history_module.request_hash(prepared.body):
+            raise APIError(409, "this Idempotency-Key was used for a different request; "
+                                "use a new key for a new request",
+                           param="Idempotency-Key", code="idempotency_key_reused")
+        return record
+
+    def submit(self, prepared: Prepared) -> Tracked:
+        """Send a recorded job; its record is settled when it ends, however it ends."""
+        pending = self.broker.submit(prepared.job)
+        return self.history.track(prepared.job, pending)
+
+    def end_here(self, tracked: Tracked, error: JobError) -> None:
+        """End a job this frontend stops following (its client left, its deadline passed):
+        the broker was told already; this ends the record too."""
+        if not tracked.pending.done:
+            tracked.pending.fail(error)
+
+    def submit_until_taken(self, prepared: Prepared) -> Tracked:
         """Submit, and wait (briefly) for the broker to take the job, so that its refusals
         (unknown model, full queue, no worker) are plain errors; for streams and the jobs
         API, which follow the job afterwards."""
-        pending = self.broker.submit(prepared.job)
-        pending.wait_taken(FIRST_ANSWER_WAIT)
-        if pending.error is not None:
-            raise self.failure(pending.error, prepared.job.model)
-        return pending
+        tracked = self.submit(prepared)
+        tracked.pending.wait_taken(FIRST_ANSWER_WAIT)
+        if tracked.pending.error is not None:
+            raise self.failure(tracked.pending.error, prepared.job.model)
+        return tracked
+
+    def _replay(self, record: Record, prepared: Prepared, caller: Caller,
+                client_gone: ClientGone | None) -> dict[str, Any]:
+        """The answer of the job ``record`` names: waits for it to end (it may run on
+        another frontend), then answers as it did."""
+        deadline = record.deadline + DEADLINE_SLACK
+        while record.status not in TERMINAL:
+            if time.time() >= deadline:
+                raise self._error(JobError(ErrorCode.TIMEOUT, "the first request with this "
+                                           "Idempotency-Key did not end in time"))
+            if client_gone is not None and client_gone():
+                raise APIError(499, "the client closed the connection", code="cancelled")
+            time.sleep(REPLAY_POLL)
+            found = self.history.records.get(record.id)
+            if found is None:
+                raise APIError(409, "the job this Idempotency-Key names was deleted; use a "
+                                    "new key", param="Idempotency-Key",
+                               code="idempotency_key_reused")
+            record = found
+        if record.status != "succeeded":
+            raise self.failure(error_of(record), record.model)
+        return self.record_response(record, prepared.response_format, caller.base_url)
 
     def open_stream(self) -> Callable[[], None]:
         """Take one of the bounded event-stream slots (each pins a waitress thread), a waiting
@@ -228,35 +320,46 @@ class ImageService:
             self._streams.release()
         return close
 
-    def stream_openai(self, prepared: Prepared, client_gone: ClientGone | None
-                      ) -> Iterator[bytes]:
+    def stream_openai(self, prepared: Prepared, caller: Caller,
+                      client_gone: ClientGone | None) -> Iterator[bytes]:
         """OpenAI's image stream for ``prepared``: checks and submission happen now, the
         events as the caller iterates."""
         close = self.open_stream()
         try:
-            pending = self.submit_until_taken(prepared)
+            record = self.open_record(prepared, caller, kind="generation")
+            if record.id != prepared.job.id:
+                raise APIError(409, "a streamed request cannot be repeated with the same "
+                                    "Idempotency-Key; fetch the first job with GET "
+                                    f"/v1/jobs/{record.id}", param="Idempotency-Key",
+                               code="idempotency_key_reused")
+            tracked = self.submit_until_taken(prepared)
         except BaseException:
             close()
             raise
 
         def closed() -> None:
-            if not pending.done:
+            if not tracked.pending.done:
                 self.broker.cancel(prepared.job.id)  # the client stopped reading
+                self.end_here(tracked, JobError(ErrorCode.CANCELLED,
+                                                "the client stopped reading the stream"))
             close()
-        return streaming.ClosingStream(self._openai_events(prepared, pending, client_gone),
-                                       closed)
+        return streaming.ClosingStream(
+            self._openai_events(prepared, tracked, caller, client_gone), closed)
 
-    def _openai_events(self, prepared: Prepared, pending: PendingJob,
+    def _openai_events(self, prepared: Prepared, tracked: Tracked, caller: Caller,
                        client_gone: ClientGone | None) -> Iterator[bytes]:
         shapes = streaming.OpenAIStream(prepared.fitted, lambda: int(time.time()))
         try:
-            for event in self.follow(pending, prepared.job, client_gone,
+            for event in self.follow(tracked.pending, prepared.job, client_gone,
                                      keepalive=self.config.keepalive):
                 if event is None:
                     yield streaming.KEEPALIVE
                 elif isinstance(event, JobError):
                     yield streaming.error_event(
                         self.failure(event, prepared.job.model).error_object())
+                elif event is tracked.pending.result:
+                    tracked.settled.wait(SETTLE_WAIT)  # so the events can carry URLs
+                    yield from shapes.events(event, self._urls(tracked, caller.base_url))
                 else:
                     yield from shapes.events(event)
         except APIError as exc:
@@ -325,15 +428,64 @@ class ImageService:
         return job_failure(error, retry_after=self.config.retry_after,
                            cancelled_here=cancelled_here)
 
-    def images_response(self, prepared: Prepared, answer: Message) -> dict[str, Any]:
-        """The ImagesResponse for a RESULT."""
-        images = [{"b64_json": base64.b64encode(_bytes(frame)).decode("ascii"),
-                   "seed": info.seed, "width": info.width, "height": info.height}
-                  for info, frame in zip(answer["images"], answer.payloads, strict=True)]
+    def images_response(self, prepared: Prepared, answer: Message, tracked: Tracked | None,
+                        base_url: str, *, response_format: str | None = None
+                        ) -> dict[str, Any]:
+        """The ImagesResponse for a RESULT, in the request's response format (or
+        ``response_format``); URLs come from the settled record (``tracked``)."""
+        response_format = response_format or prepared.response_format
+        urls = self._urls(tracked, base_url) if tracked is not None else []
+        images = []
+        for index, (info, frame) in enumerate(zip(answer["images"], answer.payloads,
+                                                  strict=True)):
+            image: dict[str, Any] = {"seed": info.seed, "width": info.width,
+                                     "height": info.height}
+            url = urls[index] if index < len(urls) else None
+            if response_format == "url" and url is not None:
+                image["url"] = url
+            else:  # b64_json, or no URL: the image store refused it (logged)
+                image["b64_json"] = base64.b64encode(_bytes(frame)).decode("ascii")
+            images.append(image)
         return schema.images_response(
-            prepared.fitted, created=int(time.time()), model=prepared.spec.name, images=images,
+            prepared.fitted, created=int(time.time()), model=prepared.job.model, images=images,
         ) | {"job_id": prepared.job.id, "worker_id": answer.get("worker_id"),
              "timings": answer.get("timings") or {}}
+
+    def record_response(self, record: Record, response_format: str, base_url: str
+                        ) -> dict[str, Any]:
+        """The ImagesResponse of a finished record (its images read back from the store
+        for b64_json); a 410 when they are gone."""
+        job = record.job
+        images = []
+        for image in record.images:
+            entry: dict[str, Any] = {"seed": image["seed"], "width": image["width"],
+                                     "height": image["height"]}
+            name = image.get("name")
+            if response_format == "url" and name:
+                entry["url"] = self.history.url(name, base_url)
+            else:
+                data = self.history.image_bytes(name)
+                if data is None:
+                    raise APIError(410, f"the images of job {record.id} are no longer kept",
+                                   code="images_expired")
+                entry["b64_json"] = base64.b64encode(data).decode("ascii")
+            images.append(entry)
+        return {"created": int(record.finished or record.created), "data": images,
+                "output_format": job.get("output_format", "png"), "model": record.model,
+                "width": job.get("width"), "height": job.get("height"),
+                "steps": job.get("steps"), "guidance": job.get("guidance"),
+                "job_id": record.id, "worker_id": record.worker_id, "timings": record.timings}
+
+    def _urls(self, tracked: Tracked | None, base_url: str) -> list[str | None]:
+        if tracked is None:
+            return []
+        return [self.history.url(name, base_url) if name else None
+                for name in tracked.image_names]
+
+
+def in_memory_history(frontend: str) -> History:
+    """Records in memory and no image store: for a service built without one (tests)."""
+    return History(JobRecords(open_database(":memory:")), None, frontend=frontend)
 
 
 def _bytes(frame: Any) -> bytes:

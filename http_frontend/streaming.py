@@ -86,7 +86,10 @@ class OpenAIStream:
         self.created = created
         self._partials: dict[int, int] = {}  # image index -> partial images sent
 
-    def events(self, msg: Message) -> list[bytes]:
+    def events(self, msg: Message, urls: list[str | None] | None = None) -> list[bytes]:
+        """The events for one message; ``urls``: where each image of a RESULT is stored
+        (the completed events add ``url`` beside the ``b64_json`` the spec requires)."""
+        urls = urls or []
         if msg.type is MsgType.PROGRESS and msg.payloads:
             index = msg.get("image_index") or 0
             partial = self._partials.get(index, 0)
@@ -102,6 +105,7 @@ class OpenAIStream:
                 "created_at": self.created(), **_event_fields(self.fitted), "usage": _NO_USAGE,
                 "image_index": index, "seed": info.seed, "width": info.width,
                 "height": info.height,
+                **({"url": urls[index]} if index < len(urls) and urls[index] else {}),
             }) for index, (info, frame) in enumerate(
                 zip(msg["images"], msg.payloads, strict=True))]
         return []

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -47,8 +48,12 @@ def bound_http_port(log: OutputLog, timeout: float = 30.0) -> int:
 
 
 def cluster_env(cache_dir: Path) -> dict[str, str]:
+    """The environment of a test cluster's processes: the shared tiny-model cache, and a
+    data directory (job records, images) of its own, so no test resumes another's jobs."""
+    data_dir = tempfile.mkdtemp(prefix="data-", dir=cache_dir)
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-            "DC_CACHE_DIR": str(cache_dir), "CUDA_VISIBLE_DEVICES": ""}
+            "DC_CACHE_DIR": str(cache_dir), "DC_DATA_DIR": data_dir,
+            "CUDA_VISIBLE_DEVICES": ""}
 
 
 def descendants(pid: int) -> set[int]:

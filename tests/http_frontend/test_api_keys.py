@@ -8,7 +8,7 @@ import falcon.testing
 import pytest
 
 from http_frontend.app import FrontendConfig, create_app
-from http_frontend.auth import load_keys
+from http_frontend.auth import default_name, load_keys
 from tests.http_frontend.test_app import FakeBroker
 from tests.openapi_spec import validate
 
@@ -81,7 +81,39 @@ def test_no_cors_and_no_keys_by_default() -> None:
 def test_keys_file(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys"
     keys_file.write_text("# team keys\nsk-a\n\n  sk-b  # ops\n")
-    assert load_keys(["sk-c", " "], str(keys_file)) == ["sk-c", "sk-a", "sk-b"]
+    keys = load_keys(["sk-c", " "], str(keys_file))
+    assert [k.secret for k in keys] == ["sk-c", "sk-a", "sk-b"]
+    assert not any(k.admin for k in keys)
+    # A key given without a name gets a stable one that does not show the key.
+    assert keys[1].name == default_name("sk-a") and "sk-a" not in keys[1].name
+    assert "sk-" not in repr(keys)
+
+
+def test_keys_file_attributes(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("sk-alice name=alice\nsk-root name=ops admin  # sees all\n"
+                         "sk-bob admin\n")
+    keys = load_keys(None, str(keys_file))
+    assert [(k.secret, k.name, k.admin) for k in keys] == [
+        ("sk-alice", "alice", False), ("sk-root", "ops", True),
+        ("sk-bob", default_name("sk-bob"), True)]
+
+
+@pytest.mark.parametrize("line", ["sk-a name=", "sk-a name=has/slash", "sk-a sk-b",
+                                  "sk-a admin=yes", "sk-a name=" + "x" * 65])
+def test_keys_file_refuses_unknown_attributes_without_showing_them(tmp_path, line) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"# first\n{line}\n")
+    with pytest.raises(ValueError, match="line 2: word 2") as caught:
+        load_keys(None, str(keys_file))
+    assert "sk-" not in str(caught.value)
+
+
+def test_two_keys_with_one_name_are_refused(tmp_path) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("sk-a name=ops\nsk-b name=ops\n")
+    with pytest.raises(ValueError, match="same name"):
+        load_keys(None, str(keys_file))
 
 
 def test_config_repr_hides_keys() -> None:

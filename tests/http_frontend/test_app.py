@@ -62,7 +62,9 @@ class FakeBroker:
             return None
         return ClusterStatus(self.workers, self.queues, time.monotonic())
 
-    def submit(self, job: JobSpec) -> PendingJob:
+    owner = "frontend-under-test"
+
+    def submit(self, job: JobSpec, *, owner: str | None = None) -> PendingJob:
         # What the service built must survive the wire as it is.
         assert protocol.decode(protocol.submit(job))["job"] == job
         self.submitted.append(job)
@@ -75,7 +77,7 @@ class FakeBroker:
         pending.update(self._answer(job))
         return pending
 
-    def cancel(self, job_id: str) -> None:
+    def cancel(self, job_id: str, *, owner: str | None = None) -> None:
         self.cancelled.append(job_id)
 
     def forget(self, job_id: str) -> None:

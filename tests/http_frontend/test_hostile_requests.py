@@ -127,7 +127,7 @@ def test_head_answers_where_get_does(client, path):
 @pytest.mark.parametrize(("path", "allowed"), [
     *((p, {"GET", "HEAD", "OPTIONS"}) for p in GET_ROUTES),
     ("/v1/images/generations", {"POST", "OPTIONS"}),
-    ("/v1/jobs", {"POST", "OPTIONS"}),
+    ("/v1/jobs", {"GET", "HEAD", "POST", "OPTIONS"}),
     ("/v1/jobs/abc", {"GET", "HEAD", "DELETE", "OPTIONS"}),
     ("/v1/jobs/abc/events", {"GET", "HEAD", "OPTIONS"}),
 ])

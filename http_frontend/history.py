@@ -1,0 +1,194 @@
+"""The durable side of every job: its record in the database, its images in the store.
+
+A job is recorded (``open``) before it is sent to the broker, so a crash right after the
+client was answered loses nothing. Its end is recorded once (``settle``) whoever ends it: the
+broker's answer, this frontend's cancel, the deadline. Settling writes the images to the store
+first, then ends the record with their names, on a small pool of threads of its own: the
+broker client's I/O thread, which ends jobs, must never wait on a disk or a bucket. A request
+that answers with URLs waits for its job's ``settled`` event.
+
+The history is also the owner of image URLs: a record keeps only image names, and the URL
+is made per answer from ``--public-url`` or the asking request's own scheme and host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.protocol import ErrorCode, JobSpec, Message
+from http_frontend.errors import JobError
+from http_frontend.image_store import ImageStore, StoreError, new_name
+from http_frontend.pending import PendingJob
+from http_frontend.records import JobRecords, Record
+
+log = logging.getLogger(__name__)
+
+FILES_PATH = "/v1/images/files/"
+SETTLE_THREADS = 4  # images written at once (each a disk write or an S3 PUT)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request, as the history needs it."""
+
+    owner: str | None  # the identity a new job is recorded under (API key name, else `user`)
+    base_url: str  # scheme://host[:port] that image URLs start with
+    idempotency_key: str | None = None
+
+
+@dataclass(eq=False)
+class Tracked:
+    """A job this frontend follows: its pending answer and, once settled, its record."""
+
+    job: JobSpec
+    pending: PendingJob
+    settled: threading.Event = field(default_factory=threading.Event)
+    record: Record | None = None  # the ended record, once settled
+
+    @property
+    def image_names(self) -> list[str | None]:
+        images = self.record.images if self.record is not None else []
+        return [image.get("name") for image in images]
+
+
+def request_hash(body: Any) -> str:
+    """A digest of a request body, to tell a reused Idempotency-Key with another request."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def record_error(error: JobError) -> dict[str, Any]:
+    return {"code": str(error.code), "message": error.message, "retryable": error.retryable}
+
+
+def error_of(record: Record) -> JobError:
+    """The JobError a failed or cancelled record ended with."""
+    error = record.error or {}
+    default = ErrorCode.CANCELLED if record.status == "cancelled" else ErrorCode.WORKER_ERROR
+    return JobError(error.get("code") or default, error.get("message") or "the job failed",
+                    bool(error.get("retryable", False)))
+
+
+class History:
+    def __init__(self, records: JobRecords, store: ImageStore | None, *, frontend: str,
+                 lease: float = 15.0, public_url: str | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.records = records
+        self.store = store
+        self.frontend = frontend  # this frontend's id: the lease holder it writes
+        self.lease = lease
+        self.public_url = public_url.rstrip("/") if public_url else None
+        self._clock = clock
+        self._settlers = ThreadPoolExecutor(SETTLE_THREADS, thread_name_prefix="settle")
+
+    def close(self) -> None:
+        self._settlers.shutdown(wait=True, cancel_futures=False)
+
+    # ---------------------------------------------------------------- writing
+
+    def open(self, job: JobSpec, body: Any, *, kind: str, caller: Caller,
+             submitter: str) -> Record:
+        """Record a job before it is sent; returns the record, which is another job's when
+        ``caller``'s Idempotency-Key was used before (compare its id)."""
+        now = self._clock()
+        record = Record(
+            id=job.id, kind=kind, owner=caller.owner, model=job.model, prompt=job.prompt,
+            request=body if isinstance(body, dict) else None, job=job.to_wire(),
+            deadline=now + job.timeout, submitter=submitter, frontend=self.frontend,
+            lease_until=now + self.lease, created=now,
+            idempotency_key=caller.idempotency_key,
+            request_hash=request_hash(body) if caller.idempotency_key else None)
+        return self.records.create(record)
+
+    def track(self, job: JobSpec, pending: PendingJob) -> Tracked:
+        """Follow ``pending`` to its end and settle the job's record then."""
+        tracked = Tracked(job, pending)
+        pending.when_done(lambda _: self._settle_later(tracked))
+        return tracked
+
+    def _settle_later(self, tracked: Tracked) -> None:
+        try:
+            self._settlers.submit(self._settle, tracked)
+        except RuntimeError:  # shutting down: settle here rather than lose the end
+            self._settle(tracked)
+
+    def _settle(self, tracked: Tracked) -> None:
+        """Write the images, then end the record; never raises (a pool thread runs it)."""
+        pending, job_id = tracked.pending, tracked.job.id
+        try:
+            if pending.result is not None:
+                images = self._store_images(tracked.job, pending.result)
+                self.records.finish(job_id, "succeeded", images=images,
+                                    worker_id=pending.result.get("worker_id"),
+                                    timings=pending.result.get("timings") or {})
+            elif pending.error is not None:
+                status = "cancelled" if pending.error.code == ErrorCode.CANCELLED else "failed"
+                self.records.finish(job_id, status, error=record_error(pending.error))
+            tracked.record = self.records.get(job_id)
+        except Exception:
+            log.exception("job %s: could not record how it ended", job_id)
+        finally:
+            tracked.settled.set()
+
+    def _store_images(self, job: JobSpec, result: Message) -> list[dict[str, Any]]:
+        images = []
+        for info, frame in zip(result["images"], result.payloads, strict=True):
+            image: dict[str, Any] = {"name": None, "seed": info.seed, "width": info.width,
+                                     "height": info.height, "format": info.format}
+            if self.store is not None:
+                name = new_name(info.format)
+                try:
+                    self.store.put(name, _bytes(frame))
+                    image["name"] = name
+                except StoreError as exc:
+                    log.error("job %s: the image store refused an image: %s", job.id, exc)
+            images.append(image)
+        return images
+
+    def mark_running(self, job_id: str) -> None:
+        self.records.mark_running(job_id)
+
+    def fail(self, job_id: str, error: JobError) -> None:
+        """End a record whose job never reached the broker (refused, unsendable)."""
+        status = "cancelled" if error.code == ErrorCode.CANCELLED else "failed"
+        self.records.finish(job_id, status, error=record_error(error))
+
+    def delete(self, record: Record) -> None:
+        """Remove a finished job's record and its images."""
+        self.records.delete(record.id)
+        self.delete_images([record])
+
+    def delete_images(self, records: list[Record]) -> None:
+        names = [image["name"] for r in records for image in r.images if image.get("name")]
+        if names and self.store is not None:
+            try:
+                self.store.delete(names)
+            except StoreError as exc:  # retention sweeps them later
+                log.warning("could not delete %d image(s): %s", len(names), exc)
+
+    # ---------------------------------------------------------------- reading
+
+    def url(self, name: str, base_url: str) -> str:
+        return f"{self.public_url or base_url.rstrip('/')}{FILES_PATH}{name}"
+
+    def image_bytes(self, name: str | None) -> bytes | None:
+        if name is None or self.store is None:
+            return None
+        try:
+            stored = self.store.get(name)
+        except StoreError as exc:
+            log.warning("could not read image %s: %s", name, exc)
+            return None
+        return stored.data if stored is not None else None
+
+
+def _bytes(frame: Any) -> bytes:
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)

@@ -1,0 +1,107 @@
+"""The frontend's caretaker of job records: leases, recovery, retention.
+
+Every ``interval`` seconds, on a thread of its own, it
+- renews the lease on every unfinished job this frontend follows, so the others leave them;
+- marks the jobs it follows that have begun denoising as running;
+- once the broker answers: takes the unfinished jobs nobody renews (their frontend died or
+  was killed; right after a start also its own, from before the restart), and follows each
+  again — a ``/v1/jobs`` job is submitted again under its id while its deadline lasts; a plain
+  generation's client was on the connection that died, so its record ends as failed;
+- now and then removes finished records past ``--history-days``, with their images.
+
+It never raises out of its loop: a database that is down is logged and tried again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from broker.protocol import ErrorCode
+from http_frontend.errors import JobError
+from http_frontend.jobs_api import JobsAPI
+from http_frontend.records import Record
+
+log = logging.getLogger(__name__)
+
+RETENTION_EVERY = 600.0  # seconds between history retention passes
+
+
+class Keeper:
+    def __init__(self, jobs: JobsAPI, *, connected: Callable[[], bool],
+                 history_days: float | None, interval: float | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.jobs = jobs
+        self.history = jobs.history
+        self.connected = connected
+        self.history_days = history_days
+        # Renew three times per lease, so one slow pass never lets a lease lapse.
+        self.interval = interval if interval is not None else self.history.lease / 3
+        self._clock = clock
+        self._reclaimed_own = False
+        self._next_retention = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="job-keeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.tend()
+            except Exception:  # the database may be down: log, and try again next time
+                log.exception("could not tend the job records")
+            if self._stop.wait(self.interval):
+                return
+
+    def tend(self) -> None:
+        """One pass: renew, mark, take over, retain."""
+        now = self._clock()
+        self.history.records.renew(self.history.frontend, now + self.history.lease)
+        self._mark_running()
+        if self.connected():
+            own = not self._reclaimed_own
+            claimed = self.history.records.claim(self.history.frontend, now,
+                                                 now + self.history.lease, own=own)
+            self._reclaimed_own = True
+            for record in claimed:
+                self._take_over(record, now)
+        if self.history_days is not None and now >= self._next_retention:
+            self._next_retention = now + RETENTION_EVERY
+            self._retain(now - self.history_days * 86400)
+
+    def _mark_running(self) -> None:
+        for live in self.jobs.live_jobs():
+            if not live.marked_running and live.tracked.pending.step and not live.done:
+                live.marked_running = True
+                self.history.mark_running(live.id)
+
+    def _take_over(self, record: Record, now: float) -> None:
+        if record.kind != "job":
+            self.history.fail(record.id, JobError(
+                ErrorCode.WORKER_LOST, "the frontend serving this request stopped before the "
+                "job ended; its client was on that connection"))
+        elif record.deadline <= now:
+            self.history.fail(record.id, JobError(
+                ErrorCode.TIMEOUT, "the job's deadline passed while no frontend followed it"))
+        else:
+            try:
+                self.jobs.adopt(record, now)
+            except Exception as exc:  # a record this release cannot read: end it, loudly
+                log.exception("job %s: cannot follow it again", record.id)
+                self.history.fail(record.id, JobError(
+                    ErrorCode.INVALID_REQUEST, f"the job could not be resumed: {exc}"))
+
+    def _retain(self, cutoff: float) -> None:
+        removed = self.history.records.remove_finished_before(cutoff)
+        if removed:
+            self.history.delete_images(removed)
+            log.info("history: removed %d job record(s) older than %g day(s)", len(removed),
+                     self.history_days)
