@@ -133,11 +133,16 @@ class BrokerClient:
         self._conn.send(frames)
         return pending
 
-    def cancel(self, job_id: str, *, owner: str | None = None) -> None:
+    def cancel(self, job_id: str, *, owner: str | None = None, forget: bool = True) -> None:
         """Cancel a job; ``owner``: the broker owner it was submitted under, when that is
-        not this frontend (another frontend sharing the job records submitted it)."""
+        not this frontend (another frontend sharing the job records submitted it).
+
+        ``forget``: nobody here waits for its answer any more (the usual case: its client
+        left). Without it, a request here that waits for the job gets the broker's
+        "cancelled" as its answer."""
         with self._lock:
-            pending = self._pending.pop(job_id, None)
+            pending = self._pending.pop(job_id, None) if forget else \
+                self._pending.get(job_id)
         owner = owner or (pending.owner if pending is not None else self.owner)
         self._conn.send(protocol.encode(MsgType.CANCEL, {"job_id": job_id, "owner": owner}))
 

@@ -147,6 +147,9 @@ class SQLiteDatabase(Database):
             raise DatabaseError(f"cannot open the SQLite database {path}: {exc}") from exc
 
     def _configure(self, path: str) -> None:
+        # SQLite's own LOWER folds ASCII only; Python's folds every script, as PostgreSQL's
+        # does in a UTF-8 locale, so a search ignores case alike in both.
+        self._conn.create_function("LOWER", 1, _lower, deterministic=True)
         self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         self._conn.execute("PRAGMA foreign_keys = ON")
         self._conn.execute("PRAGMA secure_delete = ON")
@@ -321,3 +324,7 @@ def _record_version(tx: Transaction, name: str, newest: Migration, *, known: boo
     else:
         tx.execute("INSERT INTO schema_info (name, version, compatible_from) VALUES (?, ?, ?)",
                    (name, newest.version, newest.compatible_from))
+
+
+def _lower(text: Any) -> Any:
+    return text.lower() if isinstance(text, str) else text

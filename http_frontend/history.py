@@ -52,6 +52,7 @@ class Tracked:
     pending: PendingJob
     settled: threading.Event = field(default_factory=threading.Event)
     record: Record | None = None  # the ended record, once settled
+    images: list[dict[str, Any]] | None = None  # what was stored, once it was
 
     @property
     def image_names(self) -> list[str | None]:
@@ -88,6 +89,8 @@ class History:
         self.public_url = public_url.rstrip("/") if public_url else None
         self._clock = clock
         self._settlers = ThreadPoolExecutor(SETTLE_THREADS, thread_name_prefix="settle")
+        self._lock = threading.Lock()
+        self._unsettled: list[Tracked] = []  # ends the database did not take: tried again
 
     def close(self) -> None:
         self._settlers.shutdown(wait=True, cancel_futures=False)
@@ -120,23 +123,44 @@ class History:
         except RuntimeError:  # shutting down: settle here rather than lose the end
             self._settle(tracked)
 
+    def settle_again(self) -> None:
+        """Record the ends the database refused before (the keeper calls this)."""
+        with self._lock:
+            again, self._unsettled = self._unsettled, []
+        for tracked in again:
+            self._settle(tracked)
+
     def _settle(self, tracked: Tracked) -> None:
-        """Write the images, then end the record; never raises (a pool thread runs it)."""
-        pending, job_id = tracked.pending, tracked.job.id
+        """Write the images, then end the record; never raises (a pool thread runs it). An
+        end the database refuses is kept, and tried again by ``settle_again``."""
         try:
-            if pending.result is not None:
-                images = self._store_images(tracked.job, pending.result)
-                self.records.finish(job_id, "succeeded", images=images,
-                                    worker_id=pending.result.get("worker_id"),
-                                    timings=pending.result.get("timings") or {})
-            elif pending.error is not None:
-                status = "cancelled" if pending.error.code == ErrorCode.CANCELLED else "failed"
-                self.records.finish(job_id, status, error=record_error(pending.error))
-            tracked.record = self.records.get(job_id)
+            self._end_record(tracked)
+            tracked.record = self.records.get(tracked.job.id)
         except Exception:
-            log.exception("job %s: could not record how it ended", job_id)
+            log.exception("job %s: could not record how it ended; trying again later",
+                          tracked.job.id)
+            with self._lock:
+                self._unsettled.append(tracked)
         finally:
             tracked.settled.set()
+
+    def _end_record(self, tracked: Tracked) -> None:
+        pending, job_id = tracked.pending, tracked.job.id
+        if pending.result is not None:
+            if tracked.images is None:  # once, however often the record is tried
+                tracked.images = self._store_images(tracked.job, pending.result)
+            ended = self.records.finish(job_id, "succeeded", images=tracked.images,
+                                        worker_id=pending.result.get("worker_id"),
+                                        timings=pending.result.get("timings") or {})
+            if not ended:  # it ended already (cancelled elsewhere, deleted): no one asks
+                self.delete_images([tracked.images])
+        elif pending.error is not None:
+            if _refused(pending):
+                # No job ran, and a retry (with the same Idempotency-Key) must run, not
+                # repeat the refusal: the record goes.
+                self.records.delete(job_id)
+            else:
+                self.fail(job_id, pending.error)
 
     def _store_images(self, job: JobSpec, result: Message) -> list[dict[str, Any]]:
         images = []
@@ -164,10 +188,12 @@ class History:
     def delete(self, record: Record) -> None:
         """Remove a finished job's record and its images."""
         self.records.delete(record.id)
-        self.delete_images([record])
+        self.delete_images([record.images])
 
-    def delete_images(self, records: list[Record]) -> None:
-        names = [image["name"] for r in records for image in r.images if image.get("name")]
+    def delete_images(self, image_lists: list[list[dict[str, Any]]]) -> None:
+        """Delete the stored images these lists name (records' ``images``)."""
+        names = [image["name"] for images in image_lists for image in images
+                 if image.get("name")]
         if names and self.store is not None:
             try:
                 self.store.delete(names)
@@ -188,6 +214,17 @@ class History:
             log.warning("could not read image %s: %s", name, exc)
             return None
         return stored.data if stored is not None else None
+
+
+REFUSALS = (ErrorCode.QUEUE_FULL, ErrorCode.NO_WORKER, ErrorCode.BROKER_UNAVAILABLE)
+
+
+def _refused(pending: PendingJob) -> bool:
+    """Whether the job ended refused for now (queue full, no worker, no broker) before it
+    took a step: a retry may run it."""
+    error = pending.error
+    return error is not None and error.retryable and error.code in REFUSALS \
+        and not pending.step
 
 
 def _bytes(frame: Any) -> bytes:

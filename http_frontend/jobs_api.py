@@ -8,7 +8,8 @@ previews; a watcher elsewhere sees its record change instead (``_watch_record``)
 
 ``DELETE`` cancels a job that is still running (the broker is told under the owner the job
 was submitted with, whichever frontend submitted it) and removes a finished job's record and
-images.
+images. Nothing else cancels a job: it runs to its end whether anyone watches it or not, and
+its result waits in the records for whoever asks.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,9 +45,6 @@ class LiveJob:
 
     prepared: Prepared
     tracked: Tracked
-    watchers: int = 0
-    left_at: float = 0.0  # time.monotonic() when its last watcher left
-    orphan_check: bool = False  # a timer will look at it: one per job, however many churn
     finished_at: float | None = None  # time.monotonic() when its answer was seen
     marked_running: bool = False  # its record says "running"
 
@@ -72,7 +70,7 @@ class ListQuery:
         """The query string of GET /v1/jobs, each bad parameter a 400 naming it."""
         limit = params.get("limit", "20")
         if not isinstance(limit, str) or not limit.isascii() or not limit.isdigit() \
-                or not 1 <= int(limit) <= MAX_LIST:
+                or len(limit.lstrip("0")) > 3 or not 1 <= int(limit) <= MAX_LIST:
             raise invalid("limit", f"'limit' must be a whole number from 1 to {MAX_LIST}")
         status = _one(params, "status")
         if status is not None and status not in STATUSES:
@@ -93,17 +91,14 @@ def _one(params: Mapping[str, Any], name: str) -> str | None:
 
 
 class JobsAPI:
-    def __init__(self, service: ImageService, *, ttl: float = 600.0, max_jobs: int = 1000,
-                 orphan_grace: float = 10.0) -> None:
+    def __init__(self, service: ImageService, *, ttl: float = 600.0,
+                 max_jobs: int = 1000) -> None:
         self.service = service
         self.history = service.history
         self.ttl = ttl  # seconds a finished job stays followed live here (its record stays)
         self.max_jobs = max_jobs
-        # A page reload or a network blip drops the stream for a moment: a job whose last
-        # watcher left is cancelled only if nobody is back within this many seconds.
-        self.orphan_grace = orphan_grace
         self._live: dict[str, LiveJob] = {}
-        self._lock = threading.Lock()  # guards _live and every live job's watchers
+        self._lock = threading.Lock()  # guards _live
 
     # ---------------------------------------------------------------- endpoints
 
@@ -155,8 +150,9 @@ class JobsAPI:
             self.service.broker.cancel(job_id)
             live.tracked.pending.cancel()
             live.tracked.settled.wait(5.0)
-        else:  # another frontend follows it: the broker tells that one, the record ends here
-            self.service.broker.cancel(job_id, owner=record.submitter)
+        else:  # another frontend, or a generation request here, waits for it: the broker
+            # answers that one "cancelled"; the record ends now
+            self.service.broker.cancel(job_id, owner=record.submitter, forget=False)
             self.history.fail(job_id, JobError(ErrorCode.CANCELLED, "the job was cancelled"))
         return self._describe(self.history.records.get(job_id) or record, live, base_url)
 
@@ -171,7 +167,8 @@ class JobsAPI:
 
     def events(self, job_id: str, identity: Identity, client_gone: ClientGone | None,
                base_url: str) -> Iterator[bytes]:
-        """The job's events as SSE; the last watcher leaving an unfinished job cancels it.
+        """The job's events as SSE, from here or from its record; a watcher leaving changes
+        nothing for the job.
 
         The job is looked up and a stream slot taken now, so a refusal is a plain error.
         """
@@ -181,10 +178,7 @@ class JobsAPI:
         if live is None:
             return streaming.ClosingStream(
                 self._watch_record(record, client_gone, base_url), close)
-        with self._lock:
-            live.watchers += 1
-        return streaming.ClosingStream(self._watch(live, client_gone, base_url),
-                                       lambda: self._unwatch(live, close))
+        return streaming.ClosingStream(self._watch(live, client_gone, base_url), close)
 
     def check(self, job_id: str, identity: Identity) -> None:
         """Raise the 404 for an unknown job; nothing else (HEAD on its events)."""
@@ -209,7 +203,8 @@ class JobsAPI:
                 ) -> Iterator[bytes]:
         job, pending = live.prepared.job, live.tracked.pending
         for event in self.service.follow(pending, job, client_gone,
-                                         keepalive=self.service.config.keepalive):
+                                         keepalive=self.service.config.keepalive,
+                                         cancel_on_leave=False):
             if event is None:
                 yield streaming.KEEPALIVE
                 continue
@@ -226,41 +221,12 @@ class JobsAPI:
         tracked = live.tracked
         tracked.settled.wait(30.0)
         if tracked.record is not None and all(tracked.image_names):
-            return self.service.record_response(tracked.record, "url", base_url) | \
-                {"id": live.id}
+            return self.service.record_response(tracked.record, "url", base_url,
+                                                missing_ok=True) | {"id": live.id}
         assert tracked.pending.result is not None
         return self.service.images_response(live.prepared, tracked.pending.result, tracked,
                                             base_url, response_format="b64_json") | \
             {"id": live.id}
-
-    def _unwatch(self, live: LiveJob, close: Callable[[], None]) -> None:
-        """A watcher left: give its slot back; the last one leaving starts the grace period."""
-        with self._lock:
-            live.watchers -= 1
-            live.left_at = time.monotonic()
-            check = live.watchers == 0 and not live.done and not live.orphan_check
-            live.orphan_check |= check
-        close()
-        if check:
-            self._check_orphan_in(live, self.orphan_grace)
-
-    def _check_orphan_in(self, live: LiveJob, seconds: float) -> None:
-        timer = threading.Timer(seconds, self._cancel_if_orphaned, (live,))
-        timer.daemon = True
-        timer.start()
-
-    def _cancel_if_orphaned(self, live: LiveJob) -> None:
-        with self._lock:
-            orphaned = live.watchers == 0 and not live.done
-            left = self.orphan_grace - (time.monotonic() - live.left_at)
-            live.orphan_check = orphaned and left > 0
-        if live.orphan_check:
-            self._check_orphan_in(live, left)  # someone came back and left again since
-        elif orphaned:
-            log.info("job %s cancelled: nobody watched it for %.0f s", live.id,
-                     self.orphan_grace)
-            self.service.broker.cancel(live.id)
-            live.tracked.pending.cancel()
 
     # ---------------------------------------------------------------- following elsewhere
 
@@ -319,7 +285,7 @@ class JobsAPI:
     def _record_result(self, record: Record, base_url: str) -> dict[str, Any]:
         stored = all(image.get("name") for image in record.images)
         return self.service.record_response(record, "url" if stored else "b64_json",
-                                            base_url)
+                                            base_url, missing_ok=True)
 
     def _error(self, model: str, error: JobError) -> dict[str, Any]:
         """OpenAI's error body for a job's failure."""

@@ -2,6 +2,7 @@
 
 Every ``interval`` seconds, on a thread of its own, it
 - renews the lease on every unfinished job this frontend follows, so the others leave them;
+- records again the end of any job whose end could not be recorded (the database was down);
 - marks the jobs it follows that have begun denoising as running;
 - once the broker answers: takes the unfinished jobs nobody renews (their frontend died or
   was killed; right after a start also its own, from before the restart), and follows each
@@ -40,6 +41,8 @@ class Keeper:
         # Renew three times per lease, so one slow pass never lets a lease lapse.
         self.interval = interval if interval is not None else self.history.lease / 3
         self._clock = clock
+        # Records of this frontend id created before this moment are its previous life's.
+        self._started = clock()
         self._reclaimed_own = False
         self._next_retention = 0.0
         self._stop = threading.Event()
@@ -65,11 +68,13 @@ class Keeper:
         """One pass: renew, mark, take over, retain."""
         now = self._clock()
         self.history.records.renew(self.history.frontend, now + self.history.lease)
+        self.history.settle_again()
         self._mark_running()
         if self.connected():
-            own = not self._reclaimed_own
+            own_before = None if self._reclaimed_own else self._started
             claimed = self.history.records.claim(self.history.frontend, now,
-                                                 now + self.history.lease, own=own)
+                                                 now + self.history.lease,
+                                                 own_before=own_before)
             self._reclaimed_own = True
             for record in claimed:
                 self._take_over(record, now)
@@ -102,6 +107,6 @@ class Keeper:
     def _retain(self, cutoff: float) -> None:
         removed = self.history.records.remove_finished_before(cutoff)
         if removed:
-            self.history.delete_images(removed)
+            self.history.delete_images([record.images for record in removed])
             log.info("history: removed %d job record(s) older than %g day(s)", len(removed),
                      self.history_days)

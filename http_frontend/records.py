@@ -195,7 +195,9 @@ class JobRecords:
                                   (job_id,))
                 if not rows:
                     return False
-                changes.update(prompt=None, request=None, job=_scrubbed_job(rows[0][0]))
+                # The request's digest goes too: it would confirm a guessed prompt.
+                changes.update(prompt=None, request=None, request_hash=None,
+                               job=_scrubbed_job(rows[0][0]))
             assignments = ", ".join(f"{name} = ?" for name in changes)
             # The status condition makes the end happen once, even when two threads race.
             tx.execute(f"UPDATE jobs SET {assignments} WHERE id = ? AND {IS_ACTIVE}",
@@ -216,14 +218,19 @@ class JobRecords:
             return tx.rowcount
 
     def claim(self, frontend: str, now: float, lease_until: float, *,
-              own: bool) -> list[Record]:
-        """Take over active records whose lease ran out (and, with ``own``, this frontend's).
+              own_before: float | None = None) -> list[Record]:
+        """Take over active records whose lease ran out, and, with ``own_before``, those of
+        this frontend created before then: its previous life's (a restart; pass the moment
+        this life began, before it took any job), never the jobs it took since.
 
         One UPDATE decides: on PostgreSQL a second claimer waits for the first to commit and
         then re-checks each row, which by then holds a live lease, so it skips it.
         """
-        takeover = "lease_until < ? OR frontend = ?" if own else "lease_until < ?"
-        params = (now, frontend) if own else (now,)
+        takeover = "lease_until < ?"
+        params: tuple[Any, ...] = (now,)
+        if own_before is not None:
+            takeover += " OR (frontend = ? AND created < ?)"
+            params += (frontend, own_before)
         with self._db.transaction() as tx:
             rows = tx.execute(f"UPDATE jobs SET frontend = ?, lease_until = ? "
                               f"WHERE {IS_ACTIVE} AND ({takeover}) RETURNING {SELECTED}",

@@ -8,6 +8,7 @@ OpenAI's shape), and ``MethodCheck`` does the same for methods Falcon does not k
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,7 @@ class ImageFiles:
 
     def __init__(self, history: History, *, max_age: float | None) -> None:
         self.history = history
+        self.max_age = max_age
         self.cache_control = f"public, max-age={int(max_age or 31536000)}, immutable"
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
@@ -195,16 +197,18 @@ class ImageFiles:
                 body: bool) -> None:
         store = self.history.store
         image = store.get(name) if store is not None and valid_name(name) else None
+        if image is not None and self.max_age and time.time() - image.modified > self.max_age:
+            image = None  # expired: the sweeper deletes it on its next round
         if image is None:
             raise APIError(404, "no such image: it expired, was deleted, or never was",
                            code="image_not_found")
         etag = f'"{name.split(".")[0]}"'
         resp.set_header("ETag", etag)
         resp.set_header("Cache-Control", self.cache_control)
-        resp.content_type = CONTENT_TYPES[name.rsplit(".", 1)[1]]
-        if etag in (req.get_header("If-None-Match") or "").replace(" ", "").split(","):
+        if _matches(req.get_header("If-None-Match"), etag):
             resp.status = falcon.HTTP_304
             return
+        resp.content_type = CONTENT_TYPES[name.rsplit(".", 1)[1]]
         resp.content_length = len(image.data)
         if body:
             resp.data = image.data
@@ -279,6 +283,15 @@ class StaticFiles:
         if close is not None:
             close()
         resp.stream = None
+
+
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether If-None-Match names ``etag``: a weak comparison (RFC 9110 13.1.2), so a proxy
+    that weakened the tag (W/"…") still gets a 304; ``*`` matches any image that exists."""
+    if not if_none_match:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
 
 
 class MethodCheck:

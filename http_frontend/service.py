@@ -232,10 +232,10 @@ class ImageService:
         finally:
             release()
         pending = tracked.pending
+        tracked.settled.wait(SETTLE_WAIT)  # recorded before answered: a retry finds it
         if pending.error is not None:
             raise self.failure(pending.error, prepared.job.model)
         assert pending.result is not None  # follow() ends with the outcome or raises
-        tracked.settled.wait(SETTLE_WAIT)
         return self.images_response(prepared, pending.result, tracked, caller.base_url)
 
     def open_record(self, prepared: Prepared, caller: Caller, *, kind: str) -> Record:
@@ -268,6 +268,7 @@ class ImageService:
         tracked = self.submit(prepared)
         tracked.pending.wait_taken(FIRST_ANSWER_WAIT)
         if tracked.pending.error is not None:
+            tracked.settled.wait(SETTLE_WAIT)  # recorded before answered: a retry finds it
             raise self.failure(tracked.pending.error, prepared.job.model)
         return tracked
 
@@ -367,11 +368,14 @@ class ImageService:
                 yield streaming.error_event(exc.error_object())
 
     def follow(self, pending: PendingJob, job: JobSpec, client_gone: ClientGone | None,
-               *, keepalive: float | None = None) -> Iterator[Event | None]:
+               *, keepalive: float | None = None, cancel_on_leave: bool = True
+               ) -> Iterator[Event | None]:
         """Every event of the job as it comes, ending with its outcome (RESULT or JobError).
 
-        Yields None every ``keepalive`` seconds of silence. Cancels the job and raises when
-        the client leaves, the deadline passes or the server stops.
+        Yields None every ``keepalive`` seconds of silence. Raises when the client leaves,
+        the deadline passes or the server stops; cancels the job then, unless
+        ``cancel_on_leave`` is false (a watcher of a jobs-API job: the job is not its
+        client's, and outlives it).
         """
         # The broker answers deadlines itself; this later one is the backstop for a broker
         # that went silent.
@@ -386,13 +390,13 @@ class ImageService:
                 yield event
                 if event is pending.outcome:
                     return
-            self._check_still_wanted(job, deadline, client_gone)
+            self._check_still_wanted(job, deadline, client_gone, cancel_on_leave)
             if keepalive is not None and time.monotonic() - quiet_since >= keepalive:
                 quiet_since = time.monotonic()
                 yield None
 
     def _check_still_wanted(self, job: JobSpec, deadline: float,
-                            client_gone: ClientGone | None) -> None:
+                            client_gone: ClientGone | None, cancel_on_leave: bool) -> None:
         now = time.monotonic()
         if now >= deadline:
             self.broker.cancel(job.id)
@@ -405,11 +409,13 @@ class ImageService:
                                        f"no answer within the {job.timeout:.0f} s deadline"))
         drain_deadline = self._drain_deadline
         if drain_deadline is not None and now >= drain_deadline:
-            self.broker.cancel(job.id)
+            if cancel_on_leave:
+                self.broker.cancel(job.id)
             raise self._error(SHUTTING_DOWN)
         if client_gone is not None and client_gone():
-            self.broker.cancel(job.id)
-            log.info("job %s cancelled: the client went away", job.id)
+            if cancel_on_leave:
+                self.broker.cancel(job.id)
+                log.info("job %s cancelled: the client went away", job.id)
             raise APIError(499, "the client closed the connection", code="cancelled")
 
     # ---------------------------------------------------------------- answers
@@ -451,10 +457,11 @@ class ImageService:
         ) | {"job_id": prepared.job.id, "worker_id": answer.get("worker_id"),
              "timings": answer.get("timings") or {}}
 
-    def record_response(self, record: Record, response_format: str, base_url: str
-                        ) -> dict[str, Any]:
+    def record_response(self, record: Record, response_format: str, base_url: str, *,
+                        missing_ok: bool = False) -> dict[str, Any]:
         """The ImagesResponse of a finished record (its images read back from the store
-        for b64_json); a 410 when they are gone."""
+        for b64_json); a 410 when they are gone, unless ``missing_ok``: then such an image
+        has ``"url": null`` and no bytes."""
         job = record.job
         images = []
         for image in record.images:
@@ -465,10 +472,13 @@ class ImageService:
                 entry["url"] = self.history.url(name, base_url)
             else:
                 data = self.history.image_bytes(name)
-                if data is None:
+                if data is not None:
+                    entry["b64_json"] = base64.b64encode(data).decode("ascii")
+                elif missing_ok:
+                    entry["url"] = None
+                else:
                     raise APIError(410, f"the images of job {record.id} are no longer kept",
                                    code="images_expired")
-                entry["b64_json"] = base64.b64encode(data).decode("ascii")
             images.append(entry)
         return {"created": int(record.finished or record.created), "data": images,
                 "output_format": job.get("output_format", "png"), "model": record.model,

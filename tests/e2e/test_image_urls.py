@@ -105,7 +105,7 @@ def test_the_jobs_api_reads_back_urls(cluster: Cluster) -> None:
 
 def test_an_idempotency_key_runs_a_generation_once(cluster: Cluster) -> None:
     headers = {"Idempotency-Key": "retry-me-1"}
-    body = {"prompt": "once", "size": "64x64", "response_format": "url"}
+    body = {"prompt": "generated-exactly-once", "size": "64x64", "response_format": "url"}
     with cluster.client() as http:
         first = http.post("/v1/images/generations", json=body, headers=headers).json()
         again = http.post("/v1/images/generations", json=body, headers=headers).json()
@@ -115,13 +115,14 @@ def test_an_idempotency_key_runs_a_generation_once(cluster: Cluster) -> None:
                            json=body | {"response_format": "b64_json"})
         assert inline.status_code == 409
         assert inline.json()["error"]["param"] == "Idempotency-Key"
-        listed = http.get("/v1/jobs", params={"q": "once", "limit": 100}).json()["data"]
+        listed = http.get("/v1/jobs", params={"q": "generated-exactly-once",
+                                              "limit": 100}).json()["data"]
     assert [j["id"] for j in listed] == [first["job_id"]]
 
 
 def test_an_idempotency_key_attaches_to_a_running_job(cluster: Cluster) -> None:
     headers = {"Idempotency-Key": "attach-1"}
-    body = {"prompt": "slow", "size": "64x64", "steps": 30, "seed": 4}
+    body = {"prompt": "attached-once", "size": "64x64", "steps": 30, "seed": 4}
     with cluster.client() as http:
         job = http.post("/v1/jobs", json=body, headers=headers)
         assert job.status_code == 202
@@ -135,7 +136,7 @@ def test_an_idempotency_key_attaches_to_a_running_job(cluster: Cluster) -> None:
         other = http.post("/v1/images/generations", headers=headers,
                           json=body | {"prompt": "another"})
         assert other.status_code == 409
-        jobs = http.get("/v1/jobs", params={"q": "slow", "limit": 100}).json()["data"]
+        jobs = http.get("/v1/jobs", params={"q": "attached-once", "limit": 100}).json()["data"]
     assert [j["id"] for j in jobs] == [job.json()["id"]]  # one job ran, not three
 
 

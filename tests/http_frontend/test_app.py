@@ -77,7 +77,7 @@ class FakeBroker:
         pending.update(self._answer(job))
         return pending
 
-    def cancel(self, job_id: str, *, owner: str | None = None) -> None:
+    def cancel(self, job_id: str, *, owner: str | None = None, forget: bool = True) -> None:
         self.cancelled.append(job_id)
 
     def forget(self, job_id: str) -> None:

@@ -379,7 +379,7 @@ def test_renew_extends_the_active_records_a_frontend_holds(records: JobRecords) 
 
 def test_a_live_lease_is_not_claimed(records: JobRecords) -> None:
     records.create(make_record(1, lease_until=T0 + 30))
-    assert records.claim("frontend-b", T0 + 29, T0 + 60, own=False) == []
+    assert records.claim("frontend-b", T0 + 29, T0 + 60) == []
     assert records.get("job-0001").frontend == "frontend-a"  # type: ignore[union-attr]
 
 
@@ -387,18 +387,19 @@ def test_an_expired_lease_is_claimed_and_the_submitter_kept(records: JobRecords)
     records.create(make_record(1, lease_until=T0 + 30))
     records.create(make_record(2, lease_until=T0 + 30))
     records.finish("job-0002", "failed")  # ended: nothing to take over
-    claimed = records.claim("frontend-b", T0 + 31, T0 + 60, own=False)
+    claimed = records.claim("frontend-b", T0 + 31, T0 + 60)
     assert [(r.id, r.frontend, r.lease_until, r.submitter) for r in claimed] == \
         [("job-0001", "frontend-b", T0 + 60, "frontend-a:1")]
     assert records.get("job-0001") == claimed[0]
-    assert records.claim("frontend-c", T0 + 31, T0 + 60, own=False) == []
+    assert records.claim("frontend-c", T0 + 31, T0 + 60) == []
 
 
 def test_a_restarted_frontend_reclaims_its_own_records_at_once(records: JobRecords) -> None:
     records.create(make_record(1, frontend="frontend-a", lease_until=T0 + 30))
     records.create(make_record(2, frontend="frontend-b", lease_until=T0 + 30))
-    assert records.claim("frontend-a", T0, T0 + 60, own=False) == []
-    claimed = records.claim("frontend-a", T0, T0 + 60, own=True)
+    records.create(make_record(5, frontend="frontend-a", lease_until=T0 + 30))  # this life's
+    assert records.claim("frontend-a", T0, T0 + 60) == []
+    claimed = records.claim("frontend-a", T0, T0 + 60, own_before=T0 + 3)
     assert [(r.id, r.lease_until) for r in claimed] == [("job-0001", T0 + 60)]
 
 
@@ -409,7 +410,7 @@ def test_frontends_claiming_at_once_never_share_a_record(url: str) -> None:
         for number in range(30):
             frontends[0].create(make_record(round_ * 100 + number, lease_until=T0))
         claims = run_in_threads(
-            4, lambda i: frontends[i].claim(f"frontend-{i}", T0 + 1, T0 + 60, own=False))
+            4, lambda i: frontends[i].claim(f"frontend-{i}", T0 + 1, T0 + 60))
         claimed = [record.id for claim in claims for record in claim]
         assert len(claimed) == len(set(claimed)) == 30
         holders = {r.id: r.frontend for claim in claims for r in claim}

@@ -54,8 +54,16 @@ def plan(monkeypatch: pytest.MonkeyPatch, mode: str, argv: list[str]) -> dict[st
     return by_program
 
 
+# Flags whose text is checked when parsed: a valid value that is not the default.
+CHECKED_TEXT = {"image_ttl": "3h", "image_store_limit": "5G"}
+
+
 def another_value(action: argparse.Action) -> str:
     """A value for ``action`` that is not its default."""
+    if action.choices:
+        return str(next(c for c in action.choices if c != action.default))
+    if action.dest in CHECKED_TEXT:
+        return CHECKED_TEXT[action.dest]
     if action.type is int:
         return str((action.default or 2) + 1)
     if action.type is float:
