@@ -7,7 +7,7 @@ import { checkSettings, currentLimits, initForm, readSettings, requestBody, save
 import { initHistory } from "./js/history.js";
 import { initLightbox } from "./js/lightbox.js";
 import { chooseModel, initModels, loadModels } from "./js/models.js";
-import { startRun } from "./js/runs.js";
+import { cancelRun, startRun, watchJob } from "./js/runs.js";
 import { initSnippets } from "./js/snippets.js";
 import { errorText } from "./js/words.js";
 
@@ -50,5 +50,5 @@ initModels();
 initForm({ onSubmit: generate });
 initSnippets(() => requestBody(readSettings()));
 initCluster();
-initHistory();
+initHistory({ watch: watchJob, cancel: cancelRun });
 refreshModels();

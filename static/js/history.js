@@ -1,133 +1,212 @@
-// The history panel: past generations, searchable by prompt; clicking one restores its settings.
-import { $, el, toast } from "./dom.js";
+// The history panel: the server's jobs, newest first, searchable by prompt, a page at a time.
+// Clicking one restores its settings; running ones can be watched or cancelled. The last first
+// page is kept in this browser and shown, marked offline, while the server cannot be reached.
+import { $, toast } from "./dom.js";
+import { entryNode, settingsOf } from "./entry.js";
 import { writeSettings } from "./form.js";
-import { filename } from "./images.js";
+import { loadCache, saveCache } from "./historycache.js";
+import { ACTIVE, deleteJob, getJob, listJobs, MAX_PAGE, PAGE } from "./jobs.js";
 import { openLightbox } from "./lightbox.js";
 import { chooseModel } from "./models.js";
-import { allEntries, clearEntries, deleteEntry, putEntry } from "./store.js";
-import { plural, sizeText, timeAgo } from "./words.js";
+import { errorText } from "./words.js";
 
-const PAGE = 30;
-let shown = PAGE;
-let urls = [];  // object URLs of the rendered thumbnails, revoked on the next render
+const EVERY_MS = 10000;
+const BUSY_EVERY_MS = 2000;  // while a listed job is queued or running
+const SEARCH_DELAY_MS = 300;
 
-/** Keep a finished generation: its settings as sent, what the server did, and the images. */
-export async function addToHistory(settings, response, images) {
-  const entry = {
-    id: response.job_id || `local-${Date.now()}-${Math.random().toString(36).slice(2)}`,
-    created: Date.now(),
-    settings: { ...settings },
-    result: {
-      model: response.model, width: response.width, height: response.height,
-      steps: response.steps, guidance: response.guidance ?? null,
-      output_format: response.output_format,
-    },
-    images: images.map(({ blob, seed, width, height, format }) => ({ blob, seed, width, height, format })),
-  };
+let jobs = [];  // what the list shows, newest first
+let listed = "";  // the search those jobs answer
+let hasMore = false;
+let offlineSince = null;  // when the list shown was saved, while the server cannot be reached
+let asked = 0;  // how many lists were asked for: only the latest answer is shown
+let timer = null;
+let searchTimer = null;
+const nodes = new Map();  // job id → {key, node}: an entry is drawn again only when it changed
+let handlers = { watch: () => {}, cancel: () => {} };
+
+const searched = () => $("history-search").value.trim();
+
+const matches = (job, q) => (job.prompt || "").toLowerCase().includes(q.toLowerCase());
+
+/** Ask for the newest jobs again (as many as are shown); older pages loaded stay below. */
+async function refresh({ background = true } = {}) {
+  const q = searched();
+  const ask = ++asked;
+  // Answers to an older question, or to a search since changed (its own answer is coming),
+  // are dropped.
+  const stale = () => ask !== asked || q !== searched();
   try {
-    await putEntry(entry);
+    const shown = q === listed ? jobs : [];
+    const limit = Math.min(MAX_PAGE, Math.max(PAGE, shown.length));
+    const page = await listJobs({ limit, q }, { background });
+    if (stale()) return;
+    const cut = page.has_more ? shown.findIndex((job) => job.id === page.last_id) : -1;
+    const older = cut >= 0 ? shown.slice(cut + 1) : [];
+    jobs = [...page.data, ...older];
+    listed = q;
+    if (!older.length) hasMore = page.has_more;
+    offlineSince = null;
+    if (!q) saveCache(page.data);
+    render();
   } catch (err) {
-    toast(`Could not save to history: ${err.message || "storage is full or blocked"}`);
+    if (!stale()) showFailure(err, q);
+  } finally {
+    schedule();
   }
-  await renderHistory();
 }
 
-/** The settings that make this entry again: what the server used, with the first image's seed. */
-function settingsOf(entry) {
-  const { result, settings } = entry;
-  return {
-    ...settings, model: result.model, width: result.width, height: result.height,
-    steps: result.steps, guidance: result.guidance ?? settings.guidance,
-    output_format: result.output_format || settings.output_format,
-    seed: entry.images[0] ? entry.images[0].seed : settings.seed,
-  };
+function showFailure(err, q) {
+  if (err.status !== 0 && err.status < 500) {
+    $("history-note").textContent = `History could not be loaded: ${errorText(err)}`;
+    $("history-list").setAttribute("aria-busy", "false");
+    return;
+  }
+  // The server cannot be reached: keep what is shown, or show what this browser saved.
+  const cache = loadCache();
+  if (!jobs.length || offlineSince || q !== listed) {
+    jobs = cache ? cache.jobs.filter((job) => matches(job, q)) : [];
+    listed = q;
+    hasMore = false;
+  }
+  offlineSince = offlineSince || (cache ? cache.saved : Date.now());
+  render();
 }
 
-function restore(entry) {
-  const settings = settingsOf(entry);
+function schedule() {
+  clearTimeout(timer);
+  const busy = jobs.some((job) => ACTIVE.includes(job.status));
+  timer = setTimeout(() => (document.hidden ? schedule() : refresh()),
+                     busy ? BUSY_EVERY_MS : EVERY_MS);
+}
+
+async function loadMore() {
+  const q = searched();
+  if (q !== listed) return;  // the list is about to be replaced by the search's answer
+  const button = $("history-more");
+  button.disabled = true;
+  try {
+    const page = await listJobs({ before: jobs[jobs.length - 1].id, q });
+    if (q !== searched() || q !== listed) return;
+    const shown = new Set(jobs.map((job) => job.id));
+    jobs.push(...page.data.filter((job) => !shown.has(job.id)));
+    hasMore = page.has_more;
+    render();
+  } catch (err) {
+    toast(`Could not load more: ${errorText(err)}`);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function restore(job) {
+  const settings = settingsOf(job);
   const served = chooseModel(settings.model, { defaults: false });
   writeSettings(settings);
   toast(served ? "Settings restored" : `Settings restored; ${settings.model} is not served right now`);
   $("prompt").focus();
 }
 
-function metaText(entry) {
-  const { result, images } = entry;
-  const seeds = images.length > 1 ? `seeds ${images[0].seed}–${images[images.length - 1].seed}`
-                                  : `seed ${images[0]?.seed}`;
-  return [result.model, sizeText(result.width, result.height), plural(result.steps, "step"),
-          result.guidance === null ? null : `guidance ${result.guidance}`, seeds,
-          (result.output_format || "png").toUpperCase(), timeAgo(entry.created)]
-    .filter(Boolean).join(" · ");
-}
-
-function entryItem(entry) {
-  const items = entry.images.map((image) => {
-    const url = URL.createObjectURL(image.blob);
-    urls.push(url);
-    return { ...image, url, prompt: entry.settings.prompt,
-             filename: filename(entry.settings.prompt, image.seed, image.format) };
-  });
-  const thumbs = items.slice(0, 4).map((item, index) => el("button", {
-    type: "button", class: "entry-thumb", onclick: () => openLightbox(items, index),
-    "aria-label": `Open image with seed ${item.seed} full size`,
-  }, el("img", { src: item.url, alt: "", width: item.width, height: item.height })));
-  const negative = entry.settings.negative_prompt?.trim();
-  return el("li", { class: "entry", dataset: { id: entry.id } },
-    el("div", { class: "entry-thumbs" }, thumbs,
-       items.length > 4 ? el("span", { class: "entry-more" }, `+${items.length - 4}`) : null),
-    el("button", { type: "button", class: "entry-restore", onclick: () => restore(entry),
-                   title: "Restore these settings" },
-      el("span", { class: "entry-prompt" }, entry.settings.prompt),
-      negative ? el("span", { class: "entry-negative" }, `Not: ${negative}`) : null,
-      el("span", { class: "entry-meta" }, metaText(entry))),
-    el("button", { type: "button", class: "entry-delete quiet", "aria-label": "Delete from history",
-                   title: "Delete from history", onclick: () => remove(entry.id) }, "×"));
-}
-
-async function remove(id) {
-  await deleteEntry(id);
-  await renderHistory();
-}
-
-function matches(entry, words) {
-  const prompt = entry.settings.prompt.toLowerCase();
-  return words.every((word) => prompt.includes(word));
-}
-
-export async function renderHistory() {
-  let entries;
+async function remove(job) {
   try {
-    entries = await allEntries();
-  } catch {
-    $("history-note").textContent = "History is not available in this browser window.";
-    return;
+    await deleteJob(job.id);
+  } catch (err) {
+    if (err.status !== 404) {
+      toast(`Could not delete: ${errorText(err)}`);
+      return;
+    }
   }
-  const words = $("history-search").value.toLowerCase().split(/\s+/).filter(Boolean);
-  const found = entries.filter((entry) => matches(entry, words));
-  urls.forEach((url) => URL.revokeObjectURL(url));
-  urls = [];
-  $("history-list").replaceChildren(...found.slice(0, shown).map(entryItem));
-  $("history-note").textContent = !entries.length ? "Generations you make are kept here, in this browser."
-    : words.length ? `${found.length} of ${plural(entries.length, "generation")} match.`
-    : plural(entries.length, "generation");
-  $("history-more").hidden = found.length <= shown;
-  $("history-clear").hidden = !entries.length;
+  forget(job.id);
 }
 
-export function initHistory() {
+async function cancel(job) {
+  try {
+    await handlers.cancel(job);
+  } catch (err) {
+    toast(`Could not cancel: ${errorText(err)}`);
+  }
+  jobChanged(job.id);
+}
+
+const actions = {
+  onOpen: (items, index) => openLightbox(items, index),
+  onRestore: restore,
+  onWatch: (job) => handlers.watch(job),
+  onCancel: cancel,
+  onDelete: remove,
+};
+
+function forget(id) {
+  jobs = jobs.filter((job) => job.id !== id);
+  if (!searched() && !offlineSince) saveCache(jobs);
+  render();
+}
+
+function nodeOf(job) {
+  const key = JSON.stringify(job);
+  const known = nodes.get(job.id);
+  if (known && known.key === key) return known.node;
+  const node = entryNode(job, actions);
+  nodes.set(job.id, { key, node });
+  return node;
+}
+
+function noteText() {
+  const q = searched();
+  if (offlineSince) {
+    if (!jobs.length) return "Offline: the server cannot be reached.";
+    const when = new Date(offlineSince).toLocaleString([], { dateStyle: "short", timeStyle: "short" });
+    return `Offline: the server cannot be reached. Shown: the history as saved here on ${when}.`;
+  }
+  if (jobs.length) return "";
+  return q ? `No generation matches “${q}”.` : "Generations you make are kept here, on the server.";
+}
+
+function render() {
+  const list = $("history-list");
+  const wanted = jobs.map(nodeOf);
+  for (const child of [...list.children]) if (!wanted.includes(child)) child.remove();
+  wanted.forEach((node, index) => {
+    if (list.children[index] !== node) list.insertBefore(node, list.children[index] || null);
+  });
+  const ids = new Set(jobs.map((job) => job.id));
+  for (const id of nodes.keys()) if (!ids.has(id)) nodes.delete(id);
+  list.setAttribute("aria-busy", String(listed !== searched()));
+  $("history").dataset.offline = Boolean(offlineSince);
+  $("history-note").textContent = noteText();
+  $("history-more").hidden = !hasMore || Boolean(offlineSince);
+}
+
+/** A job this page just submitted: at the top of the list at once. */
+export function jobSubmitted(job) {
+  const q = searched();
+  if (q && !matches(job, q)) return;
+  jobs = [job, ...jobs.filter((shown) => shown.id !== job.id)];
+  render();
+  schedule();
+}
+
+/** Show a listed job as it is now on the server (gone, if it was deleted). */
+export async function jobChanged(id) {
+  try {
+    const job = await getJob(id);
+    jobs = jobs.map((shown) => (shown.id === id ? job : shown));
+    if (!searched() && !offlineSince) saveCache(jobs);
+    render();
+  } catch (err) {
+    if (err.status === 404) forget(id);
+  }
+}
+
+/** handlers: {watch(job), cancel(job)}, from the module that follows jobs on this page. */
+export function initHistory(given) {
+  handlers = given;
   $("history-search").addEventListener("input", () => {
-    shown = PAGE;
-    renderHistory();
+    $("history-list").setAttribute("aria-busy", String(listed !== searched()));
+    clearTimeout(searchTimer);
+    searchTimer = setTimeout(() => refresh({ background: false }), SEARCH_DELAY_MS);
   });
-  $("history-more").addEventListener("click", () => {
-    shown += PAGE;
-    renderHistory();
-  });
-  $("history-clear").addEventListener("click", async () => {
-    if (!confirm("Delete every generation in the history of this browser?")) return;
-    await clearEntries();
-    await renderHistory();
-  });
-  return renderHistory();
+  $("history-more").addEventListener("click", loadMore);
+  document.addEventListener("visibilitychange", () => document.hidden || refresh());
+  window.addEventListener("online", () => refresh());
+  return refresh({ background: false });
 }

@@ -1,9 +1,12 @@
-// A generation's life: POST /v1/jobs, follow its events, cancel it, keep its images.
+// A generation's life: POST /v1/jobs, follow its events, cancel it, show its images. A job
+// from the history (another tab's or device's, say) can be followed the same way.
 import { api, ApiError, errorOf, send } from "./api.js";
 import { $ } from "./dom.js";
+import { settingsOf } from "./entry.js";
 import { requestBody, showProblem, useSeed } from "./form.js";
-import { addToHistory } from "./history.js";
+import { jobChanged, jobSubmitted } from "./history.js";
 import { blobOf, filename } from "./images.js";
+import { cancelJob } from "./jobs.js";
 import { openLightbox } from "./lightbox.js";
 import { RunCard } from "./runcard.js";
 import { readEvents } from "./sse.js";
@@ -13,6 +16,7 @@ import { errorText, plural } from "./words.js";
 const PREVIEWS = 3;  // partial_images asked for when live previews are on
 const RECONNECTS = 4;
 const FINISHED = { succeeded: "completed", failed: "failed", cancelled: "cancelled" };
+const runs = new Map();  // job id → the run following it on this page
 
 function announce(text) {
   $("status").textContent = text;
@@ -20,10 +24,8 @@ function announce(text) {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-/** Start a generation with these (already checked) settings. */
-export async function startRun(settings, limits) {
-  const body = { ...requestBody(settings, limits), partial_images: settings.previews ? PREVIEWS : 0 };
-  const run = { settings, body, job: null, outcome: null, cancelAsked: false };
+function newRun(settings, { watched = false } = {}) {
+  const run = { settings, job: null, outcome: null, cancelAsked: false, watched };
   run.card = new RunCard(settings, {
     onCancel: () => cancel(run),
     onOpen: (images, index) => openLightbox(images, index),
@@ -31,22 +33,65 @@ export async function startRun(settings, limits) {
   });
   $("runs-empty").hidden = true;
   $("runs").prepend(run.card.node);
+  return run;
+}
+
+/** Start a generation with these (already checked) settings. */
+export async function startRun(settings, limits) {
+  const body = { ...requestBody(settings, limits), partial_images: settings.previews ? PREVIEWS : 0 };
+  const run = newRun(settings);
   try {
     run.job = await api("/v1/jobs", { method: "POST", body });
+    jobSubmitted(run.job);
+    await followRun(run);
+  } catch (err) {
+    fail(run, err);
+  }
+}
+
+/** Follow a job this page did not start, from the history; one already followed is shown. */
+export async function watchJob(job) {
+  const open = runs.get(job.id);
+  if (open) {
+    open.card.node.scrollIntoView({ block: "nearest" });
+    return;
+  }
+  const run = newRun({ ...settingsOf(job), prompt: job.prompt ?? "" }, { watched: true });
+  run.job = job;
+  run.card.node.scrollIntoView({ block: "nearest" });
+  try {
+    await followRun(run);
+  } catch (err) {
+    fail(run, err);
+  }
+}
+
+/** Cancel a job: through its run when this page follows it, so the run says who cancelled. */
+export function cancelRun(job) {
+  const run = runs.get(job.id);
+  return run ? cancel(run) : cancelJob(job.id);
+}
+
+async function followRun(run) {
+  runs.set(run.job.id, run);
+  try {
     run.card.accepted(run.job);
-    announce(`Queued: ${plural(run.job.n, "image")}`);
+    if (run.job.status === "running") run.card.progress(run.job.step, run.job.steps);
+    announce(run.watched ? `Following: ${plural(run.job.n, "image")}`
+                         : `Queued: ${plural(run.job.n, "image")}`);
     if (run.cancelAsked) cancel(run);  // Cancel was pressed while the job was being sent
     await withStream(() => follow(run), () => pollStatus(run));
     await conclude(run);
-  } catch (err) {
-    fail(run, err);
+  } finally {
+    runs.delete(run.job.id);
+    jobChanged(run.job.id);
   }
 }
 
 function fail(run, err) {
   const error = err instanceof ApiError ? err : { message: `something went wrong in this page: ${err.message}` };
   run.card.failed(errorText(error));
-  if (error.param) showProblem(error.param, error.message);
+  if (error.param && !run.watched) showProblem(error.param, error.message);
   announce(`Failed: ${errorText(error)}`);
 }
 
@@ -111,8 +156,8 @@ async function conclude(run) {
   const { name, data } = run.outcome;
   if (name === "cancelled") {
     // The server also cancels a job whose last watcher went away, as when a connection drops.
-    run.card.cancelled(run.cancelAsked ? "Cancelled"
-      : "Cancelled by the server: the connection to it was interrupted");
+    run.card.cancelled(run.cancelAsked || run.watched ? "Cancelled"
+      : "Cancelled elsewhere, or by the server when the connection to it was interrupted");
     announce("Cancelled");
   } else if (name === "failed") {
     fail(run, new ApiError(500, data.error || { message: "the job failed" }));
@@ -120,20 +165,17 @@ async function conclude(run) {
     const images = await imagesOf(data, run.settings.prompt);
     run.card.completed(images, data);
     announce(`Done: ${plural(images.length, "image")}`);
-    await addToHistory(run.settings, data, images);
   }
 }
 
+/** The images by the URLs the server keeps them at; from their bytes where it keeps none. */
 async function imagesOf(response, prompt) {
   const format = response.output_format || "png";
-  return Promise.all(response.data.map(async (item) => {
-    const blob = await blobOf(item.b64_json, format);
-    return {
-      blob, url: URL.createObjectURL(blob), seed: item.seed, prompt,
-      width: item.width ?? response.width, height: item.height ?? response.height,
-      format, filename: filename(prompt, item.seed, format),
-    };
-  }));
+  return Promise.all(response.data.map(async (item) => ({
+    url: item.url || URL.createObjectURL(await blobOf(item.b64_json, format)),
+    seed: item.seed, prompt, format, filename: filename(prompt, item.seed, format),
+    width: item.width ?? response.width, height: item.height ?? response.height,
+  })));
 }
 
 async function cancel(run) {
@@ -141,7 +183,7 @@ async function cancel(run) {
   run.card.cancelling();
   if (!run.job) return;  // sent once the server has said which job it is
   try {
-    await api(`/v1/jobs/${run.job.id}`, { method: "DELETE" });
+    await cancelJob(run.job.id);
   } catch (err) {
     // The job may have finished meanwhile; its own outcome event says how.
     if (!run.outcome) announce(`Could not cancel: ${errorText(err)}`);

@@ -192,6 +192,7 @@ def test_a_live_job_shows_its_step_and_can_be_cancelled(page, cluster: Cluster) 
 
 
 def test_history_survives_a_reload_and_restores_settings(page) -> None:
+    """The history is the server's (GET /v1/jobs): a reload, or another browser, shows it."""
     set_settings(page, prompt="a red barn in snow", size="192x344", steps=5, seed=4242)
     page.click("#go")
     newest_run(page).locator("figure img").first.wait_for()
@@ -202,7 +203,7 @@ def test_history_survives_a_reload_and_restores_settings(page) -> None:
     entry.wait_for()
     set_settings(page, prompt="something else", size="64x64", steps=2)  # seed random
 
-    page.fill("#history-search", "barn snow")
+    page.fill("#history-search", "barn in snow")  # the server searches for a substring
     page.wait_for_function("document.querySelectorAll('#history-list .entry').length === 1")
     page.fill("#history-search", "no such prompt")
     page.wait_for_function("document.querySelectorAll('#history-list .entry').length === 0")
@@ -219,6 +220,7 @@ def test_history_survives_a_reload_and_restores_settings(page) -> None:
 
     entry.locator(".entry-thumb").first.click()
     assert page.locator("#lightbox").is_visible()
+    assert "/v1/images/files/" in page.get_attribute("#lightbox-image", "src")
     page.keyboard.press("Escape")
     page.fill("#history-search", "")
 
@@ -260,8 +262,9 @@ def test_a_401_asks_for_an_api_key_and_sends_it_from_then_on(browser,
     context = browser.new_context(viewport=DESKTOP)
     page = context.new_page()
     sent: list[str | None] = []
+    # Every API call carries the key; stored images are fetched by URL without one (<img src>).
     page.on("request", lambda r: sent.append(r.headers.get("authorization"))
-            if "/v1/" in r.url else None)
+            if "/v1/" in r.url and "/v1/images/files/" not in r.url else None)
     try:
         page.goto(keyed_cluster.url + "/")
         dialog = page.locator("#key-dialog")
