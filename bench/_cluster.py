@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -25,8 +27,10 @@ class Cluster:
     def __init__(self, *args: str, workers: int = 1) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # Job records and images in a directory of its own, removed with the cluster.
+        self.data_dir = tempfile.mkdtemp(prefix="dc-bench-")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-               "CUDA_VISIBLE_DEVICES": ""}
+               "CUDA_VISIBLE_DEVICES": "", "DC_DATA_DIR": self.data_dir}
         self.process = subprocess.Popen(
             [sys.executable, str(REPO / "launch.py"), "--port", str(self.port),
              "--clients", f"tcp://127.0.0.1:{free_port()}",
@@ -57,6 +61,7 @@ class Cluster:
                 self.process.wait(20)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> Cluster:
         return self.start()

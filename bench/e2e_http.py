@@ -1,9 +1,14 @@
 """Serving overhead: tiny over HTTP (frontend + broker + worker) against the same pipeline
-called in-process.
+called in-process; then what recording a job costs.
 
 Both sides make the same images (same size, steps, PNG, base64) on one CPU thread of torch;
 the HTTP side keeps ``--concurrency`` requests in flight so the worker's prefetch can hide the
 round trip. The ratio HTTP / in-process is the serving overhead.
+
+The cost of history: the same HTTP load against a cluster that records every job durably (the
+default: SQLite in WAL mode with synchronous=FULL, each image written to the directory store)
+and one that keeps its records in memory and stores no image (``--db :memory:
+--no-image-store``), in alternating rounds; the difference of the p50s is the added latency.
 """
 
 from __future__ import annotations
@@ -46,11 +51,11 @@ def in_process(size: int, steps: int, seconds: float) -> list[float]:
     return latencies
 
 
-def over_http(url: str, size: int, steps: int, seconds: float, concurrency: int
-              ) -> list[float]:
+def over_http(url: str, size: int, steps: int, seconds: float, concurrency: int,
+              **extra: str) -> list[float]:
     import httpx
 
-    body = {"prompt": "a lighthouse", "size": f"{size}x{size}", "steps": steps}
+    body = {"prompt": "a lighthouse", "size": f"{size}x{size}", "steps": steps, **extra}
     deadline = time.perf_counter() + seconds
 
     def client_loop(index: int) -> list[float]:
@@ -76,6 +81,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="denoising steps")
     parser.add_argument("--seconds", type=float, default=15.0, help="measuring time per side")
     parser.add_argument("--concurrency", type=int, default=2, help="HTTP requests in flight")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternating rounds of the history comparison")
     args = parser.parse_args()
     print_header("serving overhead: HTTP vs in-process (tiny, one CPU worker)")
     local = in_process(args.size, args.steps, args.seconds)
@@ -94,6 +101,32 @@ def main() -> None:
     print(f"added p50 latency: {ms(percentile(remote, 50) - percentile(local, 50))} ms "
           "(HTTP + JSON + base64 + broker + queueing behind the request in flight)")
     print("note: client, frontend, broker and worker share this machine's cores")
+    history_cost(args)
+
+
+HISTORY_SETUPS = {
+    "recorded (SQLite file + image files)": (),
+    "not kept (records in memory, no images)": ("--db", ":memory:", "--no-image-store"),
+}
+
+
+def history_cost(args: argparse.Namespace) -> None:
+    """p50 latency with durable records and stored images, and without; alternating rounds
+    so that drift on a shared machine falls on both alike."""
+    print_header("the cost of recording each job (same HTTP load, alternating rounds)")
+    latencies: dict[str, list[float]] = {name: [] for name in HISTORY_SETUPS}
+    for _ in range(args.rounds):
+        for name, flags in HISTORY_SETUPS.items():
+            with Cluster(*flags) as cluster:
+                over_http(cluster.url, args.size, args.steps, 3.0, args.concurrency)
+                latencies[name] += over_http(cluster.url, args.size, args.steps,
+                                             args.seconds, args.concurrency)
+    rows = [[name, str(len(values)), ms(percentile(values, 50)), ms(percentile(values, 99))]
+            for name, values in latencies.items()]
+    print(table(["history", "requests", "p50 ms", "p99 ms"], rows))
+    kept, memory = (percentile(values, 50) for values in latencies.values())
+    print(f"\nadded p50 latency of recording a job: {ms(kept - memory)} ms "
+          f"(ratio {kept / memory:.3f})")
 
 
 if __name__ == "__main__":
