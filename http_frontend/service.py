@@ -217,16 +217,22 @@ class ImageService:
                 if record.id != prepared.job.id:
                     return self._replay(record, prepared, caller, client_gone)
                 tracked = self.submit(prepared)
+                # A client that sent an Idempotency-Key and left will retry (the SDKs do on
+                # a timeout): its job runs on, and the retry gets its answer.
+                retried = caller.idempotency_key is not None
                 try:
-                    for _ in self.follow(tracked.pending, prepared.job, client_gone):
+                    for _ in self.follow(tracked.pending, prepared.job, client_gone,
+                                         cancel_on_leave=not retried):
                         pass
                 except APIError as exc:  # the client left, the deadline passed, ...
-                    self.end_here(tracked, JobError(exc.code or ErrorCode.CANCELLED,
-                                                    exc.message))
+                    if not (retried and exc.status == 499):
+                        self.end_here(tracked, JobError(exc.code or ErrorCode.CANCELLED,
+                                                        exc.message))
                     raise
                 finally:
-                    self.end_here(tracked, JobError(ErrorCode.CANCELLED,
-                                                    "the request ended before its job did"))
+                    if not retried:
+                        self.end_here(tracked, JobError(
+                            ErrorCode.CANCELLED, "the request ended before its job did"))
             finally:
                 self._leave_flight()
         finally:

@@ -140,6 +140,25 @@ def test_an_idempotency_key_attaches_to_a_running_job(cluster: Cluster) -> None:
     assert [j["id"] for j in jobs] == [job.json()["id"]]  # one job ran, not three
 
 
+def test_the_sdk_retrying_after_its_timeout_gets_the_one_job(cluster: Cluster) -> None:
+    # The openai SDK retries a request that timed out; with an Idempotency-Key the job goes
+    # on after the first attempt gave up, and a retry gets its images: one job, not three.
+    attempts: list[httpx.Request] = []
+    http_client = httpx.Client(event_hooks={"request": [attempts.append]})
+    client = openai_client(cluster.url, timeout=1.0, http_client=http_client
+                           ).with_options(max_retries=6)
+    answer = client.images.generate(
+        model="tiny", prompt="outlives-the-timeout", size="256x256", response_format="url",
+        extra_body={"steps": 40, "seed": 31}, extra_headers={"Idempotency-Key": "sdk-1"})
+    assert len(attempts) >= 2  # it did time out and retry
+    assert {a.headers["idempotency-key"] for a in attempts} == {"sdk-1"}
+    assert answer.data[0].model_extra["seed"] == 31
+    assert png_size_of(answer.data[0].url) == (256, 256)
+    with cluster.client() as http:
+        jobs = http.get("/v1/jobs", params={"q": "outlives-the-timeout"}).json()["data"]
+    assert [(j["status"], j["seeds"]) for j in jobs] == [("succeeded", [31])]
+
+
 # ------------------------------------------------------------------ a frontend with options
 
 @pytest.fixture
@@ -207,6 +226,10 @@ def test_default_url_answers_behind_a_public_url_need_no_key(frontend, tmp_path)
 
 
 # ------------------------------------------------------------------ helpers
+
+def png_size_of(url: str) -> tuple[int, int]:
+    return Image.open(io.BytesIO(httpx.get(url, timeout=10).content)).size
+
 
 def ready(url: str) -> bool:
     try:
