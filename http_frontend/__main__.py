@@ -32,6 +32,7 @@ from http_frontend.image_store import (
 )
 from http_frontend.jobs_api import JobsAPI
 from http_frontend.keeper import Keeper
+from http_frontend.model_resolver import parse_alias
 from http_frontend.records import JobRecords
 from http_frontend.service import ImageService, ServiceConfig
 
@@ -55,6 +56,10 @@ def add_frontend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-model", default=None,
                         help="model for requests that name none; default: the one model the "
                              "workers serve (with several, such a request is a 400)")
+    parser.add_argument("--model-alias", action="append", default=None, metavar="NAME=MODEL",
+                        help="requests naming NAME run on MODEL (repeatable); OpenAI's names "
+                             "(dall-e-3, gpt-image-1, ...) not aliased run on the default "
+                             "model")
     parser.add_argument("--timeout", type=float, default=defaults.REQUEST_TIMEOUT,
                         help="seconds a request may take, queueing included (then 504); "
                              "also the most a request's own `timeout` may ask for")
@@ -158,6 +163,7 @@ def check_frontend_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.receive_timeout <= 0:
         raise ValueError("--receive-timeout must be above 0")
+    args.model_aliases = tuple(parse_alias(text) for text in args.model_alias or ())
     # Parsed beside the flags, which keep what was typed (launch.py passes those on).
     args.image_ttl_s = parse_duration(args.image_ttl) or None
     args.image_store_bytes = parse_size(args.image_store_limit) or None
@@ -308,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         service=ServiceConfig(default_model=args.default_model, default_timeout=args.timeout,
                               max_waiting=args.threads - args.reserved_threads,
                               max_streams=args.max_streams, keepalive=args.keepalive,
-                              default_response_format=args.default_response_format),
+                              default_response_format=args.default_response_format,
+                              model_aliases=args.model_aliases),
         max_body=args.max_body, api_keys=tuple(api_keys),
         cors_origins=tuple(args.cors_origin or ()), image_ttl=args.image_ttl_s,
     )

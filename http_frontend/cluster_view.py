@@ -6,7 +6,7 @@ from typing import Any
 
 from http_frontend import model_resolver
 from http_frontend.broker_client import BrokerClient, ClusterStatus
-from http_frontend.errors import BROKER_UNREACHABLE, job_failure
+from http_frontend.errors import BROKER_UNREACHABLE, APIError, job_failure
 
 
 class ClusterView:
@@ -18,15 +18,27 @@ class ClusterView:
         """OpenAI's model list: each served model with its workers, queue, defaults, limits."""
         status = self._status()
         served = status.served_models()
-        data = []
-        for name in sorted(served):
-            data.append({
-                "id": name, "object": "model", "created": 0, "owned_by": "diffusion-cluster",
-                "ready_workers": len(served[name]),
-                "queued": status.queues.get(name, 0),
-                "limits": model_resolver.spec_for(status, name).describe(),
-            })
-        return {"object": "list", "data": data}
+        return {"object": "list",
+                "data": [self._model(status, name, name) for name in sorted(served)]}
+
+    def get_model(self, asked: str, served_as: str) -> dict[str, Any]:
+        """OpenAI's Model for the name a client asked for (``served_as``: the model that name
+        runs on, after aliases); a 404 when no worker serves it."""
+        status = self._status()
+        if served_as not in status.served_models():
+            raise APIError(404, f"the model {asked!r} does not exist or no worker serves it",
+                           param="model", code="model_not_found")
+        return self._model(status, asked, served_as)
+
+    def _model(self, status: ClusterStatus, asked: str, name: str) -> dict[str, Any]:
+        model = {"id": asked, "object": "model", "created": 0,
+                 "owned_by": "diffusion-cluster",
+                 "ready_workers": len(status.served_models()[name]),
+                 "queued": status.queues.get(name, 0),
+                 "limits": model_resolver.spec_for(status, name).describe()}
+        if asked != name:
+            model["served_by"] = name  # an alias: the model that actually runs
+        return model
 
     def readiness(self, *, draining: bool) -> tuple[bool, dict[str, Any]]:
         # `alive`: the broker client's I/O thread runs. Without it nothing reaches the broker

@@ -19,6 +19,26 @@ from gpu_worker.models import ModelSpec
 from http_frontend import limits
 from http_frontend.broker_client import ClusterStatus
 
+# OpenAI's own image models. Clients written for OpenAI (Open WebUI, LangChain, the SDKs'
+# examples) send these names; they mean "the cluster's default model" unless the operator
+# aliased them (--model-alias).
+OPENAI_NAMES = ("dall-e-2", "dall-e-3")
+OPENAI_PREFIXES = ("gpt-image-", "chatgpt-image-")
+DALL_E_NAMES = ("dall-e-2", "dall-e-3")  # answer url when no response_format is sent
+
+
+def is_openai_name(name: str) -> bool:
+    """Whether ``name`` is one of OpenAI's image models (``dall-e-3``, ``gpt-image-1``, ...)."""
+    return name in OPENAI_NAMES or name.startswith(OPENAI_PREFIXES)
+
+
+def parse_alias(text: str) -> tuple[str, str]:
+    """``NAME=MODEL`` (--model-alias) as a pair; ValueError says what is wrong."""
+    name, sep, model = text.partition("=")
+    if not sep or not name.strip() or not model.strip():
+        raise ValueError(f"--model-alias takes NAME=MODEL, not {text!r}")
+    return name.strip(), model.strip()
+
 
 def canonical_name(name: str) -> str:
     """The name a model is routed under: its registry alias when it has one."""

@@ -224,6 +224,21 @@ class Models:
     on_head = on_get
 
 
+class Model:
+    """GET /v1/models/{id}: OpenAI's Model, for a served model or a name that means one."""
+
+    def __init__(self, view: ClusterView, service: ImageService) -> None:
+        self.view = view
+        self.service = service
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, model_id: str) -> None:
+        if len(model_id) > 256:
+            raise APIError(404, "no such model", param="model", code="model_not_found")
+        resp.media = self.view.get_model(model_id, self.service.model_name(model_id))
+
+    on_head = on_get
+
+
 class Cluster:
     def __init__(self, view: ClusterView) -> None:
         self.view = view

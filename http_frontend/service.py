@@ -54,6 +54,9 @@ ClientGone = Callable[[], bool]
 @dataclass(frozen=True, kw_only=True)
 class ServiceConfig:
     default_model: str | None = None  # None: the one model the workers serve, if only one
+    # Names that mean another model (--model-alias NAME=MODEL); OpenAI's own model names
+    # not listed here mean the default model.
+    model_aliases: tuple[tuple[str, str], ...] = ()
     # Seconds a request may take, queue included: the default, and the most one may ask for.
     default_timeout: float = 300.0
     retry_after: int = 5  # seconds, sent with 429 and 503
@@ -153,7 +156,7 @@ class ImageService:
         request = schema.parse_request(body)
         if request.response_format is None:
             request = dataclasses.replace(
-                request, response_format=self.config.default_response_format)
+                request, response_format=self._default_format(request.model))
         if request.response_format == "url" and self.history.store is None:
             raise invalid("response_format", "this server keeps no images (it was started "
                                              "with --no-image-store), so it cannot answer "
@@ -162,13 +165,23 @@ class ImageService:
         if request.timeout is not None and request.timeout > limit:
             raise invalid("timeout", f"'timeout' may be at most {limit:g} seconds on this "
                                      f"server; got {request.timeout:g}")
-        spec = model_resolver.spec_for(self.broker.status(), self._model_name(request.model))
+        spec = model_resolver.spec_for(self.broker.status(), self.model_name(request.model))
         fitted = schema.fit_to_model(request, spec)
         return Prepared(fitted, self._job(fitted, spec), body)
 
-    def _model_name(self, requested: str | None) -> str:
-        """The model a request names; else the configured default; else the only one served."""
+    def _default_format(self, requested_model: str | None) -> str:
+        """The answer for a request without ``response_format``: url for a DALL·E model name
+        when images are stored (as OpenAI's DALL·E answers), else the operator's default."""
+        if requested_model in model_resolver.DALL_E_NAMES and self.history.store is not None:
+            return "url"
+        return self.config.default_response_format
+
+    def model_name(self, requested: str | None) -> str:
+        """The model a request names (through --model-alias; OpenAI's names mean the
+        default); else the configured default; else the only one served."""
         if requested:
+            requested = dict(self.config.model_aliases).get(requested, requested)
+        if requested and not model_resolver.is_openai_name(requested):
             return model_resolver.canonical_name(requested)
         if self.config.default_model:
             return model_resolver.canonical_name(self.config.default_model)

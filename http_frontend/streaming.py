@@ -98,6 +98,8 @@ class OpenAIStream:
                 "type": "image_generation.partial_image", "b64_json": b64(msg.payloads[0]),
                 "created_at": self.created(), **_event_fields(self.fitted),
                 "partial_image_index": partial, "image_index": index,
+                # The spec's size enum says "auto" for most sizes: the real one, as extensions.
+                "width": self.fitted.width, "height": self.fitted.height,
             })]
         if msg.type is MsgType.RESULT:
             return [sse("image_generation.completed", {

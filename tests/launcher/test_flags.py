@@ -55,7 +55,7 @@ def plan(monkeypatch: pytest.MonkeyPatch, mode: str, argv: list[str]) -> dict[st
 
 
 # Flags whose text is checked when parsed: a valid value that is not the default.
-CHECKED_TEXT = {"image_ttl": "3h", "image_store_limit": "5G"}
+CHECKED_TEXT = {"image_ttl": "3h", "image_store_limit": "5G", "model_alias": "dalle=tiny"}
 
 
 def another_value(action: argparse.Action) -> str:
