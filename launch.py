@@ -207,7 +207,6 @@ def run_workers(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"launch.py worker: {exc}", file=sys.stderr)
         return 2
-    print(describe_storage(args), flush=True)
     supervisor = Supervisor(specs, grace=args.grace)
     supervisor.install_signal_handlers()
     supervisor.start()

@@ -60,6 +60,7 @@ def create_app(config: FrontendConfig, broker: BrokerClient, *, service: ImageSe
     app.add_route("/v1/jobs", resources.Jobs(jobs, max_body=config.max_body))
     app.add_route("/v1/jobs/{job_id}", resources.Job(jobs))
     app.add_route("/v1/jobs/{job_id}/events", resources.JobEvents(jobs))
+    app.add_route("/v1/jobs/{job_id}/cancel", resources.JobCancel(jobs))
     app.add_route("/v1/images/files/{name}",
                   resources.ImageFiles(service.history, max_age=config.image_ttl))
     app.add_route("/v1/models", resources.Models(view))

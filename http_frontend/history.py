@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.protocol import ErrorCode, JobSpec, Message
+from http_frontend.database import DatabaseError
 from http_frontend.errors import JobError
 from http_frontend.image_store import ImageStore, StoreError, new_name
 from http_frontend.pending import PendingJob
@@ -52,10 +53,15 @@ class Tracked:
     pending: PendingJob
     settled: threading.Event = field(default_factory=threading.Event)
     record: Record | None = None  # the ended record, once settled
-    images: list[dict[str, Any]] | None = None  # what was stored, once it was
+    stored: list[dict[str, Any]] | None = None  # the images written to the store, once
+    # The client was told the job exists (202, or a job taken over): from then on its
+    # record stays, whatever the job ends with.
+    acknowledged: bool = False
+    marked_running: bool = False  # its record says "running"
 
     @property
     def image_names(self) -> list[str | None]:
+        """The stored names of the settled record's images (None: not stored)."""
         images = self.record.images if self.record is not None else []
         return [image.get("name") for image in images]
 
@@ -90,10 +96,17 @@ class History:
         self._clock = clock
         self._settlers = ThreadPoolExecutor(SETTLE_THREADS, thread_name_prefix="settle")
         self._lock = threading.Lock()
+        self._following: dict[str, Tracked] = {}  # unsettled jobs, by id
         self._unsettled: list[Tracked] = []  # ends the database did not take: tried again
 
     def close(self) -> None:
         self._settlers.shutdown(wait=True, cancel_futures=False)
+        self.settle_again()  # a last try, so a stop loses no end the database can take
+
+    def following(self) -> list[Tracked]:
+        """The jobs this frontend follows that have not ended yet."""
+        with self._lock:
+            return list(self._following.values())
 
     # ---------------------------------------------------------------- writing
 
@@ -114,6 +127,8 @@ class History:
     def track(self, job: JobSpec, pending: PendingJob) -> Tracked:
         """Follow ``pending`` to its end and settle the job's record then."""
         tracked = Tracked(job, pending)
+        with self._lock:
+            self._following[job.id] = tracked
         pending.when_done(lambda _: self._settle_later(tracked))
         return tracked
 
@@ -136,26 +151,30 @@ class History:
         try:
             self._end_record(tracked)
             tracked.record = self.records.get(tracked.job.id)
-        except Exception:
-            log.exception("job %s: could not record how it ended; trying again later",
-                          tracked.job.id)
+        except (DatabaseError, StoreError) as exc:  # storage away: it may come back
+            log.error("job %s: could not record how it ended (%s); trying again later",
+                      tracked.job.id, exc)
             with self._lock:
                 self._unsettled.append(tracked)
+        except Exception:  # a bug or a value the database refuses: retrying cannot help
+            log.exception("job %s: could not record how it ended", tracked.job.id)
         finally:
+            with self._lock:
+                self._following.pop(tracked.job.id, None)
             tracked.settled.set()
 
     def _end_record(self, tracked: Tracked) -> None:
         pending, job_id = tracked.pending, tracked.job.id
         if pending.result is not None:
-            if tracked.images is None:  # once, however often the record is tried
-                tracked.images = self._store_images(tracked.job, pending.result)
-            ended = self.records.finish(job_id, "succeeded", images=tracked.images,
+            if tracked.stored is None:  # once, however often the record is tried
+                tracked.stored = self._store_images(tracked.job, pending.result)
+            ended = self.records.finish(job_id, "succeeded", images=tracked.stored,
                                         worker_id=pending.result.get("worker_id"),
                                         timings=pending.result.get("timings") or {})
-            if not ended:  # it ended already (cancelled elsewhere, deleted): no one asks
-                self.delete_images([tracked.images])
+            if not ended:
+                self._drop_unrecorded(job_id, tracked.stored)
         elif pending.error is not None:
-            if _refused(pending):
+            if _refused(tracked):
                 # No job ran, and a retry (with the same Idempotency-Key) must run, not
                 # repeat the refusal: the record goes.
                 self.records.delete(job_id)
@@ -177,11 +196,18 @@ class History:
             images.append(image)
         return images
 
+    def _drop_unrecorded(self, job_id: str, images: list[dict[str, Any]]) -> None:
+        """The record had ended already (cancelled or deleted elsewhere, or an earlier try
+        of this settle committed after all): delete the images it does not name."""
+        record = self.records.get(job_id)
+        kept = {image.get("name") for image in record.images} if record else set()
+        self.delete_images([[image for image in images if image.get("name") not in kept]])
+
     def mark_running(self, job_id: str) -> None:
         self.records.mark_running(job_id)
 
     def fail(self, job_id: str, error: JobError) -> None:
-        """End a record whose job never reached the broker (refused, unsendable)."""
+        """End an unfinished record with ``error``: cancelled or failed."""
         status = "cancelled" if error.code == ErrorCode.CANCELLED else "failed"
         self.records.finish(job_id, status, error=record_error(error))
 
@@ -219,12 +245,17 @@ class History:
 REFUSALS = (ErrorCode.QUEUE_FULL, ErrorCode.NO_WORKER, ErrorCode.BROKER_UNAVAILABLE)
 
 
-def _refused(pending: PendingJob) -> bool:
-    """Whether the job ended refused for now (queue full, no worker, no broker) before it
-    took a step: a retry may run it."""
+def _refused(tracked: Tracked) -> bool:
+    """Whether the client was told "not now" for a job it was never told exists: refused
+    (queue full, no worker, no broker) before its first step, or stopped by this server's
+    shutdown. A retry may run it."""
+    pending = tracked.pending
     error = pending.error
-    return error is not None and error.retryable and error.code in REFUSALS \
-        and not pending.step
+    if tracked.acknowledged or error is None:
+        return False
+    if error.code == ErrorCode.SHUTTING_DOWN:
+        return True
+    return error.retryable and error.code in REFUSALS and not pending.step
 
 
 def _bytes(frame: Any) -> bytes:

@@ -46,7 +46,6 @@ class LiveJob:
     prepared: Prepared
     tracked: Tracked
     finished_at: float | None = None  # time.monotonic() when its answer was seen
-    marked_running: bool = False  # its record says "running"
 
     @property
     def id(self) -> str:
@@ -85,6 +84,8 @@ def _one(params: Mapping[str, Any], name: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise invalid(name, f"give '{name}' once")
+    if "\x00" in value:  # PostgreSQL's text refuses it; SQLite's LIKE would stop at it
+        raise invalid(name, f"'{name}' holds a NUL character")
     if len(value) > 256:
         raise invalid(name, f"'{name}' is longer than 256 characters")
     return value
@@ -113,6 +114,7 @@ class JobsAPI:
             if record.id != prepared.job.id:
                 return 200, self._describe(record, self._live_job(record.id), caller.base_url)
             tracked = self.service.submit_until_taken(prepared)
+            tracked.acknowledged = True  # answered 202: its record stays, however it ends
         finally:
             release()
         live = self._add(prepared, tracked)
@@ -126,7 +128,9 @@ class JobsAPI:
         job = JobSpec.from_wire({**record.job, "timeout": record.deadline - now})
         prepared = Prepared.restore(body, job)
         pending = self.service.broker.submit(job, owner=record.submitter)
-        self._add(prepared, self.history.track(job, pending))
+        tracked = self.history.track(job, pending)
+        tracked.acknowledged = True  # its client was told long ago
+        self._add(prepared, tracked)
         log.info("job %s: following it again (%.0f s left)", job.id, record.deadline - now)
 
     def status(self, job_id: str, identity: Identity, base_url: str) -> dict[str, Any]:
@@ -137,7 +141,7 @@ class JobsAPI:
             record = self.history.records.get(job_id) or record
         return self._describe(record, live, base_url, result=True)
 
-    def cancel(self, job_id: str, identity: Identity, base_url: str) -> dict[str, Any]:
+    def delete(self, job_id: str, identity: Identity, base_url: str) -> dict[str, Any]:
         """Cancel a job still running; remove a finished one's record and images."""
         record = self._visible(job_id, identity)
         if record.status in TERMINAL:
@@ -145,6 +149,18 @@ class JobsAPI:
             with self._lock:
                 self._live.pop(job_id, None)
             return {"id": job_id, "object": "image.job.deleted", "deleted": True}
+        return self._cancel(record, base_url)
+
+    def cancel(self, job_id: str, identity: Identity, base_url: str) -> dict[str, Any]:
+        """Cancel a job still running; a finished one is left as it is (never deleted: a
+        cancel that comes just after the end must not take the images)."""
+        record = self._visible(job_id, identity)
+        if record.status in TERMINAL:
+            return self._describe(record, self._live_job(job_id), base_url)
+        return self._cancel(record, base_url)
+
+    def _cancel(self, record: Record, base_url: str) -> dict[str, Any]:
+        job_id = record.id
         live = self._live_job(job_id)
         if live is not None:
             self.service.broker.cancel(job_id)

@@ -47,6 +47,7 @@ class Keeper:
         self._next_retention = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="job-keeper", daemon=True)
+        self._retaining = threading.Thread()  # the retention pass running, if one is
 
     def start(self) -> None:
         self._thread.start()
@@ -78,15 +79,22 @@ class Keeper:
             self._reclaimed_own = True
             for record in claimed:
                 self._take_over(record, now)
-        if self.history_days is not None and now >= self._next_retention:
+        if self.history_days is not None and now >= self._next_retention \
+                and not self._retaining.is_alive():
+            # On a thread of its own: a long first pass, or a slow store, must never keep
+            # this one from renewing the leases in time.
             self._next_retention = now + RETENTION_EVERY
-            self._retain(now - self.history_days * 86400)
+            self._retaining = threading.Thread(
+                target=self._retain, args=(now - self.history_days * 86400,),
+                name="history-retention", daemon=True)
+            self._retaining.start()
 
     def _mark_running(self) -> None:
-        for live in self.jobs.live_jobs():
-            if not live.marked_running and live.tracked.pending.step and not live.done:
-                live.marked_running = True
-                self.history.mark_running(live.id)
+        """Every job this frontend follows (plain generations too) that took a step."""
+        for tracked in self.history.following():
+            if not tracked.marked_running and tracked.pending.step:
+                tracked.marked_running = True
+                self.history.mark_running(tracked.job.id)
 
     def _take_over(self, record: Record, now: float) -> None:
         if record.kind != "job":
@@ -105,6 +113,12 @@ class Keeper:
                     ErrorCode.INVALID_REQUEST, f"the job could not be resumed: {exc}"))
 
     def _retain(self, cutoff: float) -> None:
+        try:
+            self._remove_before(cutoff)
+        except Exception:  # logged; the next pass tries again
+            log.exception("could not apply history retention")
+
+    def _remove_before(self, cutoff: float) -> None:
         removed = self.history.records.remove_finished_before(cutoff)
         if removed:
             self.history.delete_images([record.images for record in removed])

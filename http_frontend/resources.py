@@ -160,6 +160,17 @@ class Job:
     on_head = on_get
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
+        resp.media = self.jobs.delete(job_id, identity_of(req),
+                                      base_url(req, self.jobs.history))
+
+
+class JobCancel:
+    """POST /v1/jobs/{id}/cancel: cancel a running job; a finished one stays as it is."""
+
+    def __init__(self, jobs: JobsAPI) -> None:
+        self.jobs = jobs
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
         resp.media = self.jobs.cancel(job_id, identity_of(req),
                                       base_url(req, self.jobs.history))
 
@@ -185,7 +196,6 @@ class ImageFiles:
     def __init__(self, history: History, *, max_age: float | None) -> None:
         self.history = history
         self.max_age = max_age
-        self.cache_control = f"public, max-age={int(max_age or 31536000)}, immutable"
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
         self._answer(req, resp, name, body=True)
@@ -204,7 +214,7 @@ class ImageFiles:
                            code="image_not_found")
         etag = f'"{name.split(".")[0]}"'
         resp.set_header("ETag", etag)
-        resp.set_header("Cache-Control", self.cache_control)
+        resp.set_header("Cache-Control", self._cache_control(image.modified))
         if _matches(req.get_header("If-None-Match"), etag):
             resp.status = falcon.HTTP_304
             return
@@ -212,6 +222,14 @@ class ImageFiles:
         resp.content_length = len(image.data)
         if body:
             resp.data = image.data
+
+    def _cache_control(self, modified: float) -> str:
+        """Cacheable for the rest of the image's life (a year when kept forever): a cache
+        never outlives the expiry. A DELETE cannot reach caches: they may keep a deleted
+        image until then."""
+        left = 31536000 if not self.max_age else \
+            max(0, int(self.max_age - (time.time() - modified)))
+        return f"public, max-age={left}, immutable"
 
 
 class Models:

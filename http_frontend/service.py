@@ -238,9 +238,7 @@ class ImageService:
                                          cancel_on_leave=not retried):
                         pass
                 except APIError as exc:  # the client left, the deadline passed, ...
-                    if not (retried and exc.status == 499):
-                        self.end_here(tracked, JobError(exc.code or ErrorCode.CANCELLED,
-                                                        exc.message))
+                    self._left_early(tracked, exc, retried)
                     raise
                 finally:
                     if not retried:
@@ -274,6 +272,22 @@ class ImageService:
         """Send a recorded job; its record is settled when it ends, however it ends."""
         pending = self.broker.submit(prepared.job)
         return self.history.track(prepared.job, pending)
+
+    def _left_early(self, tracked: Tracked, exc: APIError, retried: bool) -> None:
+        """A generation's request ended before its job: how the record ends.
+
+        - The server stops: the job is cancelled and the record goes (a retry elsewhere
+          runs it; follow() told the broker only when no retry was announced).
+        - A client that will retry (it sent an Idempotency-Key) hung up: the job runs on,
+          and the retry gets it.
+        - Otherwise the record ends with what the client was told.
+        """
+        if exc.code == ErrorCode.SHUTTING_DOWN:
+            if retried:
+                self.broker.cancel(tracked.job.id)
+            self.end_here(tracked, SHUTTING_DOWN)
+        elif not (retried and exc.status == 499):
+            self.end_here(tracked, JobError(exc.code or ErrorCode.CANCELLED, exc.message))
 
     def end_here(self, tracked: Tracked, error: JobError) -> None:
         """End a job this frontend stops following (its client left, its deadline passed):

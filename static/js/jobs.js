@@ -20,11 +20,10 @@ export async function getJob(id) {
   return job;
 }
 
-/** Cancel a job that is still queued or running. A finished one is left alone: DELETE would
- * remove it and its images. */
-export async function cancelJob(id) {
-  const job = await getJob(id);
-  if (ACTIVE.includes(job.status)) await deleteJob(id);
+/** Cancel a job that is still queued or running; one that just finished is left alone (the
+ * server's cancel never deletes, unlike DELETE). */
+export function cancelJob(id) {
+  return api(`/v1/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" });
 }
 
 /** Remove a finished job and its images from the server; cancel a running one. */

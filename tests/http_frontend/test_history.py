@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -519,3 +520,90 @@ def test_a_settle_that_meets_a_database_error_is_retried(hung, owned, monkeypatc
     settle_all(hung.history)
     record = hung.history.records.get(job_id)
     assert record is not None and record.status == "succeeded"
+
+
+# ------------------------------------------------------------------------------ review fixes
+
+def test_a_job_answered_202_keeps_its_record_whatever_it_ends_with(hung, owned):
+    # A retryable "no worker" after the 202 (a broker restart, say) is the job's failure,
+    # not a refusal the client saw: the record stays, failed.
+    job_id = submit_job(hung)
+    owned.pending[job_id].update(protocol.decode(protocol.encode(MsgType.FAILED, {
+        "job_id": job_id, "code": "no_worker", "message": "gone", "retryable": True})))
+    settle_all(hung.history)
+    shown = hung.client.simulate_get(f"/v1/jobs/{job_id}")
+    assert shown.status_code == 200 and shown.json["status"] == "failed"
+
+
+def test_settling_again_keeps_the_images_of_a_record_that_did_end(hung, owned, tmp_path,
+                                                                  monkeypatch):
+    # finish() committed, then reading the record back failed: the retry finds the record
+    # ended, and must not take the images it names.
+    job_id = submit_job(hung)
+    real_get = hung.history.records.get
+    calls = {"n": 0}
+
+    def get_failing_once(record_id: str):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise DatabaseError("connection lost after the commit")
+        return real_get(record_id)
+    monkeypatch.setattr(hung.history.records, "get", get_failing_once)
+    owned.answer(job_id)
+    settle_all(hung.history)
+    hung.history.settle_again()
+    [image] = real_get(job_id).images
+    assert image["name"] and any(p.name == image["name"] for p in stored_files(tmp_path))
+
+
+def test_a_generation_shows_running_once_it_took_a_step(hung, owned, tmp_path):
+    from http_frontend.keeper import Keeper
+    keeper = Keeper(hung.jobs, connected=lambda: True, history_days=None)
+    thread = threading.Thread(target=hung.client.simulate_post, args=(GENERATIONS,),
+                              kwargs={"json": FOX}, daemon=True)
+    thread.start()
+    job_id = wait_for(lambda: owned.submitted and owned.submitted[-1].id)
+    owned.progress(job_id)
+    keeper.tend()
+    assert hung.history.records.get(job_id).status == "running"
+    owned.answer(job_id)
+    thread.join(10)
+
+
+def test_a_keyed_generation_stopped_by_a_drain_frees_its_key(hung, owned):
+    headers = {"Idempotency-Key": "drained-1"}
+    original = owned.submit
+
+    def submit_then_drain(job, *, owner=None):
+        pending = original(job, owner=owner)
+        hung.service.begin_drain(0.0)
+        return pending
+    owned.submit = submit_then_drain  # type: ignore[method-assign]
+    error = error_of(hung.client.simulate_post(GENERATIONS, json=FOX, headers=headers), 503)
+    assert error["code"] == "shutting_down"
+    job_id = owned.submitted[-1].id
+    assert any(cancelled == job_id for cancelled, _ in owned.cancels)
+    settle_all(hung.history)
+    assert hung.history.records.get(job_id) is None  # a retry elsewhere runs it
+
+
+def test_cancel_never_deletes_a_finished_job(hung, owned):
+    job_id = submit_job(hung)
+    owned.answer(job_id)
+    settle_all(hung.history)
+    cancelled = checked(hung.client.simulate_post(f"/v1/jobs/{job_id}/cancel"))
+    assert cancelled.json["status"] == "succeeded"
+    assert hung.client.simulate_get(f"/v1/jobs/{job_id}").status_code == 200
+    running = submit_job(hung)
+    assert checked(hung.client.simulate_post(f"/v1/jobs/{running}/cancel")
+                   ).json["status"] == "cancelled"
+
+
+def wait_for(predicate, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError("timed out")
