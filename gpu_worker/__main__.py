@@ -42,6 +42,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model CPU offload, for GPUs too small to hold the model")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the denoiser (slow start, faster steps)")
+    parser.add_argument("--no-image-metadata", action="store_true",
+                        help="leave the prompt and settings out of the images (prompts can be "
+                             "private); the marking as AI-generated stays")
     parser.add_argument("--broker-key", default=None, metavar="FILE",
                         help="the broker's public key (broker.key from `launch.py keys`); "
                              "with --key, the link is CURVE-encrypted and authenticated")
@@ -68,7 +71,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
                         worker_id=args.worker_id, max_batch=args.max_batch,
                         heartbeat=args.heartbeat, threads=args.threads,
                         cache_dir=args.cache_dir, warm_up=not args.no_warm_up,
-                        offload=args.offload, compile=args.compile, curve=curve)
+                        offload=args.offload, compile=args.compile, curve=curve,
+                        image_metadata=not args.no_image_metadata)
 
 
 def run_worker(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from broker import defaults, protocol
 from broker.connection import CurveKeys
 from broker.protocol import ErrorCode, ImageInfo, JobSpec, MsgType
 from gpu_worker import models
-from gpu_worker.encode import encode_image
+from gpu_worker.encode import Generation, ImageMetadata, encode_image
 from gpu_worker.link import BrokerLink
 from gpu_worker.pipeline import Interrupted, LoadOptions, PipelineRunner, StepCallback
 
@@ -51,6 +51,7 @@ class WorkerConfig:
     compile: bool = False
     max_frame: int = 256 << 20
     curve: CurveKeys | None = None  # encrypt and authenticate to a broker that uses CURVE
+    image_metadata: bool = True  # how each image was made, prompt included, inside the image
 
 
 class Link(Protocol):
@@ -329,8 +330,9 @@ class Worker:
             return
         try:
             started = time.perf_counter()
-            payloads = [encode_image(img, job.output_format, job.output_compression)
-                        for img in images]
+            payloads = [encode_image(img, job.output_format, job.output_compression,
+                                     metadata=self._metadata(job, seed))
+                        for img, seed in zip(images, job.seeds, strict=True)]
             infos = [ImageInfo(seed=seed, width=img.width, height=img.height,
                                format=job.output_format)
                      for seed, img in zip(job.seeds, images, strict=True)]
@@ -348,6 +350,10 @@ class Worker:
         log.info("job %s: %d image(s) %dx%d, %d steps, batch of %d, in %.2f s", job.id,
                  job.n, job.width, job.height, job.steps, timings["batch_size"],
                  timings["generate_s"])
+
+    def _metadata(self, job: JobSpec, seed: int) -> ImageMetadata:
+        """What the image of ``seed`` says about itself: AI-made always, how when allowed."""
+        return ImageMetadata(Generation.of(job, seed) if self.config.image_metadata else None)
 
 
 def _maybe_crash(job: JobSpec) -> None:

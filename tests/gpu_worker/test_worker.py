@@ -267,10 +267,11 @@ def test_a_job_cancelled_while_its_images_are_encoded_gets_no_result(
     encoding, finish = threading.Event(), threading.Event()
     real_encode = worker_module.encode_image
 
-    def slow_encode(image: Image.Image, fmt: str, compression: int | None = None) -> bytes:
+    def slow_encode(image: Image.Image, fmt: str, compression: int | None = None,
+                    **options: Any) -> bytes:
         encoding.set()
         assert finish.wait(WAIT)
-        return real_encode(image, fmt, compression)
+        return real_encode(image, fmt, compression, **options)
 
     monkeypatch.setattr(worker_module, "encode_image", slow_encode)
     run = running()
