@@ -3,6 +3,7 @@
     python launch.py                       # broker + one worker per GPU (or CPU) + frontend
     python launch.py worker --broker tcp://HEAD:5556 --model sdxl-turbo   # join from elsewhere
     python launch.py models                # the model registry
+    python launch.py status                # a running cluster's workers, queues, throughput
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from http_frontend.__main__ import (
     describe_storage,
 )
 from launcher import flags
+from launcher import status as cluster_status
 from launcher.cluster import (
     ProcessSpec,
     address_in_use,
@@ -247,6 +249,12 @@ def print_models(_: argparse.Namespace) -> int:
     return 0
 
 
+def print_status(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `launch.py status | head` ends quietly
+    api_key = getattr(args, "status_api_key", None) or os.environ.get("DC_API_KEY") or None
+    return cluster_status.run(args.status_url, api_key=api_key, timeout=args.status_timeout)
+
+
 def _add_placement_flags(parser: argparse.ArgumentParser) -> None:
     """launch.py's own flags for the workers: which models, on how many devices."""
     parser.add_argument("--model", default=None,
@@ -293,6 +301,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="a worker key pair to write (repeatable); default: "
                            f"'{LOCAL_WORKER_KEY}' (this host's workers) and 'worker-1'")
     keys.add_argument("--force", action="store_true", help="replace existing key pairs")
+    state = sub.add_parser(
+        "status", help="show a running cluster: workers, queues, recent throughput",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Ask a frontend's HTTP API for its workers, queues and the images it "
+                    "finished lately. Exit status 0: ready; 1: not ready (the reason is "
+                    "printed); 2: the frontend cannot be reached or refused the key.")
+    state.add_argument("--url", dest="status_url", default=cluster_status.DEFAULT_URL,
+                       metavar="URL", help="the frontend's address")
+    state.add_argument("--api-key", dest="status_api_key", default=argparse.SUPPRESS,
+                       metavar="KEY",
+                       help="sent as a Bearer token; default: the DC_API_KEY environment "
+                            "variable")
+    state.add_argument("--timeout", dest="status_timeout", type=float,
+                       default=cluster_status.TIMEOUT, metavar="SECONDS",
+                       help="seconds each request may take")
 
     _add_placement_flags(parser)
     parser.add_argument("--ready-timeout", type=float, default=600.0,
@@ -310,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         return print_models(args)
     if args.command == "keys":
         return make_keys(args)
+    if args.command == "status":
+        return print_status(args)
     if args.command == "worker":
         return run_workers(args)
     return run_cluster(args)
