@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from broker import defaults
@@ -93,6 +94,12 @@ def add_frontend_arguments(parser: argparse.ArgumentParser) -> None:
                              "prefer --api-keys-file: command lines are visible to `ps`)")
     parser.add_argument("--api-keys-file", default=None, metavar="FILE",
                         help="API keys, one per line (# comments)")
+    parser.add_argument("--metrics-token", default=None, metavar="TOKEN",
+                        help="require `Authorization: Bearer TOKEN` on /metrics (open "
+                             "without one: bind to loopback, or set it; prefer "
+                             "--metrics-token-file)")
+    parser.add_argument("--metrics-token-file", default=None, metavar="FILE",
+                        help="the /metrics token: the file's first line")
     parser.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                         help="allow browser calls from this origin (repeatable); off by "
                              "default")
@@ -267,6 +274,21 @@ def open_storage(args: argparse.Namespace, frontend: str) -> tuple[History, Swee
     return history, sweeper
 
 
+def load_metrics_token(token: str | None, token_file: str | None) -> str | None:
+    """The /metrics token from --metrics-token or the first line of --metrics-token-file
+    (both: ValueError); None when neither gives one."""
+    if token is not None and token_file is not None:
+        raise ValueError("--metrics-token and --metrics-token-file cannot go together")
+    if token_file is not None:
+        lines = Path(token_file).read_text().splitlines()
+        token = lines[0] if lines else ""
+        if not token.strip():
+            raise ValueError(f"{token_file} holds no token on its first line")
+    if token is None or not token.strip():
+        return None
+    return token.strip()
+
+
 def raise_open_files_limit(needed: int) -> None:
     """Lift the soft limit on open files to ``needed`` (connections are files)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -302,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         log.error("cannot start: cannot read the API keys: %s", exc)
         return os.EX_CONFIG  # launcher.supervisor.EXIT_CONFIG: a restart would fail the same way
+    try:
+        metrics_token = load_metrics_token(args.metrics_token, args.metrics_token_file)
+    except (OSError, ValueError) as exc:
+        log.error("cannot start: cannot read the metrics token: %s", exc)
+        return os.EX_CONFIG
     raise_open_files_limit(args.connection_limit + args.threads + 128)
     owner = args.frontend_id or f"{socket.gethostname()}:{args.port}"
     try:
@@ -318,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                               model_aliases=args.model_aliases),
         max_body=args.max_body, api_keys=tuple(api_keys),
         cors_origins=tuple(args.cors_origin or ()), image_ttl=args.image_ttl_s,
+        metrics_token=metrics_token,
     )
     service = ImageService(broker, config.service, history=history)
     jobs = JobsAPI(service)

@@ -14,6 +14,7 @@ from http_frontend.broker_client import BrokerClient
 from http_frontend.cluster_view import ClusterView
 from http_frontend.errors import install_error_handlers
 from http_frontend.jobs_api import JobsAPI
+from http_frontend.metrics import Metrics
 from http_frontend.service import ImageService, ServiceConfig
 
 # The web UI: http_frontend/static when installed from a wheel (setup.cfg puts it there),
@@ -33,16 +34,21 @@ class FrontendConfig:
     api_keys: tuple[ApiKey | str, ...] = ()
     cors_origins: tuple[str, ...] = ()  # none: no cross-origin browser calls
     image_ttl: float | None = None  # seconds images are kept: how long clients may cache them
+    metrics_token: str | None = None  # None: /metrics is open (bind to loopback, or set one)
 
     def __repr__(self) -> str:  # never print the keys
         return (f"FrontendConfig(service={self.service!r}, max_body={self.max_body}, "
-                f"api_keys=<{len(self.api_keys)}>, cors_origins={self.cors_origins!r})")
+                f"api_keys=<{len(self.api_keys)}>, cors_origins={self.cors_origins!r}, "
+                f"metrics_token={'<set>' if self.metrics_token else None})")
 
 
 def create_app(config: FrontendConfig, broker: BrokerClient, *, service: ImageService | None = None,
                jobs: JobsAPI | None = None) -> falcon.App[falcon.Request, falcon.Response]:
     service = service or ImageService(broker, config.service)
-    middleware: list[Any] = [resources.MethodCheck()]
+    metrics = Metrics(broker, open_streams=lambda: service.open_streams)
+    service.watch_jobs(metrics.job_submitted)
+    # Metrics first: it counts the requests the others refuse.
+    middleware: list[Any] = [metrics.middleware(), resources.MethodCheck()]
     if config.cors_origins:
         middleware.append(falcon.CORSMiddleware(
             allow_origins=list(config.cors_origins),
@@ -67,6 +73,7 @@ def create_app(config: FrontendConfig, broker: BrokerClient, *, service: ImageSe
     app.add_route("/v1/models/{model_id}", resources.Model(view, service))
     app.add_route("/v1/cluster", resources.Cluster(view))
     app.add_route("/healthz", resources.Health())
+    app.add_route("/metrics", resources.MetricsPage(metrics, token=config.metrics_token))
     app.add_route("/readyz", resources.Ready(view, service))
     app.add_route("/", resources.Index(config.static_dir))
     app.add_route(resources.StaticFiles.PREFIX + "/{path:path}",

@@ -106,22 +106,40 @@ class ApiKeyAuth:
             return  # health checks, the UI's files, images and CORS preflights need no key
         identity = self._identity(req.get_header("Authorization") or "")
         if identity is None:
-            raise APIError(401, "a valid API key is required: send it as "
-                                "'Authorization: Bearer KEY'", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise unauthorized("a valid API key is required: send it as "
+                               "'Authorization: Bearer KEY'")
         req.context.identity = identity
 
     def _identity(self, header: str) -> Identity | None:
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer":
+        given = bearer_token(header)
+        if given is None:
             return None
-        given = token.strip().encode()
         # Compare against every key, always, so timing says nothing about which one is close.
         found = None
         for secret, identity in self._keys:
             if hmac.compare_digest(given, secret):
                 found = identity
         return found
+
+
+def bearer_token(header: str) -> bytes | None:
+    """The token of an ``Authorization: Bearer TOKEN`` header; None for another scheme."""
+    scheme, _, token = header.partition(" ")
+    return token.strip().encode() if scheme.lower() == "bearer" else None
+
+
+def unauthorized(message: str) -> APIError:
+    return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def check_metrics_token(req: falcon.Request, token: str | None) -> None:
+    """A 401 for a /metrics request without ``token`` (--metrics-token); None: open."""
+    if token is None:
+        return
+    given = bearer_token(req.get_header("Authorization") or "")
+    if given is None or not hmac.compare_digest(given, token.encode()):
+        raise unauthorized("a valid metrics token is required: send it as "
+                           "'Authorization: Bearer TOKEN'")
 
 
 def identity_of(req: falcon.Request) -> Identity:

@@ -44,6 +44,9 @@ class ClusterStatus:
     workers: list[dict[str, Any]]
     queues: dict[str, int]
     received_at: float
+    # Seconds from the STATUS sent to this reply (None: not measured); includes the time
+    # the broker took to answer it.
+    round_trip: float | None = None
 
     def served_models(self) -> dict[str, list[dict[str, Any]]]:
         """Model name -> the ready workers serving it."""
@@ -75,6 +78,7 @@ class BrokerClient:
         self._lock = threading.Lock()  # guards _pending and _status
         self._status: ClusterStatus | None = None
         self._was_connected = False  # I/O thread only
+        self._status_sent: float | None = None  # I/O thread only: the STATUS awaiting reply
         # One socket for the process's life, on the shared context, which nobody terminates:
         # ZeroMQ reconnects it (100 ms, backing off to 2 s), and each new connection gets a
         # STATUS at once, whose reply names the broker's incarnation. Nothing is queued while
@@ -158,9 +162,12 @@ class BrokerClient:
     def on_message(self, msg: Message) -> None:
         try:
             if msg.type is MsgType.STATUS_REPLY:
+                sent, self._status_sent = self._status_sent, None
+                received = self._conn.last_heard
                 with self._lock:
-                    self._status = ClusterStatus(msg["workers"], msg["queues"],
-                                                 self._conn.last_heard)
+                    self._status = ClusterStatus(
+                        msg["workers"], msg["queues"], received,
+                        round_trip=received - sent if sent is not None else None)
             elif msg.type in (MsgType.ACCEPTED, MsgType.PROGRESS, MsgType.RESULT,
                               MsgType.FAILED):
                 self._deliver(msg)
@@ -181,6 +188,7 @@ class BrokerClient:
             log.exception("error resubmitting the waiting jobs to broker %s", self.endpoint)
 
     def on_beat(self) -> list[Any]:
+        self._status_sent = time.monotonic()  # sent at once (Connection._beat, on_connect)
         return protocol.encode(MsgType.STATUS)  # the poll that doubles as the liveness check
 
     def on_tick(self, now: float) -> float | None:

@@ -128,7 +128,7 @@ class JobsAPI:
         job = JobSpec.from_wire({**record.job, "timeout": record.deadline - now})
         prepared = Prepared.restore(body, job)
         pending = self.service.broker.submit(job, owner=record.submitter)
-        tracked = self.history.track(job, pending)
+        tracked = self.service.track(job, pending)
         tracked.acknowledged = True  # its client was told long ago
         self._add(prepared, tracked)
         log.info("job %s: following it again (%.0f s left)", job.id, record.deadline - now)

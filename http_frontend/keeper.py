@@ -55,6 +55,12 @@ class Keeper:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5.0)
+        self.join_retention(5.0)
+
+    def join_retention(self, timeout: float) -> None:
+        """Wait for a retention pass that is running, if one is."""
+        if self._retaining.is_alive():
+            self._retaining.join(timeout)
 
     def _run(self) -> None:
         while True:

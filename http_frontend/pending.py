@@ -36,6 +36,7 @@ class PendingJob:
         self.spec = spec
         self.owner = owner  # the broker owner it was submitted under
         self.submitted_at = time.monotonic()
+        self.started_at: float | None = None  # when its first step came (time.monotonic)
         self.position: int | None = None
         self.step = 0
         self.steps = 0
@@ -149,6 +150,8 @@ class PendingJob:
             self.position = msg["position"]
             self._accepted = msg
         elif msg.type is MsgType.PROGRESS:
+            if self.started_at is None:
+                self.started_at = time.monotonic()
             self.step, self.steps = msg["step"], msg["steps"]
             if msg.payloads:
                 index = msg.get("image_index") or 0

@@ -17,12 +17,13 @@ import falcon
 import falcon.constants
 import falcon.routing
 
-from http_frontend.auth import identity_of
+from http_frontend.auth import check_metrics_token, identity_of
 from http_frontend.cluster_view import ClusterView
 from http_frontend.errors import APIError, invalid
 from http_frontend.history import Caller, History
 from http_frontend.image_store import CONTENT_TYPES, valid_name
 from http_frontend.jobs_api import JobsAPI, ListQuery
+from http_frontend.metrics import CONTENT_TYPE, Metrics
 from http_frontend.service import ImageService
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -125,6 +126,7 @@ class ImageGenerations:
         body = read_json(req, self.max_body)
         who = caller(req, body, self.service.history)
         prepared = self.service.prepare(body)
+        req.context.generation_model = prepared.job.model  # for dc_request_duration_seconds
         if prepared.stream:
             stream_events(resp, self.service.stream_openai(prepared, who, client_gone(req)))
         else:
@@ -263,6 +265,21 @@ class Cluster:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = self.view.cluster()
+
+    on_head = on_get
+
+
+class MetricsPage:
+    """GET /metrics: Prometheus's text format; behind ``token`` when one is set."""
+
+    def __init__(self, metrics: Metrics, *, token: str | None) -> None:
+        self.metrics = metrics
+        self.token = token
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        check_metrics_token(req, self.token)
+        resp.content_type = CONTENT_TYPE
+        resp.data = self.metrics.render()
 
     on_head = on_get
 

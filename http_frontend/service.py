@@ -49,6 +49,7 @@ SETTLE_WAIT = 30.0  # seconds an answer waits for its images to be stored (then:
 REPLAY_POLL = 0.25  # seconds between looks at the job a repeated Idempotency-Key names
 
 ClientGone = Callable[[], bool]
+JobWatcher = Callable[[JobSpec, PendingJob], None]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,7 +106,14 @@ class ImageService:
         self._in_flight = 0
         self._drain_deadline: float | None = None  # set once, when the server begins to stop
         self._streams = threading.BoundedSemaphore(config.max_streams)
+        self._open_streams = 0
+        self._job_watchers: list[JobWatcher] = []
         self._waiting = threading.BoundedSemaphore(config.max_waiting)
+
+    def watch_jobs(self, watcher: JobWatcher) -> None:
+        """Call ``watcher(job, pending)`` for every job sent from now on (metrics); it must
+        not block or raise."""
+        self._job_watchers.append(watcher)
 
     # ---------------------------------------------------------------- draining
 
@@ -118,6 +126,11 @@ class ImageService:
     @property
     def draining(self) -> bool:
         return self._drain_deadline is not None
+
+    @property
+    def open_streams(self) -> int:
+        with self._lock:
+            return self._open_streams
 
     @property
     def in_flight(self) -> int:
@@ -270,8 +283,13 @@ class ImageService:
 
     def submit(self, prepared: Prepared) -> Tracked:
         """Send a recorded job; its record is settled when it ends, however it ends."""
-        pending = self.broker.submit(prepared.job)
-        return self.history.track(prepared.job, pending)
+        return self.track(prepared.job, self.broker.submit(prepared.job))
+
+    def track(self, job: JobSpec, pending: PendingJob) -> Tracked:
+        """Follow a job just sent: its watchers see it, its record is settled when it ends."""
+        for watcher in self._job_watchers:
+            watcher(job, pending)
+        return self.history.track(job, pending)
 
     def _left_early(self, tracked: Tracked, exc: APIError, retried: bool) -> None:
         """A generation's request ended before its job: how the record ends.
@@ -348,8 +366,12 @@ class ImageService:
             release()
             self._streams.release()
             raise
+        with self._lock:
+            self._open_streams += 1
 
         def close() -> None:
+            with self._lock:
+                self._open_streams -= 1
             self._leave_flight()
             release()
             self._streams.release()

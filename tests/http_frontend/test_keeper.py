@@ -58,6 +58,7 @@ def started_keeper(front: Frontend, clock: Clock, **kwargs: Any) -> Keeper:
     """A keeper past its first connected pass (its restart reclaim), as after a start."""
     keeper = keeper_of(front, clock, **kwargs)
     keeper.tend()
+    keeper.join_retention(10)
     return keeper
 
 
@@ -234,6 +235,7 @@ def test_retention_removes_old_finished_records_and_their_images(tmp_path, clock
     front.broker.answer(recent)
     settle_all(front.history)
     keeper.tend()
+    keeper.join_retention(10)  # retention runs on a thread of its own
     assert front.history.records.get(old) is None
     assert not files[0].exists()
     assert record(front, recent).status == "succeeded"
