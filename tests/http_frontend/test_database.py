@@ -8,7 +8,6 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,18 +36,6 @@ def database_url(dialect: str, tmp_path: Path, request: pytest.FixtureRequest) -
         return str(tmp_path / "data" / "jobs.db")
     server: PostgresServer = request.getfixturevalue("postgres_server")
     return server.make_database()
-
-
-@pytest.fixture(params=DIALECTS)
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return database_url(request.param, tmp_path, request)
-
-
-@pytest.fixture
-def db(url: str) -> Iterator[Database]:
-    database = open_database(url)
-    yield database
-    database.close()
 
 
 def schema_info(db: Database, name: str) -> list[tuple[object, ...]]:

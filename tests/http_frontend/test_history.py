@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from http_frontend.jobs_api import JobsAPI
 from http_frontend.pending import PendingJob
 from http_frontend.records import JobRecords
 from http_frontend.service import ImageService, ServiceConfig
+from tests.cluster import wait_until
 from tests.http_frontend.test_app import FakeBroker, checked, encode_image, error_of
 from tests.http_frontend.test_jobs_api import HangingBroker
 
@@ -562,7 +562,8 @@ def test_a_generation_shows_running_once_it_took_a_step(hung, owned, tmp_path):
     thread = threading.Thread(target=hung.client.simulate_post, args=(GENERATIONS,),
                               kwargs={"json": FOX}, daemon=True)
     thread.start()
-    job_id = wait_for(lambda: owned.submitted and owned.submitted[-1].id)
+    job_id = wait_until(lambda: owned.submitted and owned.submitted[-1].id, 10,
+                        "the generation to be submitted")
     owned.progress(job_id)
     keeper.tend()
     assert hung.history.records.get(job_id).status == "running"
@@ -598,12 +599,3 @@ def test_cancel_never_deletes_a_finished_job(hung, owned):
     assert checked(hung.client.simulate_post(f"/v1/jobs/{running}/cancel")
                    ).json["status"] == "cancelled"
 
-
-def wait_for(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError("timed out")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,6 @@ import pytest
 from http_frontend import records as records_module
 from http_frontend.database import Conflict, Database, open_database
 from http_frontend.records import JobRecords, Record
-from tests.http_frontend.test_database import DIALECTS, database_url
 
 T0 = 1_800_000_000.123456  # a creation time with microseconds
 
@@ -27,18 +26,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture(params=DIALECTS)
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return database_url(request.param, tmp_path, request)
-
-
-@pytest.fixture
-def db(url: str) -> Iterator[Database]:
-    database = open_database(url)
-    yield database
-    database.close()
 
 
 @pytest.fixture
