@@ -8,7 +8,8 @@ A finished image carries, in its metadata (docs/image-metadata.md):
   Automatic1111-compatible tools read, and the same fields as JSON.
 
 Only what the request and the image's seed determine goes in, so one request still gives
-identical bytes. Previews carry nothing.
+identical bytes. Previews carry nothing. An operator may add an invisible watermark and a signed
+C2PA manifest (gpu_worker/marking.py); a manifest makes the bytes differ on every signing.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from broker.protocol import JobSpec
+from gpu_worker.marking import Marking
 
 FORMATS = ("png", "jpeg", "webp")
 
@@ -98,14 +100,27 @@ class ImageMetadata:
     None (the operator keeps prompts out of images)."""
 
     generation: Generation | None = None
+    model: str = ""  # the model that made it, for a C2PA manifest (not a private setting)
 
 
 def encode_image(image: Image.Image, fmt: str, compression: int | None = None, *,
-                 metadata: ImageMetadata | None = None) -> bytes:
+                 metadata: ImageMetadata | None = None, marking: Marking | None = None
+                 ) -> bytes:
     """Encode one image as png, jpeg or webp; ``compression`` is OpenAI's 0-100 quality.
 
-    Without ``metadata`` (previews) the image carries none.
+    Without ``metadata`` (previews) the image carries none; ``marking`` adds the operator's
+    watermark and manifest to a finished image.
     """
+    if marking is not None:
+        image = marking.pixels(image)
+    data = _encode(image, fmt, compression, metadata)
+    if marking is not None:
+        data = marking.file(data, fmt, model=metadata.model if metadata else "")
+    return data
+
+
+def _encode(image: Image.Image, fmt: str, compression: int | None,
+            metadata: ImageMetadata | None) -> bytes:
     buf = io.BytesIO()
     quality = DEFAULT_QUALITY if compression is None else max(0, min(100, compression))
     options = {} if metadata is None else _metadata_options(fmt, metadata.generation)
