@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from broker import logs
 from broker.__main__ import add_broker_arguments
 from broker.auth import create_keys
 from gpu_worker import models
@@ -142,14 +143,14 @@ def run_cluster(args: argparse.Namespace) -> int:
     try:
         specs = cluster_specs(args)
     except ValueError as exc:
-        print(f"launch.py: {exc}", file=sys.stderr)
+        complain(args, "launch.py", str(exc))
         return 2
     # Say so at once rather than start children that cannot bind. Racy (the port can be taken
     # in between): then the child exits with EXIT_CONFIG and the supervisor stops, below.
     taken = addresses_in_use(args)
     if taken:
         for line in taken:
-            print(f"launch.py: {line}", file=sys.stderr)
+            complain(args, "launch.py", line)
         return EXIT_CONFIG
     workers = [s for s in specs if s.name.startswith("worker")]
     if not any(s.name.startswith("worker-gpu") for s in workers):
@@ -168,15 +169,24 @@ def run_cluster(args: argparse.Namespace) -> int:
     # readiness from a side thread.
     threading.Thread(target=report_ready, args=(args, len(workers), supervisor),
                      name="readiness", daemon=True).start()
-    return _finish(supervisor)
+    return _finish(args, supervisor)
 
 
-def _finish(supervisor: Supervisor) -> int:
+def _finish(args: argparse.Namespace, supervisor: Supervisor) -> int:
     """Supervise to the end; the last line says why when a child could not start."""
     status = supervisor.wait()
     if supervisor.failure:
-        print(f"launch.py: stopped: {supervisor.failure}", file=sys.stderr, flush=True)
+        complain(args, "launch.py", f"stopped: {supervisor.failure}")
     return status
+
+
+def complain(args: argparse.Namespace, who: str, text: str) -> None:
+    """A line for the operator on stderr: ``who: text``, or under --log-format json a log
+    line like every other (a JSON reader of stderr must not meet plain text)."""
+    if getattr(args, "log_format", "text") == "json":
+        log.error("%s", text)
+    else:
+        print(f"{who}: {text}", file=sys.stderr, flush=True)
 
 
 def report_ready(args: argparse.Namespace, workers: int, supervisor: Supervisor) -> None:
@@ -207,13 +217,13 @@ def run_workers(args: argparse.Namespace) -> int:
     try:
         specs = join_specs(args)
     except ValueError as exc:
-        print(f"launch.py worker: {exc}", file=sys.stderr)
+        complain(args, "launch.py worker", str(exc))
         return 2
     supervisor = Supervisor(specs, grace=args.grace)
     supervisor.install_signal_handlers()
     supervisor.start()
     print(f"Started {len(specs)} worker(s) for {args.broker}", flush=True)
-    return _finish(supervisor)
+    return _finish(args, supervisor)
 
 
 def make_keys(args: argparse.Namespace) -> int:
@@ -221,7 +231,7 @@ def make_keys(args: argparse.Namespace) -> int:
     try:
         written = create_keys(Path(args.dir), names, force=args.force)
     except (FileExistsError, OSError) as exc:
-        print(f"launch.py keys: {exc}", file=sys.stderr)
+        complain(args, "launch.py keys", str(exc))
         return 2
     for path in written:
         print(path)
@@ -326,8 +336,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s launch %(levelname)s %(message)s")
+    logs.configure("launch", args.log_level, args.log_format)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if args.command == "models":
         return print_models(args)

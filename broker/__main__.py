@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from broker import defaults
+from broker import defaults, logs
 from broker.broker import Broker, BrokerConfig
 
 
@@ -30,8 +30,7 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
                              "the folder changes)")
     parser.add_argument("--insecure", action="store_true",
                         help="allow a plain-TCP worker endpoint beyond loopback")
-    parser.add_argument("--log-level", default=defaults.LOG_LEVEL,
-                        help="DEBUG, INFO, WARNING or ERROR")
+    logs.add_log_arguments(parser)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,8 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s broker %(levelname)s %(message)s")
+    logs.configure("broker", args.log_level, args.log_format)
     try:
         broker = Broker(BrokerConfig(clients=args.clients, workers=args.workers,
                                      heartbeat_interval=args.heartbeat,

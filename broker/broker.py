@@ -4,7 +4,9 @@ One thread owns both ROUTER sockets, the job table, the worker registry and the 
 between them (broker/leases.py: the only code that changes who holds a job). ``run()`` calls
 ``tick()`` until stopped; each tick polls the sockets once and routes what arrived, then
 purges what expired, sends heartbeats and dispatches, so tests can drive it step by step.
-CURVE on the worker socket (broker/auth.py) only adds sockets to the poll.
+CURVE on the worker socket (broker/auth.py) only adds sockets to the poll. Its status
+reply carries each worker's last stats and the jobs it counted (broker/counters.py), which
+every frontend exports as metrics.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from typing import Any
 
 import zmq
 
-from broker import defaults, protocol
+from broker import defaults, logs, protocol
 from broker.auth import CurveServer, is_loopback
+from broker.counters import JobCounters
 from broker.jobs import Job, JobState, JobTable
 from broker.leases import Leases
 from broker.protocol import ErrorCode, Message, MsgType, ProtocolError
@@ -65,7 +68,8 @@ class Broker:
         self.jobs = JobTable(max_queue=config.max_queue, max_attempts=config.max_attempts)
         self.workers = WorkerRegistry(
             liveness=config.heartbeat_interval * config.heartbeat_liveness)
-        self.leases = Leases(self.jobs, self.workers)
+        self.counters = JobCounters(started=time.time())
+        self.leases = Leases(self.jobs, self.workers, counters=self.counters)
         self._stop = threading.Event()
         # After a restart, workers need a heartbeat or two to register again; until then a
         # job for a model nobody has announced yet waits in its queue instead of failing.
@@ -80,6 +84,8 @@ class Broker:
         self._next_liveness_check = 0.0
         self._drop = protocol.DropLog(log)
         self._refused_peer = protocol.DropLog(log, "refused")
+        self._bad_stats = protocol.DropLog(log, "dropped the stats of worker")
+        self._status_cut = protocol.DropLog(log, "shortened the")
         self.client_socket = self._router(config.max_client_frame)
         self.worker_socket = self._router(config.max_worker_frame)
         self._poller = zmq.Poller()
@@ -211,7 +217,7 @@ class Broker:
             self._on_cancel(owner, msg["job_id"], now)
         elif msg.type is MsgType.STATUS:
             self._send(self.client_socket, client,
-                       self._msg(MsgType.STATUS_REPLY, self.status(now)))
+                       self._status_reply(now))
         else:
             self._drop(client.hex(), f"{msg.type.value} is not a client message")
 
@@ -226,21 +232,27 @@ class Broker:
             self._tell_position(client, spec.id, 0)
             return
         if not self.workers.serves(spec.model) and now >= self._startup_grace_until:
-            self._fail(client, spec.id, ErrorCode.NO_WORKER,
-                       f"no worker serves model {spec.model!r} right now", retryable=True)
+            self._refuse(client, spec, ErrorCode.NO_WORKER,
+                         f"no worker serves model {spec.model!r} right now")
             return
         if self.jobs.is_full(spec.model):
-            self._fail(client, spec.id, ErrorCode.QUEUE_FULL,
-                       f"the queue for {spec.model!r} is full", retryable=True)
+            self._refuse(client, spec, ErrorCode.QUEUE_FULL,
+                         f"the queue for {spec.model!r} is full")
             return
-        self._tell_position(client, spec.id, self.jobs.add(job))
+        position = self.jobs.add(job)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("job %s queued at position %d", spec.id, position,
+                      extra=logs.job_fields(spec))
+        self._tell_position(client, spec.id, position)
 
     def _reattach(self, client: bytes, owner: str, job: Job) -> None:
         """A resubmission: its owner's answers go to the connection it came from."""
         if job.owner != owner:
             self._refused_peer(client.hex(), f"job {job.id} belongs to another frontend")
-            self._fail(client, job.id, ErrorCode.INVALID_REQUEST,
-                       "that job id is in use by another frontend")
+            # Not the job's failure: it runs on for its owner, so neither counted nor logged.
+            self._send(self.client_socket, client, protocol.failed(
+                job.id, ErrorCode.INVALID_REQUEST, "that job id is in use by another frontend",
+                incarnation=self.incarnation))
             return
         job.client = client
         position = 0
@@ -258,8 +270,8 @@ class Broker:
             return
         self.jobs.finish(job_id)
         self._stop_running(job, now)
-        self._fail(job.client, job_id, ErrorCode.CANCELLED, "the job was cancelled")
-        log.info("job %s cancelled by its client", job_id)
+        self._fail(job.client, job.spec, ErrorCode.CANCELLED, "the job was cancelled")
+        log.info("job %s cancelled by its client", job_id, extra=logs.job_fields(job.spec))
 
     def _stop_running(self, job: Job, now: float) -> None:
         """Tell the worker holding a job the broker dropped to stop it (its slot stays taken
@@ -310,6 +322,7 @@ class Broker:
         moved = None if known else self._same_process(msg, now)
         previous = known or moved
         worker = self.workers.register(identity, msg, now, keep=previous)
+        self.counters.announce(worker.models)
         if known is not None:
             self.leases.keep(known, worker)
         elif moved is not None:
@@ -353,6 +366,14 @@ class Broker:
         return None
 
     def _on_heartbeat(self, worker: WorkerRecord, msg: Message, now: float) -> None:
+        # Every heartbeat replaces the stats: a worker whose measuring failed sends none,
+        # and the old ones must not be exported as if current.
+        worker.stats = None
+        if "stats" in msg.fields:
+            try:
+                worker.stats = protocol.WorkerStats.from_wire(msg["stats"])
+            except ProtocolError as exc:  # the stats only: the heartbeat still counts
+                self._bad_stats(worker.worker_id, str(exc))
         if "running" in msg.fields:
             # A heartbeat sent before the CANCEL may still list the stopped job.
             self.leases.settle(worker, msg["running"], now,
@@ -374,10 +395,13 @@ class Broker:
             worker.jobs_done += 1
             self.workers.succeeded(worker)
             self._forward(job.client, msg)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("job %s done by worker %s", job_id, worker.worker_id,
+                          extra=logs.job_fields(job.spec, worker_id=worker.worker_id))
             return
         if problem is not None:
             log.warning("worker %s answered job %s wrongly: %s", worker.worker_id, job_id,
-                        problem)
+                        problem, extra=logs.job_fields(job.spec, worker_id=worker.worker_id))
             message = f"the worker's answer did not match the job: {problem}"
         else:
             message = str(msg["message"])[:MAX_FAILURE_MESSAGE]
@@ -404,7 +428,7 @@ class Broker:
                 return
         self.jobs.finish(job.id)
         # Only our own code reaches the client: a worker's code could claim anything.
-        self._fail(job.client, job.id, ErrorCode.WORKER_ERROR, message)
+        self._fail(job.client, job.spec, ErrorCode.WORKER_ERROR, message)
 
     def _progress_fits(self, job: Job, msg: Message) -> bool:
         index = msg.get("image_index")
@@ -422,7 +446,7 @@ class Broker:
     def _drop_worker(self, worker: WorkerRecord, *, lost: bool) -> None:
         """Remove a worker; its jobs go back to their queues, or fail when out of attempts."""
         for job in self.leases.drop_worker(worker, lost=lost):
-            self._fail(job.client, job.id, ErrorCode.WORKER_LOST,
+            self._fail(job.client, job.spec, ErrorCode.WORKER_LOST,
                        f"the job was lost with {job.attempt} workers that ran it")
 
     # ---------------------------------------------------------------------------- timers
@@ -434,7 +458,7 @@ class Broker:
             self._purge_dead_workers(now)
         for job in self.jobs.expired(now):
             self._stop_running(job, now)
-            self._fail(job.client, job.id, ErrorCode.TIMEOUT,
+            self._fail(job.client, job.spec, ErrorCode.TIMEOUT,
                        "the job passed its deadline before it finished")
 
     def _purge_dead_workers(self, now: float) -> None:
@@ -455,7 +479,7 @@ class Broker:
             if self.workers.serves(model):
                 continue
             for job in self.jobs.drop_queue(model):
-                self._fail(job.client, job.id, ErrorCode.NO_WORKER,
+                self._fail(job.client, job.spec, ErrorCode.NO_WORKER,
                            f"no worker serves model {model!r} right now", retryable=True)
 
     def _send_heartbeats(self, now: float) -> None:
@@ -501,6 +525,11 @@ class Broker:
         if self._send(self.worker_socket, worker.identity,
                       protocol.jobs(specs, self.incarnation)):
             self.leases.lease(worker, batch, now)
+            self.counters.dispatched(batch[0].model, len(batch))
+            for spec in specs:
+                log.info("job %s dispatched to worker %s (attempt %d)", spec.id,
+                         worker.worker_id, spec.attempt + 1,
+                         extra=logs.job_fields(spec, worker_id=worker.worker_id))
             return
         # The worker is gone (ROUTER_MANDATORY): the batch never left, so it goes back as it
         # was; what the worker already held is lost with it.
@@ -544,10 +573,26 @@ class Broker:
         # The worker's header frame goes on as it came (already validated): no re-encoding.
         self._send(self.client_socket, client, msg.frames())
 
-    def _fail(self, client: bytes, job_id: str, code: ErrorCode, message: str, *,
+    def _fail(self, client: bytes, spec: protocol.JobSpec, code: ErrorCode, message: str, *,
               retryable: bool = False) -> None:
+        """End a job the broker accepted: count it, log it, tell its client."""
+        self.counters.failed(spec.model, code)
+        log.info("job %s failed: %s: %s", spec.id, code.value, message,
+                 extra=logs.job_fields(spec))
         self._send(self.client_socket, client, protocol.failed(
-            job_id, code, message, retryable=retryable, incarnation=self.incarnation))
+            spec.id, code, message, retryable=retryable, incarnation=self.incarnation))
+
+    def _refuse(self, client: bytes, spec: protocol.JobSpec, code: ErrorCode,
+                message: str) -> None:
+        """Turn a submission away (no worker, a full queue): counted, and worth retrying.
+        Logged at DEBUG: under overload every refused submit would cost the broker thread a
+        log write, and the frontend logs the job's end anyway."""
+        self.counters.failed(spec.model, code)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("job %s refused: %s: %s", spec.id, code.value, message,
+                      extra=logs.job_fields(spec))
+        self._send(self.client_socket, client, protocol.failed(
+            spec.id, code, message, retryable=True, incarnation=self.incarnation))
 
     def _tell_position(self, client: bytes, job_id: str, position: int) -> None:
         """ACCEPTED: the job is held here, ``position`` jobs ahead of it in its queue (0 when
@@ -560,12 +605,30 @@ class Broker:
         """A message of ours: it names this broker's incarnation."""
         return protocol.encode(msg_type, {**(fields or {}), "incarnation": self.incarnation})
 
-    def status(self, now: float | None = None) -> dict[str, Any]:
+    def status(self, now: float | None = None, *, stats: bool = True) -> dict[str, Any]:
         now = self._clock() if now is None else now
         return {
-            "workers": [w.describe(now) for w in self.workers],
+            "workers": [w.describe(now, stats=stats) for w in self.workers],
             "queues": self.jobs.depths(),
+            "counters": self.counters.snapshot(),
         }
+
+    def _status_reply(self, now: float) -> list[Any]:
+        """STATUS_REPLY, kept within the header limit its receivers enforce: past it (some
+        700 workers with stats), the workers' stats are left out, and past that again the
+        workers listed last. A reply its frontends refuse would make the broker look down."""
+        frames = self._msg(MsgType.STATUS_REPLY, self.status(now))
+        if len(frames[0]) <= protocol.MAX_HEADER_BYTES:
+            return frames
+        status = self.status(now, stats=False)
+        frames = self._msg(MsgType.STATUS_REPLY, status)
+        while len(frames[0]) > protocol.MAX_HEADER_BYTES and status["workers"]:
+            status["workers"] = status["workers"][:len(status["workers"]) * 9 // 10]
+            frames = self._msg(MsgType.STATUS_REPLY, status)
+        self._status_cut("status", f"the reply would pass {protocol.MAX_HEADER_BYTES} bytes; "
+                         f"sent without worker stats, listing {len(status['workers'])} of "
+                         f"{len(self.workers)} workers")
+        return frames
 
 
 def _recv_frames(sock: zmq.Socket[bytes]) -> list[zmq.Frame]:

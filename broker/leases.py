@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+from broker import logs
+from broker.counters import JobCounters
 from broker.jobs import Job, JobState, JobTable
 from broker.registry import WorkerRecord, WorkerRegistry
 
@@ -25,9 +27,12 @@ class Leases:
     that worker's identity and the broker sends the CANCEL.
     """
 
-    def __init__(self, jobs: JobTable, workers: WorkerRegistry) -> None:
+    def __init__(self, jobs: JobTable, workers: WorkerRegistry, *,
+                 counters: JobCounters | None = None) -> None:
         self._jobs = jobs
         self._workers = workers
+        # Requeues are counted where they happen; the broker passes the counters it reports.
+        self._counters = counters or JobCounters(started=0.0)
         self._claims: dict[str, bytes] = {}  # job id -> worker holding it, not yet submitted
 
     # ---------------------------------------------------------------- one job at a time
@@ -119,8 +124,10 @@ class Leases:
             if not lost:
                 self.hand_back(job)
             elif self.requeue(job):
+                self._counters.requeued(job.model)
                 log.warning("job %s requeued after losing worker %s (attempt %d)",
-                            job.id, worker.worker_id, job.attempt)
+                            job.id, worker.worker_id, job.attempt,
+                            extra=logs.job_fields(job.spec, worker_id=worker.worker_id))
             else:
                 failed.append(job)
         self._forget(worker)

@@ -93,6 +93,9 @@ Seed = Annotated[int, Meta(ge=0, le=MAX_SEED)]
 OptId = Id | UnsetType | None  # UNSET: absent from the header, so absent from Message.fields
 OptText = Text | UnsetType | None
 AnyMap = Annotated[dict[str, Any], Meta(max_length=MAX_LIST)]  # values: _check_plain
+Count = Annotated[int, Meta(ge=0)]
+Amount = Annotated[float, Meta(ge=0)]  # finite too: checked by _check_semantics
+Counts = Annotated[dict[Text, Count], Meta(max_length=MAX_LIST)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,6 +166,57 @@ class ImageInfo:
             raise ProtocolError(f"image: {exc}") from None
 
 
+class WorkerStats(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What a worker measured of itself, sent in its heartbeats (gpu_worker/stats.py).
+
+    A field left None was not measured: not yet (no batch finished), or not on this device
+    (memory on CUDA only, utilisation where NVML answers). It is absent on the wire, never 0.
+    The heartbeat carries it as a plain map, read by ``from_wire`` apart from the heartbeat,
+    so stats a broker cannot read cost only the stats, never the worker's liveness.
+    """
+
+    jobs_done: Count = 0  # jobs and images generated since the worker process started
+    images_done: Count = 0
+    step_seconds: Amount | None = None  # seconds per denoising step, in its last batch
+    images_per_second: Amount | None = None  # over the last minute
+    batch_size: Count | None = None  # jobs in its last batch
+    memory_used_bytes: Count | None = None  # what its PyTorch allocator holds on the device
+    memory_total_bytes: Count | None = None
+    utilization: Annotated[float, Meta(ge=0, le=1)] | None = None  # busy share, per NVML
+
+    def to_wire(self) -> dict[str, Any]:
+        """The stats as a plain map, None fields left out (STATUS_REPLY's worker entries)."""
+        wire: dict[str, Any] = msgspec.to_builtins(self)
+        return wire
+
+    @classmethod
+    def from_wire(cls, data: Any) -> WorkerStats:
+        try:
+            stats = msgspec.convert(data, cls)
+        except msgspec.ValidationError as exc:
+            raise ProtocolError(f"stats: {exc}") from None
+        stats.check("stats")
+        return stats
+
+    def check(self, name: str) -> None:
+        """Raise ProtocolError for what the types cannot refuse: an infinite float."""
+        _check_finite(name, self.step_seconds, self.images_per_second, self.utilization)
+
+
+class BrokerCounters(msgspec.Struct, frozen=True, kw_only=True):
+    """What a broker counted since it started, per model (STATUS_REPLY).
+
+    ``started`` is its wall clock then (seconds since the epoch): a counter that goes back
+    with a new ``started`` (or incarnation) was reset by a restart, not lost.
+    """
+
+    started: Amount
+    dispatched: Counts = msgspec.field(default_factory=dict)  # jobs leased to workers
+    requeued: Counts = msgspec.field(default_factory=dict)  # put back after a worker was lost
+    failed: Annotated[dict[Text, Counts], Meta(max_length=MAX_LIST)] = msgspec.field(
+        default_factory=dict)  # model -> failure code (ErrorCode) -> jobs
+
+
 @dataclass(frozen=True)
 class Message:
     """A decoded message: its type, its header fields, and its payload frames untouched."""
@@ -218,6 +272,7 @@ class StatusReply(_Header, tag=MsgType.STATUS_REPLY.value):
     workers: Annotated[list[AnyMap], Meta(max_length=MAX_LIST)]
     queues: Annotated[dict[str, int], Meta(max_length=MAX_LIST)]  # model -> queue depth
     incarnation: OptId = UNSET
+    counters: BrokerCounters | UnsetType = UNSET
 
 
 class Progress(_Header, tag=MsgType.PROGRESS.value):
@@ -262,6 +317,8 @@ class Ready(_Header, tag=MsgType.READY.value):
 class Heartbeat(_Header, tag=MsgType.HEARTBEAT.value):
     running: Annotated[list[JobId], Meta(max_length=MAX_LIST)] | UnsetType = UNSET
     incarnation: OptId = UNSET
+    # WorkerStats as a map, from workers only (older ones send none): WorkerStats.from_wire.
+    stats: AnyMap | UnsetType = UNSET
 
 
 class Bye(_Header, tag=MsgType.BYE.value):
@@ -363,6 +420,12 @@ def _check_job(spec: JobSpec) -> None:
         raise ProtocolError("job.guidance must be a finite number")
 
 
+def _check_finite(name: str, *values: float | None) -> None:
+    # msgspec's bounds already refuse NaN (it compares false); infinity passes them.
+    if not all(value is None or math.isfinite(value) for value in values):
+        raise ProtocolError(f"{name} must hold finite numbers")
+
+
 _PLAIN = (str, bytes, int, float, bool, type(None))
 
 
@@ -399,8 +462,13 @@ def _check_semantics(header: _Header, payloads: Sequence[Any]) -> None:
     elif isinstance(header, Ready):
         if header.model_info:
             _check_plain("ready.model_info", header.model_info)
+    elif isinstance(header, Heartbeat):
+        if header.stats:
+            _check_plain("heartbeat.stats", header.stats)
     elif isinstance(header, StatusReply):
         _check_plain("status_reply.workers", header.workers)
+        if isinstance(header.counters, BrokerCounters):
+            _check_finite("status_reply.counters", header.counters.started)
 
 
 class DropLog:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.protocol import Message
+from broker.protocol import Message, WorkerStats
 
 QUARANTINE_AFTER = 3  # consecutive failed jobs after which a worker gets no work for a while
 QUARANTINE_FIRST = 5.0  # seconds of its first quarantine; each next one doubles
@@ -49,6 +49,7 @@ class WorkerRecord:
     # ended; their slots stay taken until it does. Job id -> when the broker asked it to stop.
     # Written only by Leases, like ``running``.
     ending: dict[str, float] = field(default_factory=dict)
+    stats: WorkerStats | None = None  # what its last heartbeat measured; None: not sent
 
     @property
     def free(self) -> int:
@@ -56,8 +57,8 @@ class WorkerRecord:
             return 0
         return max(0, self.capacity - len(self.running))
 
-    def describe(self, now: float) -> dict[str, Any]:
-        """The worker as STATUS_REPLY shows it."""
+    def describe(self, now: float, *, stats: bool = True) -> dict[str, Any]:
+        """The worker as STATUS_REPLY shows it (``stats``: with its last stats)."""
         described = {
             "worker_id": self.worker_id, "host": self.host, "device": self.device,
             "models": list(self.models), "state": self.state.value,
@@ -65,6 +66,8 @@ class WorkerRecord:
             "max_batch": self.max_batch, "capacity": self.capacity, "version": self.version,
             "model_info": self.model_info, "consecutive_failures": self.failures,
         }
+        if stats and self.stats is not None:
+            described["stats"] = self.stats.to_wire()
         if self.state is WorkerState.QUARANTINED:
             described["quarantine_left_s"] = round(max(0.0, self.quarantined_until - now), 1)
         return described
@@ -72,7 +75,7 @@ class WorkerRecord:
 
 # What a worker's record keeps when the worker registers again (its leases: Leases.keep/move).
 _CARRIED_OVER = ("state", "jobs_done", "last_dispatch", "failures", "quarantines",
-                 "quarantined_until")
+                 "quarantined_until", "stats")
 
 
 class WorkerRegistry:

@@ -7,12 +7,14 @@ import logging
 import os
 import signal
 import sys
+import urllib.parse
 from typing import TYPE_CHECKING
 
-from broker import defaults
+from broker import defaults, logs
 from gpu_worker import models
 
 if TYPE_CHECKING:
+    from gpu_worker.marking import Marking
     from gpu_worker.worker import WorkerConfig
 
 
@@ -50,8 +52,19 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                              "with --key, the link is CURVE-encrypted and authenticated")
     parser.add_argument("--key", default=None, metavar="FILE",
                         help="this worker's secret key file (NAME.key_secret, mode 0600)")
-    parser.add_argument("--log-level", default=defaults.LOG_LEVEL,
-                        help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--watermark", action="store_true",
+                        help="hide SDXL's invisible watermark in every finished image (needs "
+                             "the invisible-watermark package; images under 256x256 pixels "
+                             "stay unmarked)")
+    parser.add_argument("--c2pa-cert", default=None, metavar="FILE",
+                        help="PEM certificate chain (signer first) to sign a C2PA manifest "
+                             "into every finished image; with --c2pa-key")
+    parser.add_argument("--c2pa-key", default=None, metavar="FILE",
+                        help="the PEM private key of --c2pa-cert (mode 0600)")
+    parser.add_argument("--c2pa-tsa-url", default=None, metavar="URL",
+                        help="an RFC 3161 timestamp authority that attests each signing time; "
+                             "without one the time is not attested")
+    logs.add_log_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
@@ -67,17 +80,54 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     if bool(args.broker_key) != bool(args.key):
         raise ValueError("--broker-key and --key go together")
     curve = CurveKeys.from_files(args.broker_key, args.key) if args.key else None
+    marking = _marking(args)
     return WorkerConfig(broker=args.broker, model=model, device=device,
                         worker_id=args.worker_id, max_batch=args.max_batch,
                         heartbeat=args.heartbeat, threads=args.threads,
                         cache_dir=args.cache_dir, warm_up=not args.no_warm_up,
                         offload=args.offload, compile=args.compile, curve=curve,
-                        image_metadata=not args.no_image_metadata)
+                        image_metadata=not args.no_image_metadata, marking=marking)
+
+
+def _marking(args: argparse.Namespace) -> Marking:
+    """The watermark and C2PA signer the flags ask for, checked now rather than per job."""
+    from gpu_worker.marking import C2paSigner, Marking
+    from gpu_worker.worker import VERSION
+
+    if bool(args.c2pa_cert) != bool(args.c2pa_key):
+        raise ValueError("--c2pa-cert and --c2pa-key go together")
+    if args.c2pa_tsa_url and not args.c2pa_key:
+        raise ValueError("--c2pa-tsa-url needs --c2pa-cert and --c2pa-key")
+    tsa = urllib.parse.urlsplit(args.c2pa_tsa_url or "")
+    if args.c2pa_tsa_url and (tsa.scheme not in ("http", "https") or not tsa.hostname):
+        raise ValueError(f"--c2pa-tsa-url {args.c2pa_tsa_url!r} is not an http(s) URL")
+    try:
+        signer = C2paSigner.from_files(args.c2pa_cert, args.c2pa_key, version=VERSION,
+                                       tsa_url=args.c2pa_tsa_url) if args.c2pa_key else None
+        return Marking(watermark=args.watermark, c2pa=signer)
+    except ImportError as exc:  # an optional package, or a system library it needs, is missing
+        raise ValueError(f"--watermark and --c2pa-* need the packages of the marking extra: "
+                         f"{exc}") from exc
+
+
+def _route_library_logs() -> None:
+    """diffusers and transformers print through stderr handlers of their own: send their
+    records through the root logger's, so that every line is JSON."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers.utils.logging, transformers.utils.logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+    # A model's first download draws huggingface_hub's progress bars on stderr: not JSON.
+    from huggingface_hub.utils.tqdm import disable_progress_bars
+
+    disable_progress_bars()
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(),
-                        format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s")
+    logs.configure("worker", args.log_level, args.log_format,
+                   **({"worker_id": args.worker_id} if args.worker_id else {}))
     try:
         config = config_from_args(args)
     except (OSError, ValueError) as exc:  # missing or unsafe key files: one clear line
@@ -86,6 +136,9 @@ def run_worker(args: argparse.Namespace) -> int:
     from gpu_worker.worker import Worker
 
     worker = Worker(config)
+    logs.add_static_fields(worker_id=worker.worker_id)  # the default id is made just now
+    if args.log_format == "json":
+        _route_library_logs()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
     try:

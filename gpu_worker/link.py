@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import zmq
 
 from broker import defaults, protocol
 from broker.connection import Connection, CurveKeys
-from broker.protocol import JobSpec, Message, MsgType
+from broker.protocol import JobSpec, Message, MsgType, WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ class BrokerLink:
                  heartbeat: float = defaults.HEARTBEAT_INTERVAL,
                  liveness: int = defaults.HEARTBEAT_LIVENESS, max_frame: int = 1 << 20,
                  curve: CurveKeys | None = None,
-                 context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+                 context: zmq.Context[zmq.Socket[bytes]] | None = None,
+                 stats: Callable[[], WorkerStats | None] | None = None) -> None:
         self.endpoint = endpoint
         self.curve = curve
         self.ready_fields = ready_fields  # READY is these plus `held`, built at each send
@@ -52,6 +54,7 @@ class BrokerLink:
         self.heartbeat = heartbeat
         self.liveness = liveness
         self.max_frame = max_frame
+        self.stats = stats  # the worker's measurements, taken for each heartbeat
         self._last_ready = float("-inf")  # when READY was last sent (monotonic)
         self._ready_due: float | None = None  # when a READY held back by the rate limit is due
         self._refused = protocol.DropLog(log, "the broker refused this worker at")
@@ -106,8 +109,12 @@ class BrokerLink:
     def on_beat(self) -> list[Any]:
         """A HEARTBEAT listing the jobs held; the transport sends the answers queued before
         the list first, so a job missing from it was answered, and the broker has that answer
-        before it reads the list."""
-        return protocol.encode(MsgType.HEARTBEAT, {"running": self.handler.held()})
+        before it reads the list. With the worker's stats, measured now."""
+        fields: dict[str, Any] = {"running": self.handler.held()}
+        stats = self.stats() if self.stats is not None else None
+        if stats is not None:
+            fields["stats"] = stats
+        return protocol.encode(MsgType.HEARTBEAT, fields)
 
     def on_tick(self, now: float) -> float | None:
         if self._ready_due is not None and now >= self._ready_due:

@@ -16,13 +16,15 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from broker import defaults, protocol
+from broker import defaults, logs, protocol
 from broker.connection import CurveKeys
 from broker.protocol import ErrorCode, ImageInfo, JobSpec, MsgType
 from gpu_worker import models
 from gpu_worker.encode import Generation, ImageMetadata, encode_image
 from gpu_worker.link import BrokerLink
+from gpu_worker.marking import Marking
 from gpu_worker.pipeline import Interrupted, LoadOptions, PipelineRunner, StepCallback
+from gpu_worker.stats import StatsRecorder
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class WorkerConfig:
     max_frame: int = 256 << 20
     curve: CurveKeys | None = None  # encrypt and authenticate to a broker that uses CURVE
     image_metadata: bool = True  # how each image was made, prompt included, inside the image
+    marking: Marking | None = None  # the operator's watermark and C2PA signing, if any
 
 
 class Link(Protocol):
@@ -96,6 +99,7 @@ class Worker:
         # When the device last finished a batch: the gap before the next one is time the
         # device sat idle, which prefetching (capacity 2 x max_batch) is there to remove.
         self._device_free_since: float | None = None
+        self.stats = StatsRecorder(config.device)  # sent in every heartbeat
         # The jobs held, under one lock: the I/O thread adds and cancels, the main thread
         # takes batches, the encoder answers. Invariant: _cancelled <= _held, and every id in
         # a waiting batch is in _held.
@@ -161,10 +165,11 @@ class Worker:
                 return  # late (answered already) or never ours: keeping it would leak
             if self._unqueue(job_id):
                 self._answer_locked(job_id, None)
-                log.info("job %s cancelled before it started", job_id)
+                log.info("job %s cancelled before it started", job_id,
+                         extra={"job_id": job_id})
             else:
                 self._cancelled.add(job_id)
-                log.info("job %s cancelled while running", job_id)
+                log.info("job %s cancelled while running", job_id, extra={"job_id": job_id})
 
     def held(self) -> list[str]:
         """Return the ids of the jobs held: running, encoding or waiting (the I/O thread)."""
@@ -226,7 +231,7 @@ class Worker:
         self.link = link if link is not None else BrokerLink(
             self.config.broker, self.ready_fields(), handler=self,
             heartbeat=self.config.heartbeat, max_frame=self.config.max_frame,
-            curve=self.config.curve)
+            curve=self.config.curve, stats=self.stats.snapshot)
         self.link.start()
         log.info("worker %s serving %s on %s; broker %s", self.worker_id, self.spec.name,
                  self.config.device, self.config.broker)
@@ -275,20 +280,27 @@ class Worker:
         try:
             # 1. Denoise: the only step on the device.
             _maybe_fail()
+            self.stats.batch_started()
             images = self.runner.generate_batch(jobs, self._progress_reporter(jobs))
         except Interrupted:
-            log.info("job(s) %s interrupted", ", ".join(job.id for job in jobs))
             for job in jobs:
+                log.info("job %s interrupted", job.id, extra=logs.job_fields(job))
                 self._answer(job.id, None)
             return
         except Exception as exc:
-            log.exception("job(s) %s failed", ", ".join(job.id for job in jobs))
+            log.exception("job(s) %s failed", ", ".join(job.id for job in jobs),
+                          extra=logs.job_fields(jobs[0]))
+            for job in jobs[1:]:  # one line each, so that grep finds every job's failure
+                log.error("job %s failed with the batch of job %s", job.id, jobs[0].id,
+                          extra=logs.job_fields(job))
             for job in jobs:  # a job cancelled meanwhile is answered cancelled all the same
                 self._answer(job.id, protocol.failed(job.id, ErrorCode.WORKER_ERROR,
                                                      _client_safe(exc)))
             return
         finally:
             self._device_free_since = time.perf_counter()
+        self.stats.batch_finished(jobs=len(jobs), images=sum(job.n for job in jobs),
+                                  steps=jobs[0].steps)
         timings = {"generate_s": self._device_free_since - started, "batch_size": len(jobs)}
         if idle is not None:
             timings["device_idle_s"] = idle
@@ -303,6 +315,7 @@ class Worker:
         owners = [(job, index) for job in jobs for index in range(job.n)]
 
         def on_step(step: int, steps: int, previews: list[Image.Image]) -> bool:
+            self.stats.step()
             with self._lock:
                 cancelled = self._cancelled.intersection(job.id for job in jobs)
             if len(cancelled) == len(jobs):
@@ -331,7 +344,8 @@ class Worker:
         try:
             started = time.perf_counter()
             payloads = [encode_image(img, job.output_format, job.output_compression,
-                                     metadata=self._metadata(job, seed))
+                                     metadata=self._metadata(job, seed),
+                                     marking=self.config.marking)
                         for img, seed in zip(images, job.seeds, strict=True)]
             infos = [ImageInfo(seed=seed, width=img.width, height=img.height,
                                format=job.output_format)
@@ -340,20 +354,22 @@ class Worker:
             frames = protocol.result(job.id, infos, payloads, timings=timings,
                                      worker_id=self.worker_id)
         except Exception as exc:  # an encoding failure answers the job, never kills the worker
-            log.exception("job %s failed while encoding", job.id)
+            log.exception("job %s failed while encoding", job.id, extra=logs.job_fields(job))
             self._answer(job.id, protocol.failed(job.id, ErrorCode.WORKER_ERROR,
                                                  _client_safe(exc)))
             return
         if not self._answer(job.id, frames):
-            log.info("job %s cancelled while its images were encoded", job.id)
+            log.info("job %s cancelled while its images were encoded", job.id,
+                     extra=logs.job_fields(job))
             return
         log.info("job %s: %d image(s) %dx%d, %d steps, batch of %d, in %.2f s", job.id,
                  job.n, job.width, job.height, job.steps, timings["batch_size"],
-                 timings["generate_s"])
+                 timings["generate_s"], extra=logs.job_fields(job))
 
     def _metadata(self, job: JobSpec, seed: int) -> ImageMetadata:
         """What the image of ``seed`` says about itself: AI-made always, how when allowed."""
-        return ImageMetadata(Generation.of(job, seed) if self.config.image_metadata else None)
+        return ImageMetadata(Generation.of(job, seed) if self.config.image_metadata else None,
+                             model=job.model)
 
 
 def _maybe_crash(job: JobSpec) -> None:

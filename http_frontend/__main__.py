@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from broker import defaults
+from broker import defaults, logs
+from http_frontend import request_ids
 from http_frontend import server as http_server
 from http_frontend.app import FrontendConfig, create_app
 from http_frontend.auth import load_keys
@@ -106,8 +107,7 @@ def add_frontend_arguments(parser: argparse.ArgumentParser) -> None:
     add_storage_arguments(parser)
     parser.add_argument("--heartbeat", type=float, default=defaults.HEARTBEAT_INTERVAL,
                         help="seconds between status polls of the broker")
-    parser.add_argument("--log-level", default=defaults.LOG_LEVEL,
-                        help="DEBUG, INFO, WARNING or ERROR")
+    logs.add_log_arguments(parser)
 
 
 def default_data_dir() -> str:
@@ -316,8 +316,8 @@ def _create_server(app: Any, args: argparse.Namespace) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s frontend %(levelname)s %(message)s")
+    logs.configure("frontend", args.log_level, args.log_format)
+    logs.add_filter(request_ids.LogFilter())
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     try:
         api_keys = load_keys(args.api_key, args.api_keys_file)

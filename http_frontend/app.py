@@ -8,13 +8,14 @@ from typing import Any
 
 import falcon
 
-from http_frontend import resources
+from http_frontend import request_ids, resources
 from http_frontend.auth import ApiKey, ApiKeyAuth, default_name
 from http_frontend.broker_client import BrokerClient
 from http_frontend.cluster_view import ClusterView
 from http_frontend.errors import install_error_handlers
 from http_frontend.jobs_api import JobsAPI
 from http_frontend.metrics import Metrics
+from http_frontend.request_ids import RequestIds
 from http_frontend.service import ImageService, ServiceConfig
 
 # The web UI: http_frontend/static when installed from a wheel (setup.cfg puts it there),
@@ -47,12 +48,13 @@ def create_app(config: FrontendConfig, broker: BrokerClient, *, service: ImageSe
     service = service or ImageService(broker, config.service)
     metrics = Metrics(broker, open_streams=lambda: service.open_streams)
     service.watch_jobs(metrics.job_submitted)
-    # Metrics first: it counts the requests the others refuse.
-    middleware: list[Any] = [metrics.middleware(), resources.MethodCheck()]
+    # Metrics first: it counts the requests the others refuse. Request ids next: every
+    # answer carries one, those refused by the middleware after it included.
+    middleware: list[Any] = [metrics.middleware(), RequestIds(), resources.MethodCheck()]
     if config.cors_origins:
         middleware.append(falcon.CORSMiddleware(
             allow_origins=list(config.cors_origins),
-            expose_headers=["Retry-After", "x-should-retry"]))
+            expose_headers=["Retry-After", "x-should-retry", request_ids.HEADER]))
     if config.api_keys:
         middleware.append(ApiKeyAuth([k if isinstance(k, ApiKey) else ApiKey(k, default_name(k))
                                       for k in config.api_keys]))

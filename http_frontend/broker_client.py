@@ -26,9 +26,9 @@ from typing import Any
 
 import zmq
 
-from broker import defaults, protocol
+from broker import defaults, logs, protocol
 from broker.connection import Connection
-from broker.protocol import ErrorCode, JobSpec, Message, MsgType, ProtocolError
+from broker.protocol import BrokerCounters, ErrorCode, JobSpec, Message, MsgType, ProtocolError
 from http_frontend.errors import BROKER_UNREACHABLE, JobError
 from http_frontend.pending import PendingJob
 
@@ -47,6 +47,7 @@ class ClusterStatus:
     # Seconds from the STATUS sent to this reply (None: not measured); includes the time
     # the broker took to answer it.
     round_trip: float | None = None
+    counters: BrokerCounters | None = None  # None from brokers that send none (older ones)
 
     def served_models(self) -> dict[str, list[dict[str, Any]]]:
         """Model name -> the ready workers serving it."""
@@ -167,7 +168,8 @@ class BrokerClient:
                 with self._lock:
                     self._status = ClusterStatus(
                         msg["workers"], msg["queues"], received,
-                        round_trip=received - sent if sent is not None else None)
+                        round_trip=received - sent if sent is not None else None,
+                        counters=msg.get("counters"))
             elif msg.type in (MsgType.ACCEPTED, MsgType.PROGRESS, MsgType.RESULT,
                               MsgType.FAILED):
                 self._deliver(msg)
@@ -215,7 +217,8 @@ class BrokerClient:
             try:
                 frames = protocol.submit(dataclasses.replace(job.spec, timeout=left), job.owner)
             except ProtocolError:  # cannot happen for a job submit() took; never fatal
-                log.exception("could not resubmit job %s", job.job_id)
+                log.exception("could not resubmit job %s", job.job_id,
+                              extra=logs.job_fields(job.spec))
                 continue
             sent += self._conn.send_now(frames)
         if sent:
@@ -232,7 +235,8 @@ class BrokerClient:
             problem = answer_mismatch(pending.spec, msg)
             if problem is not None:
                 log.warning("job %s: the worker's answer did not match the job: %s",
-                            pending.job_id, problem)
+                            pending.job_id, problem, extra=logs.job_fields(
+                                pending.spec, worker_id=msg.get("worker_id")))
                 pending.fail(JobError(ErrorCode.WORKER_ERROR,
                                       f"the worker's answer did not match the job: {problem}"))
                 return

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker import logs
 from broker.protocol import ErrorCode, JobSpec, Message
 from http_frontend.database import DatabaseError
 from http_frontend.errors import JobError
@@ -153,11 +154,12 @@ class History:
             tracked.record = self.records.get(tracked.job.id)
         except (DatabaseError, StoreError) as exc:  # storage away: it may come back
             log.error("job %s: could not record how it ended (%s); trying again later",
-                      tracked.job.id, exc)
+                      tracked.job.id, exc, extra=logs.job_fields(tracked.job))
             with self._lock:
                 self._unsettled.append(tracked)
         except Exception:  # a bug or a value the database refuses: retrying cannot help
-            log.exception("job %s: could not record how it ended", tracked.job.id)
+            log.exception("job %s: could not record how it ended", tracked.job.id,
+                          extra=logs.job_fields(tracked.job))
         finally:
             with self._lock:
                 self._following.pop(tracked.job.id, None)
@@ -192,7 +194,8 @@ class History:
                     self.store.put(name, _bytes(frame))
                     image["name"] = name
                 except StoreError as exc:
-                    log.error("job %s: the image store refused an image: %s", job.id, exc)
+                    log.error("job %s: the image store refused an image: %s", job.id, exc,
+                              extra=logs.job_fields(job))
             images.append(image)
         return images
 

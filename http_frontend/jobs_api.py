@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from broker import logs
 from broker.protocol import ErrorCode, JobSpec
 from http_frontend import streaming
 from http_frontend.auth import Identity
@@ -106,7 +107,7 @@ class JobsAPI:
     def submit(self, body: Any, caller: Caller) -> tuple[int, dict[str, Any]]:
         """(HTTP status, the job): 202 for a new job, 200 for the one a repeated
         Idempotency-Key names."""
-        prepared = self.service.prepare(body)
+        prepared = self.service.prepare(body, user=caller.owner)
         self.service.refuse_if_draining()
         release = self.service.take_waiting_slot()  # the broker may take seconds to answer
         try:
@@ -131,7 +132,8 @@ class JobsAPI:
         tracked = self.service.track(job, pending)
         tracked.acknowledged = True  # its client was told long ago
         self._add(prepared, tracked)
-        log.info("job %s: following it again (%.0f s left)", job.id, record.deadline - now)
+        log.info("job %s: following it again (%.0f s left)", job.id, record.deadline - now,
+                 extra=logs.job_fields(job, user=record.owner))
 
     def status(self, job_id: str, identity: Identity, base_url: str) -> dict[str, Any]:
         record = self._visible(job_id, identity)

@@ -114,7 +114,9 @@ class Keeper:
             try:
                 self.jobs.adopt(record, now)
             except Exception as exc:  # a record this release cannot read: end it, loudly
-                log.exception("job %s: cannot follow it again", record.id)
+                log.exception("job %s: cannot follow it again", record.id,
+                              extra={"job_id": record.id, "model": record.model,
+                                     "user": record.owner})
                 self.history.fail(record.id, JobError(
                     ErrorCode.INVALID_REQUEST, f"the job could not be resumed: {exc}"))
 

@@ -20,11 +20,11 @@ from typing import Any
 import falcon
 import falcon.constants
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from broker.protocol import ErrorCode, JobSpec
+from broker.protocol import BrokerCounters, ErrorCode, JobSpec, ProtocolError, WorkerStats
 from http_frontend import model_resolver, streaming
 from http_frontend.broker_client import BrokerClient
 from http_frontend.errors import UNKNOWN_FAILURE
@@ -38,6 +38,24 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
            float("inf"))
 _CODES = frozenset(code.value for code in ErrorCode)
+# Each worker's last heartbeat, per worker and model: (its stats field, metric, help).
+_WORKER_GAUGES = (
+    ("step_seconds", "dc_worker_step_seconds", "Seconds per denoising step in the worker's "
+     "last batch"),
+    ("images_per_second", "dc_worker_images_per_second", "Images the worker generated per "
+     "second over the last minute"),
+    ("batch_size", "dc_worker_batch_size", "Jobs in the worker's last batch"),
+    ("memory_used_bytes", "dc_worker_device_memory_used_bytes", "Device memory the worker's "
+     "PyTorch allocator holds (CUDA only)"),
+    ("memory_total_bytes", "dc_worker_device_memory_total_bytes", "The worker's device "
+     "memory (CUDA only)"),
+    ("utilization", "dc_worker_device_utilization_ratio", "Share of the last sample period "
+     "a kernel ran on the worker's device, per NVML (CUDA with NVML only)"),
+)
+_WORKER_COUNTERS = (
+    ("jobs_done", "dc_worker_jobs", "Jobs the worker generated since it started"),
+    ("images_done", "dc_worker_images", "Images the worker generated since it started"),
+)
 
 
 class Metrics:
@@ -180,7 +198,9 @@ class ClusterCollector(Collector):
             depth.add_metric([model], status.queues.get(model, 0))
         for (model, state), count in sorted(tally.items()):
             workers.add_metric([model, state], count)
-        families += [depth, workers]
+        families += [depth, workers, *_worker_families(status.workers)]
+        if status.counters is not None:
+            families += _broker_counters(status.counters)
         if status.round_trip is not None:
             trip = GaugeMetricFamily("dc_broker_round_trip_seconds",
                                      "The last status poll, from STATUS sent to reply")
@@ -199,3 +219,59 @@ def _worker_models(workers: list[dict[str, Any]]) -> Iterator[tuple[str, str]]:
         for model in set(models):
             if isinstance(model, str):
                 yield model, state
+
+
+def _worker_families(workers: list[dict[str, Any]]) -> list[Metric]:
+    """Each worker's stats from its last heartbeat, labelled by worker id and model.
+
+    A stat the worker did not measure (device memory on a CPU) has no sample, and a family
+    without samples is left out: absent, not 0.
+    """
+    labels = ["worker", "model"]
+    families: list[GaugeMetricFamily | CounterMetricFamily] = [
+        *(GaugeMetricFamily(name, text, labels=labels) for _, name, text in _WORKER_GAUGES),
+        *(CounterMetricFamily(name, text, labels=labels) for _, name, text in _WORKER_COUNTERS)]
+    fields = [field for field, _, _ in (*_WORKER_GAUGES, *_WORKER_COUNTERS)]
+    for worker_id, model, stats in _worker_stats(workers):
+        for field, family in zip(fields, families, strict=True):
+            measured = getattr(stats, field)
+            if measured is not None:
+                family.add_metric([worker_id, model], measured)
+    return [family for family in families if family.samples]
+
+
+def _worker_stats(workers: list[dict[str, Any]]) -> Iterator[tuple[str, str, WorkerStats]]:
+    """(worker id, model, stats) of each worker that sent stats the protocol accepts."""
+    for worker in workers:
+        worker_id, models = worker.get("worker_id"), worker.get("models")
+        if not isinstance(worker_id, str) or not isinstance(models, list) or not models:
+            continue
+        try:
+            stats = WorkerStats.from_wire(worker.get("stats"))
+        except ProtocolError:
+            continue  # none sent (an older worker), or not stats
+        yield worker_id, str(models[0]), stats  # one pipeline per worker: one model
+
+
+def _broker_counters(counters: BrokerCounters) -> list[Metric]:
+    """The broker's job counts since it started (``_created``: then, so a restart's reset
+    reads as one)."""
+    dispatched = CounterMetricFamily("dc_broker_jobs_dispatched", "Jobs the broker leased to "
+                                     "a worker (a requeued job counts again)", labels=["model"])
+    requeued = CounterMetricFamily("dc_broker_jobs_requeued", "Jobs the broker put back in "
+                                   "their queue after losing their worker", labels=["model"])
+    failed = CounterMetricFamily("dc_broker_jobs_failed", "Jobs the broker failed, by "
+                                 "reason (ErrorCode)", labels=["model", "reason"])
+    started = counters.started
+    for model, jobs in sorted(counters.dispatched.items()):
+        dispatched.add_metric([model], jobs, created=started)
+    for model, jobs in sorted(counters.requeued.items()):
+        requeued.add_metric([model], jobs, created=started)
+    for model, codes in sorted(counters.failed.items()):
+        # A code this frontend does not know (a newer broker's) is one bounded label.
+        by_reason: Tally[str] = Tally()
+        for code, jobs in codes.items():
+            by_reason[code if code in _CODES else UNKNOWN_FAILURE] += jobs
+        for reason, jobs in sorted(by_reason.items()):
+            failed.add_metric([model, reason], jobs, created=started)
+    return [dispatched, requeued, failed]

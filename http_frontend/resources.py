@@ -125,7 +125,7 @@ class ImageGenerations:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = read_json(req, self.max_body)
         who = caller(req, body, self.service.history)
-        prepared = self.service.prepare(body)
+        prepared = self.service.prepare(body, user=who.owner)
         req.context.generation_model = prepared.job.model  # for dc_request_duration_seconds
         if prepared.stream:
             stream_events(resp, self.service.stream_openai(prepared, who, client_gone(req)))

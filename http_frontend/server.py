@@ -30,6 +30,7 @@ from waitress.channel import HTTPChannel
 from waitress.server import MultiSocketServer, TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher
 
+from http_frontend import request_ids
 from http_frontend.errors import INVALID_REQUEST, SERVER_ERROR, APIError, should_retry
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,20 @@ class JSONErrorTask(ErrorTask):
         body = json.dumps(api.body()).encode()
         self.status = f"{error.code} {error.reason}"
         self.response_headers.extend([("Content-Type", "application/json"),
-                                      ("x-should-retry", should_retry(error.code))])
+                                      ("x-should-retry", should_retry(error.code)),
+                                      (request_ids.HEADER, self._request_id())])
         self.set_close_on_finish()
         self.channel.linger_on_close = True  # the client may still be sending its body
         self.content_length = len(body)
         self.write(body)
+
+    def _request_id(self) -> str:
+        """The client's X-Request-ID when waitress read a valid one before refusing, else new:
+        every answer carries one, these too (http_frontend/request_ids.py)."""
+        headers = getattr(self.request, "headers", None) or {}
+        given = headers.get("X_REQUEST_ID")  # waitress's key for the header
+        return given if isinstance(given, str) and request_ids.valid(given) else \
+            request_ids.new_id()
 
 
 class Channel(HTTPChannel):

@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from broker import logs
 from broker.protocol import ErrorCode, JobSpec, Message
 from gpu_worker.models import ModelSpec
 from http_frontend import history as history_module
-from http_frontend import model_resolver, schema, streaming
+from http_frontend import model_resolver, request_ids, schema, streaming
 from http_frontend.broker_client import EXPIRY_SLACK, BrokerClient
 from http_frontend.database import open_database
 from http_frontend.errors import (
@@ -35,6 +36,7 @@ from http_frontend.errors import (
     job_failure,
 )
 from http_frontend.history import Caller, History, Tracked, error_of
+from http_frontend.job_log import log_job
 from http_frontend.pending import Event, PendingJob
 from http_frontend.records import TERMINAL, JobRecords, Record
 
@@ -164,8 +166,10 @@ class ImageService:
 
     # ---------------------------------------------------------------- preparing
 
-    def prepare(self, body: Any) -> Prepared:
-        """Validate ``body`` against its model and build the job; nothing is sent yet."""
+    def prepare(self, body: Any, *, user: str | None = None) -> Prepared:
+        """Validate ``body`` against its model and build the job; nothing is sent yet.
+        ``user``: who sends it (``Caller.owner``: the API key's name when keys are on), the
+        job's user in every program's logs; else the body's own ``user`` field."""
         request = schema.parse_request(body)
         if request.response_format is None:
             request = dataclasses.replace(
@@ -180,7 +184,7 @@ class ImageService:
                                      f"server; got {request.timeout:g}")
         spec = model_resolver.spec_for(self.broker.status(), self.model_name(request.model))
         fitted = schema.fit_to_model(request, spec)
-        return Prepared(fitted, self._job(fitted, spec), body)
+        return Prepared(fitted, self._job(fitted, spec, user), body)
 
     def _default_format(self, requested_model: str | None) -> str:
         """The answer for a request without ``response_format``: url for a DALL·E model name
@@ -213,7 +217,8 @@ class ImageService:
         raise invalid("model", f"this server has no default model and serves several: "
                                f"{shown}; name one in 'model'", "missing_required_parameter")
 
-    def _job(self, fitted: schema.FittedRequest, spec: ModelSpec) -> JobSpec:
+    def _job(self, fitted: schema.FittedRequest, spec: ModelSpec,
+             user: str | None) -> JobSpec:
         req = fitted.request
         first_seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
         timeout = req.timeout or self.config.default_timeout
@@ -223,7 +228,8 @@ class ImageService:
             seeds=tuple(first_seed + i for i in range(req.n)),
             negative_prompt=req.negative_prompt if spec.negative_prompt else None,
             guidance=fitted.guidance, output_format=req.output_format,
-            output_compression=req.output_compression, timeout=timeout, user=req.user,
+            output_compression=req.output_compression, timeout=timeout,
+            user=user if user is not None else req.user,
             previews=req.partial_images,
         )
 
@@ -286,7 +292,9 @@ class ImageService:
         return self.track(prepared.job, self.broker.submit(prepared.job))
 
     def track(self, job: JobSpec, pending: PendingJob) -> Tracked:
-        """Follow a job just sent: its watchers see it, its record is settled when it ends."""
+        """Follow a job just sent: it is logged, its watchers see it, its record is settled
+        when it ends."""
+        log_job(job, pending)
         for watcher in self._job_watchers:
             watcher(job, pending)
         return self.history.track(job, pending)
@@ -471,7 +479,8 @@ class ImageService:
         if client_gone is not None and client_gone():
             if cancel_on_leave:
                 self.broker.cancel(job.id)
-                log.info("job %s cancelled: the client went away", job.id)
+                log.info("job %s cancelled: the client went away", job.id,
+                         extra=logs.job_fields(job, request_id=request_ids.current()))
             raise APIError(499, "the client closed the connection", code="cancelled")
 
     # ---------------------------------------------------------------- answers

@@ -17,7 +17,7 @@ from functools import cached_property
 from typing import Any
 
 # Flags that mean the same to every program that has them, so one launch.py flag sets them all.
-SHARED = frozenset({"heartbeat", "log_level"})
+SHARED = frozenset({"heartbeat", "log_level", "log_format"})
 _KINDS = ("store", "store_true", "append")  # the argparse actions argv() can write back
 
 

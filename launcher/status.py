@@ -1,15 +1,17 @@
 """`launch.py status`: a running cluster as its frontend's public HTTP API shows it.
 
 It reads GET /readyz, /v1/cluster and /v1/jobs only, so it works from any host that reaches
-the frontend. It shows what those answers hold and computes nothing they do not support: the
-broker counts jobs per worker, not images or time, so there is no per-worker rate; the
-frontend's rate comes from the `finished` times of its newest jobs, against the server's clock.
+the frontend. It shows what those answers hold and computes nothing they do not support: each
+worker's rate is the one it measured itself (its `stats`, from its last heartbeat; `-` from a
+worker that sends none); the frontend's rate comes from the `finished` times of its newest
+jobs, against the server's clock.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import math
 import sys
 import time
 import urllib.error
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import Message
 from email.utils import parsedate_to_datetime
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeGuard
 
 from broker.defaults import HTTP_HOST, HTTP_PORT
 
@@ -30,6 +32,7 @@ JOBS_PAGE = 100  # the most one page of GET /v1/jobs holds
 WINDOWS = ((60, "last minute"), (300, "last 5 minutes"))
 MAX_ANSWER = 16 << 20  # bytes read from one answer; a longer one is not the API's
 MAX_CELL = 40  # characters of one table cell
+MAX_N = 10_000  # images one job may claim; a larger n is refused as garbage
 
 
 class StatusError(Exception):
@@ -67,19 +70,34 @@ class Frontend:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url + path, headers=headers)
+        deadline = time.monotonic() + self.timeout
         try:
             try:
                 with self._opener.open(request, timeout=self.timeout) as resp:
-                    status, data, answer_headers = resp.status, resp.read(MAX_ANSWER + 1), \
+                    status, data, answer_headers = resp.status, self._read(resp, deadline), \
                         resp.headers
             except urllib.error.HTTPError as exc:  # a 4xx or 5xx: its body says why
                 with exc:
-                    status, data, answer_headers = exc.code, exc.read(MAX_ANSWER + 1), \
+                    status, data, answer_headers = exc.code, self._read(exc, deadline), \
                         exc.headers
         except (OSError, http.client.HTTPException) as exc:
             raise StatusError(f"cannot reach {self.url}: {cell(reason(exc), width=200)}"
                               ) from None
         return self._decode(path, status, data, answer_headers)
+
+    def _read(self, resp: Any, deadline: float) -> bytes:
+        """The answer's body, up to MAX_ANSWER + 1 bytes, read by --timeout as a whole: the
+        socket's own timeout is per read, which an answer trickled a byte at a time never
+        reaches."""
+        data = bytearray()
+        while len(data) <= MAX_ANSWER:
+            if time.monotonic() > deadline:
+                raise StatusError(f"{self.url} took longer than {self.timeout:g} s to answer")
+            chunk = resp.read1(min(1 << 16, MAX_ANSWER + 1 - len(data)))
+            if not chunk:
+                break
+            data += chunk
+        return bytes(data)
 
     def _decode(self, path: str, status: int, data: bytes, headers: Message) -> Answer:
         if status == 401:
@@ -188,10 +206,11 @@ def describe_cluster(cluster: Answer | str) -> list[str]:
         return ["", f"Workers: {cluster}"]
     workers = [w for w in cluster.body["workers"] if isinstance(w, dict)]
     queues: dict[str, Any] = cluster.body["queues"]
-    rows = [("WORKER", "HOST", "DEVICE", "MODELS", "STATE", "RUNNING", "JOBS DONE")]
+    rows = [("WORKER", "HOST", "DEVICE", "MODELS", "STATE", "RUNNING", "JOBS DONE",
+             "IMAGES/S")]
     rows += [(cell(w.get("worker_id")), cell(w.get("host")), cell(w.get("device")),
               cell(w.get("models")), state_of(w), count(w.get("running")),
-              count(w.get("jobs_done"))) for w in workers]
+              count(w.get("jobs_done")), images_per_second(w)) for w in workers]
     lines = ["", f"Workers ({len(workers)})"]
     lines += table(rows) if workers else ["  none registered"]
     models = sorted({str(m) for w in workers if isinstance(w.get("models"), list)
@@ -231,16 +250,36 @@ def images_of(job: dict[str, Any]) -> int:
     images, n = job.get("images"), job.get("n")
     if isinstance(images, list) and images:
         return len(images)
-    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
+    # A job makes a handful of images: a larger n is a frontend's garbage, not a count.
+    return n if isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_N else 0
+
+
+def images_per_second(worker: dict[str, Any]) -> str:
+    """The worker's own rate over its last minute, from its last heartbeat's stats."""
+    stats = worker.get("stats")
+    rate = finite(stats.get("images_per_second") if isinstance(stats, dict) else None)
+    return "-" if rate is None else f"{rate:.2f}"
 
 
 def state_of(worker: dict[str, Any]) -> str:
-    left = worker.get("quarantine_left_s")
+    left = finite(worker.get("quarantine_left_s"))
     state = cell(worker.get("state"))
-    return f"{state} ({left:g} s left)" if is_number(left) else state
+    return f"{state} ({left:g} s left)" if left is not None else state
 
 
-def is_number(value: Any) -> bool:
+def finite(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number (JSON's integers have no bound, and
+    Python's json reads NaN and Infinity), else None."""
+    if not is_number(value):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 

@@ -163,8 +163,8 @@ def test_generate_shows_progress_then_images_with_their_seeds(page) -> None:
 
 
 def interruptions(cluster: Cluster) -> int:
-    """How many times a worker stopped a job mid-denoise (it logs "job(s) ID interrupted")."""
-    return sum("job(s)" in line and line.endswith(" interrupted") for line in cluster.log.lines)
+    """How many jobs a worker stopped mid-denoise (it logs "job ID interrupted")."""
+    return sum(" job " in line and line.endswith(" interrupted") for line in cluster.log.lines)
 
 
 def test_a_live_job_shows_its_step_and_can_be_cancelled(page, cluster: Cluster) -> None:

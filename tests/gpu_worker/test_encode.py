@@ -220,4 +220,4 @@ def test_the_worker_flag_decides_what_results_carry(argv: tuple[str, ...],
     worker = Worker(WorkerConfig(image_metadata=config.image_metadata, warm_up=False))
     meta = worker._metadata(make_spec(prompt=SECRET, seeds=(3, 4)), 4)
     assert meta == ImageMetadata(Generation.of(make_spec(prompt=SECRET), 4) if with_prompt
-                                 else None)
+                                 else None, model=make_spec().model)

@@ -15,11 +15,13 @@ from prometheus_client import Counter
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.protocol import ErrorCode, JobSpec, Message, MsgType
+from broker import protocol
+from broker.protocol import BrokerCounters, ErrorCode, JobSpec, Message, MsgType
 from http_frontend.__main__ import load_metrics_token, parse_args
 from http_frontend.app import FrontendConfig, create_app
 from http_frontend.auth import ApiKey
 from http_frontend.broker_client import BrokerClient, ClusterStatus
+from http_frontend.errors import UNKNOWN_FAILURE
 from http_frontend.pending import PendingJob
 from http_frontend.service import ServiceConfig
 from tests.http_frontend.test_app import FakeBroker, worker
@@ -162,6 +164,85 @@ def test_cluster_gauges_come_from_the_brokers_status(frontend: Frontend) -> None
     assert not any(name in ("dc_queue_depth", "dc_workers") for name, _ in samples)
 
 
+def test_each_workers_stats_are_exported_under_its_id_and_model(frontend: Frontend) -> None:
+    gpu = {**worker("gpu-1", "flux"), "stats": {
+        "jobs_done": 12, "images_done": 30, "step_seconds": 0.04, "images_per_second": 2.5,
+        "batch_size": 4, "memory_used_bytes": 7 << 30, "memory_total_bytes": 80 << 30,
+        "utilization": 0.93}}
+    cpu = {**worker("cpu-1", "tiny"), "stats": {"jobs_done": 3, "images_done": 3,
+                                                "step_seconds": 0.5}}
+    old = worker("old-1", "tiny")  # a worker from before stats
+    frontend.broker.workers = [gpu, cpu, old]
+    samples = scrape(frontend.client)
+    on_gpu = {"worker": "gpu-1", "model": "flux"}
+    assert value(samples, "dc_worker_step_seconds", **on_gpu) == 0.04
+    assert value(samples, "dc_worker_images_per_second", **on_gpu) == 2.5
+    assert value(samples, "dc_worker_batch_size", **on_gpu) == 4
+    assert value(samples, "dc_worker_jobs_total", **on_gpu) == 12
+    assert value(samples, "dc_worker_images_total", **on_gpu) == 30
+    assert value(samples, "dc_worker_device_memory_used_bytes", **on_gpu) == 7 << 30
+    assert value(samples, "dc_worker_device_memory_total_bytes", **on_gpu) == 80 << 30
+    assert value(samples, "dc_worker_device_utilization_ratio", **on_gpu) == 0.93
+    on_cpu = {"worker": "cpu-1", "model": "tiny"}
+    assert value(samples, "dc_worker_step_seconds", **on_cpu) == 0.5
+    assert value(samples, "dc_worker_jobs_total", **on_cpu) == 3
+    # What the CPU worker did not measure is absent, not 0; the old worker has no series.
+    for name in ("dc_worker_device_memory_used_bytes", "dc_worker_device_utilization_ratio",
+                 "dc_worker_images_per_second", "dc_worker_batch_size"):
+        assert (name, frozenset(on_cpu.items())) not in samples
+    assert not any(("worker", "old-1") in labels for _, labels in samples)
+
+
+def test_without_a_gpu_worker_no_device_series_exist(frontend: Frontend) -> None:
+    frontend.broker.workers = [{**worker("cpu-1", "tiny"),
+                                "stats": {"jobs_done": 0, "images_done": 0}}]
+    result = frontend.client.simulate_get("/metrics")
+    assert "dc_worker_jobs_total" in result.text
+    assert "dc_worker_device_" not in result.text
+
+
+@pytest.mark.parametrize("stats", [
+    "fast", [], {"images_done": 1}, {"jobs_done": -1, "images_done": 1},
+    {"jobs_done": 1, "images_done": 1, "step_seconds": float("inf")},
+    {"jobs_done": 1, "images_done": 1, "utilization": 7},
+])
+def test_stats_the_protocol_refuses_export_nothing(frontend: Frontend, stats: Any) -> None:
+    frontend.broker.workers = [{**worker("w1", "tiny"), "stats": stats},
+                               {**worker("w2", "tiny"), "stats": {"jobs_done": 1,
+                                                                  "images_done": 1}}]
+    samples = scrape(frontend.client)
+    assert not any(("worker", "w1") in labels for _, labels in samples)
+    assert value(samples, "dc_worker_jobs_total", worker="w2", model="tiny") == 1
+
+
+def test_the_brokers_counters_are_exported_with_its_start(frontend: Frontend) -> None:
+    counters = BrokerCounters(
+        started=1_790_000_000.0, dispatched={"tiny": 7, "other": 1}, requeued={"tiny": 2},
+        failed={"tiny": {"timeout": 1, "worker_lost": 2, "from_the_future": 3,
+                         "another_new_one": 1}})
+    status = ClusterStatus([worker("w1", "tiny")], {}, time.monotonic(), counters=counters)
+    frontend.broker.status = lambda: status
+    samples = scrape(frontend.client)
+    assert value(samples, "dc_broker_jobs_dispatched_total", model="tiny") == 7
+    assert value(samples, "dc_broker_jobs_dispatched_total", model="other") == 1
+    assert value(samples, "dc_broker_jobs_dispatched_created", model="tiny") == 1_790_000_000
+    assert value(samples, "dc_broker_jobs_requeued_total", model="tiny") == 2
+    assert value(samples, "dc_broker_jobs_failed_total", model="tiny", reason="timeout") == 1
+    assert value(samples, "dc_broker_jobs_failed_total", model="tiny",
+                 reason="worker_lost") == 2
+    # Codes this frontend does not know share one label: reasons stay ErrorCode values.
+    assert value(samples, "dc_broker_jobs_failed_total", model="tiny",
+                 reason=UNKNOWN_FAILURE) == 4
+    reasons = {dict(labels)["reason"] for name, labels in samples
+               if name == "dc_broker_jobs_failed_total"}
+    assert reasons <= {code.value for code in ErrorCode} | {UNKNOWN_FAILURE}
+
+
+def test_a_broker_without_counters_exports_none(frontend: Frontend) -> None:
+    samples = scrape(frontend.client)  # FakeBroker's status has no counters: an old broker
+    assert not any(name.startswith("dc_broker_jobs_") for name, _ in samples)
+
+
 def test_open_event_streams_counts_each_stream_while_it_is_open(frontend: Frontend) -> None:
     close = frontend.service.open_stream()
     assert value(scrape(frontend.client), "dc_open_event_streams") == 1
@@ -186,6 +267,16 @@ def test_the_broker_client_measures_status_to_reply() -> None:
     assert 0.01 <= status.round_trip < 5
     client.on_message(Message(MsgType.STATUS_REPLY, {"workers": [], "queues": {}}))
     assert client._status is not None and client._status.round_trip is None  # unasked
+
+
+def test_the_broker_client_keeps_the_counters_of_the_last_reply() -> None:
+    client = BrokerClient("tcp://127.0.0.1:9")  # never started: the hooks are called here
+    counters = BrokerCounters(started=1.0, dispatched={"tiny": 1})
+    client.on_message(protocol.decode(protocol.encode(
+        MsgType.STATUS_REPLY, {"workers": [], "queues": {}, "counters": counters})))
+    assert client._status is not None and client._status.counters == counters
+    client.on_message(Message(MsgType.STATUS_REPLY, {"workers": [], "queues": {}}))
+    assert client._status is not None and client._status.counters is None  # an old broker
 
 
 def test_a_metrics_token_guards_metrics_and_only_metrics() -> None:

@@ -97,6 +97,7 @@ def test_every_program_defaults_to_the_one_heartbeat(module: str) -> None:
     args = parser.parse_args([])
     assert args.heartbeat == defaults.HEARTBEAT_INTERVAL
     assert args.log_level == defaults.LOG_LEVEL
+    assert args.log_format == "text"
 
 
 def test_the_records_the_flags_fill_default_alike() -> None:

@@ -119,7 +119,8 @@ def closed_port() -> int:
 
 
 def test_ready_cluster_shows_workers_queues_and_throughput() -> None:
-    busy = {**worker("w1", "tiny"), "running": ["job-a", "job-b"], "jobs_done": 17}
+    busy = {**worker("w1", "tiny"), "running": ["job-a", "job-b"], "jobs_done": 17,
+            "stats": {"jobs_done": 20, "images_done": 31, "images_per_second": 1.25}}
     loading = {**worker("w2", "sdxl-turbo", state="loading"), "host": "gpu-2",
                "device": "cuda:0"}
     broker = FakeBroker([busy, loading])
@@ -132,10 +133,11 @@ def test_ready_cluster_shows_workers_queues_and_throughput() -> None:
     assert err == ""
     assert out.splitlines()[0] == f"Frontend {url}: ready (1 worker(s) ready)"
     table = rows(out)
-    assert ["WORKER", "HOST", "DEVICE", "MODELS", "STATE", "RUNNING", "JOBS", "DONE"] in table
-    assert ["w1", "gpu-host", "cpu", "tiny", "ready", "2", "17"] in table
-    # The fake's records carry no jobs_done: shown as unknown, never as 0.
-    assert ["w2", "gpu-2", "cuda:0", "sdxl-turbo", "loading", "0", "-"] in table
+    assert ["WORKER", "HOST", "DEVICE", "MODELS", "STATE", "RUNNING", "JOBS", "DONE",
+            "IMAGES/S"] in table
+    assert ["w1", "gpu-host", "cpu", "tiny", "ready", "2", "17", "1.25"] in table
+    # The fake's records carry no jobs_done and no stats: shown as unknown, never as 0.
+    assert ["w2", "gpu-2", "cuda:0", "sdxl-turbo", "loading", "0", "-", "-"] in table
     assert ["tiny", "3", "1"] in table and ["sdxl-turbo", "0", "0"] in table
     assert ["last", "minute:", "3", "image(s),", "0.05", "images/s"] in table
     assert ["last", "5", "minutes:", "3", "image(s),", "0.01", "images/s"] in table
@@ -148,7 +150,7 @@ def test_no_ready_worker_is_exit_1_with_the_reason() -> None:
         code, out, err = run(url)
     assert code == status.EXIT_NOT_READY, err
     assert out.splitlines()[0] == f"Frontend {url}: NOT READY: no worker is ready"
-    assert ["w1", "gpu-host", "cpu", "tiny", "loading", "0", "-"] in rows(out)
+    assert ["w1", "gpu-host", "cpu", "tiny", "loading", "0", "-", "-"] in rows(out)
     assert ["last", "minute:", "0", "image(s),", "0.00", "images/s"] in rows(out)
 
 
@@ -170,7 +172,27 @@ def test_quarantine_and_hostile_names_print_as_plain_text() -> None:
     assert code == status.EXIT_READY
     assert "\x1b" not in out and "\x07" not in out
     assert ["w1", "evil?[2J?host", "cpu", "tiny", "quarantined", "(12.5", "s", "left)", "0",
-            "-"] in rows(out)
+            "-", "-"] in rows(out)
+
+
+@pytest.mark.parametrize("stats", [
+    None, "fast", [], {}, {"images_per_second": "9"}, {"images_per_second": True},
+    {"images_per_second": None}, {"images_per_second": [1]},
+])
+def test_a_worker_rate_that_is_not_a_number_shows_as_unknown(stats: Any) -> None:
+    odd = {**worker("w1", "tiny"), "stats": stats}
+    with frontend(FakeBroker([odd])) as url:
+        code, out, _ = run(url)
+    assert code == status.EXIT_READY
+    assert ["w1", "gpu-host", "cpu", "tiny", "ready", "0", "-", "-"] in rows(out)
+
+
+def test_a_worker_rate_is_shown_to_two_places() -> None:
+    quick = {**worker("w1", "tiny"), "jobs_done": 3,
+             "stats": {"jobs_done": 3, "images_done": 3, "images_per_second": 0.0456}}
+    with frontend(FakeBroker([quick])) as url:
+        _, out, _ = run(url)
+    assert ["w1", "gpu-host", "cpu", "tiny", "ready", "0", "3", "0.05"] in rows(out)
 
 
 def test_no_worker_registered() -> None:
@@ -190,7 +212,7 @@ def test_the_key_is_sent_as_bearer_and_lists_that_keys_jobs() -> None:
         generate(url, 1, key=KEY)
         code, out, err = run(url, api_key=KEY)
     assert code == status.EXIT_READY, err
-    assert ["w1", "gpu-host", "cpu", "tiny", "ready", "0", "-"] in rows(out)
+    assert ["w1", "gpu-host", "cpu", "tiny", "ready", "0", "-", "-"] in rows(out)
     assert "among the newest jobs this key may list" in out
     assert ["last", "minute:", "1", "image(s),", "0.02", "images/s"] in rows(out)
 
@@ -356,7 +378,7 @@ def test_launch_py_status_reads_the_key_from_the_environment() -> None:
         refused = launch_status("--url", url, env={"DC_API_KEY": ""})
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"Frontend {url}: ready")
-    assert ["w1", "gpu-host", "cpu", "tiny", "ready", "0", "-"] in rows(done.stdout)
+    assert ["w1", "gpu-host", "cpu", "tiny", "ready", "0", "-", "-"] in rows(done.stdout)
     assert refused.returncode == 2
     assert refused.stderr == (f"launch.py status: {url} wants an API key (HTTP 401): "
                               "pass --api-key KEY or set DC_API_KEY\n")
