@@ -202,7 +202,7 @@ def test_without_a_gpu_worker_no_device_series_exist(frontend: Frontend) -> None
 
 
 @pytest.mark.parametrize("stats", [
-    "fast", [], {"images_done": 1}, {"jobs_done": -1, "images_done": 1},
+    "fast", [], {"images_done": "1"}, {"jobs_done": -1, "images_done": 1},
     {"jobs_done": 1, "images_done": 1, "step_seconds": float("inf")},
     {"jobs_done": 1, "images_done": 1, "utilization": 7},
 ])
