@@ -24,6 +24,7 @@ bench:
 	HF_HUB_OFFLINE=1 $(PY) bench/e2e_http.py
 	HF_HUB_OFFLINE=1 $(PY) bench/batching.py
 	HF_HUB_OFFLINE=1 $(PY) bench/postprocess.py
+	HF_HUB_OFFLINE=1 $(PY) bench/previews.py
 
 # Benchmark 5: real-size FLUX.1-schnell and SDXL-Turbo with random weights; needs CUDA.
 bench-gpu:

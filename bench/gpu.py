@@ -27,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,18 @@ def synchronize(device: str) -> None:
         import torch
 
         torch.cuda.synchronize(torch.device(device))
+
+
+def median_seconds(run: Callable[[], Any], device: str, repeats: int) -> float:
+    """The median wall time of ``run`` over ``repeats`` runs, the device drained around each."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def jobs_for(spec: Any, batch: int, size: int, steps: int) -> list[JobSpec]:

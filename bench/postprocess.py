@@ -16,27 +16,13 @@ directly, with the device synchronised.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 from _common import print_header, table
-from gpu import synchronize
+from gpu import median_seconds
 
 SHAPES = ((1, 512), (8, 512), (1, 1024), (8, 1024))
-
-
-def median_seconds(run: Callable[[], Any], device: str, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        started = time.perf_counter()
-        run()
-        synchronize(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def measure(processor: Any, batch: int, side: int, args: argparse.Namespace) -> list[str]:

@@ -239,7 +239,9 @@ class Broker:
             self._refuse(client, spec, ErrorCode.QUEUE_FULL,
                          f"the queue for {spec.model!r} is full")
             return
-        position = self.jobs.add(job)
+        # Behind every job still queued, and every one a worker holds but has not started.
+        position = len(self.leases.waiting(spec.model)) + self.jobs.add(job)
+        job.told = position
         if log.isEnabledFor(logging.DEBUG):
             log.debug("job %s queued at position %d", spec.id, position,
                       extra=logs.job_fields(spec))
@@ -255,10 +257,10 @@ class Broker:
                 incarnation=self.incarnation))
             return
         job.client = client
-        position = 0
-        if job.state is JobState.QUEUED:
-            queued = self.jobs.head(job.model, POSITION_UPDATES)
-            position = next((i for i, j in enumerate(queued) if j is job), len(queued))
+        line = self._line(job.model)
+        position = next((i for i, j in enumerate(line) if j is job),
+                        len(line) if job.state is JobState.QUEUED else 0)
+        job.told = position
         self._tell_position(client, job.id, position)
 
     def _on_cancel(self, owner: str, job_id: str, now: float) -> None:
@@ -269,6 +271,7 @@ class Broker:
             self._refused_peer(owner, f"a cancel of job {job_id} that it does not own")
             return
         self.jobs.finish(job_id)
+        self._queue_moved.add(job.model)
         self._stop_running(job, now)
         self._fail(job.client, job.spec, ErrorCode.CANCELLED, "the job was cancelled")
         log.info("job %s cancelled by its client", job_id, extra=logs.job_fields(job.spec))
@@ -387,6 +390,8 @@ class Broker:
                 self._forward(job.client, msg)
             return
         self.leases.release(worker, job_id)  # a RESULT or FAILED: the worker is done with it
+        # Its next batch starts: the jobs waiting behind this one move up.
+        self._queue_moved.update(worker.models)
         if job is None:
             return  # dropped, so each job gets exactly one answer
         problem = _mismatch(job.spec, msg) if msg.type is MsgType.RESULT else None
@@ -445,6 +450,7 @@ class Broker:
 
     def _drop_worker(self, worker: WorkerRecord, *, lost: bool) -> None:
         """Remove a worker; its jobs go back to their queues, or fail when out of attempts."""
+        self._queue_moved.update(worker.models)
         for job in self.leases.drop_worker(worker, lost=lost):
             self._fail(job.client, job.spec, ErrorCode.WORKER_LOST,
                        f"the job was lost with {job.attempt} workers that ran it")
@@ -457,6 +463,7 @@ class Broker:
             self._next_liveness_check = now + self.config.heartbeat_interval / 4
             self._purge_dead_workers(now)
         for job in self.jobs.expired(now):
+            self._queue_moved.add(job.model)
             self._stop_running(job, now)
             self._fail(job.client, job.spec, ErrorCode.TIMEOUT,
                        "the job passed its deadline before it finished")
@@ -538,18 +545,26 @@ class Broker:
         self._drop_worker(worker, lost=True)
 
     def _announce_positions(self, now: float) -> None:
-        """Tell the first jobs still queued where they now stand (ACCEPTED with a position).
+        """Tell the jobs still waiting where they now stand (ACCEPTED with a position).
 
-        At most every POSITION_INTERVAL per model whose queue moved, and only to its first
-        POSITION_UPDATES jobs, so a busy queue costs a bounded number of messages.
+        At most every POSITION_INTERVAL per model whose line moved, only to the jobs that
+        workers hold but have not started and the first POSITION_UPDATES queued ones, and only
+        to those whose place changed, so a busy queue costs a bounded number of messages.
         """
         if not self._queue_moved or now < self._next_announce:
             return
         self._next_announce = now + POSITION_INTERVAL
         for model in self._queue_moved:
-            for position, job in enumerate(self.jobs.head(model, POSITION_UPDATES)):
-                self._tell_position(job.client, job.id, position)
+            for position, job in enumerate(self._line(model)):
+                if job.told != position:
+                    job.told = position
+                    self._tell_position(job.client, job.id, position)
         self._queue_moved.clear()
+
+    def _line(self, model: str) -> list[Job]:
+        """The jobs of ``model`` waiting to start, in the order they will: those workers
+        hold but have not started, then the first POSITION_UPDATES queued."""
+        return self.leases.waiting(model) + self.jobs.head(model, POSITION_UPDATES)
 
     # ---------------------------------------------------------------------------- sending
 
@@ -595,8 +610,9 @@ class Broker:
             spec.id, code, message, retryable=True, incarnation=self.incarnation))
 
     def _tell_position(self, client: bytes, job_id: str, position: int) -> None:
-        """ACCEPTED: the job is held here, ``position`` jobs ahead of it in its queue (0 when
-        it is next or running). Sent when a job is taken, and again when its place changes:
+        """ACCEPTED: the job is held here, ``position`` jobs waiting to start ahead of it,
+        queued or held by a worker that has not started them (0 when it is next or running).
+        Sent when a job is taken, and again when its place changes:
         one message, one meaning, whether the frontend has heard of the job before or not."""
         self._send(self.client_socket, client,
                    self._msg(MsgType.ACCEPTED, {"job_id": job_id, "position": position}))

@@ -31,6 +31,10 @@ class Job:
     worker: bytes | None = None  # the lease's holder while RUNNING; only broker.leases sets it
     seq: int = 0  # submission order, set by JobTable.add; keeps FIFO when jobs come back
     failed_on: bytes | None = None  # the worker that failed it once: it runs elsewhere next
+    # Which lease gave it to its worker (broker.leases sets it): a worker runs the batches
+    # it holds one at a time, oldest lease first, so only its oldest is running.
+    lease: int = 0
+    told: int | None = None  # the position its client last heard (ACCEPTED)
 
     @property
     def id(self) -> str:

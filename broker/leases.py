@@ -9,6 +9,7 @@ restarted), and it is where a worker leaves the registry together with its jobs.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable
 
@@ -34,15 +35,39 @@ class Leases:
         # Requeues are counted where they happen; the broker passes the counters it reports.
         self._counters = counters or JobCounters(started=0.0)
         self._claims: dict[str, bytes] = {}  # job id -> worker holding it, not yet submitted
+        self._leases = itertools.count(1)  # Job.lease stamps; 0: claimed, order unknown
 
     # ---------------------------------------------------------------- one job at a time
 
     def lease(self, worker: WorkerRecord, batch: list[Job], now: float) -> None:
         """Give ``worker`` a batch taken from its queue (``JobTable.take_batch``) and sent."""
+        stamp = next(self._leases)
         for job in batch:
             job.worker = worker.identity
+            job.lease = stamp
         worker.running.update(job.id for job in batch)
         self._workers.offer(worker, dispatched=now)
+
+    def waiting(self, model: str) -> list[Job]:
+        """The jobs of ``model`` that workers hold but have not started, in the order they
+        will start (oldest lease first).
+
+        A worker runs the batches it holds one at a time, in the order they were leased
+        (it holds up to two: one running, one waiting), so every batch but its oldest waits.
+        Costs a look at each worker holding more than one batch's worth: called at most a
+        few times a second per model, and once per submission.
+        """
+        waiting: list[Job] = []
+        for worker in self._workers:
+            if len(worker.running) < 2 or model not in worker.models:
+                continue
+            held = [job for job in map(self._jobs.get, worker.running)
+                    if job is not None and job.worker == worker.identity]
+            if len(held) < 2:
+                continue
+            running = min(job.lease for job in held)
+            waiting.extend(job for job in held if job.lease != running and job.model == model)
+        return sorted(waiting, key=lambda job: (job.lease, job.seq))
 
     def held(self, worker: WorkerRecord, job_id: str) -> Job | None:
         """The job ``job_id`` if ``worker`` holds its lease; None when it is not ours to answer

@@ -16,7 +16,7 @@ from PIL import Image
 from broker.protocol import JobSpec
 from gpu_worker import models
 from gpu_worker.models import ModelSpec
-from gpu_worker.preview import latents_to_images, preview_steps
+from gpu_worker.preview import PreviewMaker, preview_steps
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class PipelineRunner:
         self._params = set(inspect.signature(self.pipe.__call__).parameters)
         self._trained_sample_size: int | None = getattr(self.pipe, "default_sample_size", None)
         self.spec = self._fit_spec(spec)
+        self.previews = PreviewMaker(self.pipe, self.spec.family, offloaded=options.offload)
 
     # ---------------------------------------------------------------- loading
 
@@ -186,8 +187,8 @@ class PipelineRunner:
         """Make ``job.n`` images, image i from seed ``job.seeds[i]``.
 
         ``on_step(done, total, previews)`` runs after every denoising step, with previews at
-        ``job.previews`` evenly spaced steps; returning False interrupts the job there
-        (Interrupted is raised).
+        ``job.previews`` steps (the first, then spread: gpu_worker.preview.preview_steps);
+        returning False interrupts the job there (Interrupted is raised).
         """
         return self.generate_batch([job], on_step)[0]
 
@@ -258,13 +259,19 @@ class PipelineRunner:
         total = self.total_steps(job)
         with_previews = preview_steps(total, job.previews)
         done = 0
+        last = time.perf_counter()
 
         def step(latents: Any) -> None:
-            nonlocal done
+            nonlocal done, last
             done += 1
-            previews = (latents_to_images(latents, self.pipe, job.width, job.height)
+            # The denoising step's own time: previews and reporting come after this point.
+            step_seconds = time.perf_counter() - last
+            previews = (self.previews.make(latents, job.width, job.height, first=done == 1,
+                                           step_seconds=step_seconds)
                         if done in with_previews else [])
-            if not on_step(min(done, total), total, previews):
+            wanted = on_step(min(done, total), total, previews)
+            last = time.perf_counter()
+            if not wanted:
                 # Raising leaves the pipeline at once; no VAE decode for an abandoned job.
                 raise Interrupted()
 

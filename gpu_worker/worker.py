@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -96,6 +96,9 @@ class Worker:
         self.runner = runner  # loaded by run() when not given
         self.link: Link | None = None
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
+        # Previews are encoded on their own thread: not on the device's, which goes on to the
+        # next step, and not behind the last batch's full-size images on the encoder's.
+        self._previewer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="previews")
         # When the device last finished a batch: the gap before the next one is time the
         # device sat idle, which prefetching (capacity 2 x max_batch) is there to remove.
         self._device_free_since: float | None = None
@@ -246,6 +249,7 @@ class Worker:
         finally:
             # Answers still being encoded go out first; then BYE hands back what is left,
             # the batches that never started included.
+            self._previewer.shutdown(wait=True)
             self._encoder.shutdown(wait=True)
             self.link.stop(bye=True)
             log.info("worker %s stopped", self.worker_id)
@@ -277,11 +281,12 @@ class Worker:
             _maybe_crash(job)
         started = time.perf_counter()
         idle = None if self._device_free_since is None else started - self._device_free_since
+        previews: list[Future[None]] = []  # this batch's previews, being encoded and sent
         try:
             # 1. Denoise: the only step on the device.
             _maybe_fail()
             self.stats.batch_started()
-            images = self.runner.generate_batch(jobs, self._progress_reporter(jobs))
+            images = self.runner.generate_batch(jobs, self._progress_reporter(jobs, previews))
         except Interrupted:
             for job in jobs:
                 log.info("job %s interrupted", job.id, extra=logs.job_fields(job))
@@ -306,10 +311,14 @@ class Worker:
             timings["device_idle_s"] = idle
         # 2. Encode and answer off this thread, while the device takes the next batch.
         for job, job_images in zip(jobs, images, strict=True):
-            self._encoder.submit(self._encode_and_answer, job, job_images, timings)
+            self._encoder.submit(self._encode_and_answer, job, job_images, timings, previews)
 
-    def _progress_reporter(self, jobs: list[JobSpec]) -> StepCallback:
-        """Report each step (and previews) to every job still wanted; stop when none is."""
+    def _progress_reporter(self, jobs: list[JobSpec], previews_sent: list[Future[None]]
+                           ) -> StepCallback:
+        """Report each step (and previews) to every job still wanted; stop when none is.
+
+        Previews are handed to the preview thread (their futures join ``previews_sent``).
+        """
         link = self.link
         assert link is not None
         owners = [(job, index) for job in jobs for index in range(job.n)]
@@ -326,18 +335,38 @@ class Worker:
                                               {"job_id": job.id, "step": step, "steps": steps}))
             for (job, index), preview in zip(owners, previews, strict=False):
                 if job.id not in cancelled:
-                    link.send(protocol.encode(
-                        MsgType.PROGRESS,
-                        {"job_id": job.id, "step": step, "steps": steps, "image_index": index,
-                         "preview_format": job.output_format},
-                        [encode_image(preview, job.output_format, PREVIEW_QUALITY)]))
+                    previews_sent.append(self._previewer.submit(
+                        self._send_preview, job, index, step, steps, preview))
             return True
 
         return on_step
 
+    def _send_preview(self, job: JobSpec, index: int, step: int, steps: int,
+                      preview: Image.Image) -> None:
+        """Encode one preview and send it, unless its job was answered or cancelled
+        meanwhile (the preview thread)."""
+        assert self.link is not None
+        with self._lock:
+            if job.id not in self._held or job.id in self._cancelled:
+                return
+        try:
+            data = encode_image(preview, job.output_format, PREVIEW_QUALITY)
+        except Exception:  # a preview is a glimpse: losing one must not cost the job
+            log.exception("job %s: a preview failed to encode", job.id,
+                          extra=logs.job_fields(job))
+            return
+        self.link.send(protocol.encode(
+            MsgType.PROGRESS,
+            {"job_id": job.id, "step": step, "steps": steps, "image_index": index,
+             "preview_format": job.output_format}, [data]))
+
     def _encode_and_answer(self, job: JobSpec, images: list[Image.Image],
-                           timings: dict[str, float]) -> None:
-        """Encode one job's images and send its RESULT (the encoder thread)."""
+                           timings: dict[str, float],
+                           previews: list[Future[None]] | None = None) -> None:
+        """Encode one job's images and send its RESULT (the encoder thread), after the
+        batch's previews: a preview never follows its image."""
+        if previews:
+            wait(previews)
         if self._is_cancelled(job.id):
             self._answer(job.id, None)  # cancelled while its batch ran: skip the encoding
             return

@@ -28,6 +28,7 @@ from http_frontend import streaming
 from http_frontend.auth import Identity
 from http_frontend.errors import APIError, JobError, invalid
 from http_frontend.history import Caller, Tracked, error_of
+from http_frontend.queue_wait import estimate_wait
 from http_frontend.records import ACTIVE, TERMINAL, Record
 from http_frontend.service import DEADLINE_SLACK, ClientGone, ImageService, Prepared
 
@@ -230,7 +231,8 @@ class JobsAPI:
                 job.id, event, completed=lambda _: self._completed(live, base_url),
                 failure=lambda error: self._error(job.model, error),
                 cancelled_here=pending.cancelled_here
-                or (isinstance(event, JobError) and event.code == ErrorCode.CANCELLED))
+                or (isinstance(event, JobError) and event.code == ErrorCode.CANCELLED),
+                wait=lambda position: self._wait(job.model, position, job.steps))
             if sse is not None:
                 yield sse
 
@@ -275,7 +277,8 @@ class JobsAPI:
 
     def _record_event(self, record: Record, base_url: str) -> bytes:
         if record.status == "queued":
-            return streaming.sse("queued", {"id": record.id, "position": None})
+            return streaming.sse("queued", {"id": record.id, "position": None,
+                                            "eta_seconds": None})
         if record.status == "running":
             return streaming.sse("progress", {"id": record.id, "step": 0,
                                               "steps": record.job.get("steps")})
@@ -305,6 +308,11 @@ class JobsAPI:
         return self.service.record_response(record, "url" if stored else "b64_json",
                                             base_url, missing_ok=True)
 
+    def _wait(self, model: str, position: int | None, steps: Any) -> float | None:
+        """Seconds a job of ``model`` at ``position`` should wait to start (None: unknown)."""
+        return estimate_wait(self.service.broker.status(), model, position,
+                             steps if isinstance(steps, int) else None)
+
     def _error(self, model: str, error: JobError) -> dict[str, Any]:
         """OpenAI's error body for a job's failure."""
         return self.service.failure(error, model).error_object()
@@ -333,11 +341,13 @@ class JobsAPI:
                   result: bool = False) -> dict[str, Any]:
         job = record.job
         status = record.status
-        position, step = None, 0
+        position, step, wait = None, 0, None
         if live is not None and status in ACTIVE:
             pending = live.tracked.pending
             position, step = pending.position, pending.step
             status = "running" if step else status
+            if status == "queued":
+                wait = self._wait(record.model, position, job.get("steps"))
         description: dict[str, Any] = {
             "id": record.id, "object": "image.job", "status": status,
             "created": int(record.created),
@@ -348,7 +358,8 @@ class JobsAPI:
             "guidance": job.get("guidance"), "n": len(job.get("seeds") or ()),
             "seeds": list(job.get("seeds") or ()),
             "output_format": job.get("output_format"), "owner": record.owner,
-            "request": record.request, "position": position, "step": step,
+            "request": record.request, "position": position, "eta_seconds": wait,
+            "step": step,
             "images": [self._image(image, base_url) for image in record.images],
         }
         if record.status == "succeeded" and result:

@@ -119,20 +119,23 @@ def error_event(error: dict[str, Any]) -> bytes:
 
 
 def job_event(job_id: str, event: Event, completed: Callable[[Message], dict[str, Any]],
-              failure: Callable[[JobError], dict[str, Any]], *, cancelled_here: bool = False
-              ) -> bytes | None:
+              failure: Callable[[JobError], dict[str, Any]], *, cancelled_here: bool = False,
+              wait: Callable[[int], float | None] | None = None) -> bytes | None:
     """The jobs API's event for one of the job's events, or None for those it does not show.
 
     ``completed`` gives the body for a RESULT, ``failure`` the error body for the job's
     JobError. ``cancelled_here``: this frontend cancelled the job (someone asked it to); a
-    "cancelled" failure nobody here asked for is shown as ``failed``.
+    "cancelled" failure nobody here asked for is shown as ``failed``. ``wait`` estimates the
+    seconds before a job at a position starts (``eta_seconds``; None: unknown).
     """
     if isinstance(event, JobError):
         if event.code == ErrorCode.CANCELLED and cancelled_here:
             return sse("cancelled", {"id": job_id})
         return sse("failed", {"id": job_id, "error": failure(event)})
     if event.type is MsgType.ACCEPTED:
-        return sse("queued", {"id": job_id, "position": event["position"]})
+        position = event["position"]
+        return sse("queued", {"id": job_id, "position": position,
+                              "eta_seconds": wait(position) if wait is not None else None})
     if event.type is MsgType.PROGRESS and event.payloads:
         return sse("preview", {"id": job_id, "image_index": event.get("image_index") or 0,
                                "step": event["step"], "steps": event["steps"],
