@@ -1,10 +1,20 @@
 // The cluster panel, from GET /v1/cluster every few seconds: workers, their state, queue depths.
+// Others (the model picker, the Generate button) hear each answer, or that none came.
 import { api } from "./api.js";
 import { $, el } from "./dom.js";
 import { errorText, plural } from "./words.js";
 
 const EVERY_MS = 3000;
 let lastUpdate = null;
+const listeners = [];
+
+/** Call listener(status, error) after every poll: the status, or null and why there is none. */
+export function onClusterChange(listener) {
+  listeners.push(listener);
+}
+
+/** Whether an error means nobody can say what the cluster looks like (not a refused key). */
+export const unreachable = (err) => err && (err.status === 0 || err.status >= 500);
 
 function workerState(worker) {
   if (worker.state !== "ready") return worker.state;
@@ -50,11 +60,35 @@ export async function refreshCluster() {
     $("summary").textContent = summaryText(status);
     $("summary").dataset.state = "ok";
     $("cluster-updated").textContent = "";
+    $("cluster").dataset.state = "ok";
     lastUpdate = new Date();
+    tell(status, null);
   } catch (err) {
-    $("summary").textContent = `cluster unreachable: ${errorText(err)}`;
-    $("summary").dataset.state = "error";
-    if (lastUpdate) $("cluster-updated").textContent = `as of ${lastUpdate.toLocaleTimeString()}`;
+    showUnknown(err);
+    tell(null, err);
+  }
+}
+
+/** No answer: what the panel showed may no longer be true, so it says "unknown" instead. */
+function showUnknown(err) {
+  $("summary").textContent = `cluster unreachable: ${errorText(err)}`;
+  $("summary").dataset.state = "error";
+  $("cluster").dataset.state = "unknown";
+  const since = lastUpdate ? `; last answer at ${lastUpdate.toLocaleTimeString()}` : "";
+  $("cluster-updated").textContent = "unknown";
+  $("workers").replaceChildren(el("li", { class: "empty unknown" },
+    `Workers unknown: no answer from the cluster${since}.`));
+  $("queues").replaceChildren(el("li", { class: "unknown" }, el("span", {}, "Queues"),
+                                 el("strong", {}, "unknown")));
+}
+
+function tell(status, err) {
+  for (const listener of listeners) {
+    try {
+      listener(status, err);
+    } catch (problem) {
+      console.error(problem);  // one broken listener must not stop the others
+    }
   }
 }
 

@@ -1,10 +1,16 @@
-// The settings form: reading and writing settings, a model's defaults, size presets, field errors.
+// The settings form: reading and writing settings, a model's defaults, size presets, field errors,
+// and the Generate button's state (busy while a job is sent; blocked, with the reason, when no
+// job could run).
 import { $, el } from "./dom.js";
-import { parseSize, settingsProblems, sizePresets } from "./limits.js";
+import { parseSize, settingsProblems, sizePresets, sizeRule } from "./limits.js";
 import { sizeText } from "./words.js";
 
 const DRAFT = "dc-draft";
+const MORE_OPEN = "dc-more-settings";  // whether "More settings" was left open
+const BUSY_AT_LEAST_MS = 600;  // a job accepted in 10 ms still shows that the press did something
 let limits = null;  // the chosen model's limits, from GET /v1/models
+let blocked = null;  // why Generate cannot work now, or null
+let busySince = 0;  // when the latest job began to be sent; 0 when none is being sent
 
 /** Which input shows a problem with each request field. */
 const FIELD_INPUTS = {
@@ -100,7 +106,9 @@ export function applyLimits(modelLimits, { defaults = true } = {}) {
   const multiple = limits.size_multiple || 1;
   $("width").step = multiple;
   $("height").step = multiple;
+  $("size-rule").textContent = `· ${sizeRule(limits)}`;
   renderPresets();
+  summarizeMore();
   clearProblems();
 }
 
@@ -134,6 +142,62 @@ function refreshDependents() {
   $("quality-field").hidden = $("output_format").value === "png";
   $("seed").classList.toggle("muted", $("seed-random").checked);
   syncPreset();
+  summarizeMore();
+}
+
+/** What "More settings" holds that is not the default, so a closed section hides nothing. */
+function summarizeMore() {
+  const format = $("output_format").value;
+  const set = [
+    !$("negative-field").hidden && $("negative_prompt").value.trim() ? "negative prompt" : null,
+    format === "png" ? null : `${format.toUpperCase()} ${$("output_compression").value}%`,
+  ].filter(Boolean);
+  $("more-summary").textContent = set.length ? `· ${set.join(", ")}` : "";
+}
+
+function initMore() {
+  const more = $("more-settings");
+  try {
+    more.open = localStorage.getItem(MORE_OPEN) === "open";
+  } catch { /* storage blocked: closed */ }
+  more.addEventListener("toggle", () => {
+    try {
+      localStorage.setItem(MORE_OPEN, more.open ? "open" : "closed");
+    } catch { /* storage blocked */ }
+  });
+}
+
+/** Why Generate cannot work now (shown next to it), or null when it can. */
+export function blockGenerate(reason) {
+  blocked = reason || null;
+  renderGo();
+}
+
+export const generateBlocked = () => blocked;
+
+/** Show that a job is being sent, until accepted() is called (and at least a moment). */
+export function generateBusy() {
+  const since = performance.now();
+  busySince = since;
+  renderGo();
+  return function accepted() {
+    const left = BUSY_AT_LEAST_MS - (performance.now() - since);
+    setTimeout(() => {
+      if (busySince !== since) return;  // a newer job is being sent
+      busySince = 0;
+      renderGo();
+    }, Math.max(0, left));
+  };
+}
+
+function renderGo() {
+  const go = $("go");
+  const busy = Boolean(busySince);
+  go.setAttribute("aria-disabled", String(Boolean(blocked)));
+  go.setAttribute("aria-busy", String(busy));
+  $("go-label").textContent = busy ? "Generating…" : "Generate";
+  $("go-reason").textContent = blocked || "";
+  $("go-reason").hidden = !blocked;
 }
 
 /** Problems with the current settings; shows them at their fields and focuses the first. */
@@ -154,6 +218,8 @@ export function checkSettings(settings) {
 export function showProblem(field, message) {
   if (!FIELD_INPUTS[field]) return false;
   const input = $(FIELD_INPUTS[field]);
+  const more = input.closest("details");
+  if (more) more.open = true;
   const box = input.closest(".field");
   let note = box.querySelector(".field-error");
   if (!note) {
@@ -230,9 +296,11 @@ export function initForm({ onSubmit }) {
   });
   form.addEventListener("change", refreshDependents);
   if (/Mac|iPhone|iPad/.test(navigator.platform)) {
-    $("prompt-hint").innerHTML = "<kbd>⌘</kbd>+<kbd>Enter</kbd> generates";
+    $("prompt-hint").querySelector("kbd").textContent = "⌘";
   }
+  initMore();
   refreshDependents();
+  renderGo();
 }
 
 function clearProblemAt(id) {

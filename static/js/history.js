@@ -1,7 +1,9 @@
 // The history panel: the server's jobs, newest first, searchable by prompt, a page at a time.
-// Clicking one restores its settings; running ones can be watched or cancelled. The last first
-// page is kept in this browser and shown, marked offline, while the server cannot be reached.
-import { $, toast } from "./dom.js";
+// Each has Restore (its settings into the form); running ones can be watched or cancelled.
+// Jobs shown as cards in the results on this page are left out, so no run shows twice; a card
+// removed from the page comes back here. The last first page is kept in this browser and
+// shown, marked offline, while the server cannot be reached.
+import { $, el, toast } from "./dom.js";
 import { entryNode, settingsOf } from "./entry.js";
 import { writeSettings } from "./form.js";
 import { loadCache, saveCache } from "./historycache.js";
@@ -22,6 +24,7 @@ let asked = 0;  // how many lists were asked for: only the latest answer is show
 let timer = null;
 let searchTimer = null;
 const nodes = new Map();  // job id → {key, node}: an entry is drawn again only when it changed
+const above = new Set();  // ids of the jobs shown as cards in the results on this page
 let handlers = { watch: () => {}, cancel: () => {} };
 
 const searched = () => $("history-search").value.trim();
@@ -98,13 +101,15 @@ async function loadMore() {
   }
 }
 
-function restore(job) {
-  const settings = settingsOf(job);
+/** Put settings into the form (the model first: choosing one applies its limits). */
+export function restoreSettings(settings) {
   const served = chooseModel(settings.model, { defaults: false });
   writeSettings(settings);
   toast(served ? "Settings restored" : `Settings restored; ${settings.model} is not served right now`);
   $("prompt").focus();
 }
+
+const restore = (job) => restoreSettings(settingsOf(job));
 
 async function remove(job) {
   try {
@@ -146,6 +151,10 @@ function nodeOf(job) {
   const known = nodes.get(job.id);
   if (known && known.key === key) return known.node;
   const node = entryNode(job, actions);
+  node.querySelector(".entry-actions").prepend(el("button", {
+    type: "button", class: "quiet entry-restore-button", onclick: () => restore(job),
+    title: "Put these settings into the form", "aria-label": `Restore settings: ${job.prompt ?? "job"}`,
+  }, "Restore"));
   nodes.set(job.id, { key, node });
   return node;
 }
@@ -157,13 +166,17 @@ function noteText() {
     const when = new Date(offlineSince).toLocaleString([], { dateStyle: "short", timeStyle: "short" });
     return `Offline: the server cannot be reached. Shown: the history as saved here on ${when}.`;
   }
-  if (jobs.length) return "";
+  if (listedJobs().length) return "";
+  if (jobs.length) return "Runs shown in the results above are not repeated here.";
   return q ? `No generation matches “${q}”.` : "Generations you make are kept here, on the server.";
 }
 
+/** The jobs the list shows: those not shown as cards above. */
+const listedJobs = () => jobs.filter((job) => !above.has(job.id));
+
 function render() {
   const list = $("history-list");
-  const wanted = jobs.map(nodeOf);
+  const wanted = listedJobs().map(nodeOf);
   for (const child of [...list.children]) if (!wanted.includes(child)) child.remove();
   wanted.forEach((node, index) => {
     if (list.children[index] !== node) list.insertBefore(node, list.children[index] || null);
@@ -176,13 +189,26 @@ function render() {
   $("history-more").hidden = !hasMore || Boolean(offlineSince);
 }
 
-/** A job this page just submitted: at the top of the list at once. */
+/** A job this page just submitted: its card shows it; the list has it once the card goes. */
 export function jobSubmitted(job) {
+  above.add(job.id);
   const q = searched();
   if (q && !matches(job, q)) return;
   jobs = [job, ...jobs.filter((shown) => shown.id !== job.id)];
   render();
   schedule();
+}
+
+/** Whether a job is shown as a card in the results (then the list leaves it out). */
+export function shownAbove(id, shown) {
+  if (shown) above.add(id);
+  else above.delete(id);
+  render();
+}
+
+/** A job deleted from this page: gone from the list. */
+export function jobDeleted(id) {
+  forget(id);
 }
 
 /** Show a listed job as it is now on the server (gone, if it was deleted). */

@@ -1,27 +1,128 @@
 // The full-size view: a modal <dialog>, so Esc closes it and focus returns where it was.
+// A click or tap on the image (or the zoom button, or Z) shows it at actual pixels (1:1), or at
+// twice its fitted size when it is fitted larger than that; dragging pans it then. Unzoomed, a sideways
+// swipe (or the arrow keys) moves to the next or previous image.
 import { $ } from "./dom.js";
 import { useSeed } from "./form.js";
 import { sizeText } from "./words.js";
 
+const SWIPE_PX = 50;  // a sideways drag at least this long, and mostly sideways, is a swipe
+const TAP_PX = 6;  // a press that moves less than this is a click or a tap
+
 let items = [];  // [{url, seed, width, height, filename, prompt}]
 let index = 0;
+let zoom = null;  // the scale shown, natural pixels = 1; null when the image fits the view
+let press = null;  // the pointer press being followed: where it began, and the scroll then
+
+const image = () => $("lightbox-image");
+const view = () => $("lightbox-view");
+
+/** The zoom a click gives: 1:1, or twice the fitted size when the fitted image is already
+ * larger than its actual pixels (a small image on a large screen). */
+function zoomTarget() {
+  const fitted = image().getBoundingClientRect().width / (image().naturalWidth || 1);
+  return fitted < 1 ? 1 : 2 * fitted;
+}
+
+function zoomLabel() {
+  if (zoom) return "Fit";
+  const target = zoomTarget();
+  return target === 1 ? "1:1" : `${Math.round(target * 100)}%`;
+}
+
+function caption() {
+  const item = items[index];
+  const at = zoom ? ` · ${Math.round(zoom * 100)}%` : "";
+  $("lightbox-caption").textContent =
+    `Seed ${item.seed} · ${sizeText(item.width, item.height)}` +
+    (items.length > 1 ? ` · ${index + 1} of ${items.length}` : "") + at;
+  $("lightbox-zoom").textContent = zoomLabel();
+  $("lightbox-zoom").setAttribute("aria-pressed", String(Boolean(zoom)));
+  $("lightbox-zoom").setAttribute("aria-label", zoom ? "Fit to the screen" : "Zoom to actual pixels");
+}
 
 function show() {
   const item = items[index];
-  const image = $("lightbox-image");
-  image.src = item.url;
-  image.alt = `${item.prompt || "generated image"}, seed ${item.seed}`;
-  $("lightbox-caption").textContent =
-    `Seed ${item.seed} · ${sizeText(item.width, item.height)}` +
-    (items.length > 1 ? ` · ${index + 1} of ${items.length}` : "");
+  fit();
+  image().src = item.url;
+  image().alt = `${item.prompt || "generated image"}, seed ${item.seed}`;
   $("lightbox-download").href = item.url;
   $("lightbox-download").download = item.filename;
   $("lightbox-prev").hidden = $("lightbox-next").hidden = items.length < 2;
+  caption();
 }
 
 function step(delta) {
   index = (index + delta + items.length) % items.length;
   show();
+}
+
+/** Zoom in, keeping the point under (x, y) (the view's centre when not given) where it is. */
+function zoomIn(x, y) {
+  const img = image();
+  const box = img.getBoundingClientRect();
+  if (!img.naturalWidth || !box.width) return;
+  const within = view().getBoundingClientRect();
+  const px = x ?? box.left + box.width / 2;
+  const py = y ?? box.top + box.height / 2;
+  const fx = (px - box.left) / box.width;
+  const fy = (py - box.top) / box.height;
+  // The view keeps the size the fitted image gave it; the image grows inside it.
+  view().style.width = `${within.width}px`;
+  view().style.height = `${within.height}px`;
+  zoom = zoomTarget();
+  img.style.width = `${img.naturalWidth * zoom}px`;
+  img.style.height = `${img.naturalHeight * zoom}px`;
+  view().classList.add("zoomed");
+  view().scrollLeft = fx * img.naturalWidth * zoom - (px - within.left);
+  view().scrollTop = fy * img.naturalHeight * zoom - (py - within.top);
+  caption();
+}
+
+function fit() {
+  zoom = null;
+  view().classList.remove("zoomed");
+  for (const node of [view(), image()]) node.style.removeProperty("width");
+  for (const node of [view(), image()]) node.style.removeProperty("height");
+  if (items.length) caption();
+}
+
+function toggleZoom(x, y) {
+  if (zoom) fit();
+  else zoomIn(x, y);
+}
+
+function pointerDown(event) {
+  if (event.button !== 0) return;
+  press = { id: event.pointerId, x: event.clientX, y: event.clientY,
+            left: view().scrollLeft, top: view().scrollTop, moved: false };
+  view().setPointerCapture(event.pointerId);
+  event.preventDefault();
+}
+
+function pointerMove(event) {
+  if (!press || event.pointerId !== press.id) return;
+  const dx = event.clientX - press.x;
+  const dy = event.clientY - press.y;
+  if (Math.hypot(dx, dy) >= TAP_PX) press.moved = true;
+  if (zoom) {
+    view().scrollLeft = press.left - dx;
+    view().scrollTop = press.top - dy;
+    view().classList.toggle("panning", press.moved);
+  }
+}
+
+function pointerUp(event) {
+  if (!press || event.pointerId !== press.id) return;
+  const dx = event.clientX - press.x;
+  const dy = event.clientY - press.y;
+  const { moved } = press;
+  press = null;
+  view().classList.remove("panning");
+  if (!moved) toggleZoom(event.clientX, event.clientY);
+  else if (!zoom && items.length > 1 && Math.abs(dx) >= SWIPE_PX && Math.abs(dx) > 1.5 * Math.abs(dy)) {
+    step(dx < 0 ? 1 : -1);  // swiping left brings the next image, as on a phone's gallery
+  }
 }
 
 /** Open images[start] full size; arrow keys move through the others. */
@@ -38,13 +139,26 @@ export function initLightbox() {
   $("lightbox-close").addEventListener("click", () => dialog.close());
   $("lightbox-prev").addEventListener("click", () => step(-1));
   $("lightbox-next").addEventListener("click", () => step(1));
+  $("lightbox-zoom").addEventListener("click", () => toggleZoom());
   $("lightbox-seed").addEventListener("click", () => {
     dialog.close();
     useSeed(items[index].seed);
   });
   dialog.addEventListener("keydown", (event) => {
+    if (event.ctrlKey || event.altKey || event.metaKey) return;
     if (event.key === "ArrowLeft" && items.length > 1) step(-1);
     if (event.key === "ArrowRight" && items.length > 1) step(1);
+    if (event.key === "z" || event.key === "Z") toggleZoom();
+  });
+  dialog.addEventListener("close", fit);
+  // The label of the zoom button depends on the image's size, known once it has loaded.
+  image().addEventListener("load", () => { if (items.length) caption(); });
+  view().addEventListener("pointerdown", pointerDown);
+  view().addEventListener("pointermove", pointerMove);
+  view().addEventListener("pointerup", pointerUp);
+  view().addEventListener("pointercancel", () => {
+    press = null;
+    view().classList.remove("panning");
   });
   // A click on the backdrop (the dialog itself, outside its body) closes it.
   dialog.addEventListener("click", (event) => {

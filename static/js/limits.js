@@ -71,6 +71,15 @@ export function sizePresets(limits) {
   return presets;
 }
 
+/** The model's rule for sizes, in a few words: "multiples of 8 px, up to 1.0 MP". */
+export function sizeRule(limits) {
+  if (limits.allowed_sizes && limits.allowed_sizes.length) {
+    return `only ${limits.allowed_sizes.map((s) => s.replace("x", "×")).join(", ")}`;
+  }
+  const most = limits.max_pixels ? `, up to ${(limits.max_pixels / 1e6).toFixed(1)} MP` : "";
+  return `multiples of ${limits.size_multiple || 1} px${most}`;
+}
+
 /** Why the model cannot make this size, in words; null when it can. */
 export function sizeProblem(width, height, limits) {
   const name = limits.name;

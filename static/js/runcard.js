@@ -1,4 +1,5 @@
-// One generation on screen: its settings, progress, previews, and then its images or error.
+// One generation on screen: its settings, progress, previews, and then its images or error,
+// with what can be done next (retry, re-run, vary, restore, copy settings, delete).
 import { el } from "./dom.js";
 import { resultFigure } from "./images.js";
 import { plural, seconds, sizeText } from "./words.js";
@@ -9,31 +10,67 @@ function seedText(seeds, requested) {
   return requested === null ? "random seed" : `seed ${requested}`;
 }
 
+/** "about 40 s", "about 3 min"; null when the server does not know. */
+export function etaText(eta) {
+  if (typeof eta !== "number" || !Number.isFinite(eta) || eta < 0) return null;
+  if (eta < 1) return "starting any moment";
+  return eta < 90 ? `about ${Math.round(eta)} s` : `about ${Math.round(eta / 60)} min`;
+}
+
+/** "Queued — 2 jobs ahead · about 40 s", from the server's position and estimate. */
+export function queuedText(position, eta) {
+  const where = position === null || position === undefined ? ""
+    : position === 0 ? " — next in line" : ` — ${plural(position, "job")} ahead`;
+  const wait = etaText(eta);
+  return `Queued${where}${wait ? ` · ${wait}` : ""}`;
+}
+
+/** "2 images · waited 3.1 s · made in 20 s"; times in ms, null when not known. */
+export function doneText(count, { waited = null, made = null, total = null }) {
+  const parts = [plural(count, "image")];
+  if (made !== null) {
+    if (waited !== null) parts.push(`waited ${seconds(Math.max(0, waited))}`);
+    parts.push(`made in ${seconds(Math.max(0, made))}`);
+  } else if (total !== null) {
+    return `${parts[0]} in ${seconds(Math.max(0, total))}`;
+  }
+  return parts.join(" · ");
+}
+
+const button = (text, onclick, attrs = {}) =>
+  el("button", { type: "button", class: "quiet", onclick, ...attrs }, text);
+
 export class RunCard {
-  constructor(settings, { onCancel, onOpen, onSeed }) {
+  /** on: {cancel, open, seed, retry, rerun, vary, restore, copy, delete, removed, grew}. */
+  constructor(settings, on) {
     this.settings = settings;
-    this.onOpen = onOpen;
-    this.onSeed = onSeed;
-    this.started = performance.now();
+    this.on = on;
+    this.times = { accepted: null, started: null, done: null };
     this.meta = el("p", { class: "run-meta" });
     this.bar = el("progress", { class: "run-bar", "aria-label": "Progress" });
     this.status = el("span", { class: "run-status" }, "Sending…");
-    this.cancelButton = el("button", { type: "button", class: "quiet run-cancel", onclick: onCancel },
-                           "Cancel");
+    this.cancelButton = el("button", { type: "button", class: "quiet run-cancel",
+                                       onclick: () => on.cancel() }, "Cancel");
     this.removeButton = el("button", {
       type: "button", class: "quiet run-remove", hidden: true, title: "Remove from this page",
-      "aria-label": "Remove from this page", onclick: () => this.remove(),
+      "aria-label": "Remove from this page (it stays in History)", onclick: () => this.remove(),
     }, "×");
     this.grid = el("div", { class: "run-images" });
-    this.node = el("article", { class: "run", "data-state": "sending" },
+    this.actions = el("div", { class: "run-actions", hidden: true });
+    this.node = el("article", { class: "run", "data-state": "sending", tabindex: "-1",
+                                "aria-label": `Run: ${settings.prompt}` },
       el("header", { class: "run-head" },
         el("div", { class: "run-text" },
           el("p", { class: "run-prompt", title: settings.prompt }, settings.prompt), this.meta),
         this.cancelButton, this.removeButton),
       el("div", { class: "run-progress" }, this.bar, this.status),
-      this.grid);
+      this.grid, this.actions);
     this.describe(settings, null);
     this.slots = this.placeholders(settings.n, settings.width, settings.height);
+  }
+
+  get state() {
+    return this.node.dataset.state;
   }
 
   describe({ model, width, height, steps }, seeds) {
@@ -58,25 +95,27 @@ export class RunCard {
 
   accepted(job) {
     this.job = job;
+    this.node.dataset.id = job.id;
+    this.times.accepted = performance.now();
     this.describe(job, job.seeds);
     if (job.n !== this.slots.length) this.slots = this.placeholders(job.n, job.width, job.height);
-    this.queued(job.position ?? null);
+    this.queued(job.position ?? null, job.eta_seconds);
   }
 
-  queued(position) {
-    if (this.node.dataset.state === "cancelling") return;
+  queued(position, eta = null) {
+    if (this.state === "cancelling") return;
     this.bar.removeAttribute("value");  // indeterminate while waiting
-    const where = position === null ? "" : position === 0 ? " — next in line"
-                : ` — ${plural(position, "job")} ahead`;
-    this.setState("queued", `Queued${where}`);
+    this.setState("queued", queuedText(position, eta));
+    this.node.dataset.position = position ?? "";
   }
 
   progress(step, steps) {
+    const first = this.times.started === null;
+    this.times.started ??= performance.now();
     this.bar.max = steps;
     this.bar.value = step;
-    if (this.node.dataset.state !== "cancelling") {
-      this.setState("running", `Step ${step} of ${steps}`);
-    }
+    if (this.state !== "cancelling") this.setState("running", `Step ${step} of ${steps}`);
+    if (first) this.on.grew?.();  // its image slots show from now on
   }
 
   preview(index, url) {
@@ -93,43 +132,93 @@ export class RunCard {
     this.setState("cancelling", "Cancelling…");
   }
 
-  remove() {
-    for (const image of this.grid.querySelectorAll("img")) URL.revokeObjectURL(image.src);
+  remove({ focus = true } = {}) {
+    for (const image of this.grid.querySelectorAll("img")) {
+      if (image.src.startsWith("blob:")) URL.revokeObjectURL(image.src);
+    }
     const next = this.node.nextElementSibling;
     this.node.remove();
     if (!document.querySelector("#runs .run")) document.getElementById("runs-empty").hidden = false;
-    (next?.querySelector("button") || document.getElementById("prompt")).focus();
+    if (focus) (next?.querySelector("button") || document.getElementById("prompt")).focus();
+    this.on.removed?.();
   }
 
-  finish(state, text) {
+  finish(state, text, buttons) {
+    this.times.done = performance.now();
     this.cancelButton.hidden = true;
     this.removeButton.hidden = false;
     this.setState(state, text);
     for (const old of this.grid.querySelectorAll("img.preview")) URL.revokeObjectURL(old.src);
+    this.showActions(buttons);
   }
 
-  completed(images, result) {
+  /** The buttons under a finished run; Delete only for a job the server holds. */
+  showActions(buttons) {
+    const on = this.on;
+    const all = {
+      retry: button("Retry", () => on.retry(), { class: "primary run-retry" }),
+      rerun: button("Re-run", () => on.rerun(), { class: "quiet run-rerun",
+                                                  title: "Again, with the same settings and seed" }),
+      vary: button("Vary", () => on.vary(), { class: "quiet run-vary",
+                                              title: "Again, with a new random seed" }),
+      restore: button("Restore settings", () => on.restore(), {
+        class: "quiet run-restore", title: "Put these settings into the form" }),
+      copy: button("Copy settings", () => on.copy(), {
+        class: "quiet run-copy", title: "Copy the settings as JSON (the body of POST /v1/jobs)" }),
+      delete: this.job ? button("Delete", () => this.confirmDelete(), {
+        class: "quiet danger run-delete", title: "Delete this run and its images from the server" })
+        : null,
+    };
+    this.actions.replaceChildren(...buttons.map((name) => all[name]).filter(Boolean));
+    this.actions.hidden = false;
+  }
+
+  /** Ask in place before deleting: the images go from the server for good. */
+  confirmDelete() {
+    const keep = this.actions.replaceChildren.bind(this.actions, ...this.actions.children);
+    const no = button("Keep", () => {
+      keep();
+      this.actions.querySelector(".run-delete")?.focus();
+    }, { class: "quiet run-keep" });
+    const yes = button("Delete", async () => {
+      yes.disabled = true;
+      no.disabled = true;
+      if (!(await this.on.delete())) {
+        keep();
+        this.actions.querySelector(".run-delete")?.focus();
+      }
+    }, { class: "quiet danger run-delete-yes" });
+    this.actions.replaceChildren(
+      el("span", { class: "run-confirm", role: "alert" },
+         "Delete this run and its images from the server?"), yes, no);
+    no.focus();
+  }
+
+  completed(images, result, times) {
     this.bar.max = 1;
     this.bar.value = 1;
     this.describe({ ...this.settings, ...result }, images.map((i) => i.seed));
-    const elapsed = seconds(performance.now() - this.started);
-    this.finish("completed", `${plural(images.length, "image")} in ${elapsed}`);
+    this.finish("completed", doneText(images.length, times),
+                ["rerun", "vary", "restore", "copy", "delete"]);
     this.grid.replaceChildren(...images.map((item, index) => resultFigure(item, {
-      onOpen: () => this.onOpen(images, index),
-      onSeed: () => this.onSeed(item.seed),
+      onOpen: () => this.on.open(images, index),
+      onSeed: () => this.on.seed(item.seed),
     })));
     for (const warning of result.warnings || []) {
       this.grid.before(el("p", { class: "run-warning" }, warning));
     }
+    this.on.grew?.();
   }
 
-  failed(message) {
-    this.finish("failed", message);
+  /** reason: "unreachable" when the cluster could not be reached at all. */
+  failed(message, { reason = null } = {}) {
+    this.node.dataset.reason = reason || "";
+    this.finish("failed", message, ["retry", "restore", "copy", "delete"]);
     this.grid.replaceChildren();
   }
 
   cancelled(text) {
-    this.finish("cancelled", text);
+    this.finish("cancelled", text, ["rerun", "restore", "copy", "delete"]);
     this.grid.replaceChildren();
   }
 }

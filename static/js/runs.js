@@ -1,14 +1,16 @@
-// A generation's life: POST /v1/jobs, follow its events, cancel it, show its images. A job
-// from the history (another tab's or device's, say) can be followed the same way.
+// A generation's life: POST /v1/jobs, follow its events, cancel it, show its images, and what
+// comes after (retry, re-run, vary, restore, copy settings, delete). A job from the history
+// (another tab's or device's, say) can be followed the same way.
 import { api, ApiError, errorOf, send } from "./api.js";
-import { $ } from "./dom.js";
+import { $, toast } from "./dom.js";
 import { settingsOf } from "./entry.js";
-import { requestBody, showProblem, useSeed } from "./form.js";
-import { jobChanged, jobSubmitted } from "./history.js";
+import { currentLimits, requestBody, showProblem, useSeed } from "./form.js";
+import { jobChanged, jobDeleted, jobSubmitted, restoreSettings, shownAbove } from "./history.js";
 import { blobOf, filename } from "./images.js";
-import { cancelJob } from "./jobs.js";
+import { cancelJob, deleteJob, getJob } from "./jobs.js";
 import { openLightbox } from "./lightbox.js";
-import { RunCard } from "./runcard.js";
+import { queuedText, RunCard } from "./runcard.js";
+import { showCode } from "./snippets.js";
 import { readEvents } from "./sse.js";
 import { withStream } from "./streams.js";
 import { errorText, plural } from "./words.js";
@@ -17,6 +19,7 @@ const PREVIEWS = 3;  // partial_images asked for when live previews are on
 const RECONNECTS = 4;
 const FINISHED = { succeeded: "completed", failed: "failed", cancelled: "cancelled" };
 const runs = new Map();  // job id → the run following it on this page
+const active = [];  // runs not yet ended, oldest first (also those still being sent)
 
 function announce(text) {
   $("status").textContent = text;
@@ -24,28 +27,81 @@ function announce(text) {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-function newRun(settings, { watched = false } = {}) {
-  const run = { settings, job: null, outcome: null, cancelAsked: false, watched };
+// Scrolls this module starts, told apart from the person's own: a card is never pulled back
+// into view after they scrolled elsewhere.
+let ownScrollUntil = 0;  // performance.now() until which scroll events are ours
+let userScrolledAt = -Infinity;
+addEventListener("scroll", () => {
+  if (performance.now() > ownScrollUntil) userScrolledAt = performance.now();
+}, { passive: true });
+addEventListener("scrollend", () => { ownScrollUntil = 0; });
+
+/**
+ * Scroll a card to the top of the screen unless it is there already: on a phone it starts
+ * below the whole form, and its images grow beneath it.
+ */
+function bringIntoView(node) {
+  const top = document.querySelector(".topbar")?.getBoundingClientRect().bottom ?? 0;
+  const box = node.getBoundingClientRect();
+  if (box.top >= top && box.top <= top + window.innerHeight * 0.25) return;
+  const smooth = !window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+  node.style.scrollMarginTop = `${Math.max(0, top) + 12}px`;  // clear the sticky top bar
+  ownScrollUntil = performance.now() + 1500;  // until its scrollend; a bound if none comes
+  node.scrollIntoView({ block: "start", behavior: smooth ? "smooth" : "auto" });
+}
+
+/**
+ * Bring the newest card up again as its images appear, while it is on the screen and the
+ * person has not scrolled since it started: a page too short to scroll it to the top when
+ * it started (a phone's, say) is long enough now.
+ */
+function keepInView(run) {
+  const node = run.card.node;
+  if (node !== $("runs").querySelector(".run") || userScrolledAt > run.startedAt) return;
+  const box = node.getBoundingClientRect();
+  if (box.bottom > 0 && box.top < window.innerHeight) bringIntoView(node);
+}
+
+function newRun(settings, body, { watched = false } = {}) {
+  const run = { settings, body, job: null, outcome: null, cancelAsked: false, watched,
+                endedAt: null, startedAt: performance.now() };
   run.card = new RunCard(settings, {
-    onCancel: () => cancel(run),
-    onOpen: (images, index) => openLightbox(images, index),
-    onSeed: (seed) => useSeed(seed),
+    cancel: () => cancel(run),
+    open: (images, index) => openLightbox(images, index),
+    seed: (seed) => useSeed(seed),
+    retry: () => retry(run),
+    rerun: () => again(run, run.job?.seeds?.[0] ?? run.settings.seed),
+    vary: () => again(run, null),
+    restore: () => restoreSettings(madeWith(run)),
+    copy: () => copySettings(run),
+    delete: () => remove(run),
+    removed: () => run.job && shownAbove(run.job.id, false),
+    grew: () => keepInView(run),
   });
   $("runs-empty").hidden = true;
   $("runs").prepend(run.card.node);
+  active.push(run);
+  bringIntoView(run.card.node);
   return run;
 }
 
 /** Start a generation with these (already checked) settings. */
-export async function startRun(settings, limits) {
+export function startRun(settings, limits) {
   const body = { ...requestBody(settings, limits), partial_images: settings.previews ? PREVIEWS : 0 };
-  const run = newRun(settings);
+  return launch(settings, body);
+}
+
+async function launch(settings, body) {
+  const run = newRun(settings, body);
+  announce(`Sending: ${plural(settings.n, "image")}. Its card is at the top of the results.`);
   try {
     run.job = await api("/v1/jobs", { method: "POST", body });
     jobSubmitted(run.job);
     await followRun(run);
   } catch (err) {
     fail(run, err);
+  } finally {
+    settle(run);
   }
 }
 
@@ -53,16 +109,19 @@ export async function startRun(settings, limits) {
 export async function watchJob(job) {
   const open = runs.get(job.id);
   if (open) {
-    open.card.node.scrollIntoView({ block: "nearest" });
+    bringIntoView(open.card.node);
     return;
   }
-  const run = newRun({ ...settingsOf(job), prompt: job.prompt ?? "" }, { watched: true });
+  const settings = { ...settingsOf(job), prompt: job.prompt ?? "" };
+  const run = newRun(settings, bodyOf(job, settings), { watched: true });
   run.job = job;
-  run.card.node.scrollIntoView({ block: "nearest" });
+  shownAbove(job.id, true);
   try {
     await followRun(run);
   } catch (err) {
     fail(run, err);
+  } finally {
+    settle(run);
   }
 }
 
@@ -72,15 +131,48 @@ export function cancelRun(job) {
   return run ? cancel(run) : cancelJob(job.id);
 }
 
+/**
+ * Cancel the run whose card holds the focus, else the newest one still queued or running.
+ * Returns whether one was asked to cancel.
+ */
+export function cancelLatestRun() {
+  const card = document.activeElement?.closest?.("#runs .run");
+  const cancellable = active.filter((run) => !run.cancelAsked && !run.outcome);
+  const run = cancellable.find((each) => each.card.node === card) || cancellable.at(-1);
+  if (!run) return false;
+  cancel(run);
+  return true;
+}
+
+/** The body that makes this job again: as the client sent it, else from its settings. */
+function bodyOf(job, settings) {
+  if (job.request && typeof job.request === "object") {
+    const { stream, ...body } = job.request;
+    return body;
+  }
+  return requestBody(settings, currentLimits());
+}
+
+/** The settings a run was made with, its seed the one the server chose. */
+function madeWith(run) {
+  return { ...run.settings, seed: run.job?.seeds?.[0] ?? run.settings.seed };
+}
+
+function settle(run) {
+  const index = active.indexOf(run);
+  if (index >= 0) active.splice(index, 1);
+}
+
 async function followRun(run) {
   runs.set(run.job.id, run);
   try {
     run.card.accepted(run.job);
     if (run.job.status === "running") run.card.progress(run.job.step, run.job.steps);
     announce(run.watched ? `Following: ${plural(run.job.n, "image")}`
-                         : `Queued: ${plural(run.job.n, "image")}`);
+      : `${plural(run.job.n, "image")}: ${queuedText(run.job.position, run.job.eta_seconds)}`);
     if (run.cancelAsked) cancel(run);  // Cancel was pressed while the job was being sent
     await withStream(() => follow(run), () => pollStatus(run));
+    run.endedAt ??= performance.now();
     await conclude(run);
   } finally {
     runs.delete(run.job.id);
@@ -90,16 +182,25 @@ async function followRun(run) {
 
 function fail(run, err) {
   const error = err instanceof ApiError ? err : { message: `something went wrong in this page: ${err.message}` };
-  run.card.failed(errorText(error));
+  let text = errorText(error);
+  let reason = null;
+  if (error.status === 0) {
+    reason = "unreachable";
+    text = run.job
+      ? "Lost contact with the cluster before the job finished. It may still finish on the " +
+        "server: reload the page to see it in History."
+      : "The cluster cannot be reached, so nothing was sent. Retry once it is back.";
+  }
+  run.card.failed(text, { reason });
   if (error.param && !run.watched) showProblem(error.param, error.message);
-  announce(`Failed: ${errorText(error)}`);
+  announce(`Failed: ${text}`);
 }
 
 /** The job's status while it waits for an event stream; true once it has ended. */
 async function pollStatus(run) {
   try {
     const job = await api(`/v1/jobs/${run.job.id}`, { background: true });
-    if (job.status === "queued") run.card.queued(job.position);
+    if (job.status === "queued") run.card.queued(job.position, job.eta_seconds);
     else if (job.status === "running") run.card.progress(job.step, job.steps);
     else if (FINISHED[job.status]) {
       run.outcome = { name: FINISHED[job.status], data: job.result || job };
@@ -134,13 +235,16 @@ async function follow(run) {
 
 function readJobEvents(run, body) {
   return readEvents(body, (name, data) => {
-    if (name === "queued") run.card.queued(data.position);
+    if (name === "queued") run.card.queued(data.position, data.eta_seconds);
     else if (name === "progress") {
       run.steps = data.steps;
       run.card.progress(data.step, data.steps);
     }
     else if (name === "preview") showPreview(run, data);
-    else if (["completed", "failed", "cancelled"].includes(name)) run.outcome = { name, data };
+    else if (["completed", "failed", "cancelled"].includes(name)) {
+      run.outcome = { name, data };
+      run.endedAt = performance.now();
+    }
     return Boolean(run.outcome);
   });
 }
@@ -163,9 +267,35 @@ async function conclude(run) {
     fail(run, new ApiError(500, data.error || { message: "the job failed" }));
   } else {
     const images = await imagesOf(data, run.settings.prompt);
-    run.card.completed(images, data);
-    announce(`Done: ${plural(images.length, "image")}`);
+    const times = await timesOf(run, data);
+    run.card.completed(images, data, times);
+    announce(`Done: ${run.card.status.textContent}`);
   }
+}
+
+/**
+ * How long the job waited and how long it took to make, in ms. Measured here: from accepted
+ * to the first step is the wait, from there to the result the making. A job followed from the
+ * history was not seen from its start: the server's times tell, where it gives them.
+ */
+async function timesOf(run, result) {
+  const { accepted, started } = run.card.times;
+  const ended = run.endedAt;
+  if (!run.watched && started !== null) return { waited: started - accepted, made: ended - started };
+  let job = null;
+  try {
+    job = await getJob(run.job.id);
+  } catch { /* the page's own measures follow */ }
+  if (job && job.started && job.finished) {
+    return { waited: (job.started - job.created) * 1000, made: (job.finished - job.started) * 1000 };
+  }
+  const generated = result.timings?.generate_s;
+  if (typeof generated === "number") {
+    const made = generated * 1000;
+    return { waited: run.watched ? null : ended - accepted - made, made };
+  }
+  if (run.watched && job && job.finished) return { total: (job.finished - job.created) * 1000 };
+  return { total: ended - accepted };
 }
 
 /** The images by the URLs the server keeps them at; from their bytes where it keeps none. */
@@ -188,4 +318,49 @@ async function cancel(run) {
     // The job may have finished meanwhile; its own outcome event says how.
     if (!run.outcome) announce(`Could not cancel: ${errorText(err)}`);
   }
+}
+
+/** Retry a failed run in its place: the same settings, its card replaced by the new one's. */
+function retry(run) {
+  const focused = run.card.node.contains(document.activeElement);
+  run.card.remove({ focus: false });
+  const running = launch(run.settings, run.body);  // its card is first in #runs at once
+  if (focused) active.at(-1).card.node.focus({ preventScroll: true });
+  return running;
+}
+
+/** Run again with the same settings; seed: the one to use, null for a new random one. */
+function again(run, seed) {
+  const body = { ...run.body };
+  if (seed === null || seed === undefined) delete body.seed;
+  else body.seed = seed;
+  return launch({ ...run.settings, seed: seed ?? null }, body);
+}
+
+/** The settings as JSON, the body of POST /v1/jobs, with the seed the run was made with. */
+async function copySettings(run) {
+  const seed = run.job?.seeds?.[0];
+  const text = JSON.stringify(seed === undefined ? run.body : { ...run.body, seed }, null, 2);
+  try {
+    await navigator.clipboard.writeText(text);
+    toast("Settings copied as JSON (the body of POST /v1/jobs)");
+  } catch {
+    showCode("Settings (JSON for POST /v1/jobs)", text);  // it selects the text to copy
+  }
+}
+
+/** Delete the run's job and images from the server, then its card; whether it went. */
+async function remove(run) {
+  try {
+    await deleteJob(run.job.id);
+  } catch (err) {
+    if (err.status !== 404) {
+      toast(`Could not delete: ${errorText(err)}`);
+      return false;
+    }
+  }
+  jobDeleted(run.job.id);
+  run.card.remove();
+  announce("Deleted");
+  return true;
 }

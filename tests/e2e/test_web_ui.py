@@ -70,6 +70,18 @@ def page(browser, cluster: Cluster, keyed_cluster: Cluster) -> Iterator:
     assert not errors, f"uncaught errors in the page: {errors}"
 
 
+def open_page(browser, url: str, viewport: dict = DESKTOP, **options):
+    """A new browser context (fresh storage: another device) with the UI of ``url`` loaded;
+    uncaught page errors collect in ``page.errors``."""
+    context = browser.new_context(viewport=viewport, color_scheme="light", **options)
+    page = context.new_page()
+    page.errors = []
+    page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+    page.goto(url + "/")
+    page.wait_for_function("document.querySelector('#model').value === 'tiny'")
+    return page
+
+
 def shot(page, name: str, *, full_page: bool = False) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"ui-{name}.png"), full_page=full_page)
@@ -117,7 +129,8 @@ def test_the_model_picker_lists_tiny_and_applies_its_defaults(page, cluster: Clu
     assert page.input_value("#height") == default_h
     assert page.input_value("#steps") == str(limits["default_steps"])
     assert page.get_attribute("#steps", "max") == str(limits["max_steps"])
-    assert page.is_visible("#guidance") and page.is_visible("#negative_prompt")
+    assert page.is_visible("#guidance")
+    assert page.get_attribute("#negative-field", "hidden") is None  # in "More settings"
     checked = page.locator("#size-presets input:checked")
     assert checked.get_attribute("value") == limits["default_size"]
     presets = page.locator("#size-presets input").evaluate_all("rs => rs.map(r => r.value)")
@@ -142,7 +155,8 @@ def test_generate_shows_progress_then_images_with_their_seeds(page) -> None:
     steps_seen = [text for text in page.evaluate("window.statusLog") if text.startswith("Step")]
     assert steps_seen and steps_seen[-1] == "Step 8 of 8", steps_seen
     assert run.get_attribute("data-state") == "completed"
-    assert run.locator(".run-status").inner_text().startswith("2 images in")
+    status = run.locator(".run-status").inner_text()  # the queue wait apart from the making
+    assert status.startswith("2 images · ") and " · made in " in status, status
     assert run.locator("figcaption .seed").all_inner_texts() == ["Seed 7", "Seed 8"]
     sizes = run.locator("figure img").evaluate_all(
         "imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")

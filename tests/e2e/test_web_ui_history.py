@@ -14,7 +14,14 @@ import httpx
 import pytest
 
 from tests.cluster import Cluster, wait_until
-from tests.e2e.test_web_ui import DESKTOP, browser, newest_run, pytestmark, set_settings, shot
+from tests.e2e.test_web_ui import (
+    browser,
+    newest_run,
+    open_page,
+    pytestmark,
+    set_settings,
+    shot,
+)
 
 __all__ = ["browser", "pytestmark"]  # the module's browser fixture and its skip markers
 
@@ -22,20 +29,9 @@ FINISHED = ("succeeded", "failed", "cancelled")
 ENTRIES = "#history-list .entry"
 
 
-def open_page(browser, cluster: Cluster):
-    """A new browser context (fresh storage: another device) with the UI loaded."""
-    context = browser.new_context(viewport=DESKTOP, color_scheme="light")
-    page = context.new_page()
-    page.errors = []
-    page.on("pageerror", lambda exc: page.errors.append(str(exc)))
-    page.goto(cluster.url + "/")
-    page.wait_for_function("document.querySelector('#model').value === 'tiny'")
-    return page
-
-
 @pytest.fixture(scope="module")
 def page(browser, cluster: Cluster) -> Iterator:
-    page = open_page(browser, cluster)
+    page = open_page(browser, cluster.url)
     yield page
     page.context.close()
     assert not page.errors, f"uncaught errors in the page: {page.errors}"
@@ -113,27 +109,32 @@ def test_a_job_made_through_the_api_shows_with_its_thumbnail(page, cluster: Clus
     page.keyboard.press("Escape")
 
 
-def test_a_new_generation_tops_the_history_then_shows_its_images_by_url(page,
-                                                                       cluster: Cluster) -> None:
+def test_a_new_generation_shows_once_then_tops_the_history_when_its_card_goes(
+        page, cluster: Cluster) -> None:
     set_settings(page, prompt="a violet tram at night", size="128x128", steps=3, seed=5)
     page.click("#go")
-    entry = page.locator(ENTRIES).first
-    page.wait_for_function(f"document.querySelector('{ENTRIES} .entry-prompt').textContent"
-                           " === 'a violet tram at night'")  # at the top without a reload
-    newest_run(page).locator("figure img").first.wait_for()
-    page.wait_for_function(f"document.querySelector('{ENTRIES}').dataset.status === 'succeeded'")
-    job = httpx.get(f"{cluster.url}/v1/jobs/{entry.get_attribute('data-id')}").json()
+    run = newest_run(page)
+    run.locator("figure img").first.wait_for()
+    job_id = run.get_attribute("data-id")
+    job = httpx.get(f"{cluster.url}/v1/jobs/{job_id}").json()
     url = job["images"][0]["url"]
     assert url.startswith(cluster.url + "/v1/images/files/")
+    assert run.locator("figure img").first.get_attribute("src") == url
+    assert not entry_of(page, job_id).count()  # shown once: as its card in the results
+    run.locator(".run-remove").click()
+    entry = entry_of(page, job_id)
+    entry.wait_for()  # in the history at once, without a reload
+    assert page.locator(ENTRIES).first.get_attribute("data-id") == job_id
+    assert entry.locator(".entry-prompt").inner_text() == "a violet tram at night"
+    page.wait_for_function(f"document.querySelector('{ENTRIES}').dataset.status === 'succeeded'")
     assert loaded_thumbnail(page, entry).get_attribute("src") == url
-    assert newest_run(page).locator("figure img").first.get_attribute("src") == url
 
 
 def test_another_device_sees_the_history_and_watches_a_running_job(browser, page,
                                                                    cluster: Cluster) -> None:
     earlier = made(cluster, "a paper boat on a pond")
     reload(page)
-    other = open_page(browser, cluster)
+    other = open_page(browser, cluster.url)
     try:
         entry_of(other, earlier["id"]).wait_for()  # the same history, with no local storage
         assert loaded_thumbnail(other, entry_of(other, earlier["id"])).get_attribute("src") \
@@ -144,7 +145,7 @@ def test_another_device_sees_the_history_and_watches_a_running_job(browser, page
         page.wait_for_function("/^Step [0-9]+ of 50$/.test("
                                "document.querySelector('#runs .run .run-status').textContent)",
                                timeout=30_000)
-        job_id = page.locator(ENTRIES).first.get_attribute("data-id")
+        job_id = newest_run(page).get_attribute("data-id")
         reload(other)
         entry = entry_of(other, job_id)
         entry.wait_for()
@@ -159,9 +160,7 @@ def test_another_device_sees_the_history_and_watches_a_running_job(browser, page
         run.locator("figure img").first.wait_for(timeout=120_000)
         assert run.get_attribute("data-state") == "completed"
         assert run.locator("figure img").first.evaluate("img => img.naturalWidth") == 768
-        other.wait_for_function(
-            f"document.querySelector(\"{ENTRIES}[data-id='{job_id}']\").dataset.status"
-            " === 'succeeded'")
+        assert not entry_of(other, job_id).count()  # its card shows it; the list does not
         assert not other.errors, other.errors
     finally:
         other.context.close()
