@@ -241,11 +241,11 @@ class Broker:
             return
         # Behind every job still queued, and every one a worker holds but has not started.
         position = len(self.leases.waiting(spec.model)) + self.jobs.add(job)
-        job.told = position
         if log.isEnabledFor(logging.DEBUG):
             log.debug("job %s queued at position %d", spec.id, position,
                       extra=logs.job_fields(spec))
-        self._tell_position(client, spec.id, position)
+        if self._tell_position(client, spec.id, position):
+            job.told = position
 
     def _reattach(self, client: bytes, owner: str, job: Job) -> None:
         """A resubmission: its owner's answers go to the connection it came from."""
@@ -260,8 +260,8 @@ class Broker:
         line = self._line(job.model)
         position = next((i for i, j in enumerate(line) if j is job),
                         len(line) if job.state is JobState.QUEUED else 0)
-        job.told = position
-        self._tell_position(client, job.id, position)
+        if self._tell_position(client, job.id, position):
+            job.told = position
 
     def _on_cancel(self, owner: str, job_id: str, now: float) -> None:
         job = self.jobs.get(job_id)
@@ -556,9 +556,8 @@ class Broker:
         self._next_announce = now + POSITION_INTERVAL
         for model in self._queue_moved:
             for position, job in enumerate(self._line(model)):
-                if job.told != position:
-                    job.told = position
-                    self._tell_position(job.client, job.id, position)
+                if job.told != position and self._tell_position(job.client, job.id, position):
+                    job.told = position  # a message that did not go out is tried again
         self._queue_moved.clear()
 
     def _line(self, model: str) -> list[Job]:
@@ -609,13 +608,14 @@ class Broker:
         self._send(self.client_socket, client, protocol.failed(
             spec.id, code, message, retryable=True, incarnation=self.incarnation))
 
-    def _tell_position(self, client: bytes, job_id: str, position: int) -> None:
+    def _tell_position(self, client: bytes, job_id: str, position: int) -> bool:
         """ACCEPTED: the job is held here, ``position`` jobs waiting to start ahead of it,
         queued or held by a worker that has not started them (0 when it is next or running).
         Sent when a job is taken, and again when its place changes:
-        one message, one meaning, whether the frontend has heard of the job before or not."""
-        self._send(self.client_socket, client,
-                   self._msg(MsgType.ACCEPTED, {"job_id": job_id, "position": position}))
+        one message, one meaning, whether the frontend has heard of the job before or not.
+        True when it went out."""
+        return self._send(self.client_socket, client,
+                          self._msg(MsgType.ACCEPTED, {"job_id": job_id, "position": position}))
 
     def _msg(self, msg_type: MsgType, fields: dict[str, Any] | None = None) -> list[Any]:
         """A message of ours: it names this broker's incarnation."""

@@ -100,6 +100,7 @@ class JobTable:
 
     def _enqueue(self, job: Job, *, at_head: bool) -> None:
         job.state = JobState.QUEUED
+        job.told = None  # back in line (requeued, handed back): its client hears its place anew
         queue = self._queues.setdefault(job.model, deque())
         queue.appendleft(job) if at_head else queue.append(job)
         self._queued[job.model] = self._queued.get(job.model, 0) + 1

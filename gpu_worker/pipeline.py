@@ -71,6 +71,7 @@ class PipelineRunner:
         self._trained_sample_size: int | None = getattr(self.pipe, "default_sample_size", None)
         self.spec = self._fit_spec(spec)
         self.previews = PreviewMaker(self.pipe, self.spec.family, offloaded=options.offload)
+        self._preview_failed = False
 
     # ---------------------------------------------------------------- loading
 
@@ -266,8 +267,8 @@ class PipelineRunner:
             done += 1
             # The denoising step's own time: previews and reporting come after this point.
             step_seconds = time.perf_counter() - last
-            previews = (self.previews.make(latents, job.width, job.height, first=done == 1,
-                                           step_seconds=step_seconds)
+            previews = (self._previews(latents, job, first=done == 1,
+                                       step_seconds=step_seconds)
                         if done in with_previews else [])
             wanted = on_step(min(done, total), total, previews)
             last = time.perf_counter()
@@ -288,6 +289,18 @@ class PipelineRunner:
         if "prior_callback_on_step_end" in self._params:
             hooks["prior_callback_on_step_end"] = on_step_end
         return hooks
+
+    def _previews(self, latents: Any, job: JobSpec, *, first: bool,
+                  step_seconds: float) -> list[Image.Image]:
+        """This step's previews; none when making them fails: a preview never costs a job."""
+        try:
+            return self.previews.make(latents, job.width, job.height, first=first,
+                                      step_seconds=step_seconds)
+        except Exception:
+            if not self._preview_failed:
+                self._preview_failed = True
+                log.exception("previews failed (logged once); the jobs go on without them")
+            return []
 
     def _set_area(self, job: JobSpec) -> None:
         """Make an area-sized pipeline (HiDream) produce exactly width x height."""

@@ -145,16 +145,18 @@ def _to_image(rgb: torch.Tensor, width: int, height: int) -> Image.Image:
 class PreviewMaker:
     """Makes a batch's previews: a latent map first, small VAE decodes later where cheap.
 
-    Belongs to one runner (one thread). It learns the cost of a small decode the first time
-    it makes one and stops using the VAE for previews when that exceeds DECODE_BUDGET of a
-    denoising step, or when a decode fails.
+    Belongs to one runner (one thread). It learns what a small decode costs for each batch
+    and preview size (the first of each measured twice: the first call may pay a one-time
+    set-up) and decodes where that is within DECODE_BUDGET of a denoising step; a decode
+    that fails stops the VAE previews for good.
     """
 
     def __init__(self, pipe: Any, family: str | None, *, offloaded: bool = False) -> None:
         self.pipe = pipe
         self.family = family
         self.decodes = not offloaded and _decodable(pipe)
-        self.decode_seconds: float | None = None
+        self.decode_seconds: float | None = None  # the last decode's
+        self._costs: dict[tuple[int, ...], tuple[float, int]] = {}  # shape: (seconds, times)
 
     def make(self, latents: Any, width: int, height: int, *, first: bool,
              step_seconds: float | None = None) -> list[Image.Image]:
@@ -162,21 +164,21 @@ class PreviewMaker:
         spatial = spatial_latents(latents, self.pipe, width, height)
         if spatial is None:
             return []
-        if not first and self._decode_affordable(step_seconds):
-            images = self._decode(spatial, width, height, step_seconds)
+        if not first and self._decode_affordable(_shape(spatial, width, height), step_seconds):
+            images = self._decode(spatial, width, height)
             if images:
                 return images
         return [_to_image(rgb, width, height) for rgb in latent_rgb(spatial, self.family)]
 
-    def _decode_affordable(self, step_seconds: float | None) -> bool:
+    def _decode_affordable(self, shape: tuple[int, ...], step_seconds: float | None) -> bool:
         if not self.decodes:
             return False
-        if self.decode_seconds is None or step_seconds is None:
-            return True  # not measured yet: one try tells
-        return self.decode_seconds <= DECODE_BUDGET * step_seconds
+        seconds, times = self._costs.get(shape, (0.0, 0))
+        if times < 2 or step_seconds is None:
+            return True  # not measured (twice) yet: a try tells
+        return seconds <= DECODE_BUDGET * step_seconds
 
-    def _decode(self, latents: torch.Tensor, width: int, height: int,
-                step_seconds: float | None) -> list[Image.Image]:
+    def _decode(self, latents: torch.Tensor, width: int, height: int) -> list[Image.Image]:
         vae = self.pipe.vae
         config = vae.config
         if latents.shape[1] != config.latent_channels:
@@ -199,11 +201,15 @@ class PreviewMaker:
             self.decodes = False
             return []
         self.decode_seconds = time.perf_counter() - started
-        if step_seconds is not None and self.decode_seconds > DECODE_BUDGET * step_seconds:
-            log.info("small-decode previews cost %.3f s against %.3f s a step: latent maps "
-                     "from now on", self.decode_seconds, step_seconds)
-            self.decodes = False
+        shape = _shape(latents, width, height)
+        _, times = self._costs.get(shape, (0.0, 0))
+        self._costs[shape] = (self.decode_seconds, times + 1)
         return [_to_image(img, width, height) for img in rgb]
+
+
+def _shape(latents: torch.Tensor, width: int, height: int) -> tuple[int, ...]:
+    """What a small decode's cost depends on: the batch and the preview's size."""
+    return (int(latents.shape[0]), *preview_size(width, height))
 
 
 def _decodable(pipe: Any) -> bool:

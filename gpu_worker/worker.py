@@ -288,11 +288,13 @@ class Worker:
             self.stats.batch_started()
             images = self.runner.generate_batch(jobs, self._progress_reporter(jobs, previews))
         except Interrupted:
+            wait(previews)  # a preview never follows its job's answer, whatever the answer
             for job in jobs:
                 log.info("job %s interrupted", job.id, extra=logs.job_fields(job))
                 self._answer(job.id, None)
             return
         except Exception as exc:
+            wait(previews)
             log.exception("job(s) %s failed", ", ".join(job.id for job in jobs),
                           extra=logs.job_fields(jobs[0]))
             for job in jobs[1:]:  # one line each, so that grep finds every job's failure
@@ -351,14 +353,12 @@ class Worker:
                 return
         try:
             data = encode_image(preview, job.output_format, PREVIEW_QUALITY)
+            self.link.send(protocol.encode(
+                MsgType.PROGRESS,
+                {"job_id": job.id, "step": step, "steps": steps, "image_index": index,
+                 "preview_format": job.output_format}, [data]))
         except Exception:  # a preview is a glimpse: losing one must not cost the job
-            log.exception("job %s: a preview failed to encode", job.id,
-                          extra=logs.job_fields(job))
-            return
-        self.link.send(protocol.encode(
-            MsgType.PROGRESS,
-            {"job_id": job.id, "step": step, "steps": steps, "image_index": index,
-             "preview_format": job.output_format}, [data]))
+            log.exception("job %s: a preview failed", job.id, extra=logs.job_fields(job))
 
     def _encode_and_answer(self, job: JobSpec, images: list[Image.Image],
                            timings: dict[str, float],

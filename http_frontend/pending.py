@@ -149,10 +149,13 @@ class PendingJob:
         if msg.type is MsgType.ACCEPTED:
             self.position = msg["position"]
             self._accepted = msg
+            self.step = 0  # waiting again (its worker was lost): not running any more
         elif msg.type is MsgType.PROGRESS:
             if self.started_at is None:
                 self.started_at = time.monotonic()
-            self.step, self.steps = msg["step"], msg["steps"]
+            # A preview is encoded apart and may come after later steps: never back.
+            step = max(self.step, msg["step"]) if msg.payloads else msg["step"]
+            self.step, self.steps = step, msg["steps"]
             if msg.payloads:
                 index = msg.get("image_index") or 0
                 if not 0 <= index < self._images():

@@ -22,6 +22,8 @@ from typing import Any
 
 from http_frontend.broker_client import ClusterStatus
 
+MAX_WAIT = 86_400.0  # seconds; past a day an estimate says nothing
+
 
 def estimate_wait(status: ClusterStatus | None, model: str, position: int | None,
                   steps: int | None) -> float | None:
@@ -39,7 +41,10 @@ def estimate_wait(status: ClusterStatus | None, model: str, position: int | None
         batch += batch_size
     if rate <= 0:
         return None
-    return round((position + batch) / rate, 1)
+    wait = (position + batch) / rate
+    # A worker's step time is any finite number: a lying or broken one must not put an
+    # infinity (not JSON) or an absurd wait in front of a user.
+    return round(wait, 1) if math.isfinite(wait) and wait <= MAX_WAIT else None
 
 
 def _measured(worker: dict[str, Any]) -> tuple[float, int] | None:

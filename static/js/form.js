@@ -196,8 +196,10 @@ function renderGo() {
   go.setAttribute("aria-disabled", String(Boolean(blocked)));
   go.setAttribute("aria-busy", String(busy));
   $("go-label").textContent = busy ? "Generating…" : "Generate";
-  $("go-reason").textContent = blocked || "";
-  $("go-reason").hidden = !blocked;
+  // Written only when it changes: it is a status region, read out on every change.
+  const reason = $("go-reason");
+  if (reason.textContent !== (blocked || "")) reason.textContent = blocked || "";
+  reason.hidden = !blocked;
 }
 
 /** Problems with the current settings; shows them at their fields and focuses the first. */

@@ -12,7 +12,8 @@ function seedText(seeds, requested) {
 
 /** "about 40 s", "about 3 min"; null when the server does not know. */
 export function etaText(eta) {
-  if (typeof eta !== "number" || !Number.isFinite(eta) || eta < 0) return null;
+  // Past a day an estimate says nothing (the server sends none; a wrong one is left out too).
+  if (typeof eta !== "number" || !Number.isFinite(eta) || eta < 0 || eta > 86400) return null;
   if (eta < 1) return "starting any moment";
   return eta < 90 ? `about ${Math.round(eta)} s` : `about ${Math.round(eta / 60)} min`;
 }
@@ -145,11 +146,14 @@ export class RunCard {
 
   finish(state, text, buttons) {
     this.times.done = performance.now();
+    const hadFocus = document.activeElement === this.cancelButton;
     this.cancelButton.hidden = true;
     this.removeButton.hidden = false;
     this.setState(state, text);
     for (const old of this.grid.querySelectorAll("img.preview")) URL.revokeObjectURL(old.src);
     this.showActions(buttons);
+    // The hidden Cancel button drops its focus to the page; keep it on this run.
+    if (hadFocus) (this.node.querySelector(".run-actions button") || this.removeButton).focus();
   }
 
   /** The buttons under a finished run; Delete only for a job the server holds. */

@@ -138,7 +138,9 @@ export function cancelRun(job) {
 export function cancelLatestRun() {
   const card = document.activeElement?.closest?.("#runs .run");
   const cancellable = active.filter((run) => !run.cancelAsked && !run.outcome);
-  const run = cancellable.find((each) => each.card.node === card) || cancellable.at(-1);
+  // Focus on a run that is over (or being cancelled): Esc is about that one, not another.
+  const run = card ? cancellable.find((each) => each.card.node === card)
+                   : cancellable.at(-1);
   if (!run) return false;
   cancel(run);
   return true;
@@ -251,7 +253,8 @@ function readJobEvents(run, body) {
 
 async function showPreview(run, { image_index: index, step, b64_json: b64, output_format: format }) {
   // Previews carry no step count; the last progress event's is right even for two-stage models.
-  run.card.progress(step, run.steps || run.job.steps);
+  // A preview is encoded apart and may come after later steps: it never moves the bar back.
+  if (!(run.card.bar.value >= step)) run.card.progress(step, run.steps || run.job.steps);
   const blob = await blobOf(b64, format || "png");
   if (!run.outcome) run.card.preview(index, URL.createObjectURL(blob));
 }

@@ -161,3 +161,16 @@ def test_two_busy_workers_line_their_waiting_jobs_up_first(harness: BrokerHarnes
     running = {taken[0], taken[2]}
     waiting = sorted(set(taken) - running)
     assert heard.of(*waiting, "j4", "j5") == [0, 1, 2, 3]
+
+
+def test_a_job_back_in_line_after_its_worker_left_hears_its_place_again(
+        harness: BrokerHarness) -> None:
+    first = harness.worker("w1")
+    heard = Heard(harness, harness.client())
+    assert heard.submit(make_spec("j0")) == [0]
+    assert [s.id for s in first.take()] == ["j0"]  # running: nothing more to hear
+    heard.positions.clear()
+    first.send_msg(MsgType.BYE)  # its worker goes: j0 is back at the head of its queue
+    heard.after_announcement()
+    # It was told 0 once before: it must be told again, or its client thinks it still runs.
+    assert heard.positions == {"j0": 0}

@@ -8,7 +8,7 @@ import httpx
 from tests.cluster import Cluster, wait_until
 from tests.e2e.test_streaming import sse_events
 
-JOB = {"prompt": "a queue", "size": "256x256", "steps": 20}
+JOB = {"prompt": "a queue", "size": "512x512", "steps": 30}  # seconds a job: the line holds still
 
 
 def test_jobs_behind_one_worker_each_hear_their_own_position(solo_cluster: Cluster) -> None:

@@ -217,3 +217,21 @@ def test_a_failed_job_compacted_keeps_only_its_error() -> None:
     job.compact()
     assert held_bytes(job) == 0
     assert job.events_after(0, 0.0)[0][-1] is job.error
+
+
+def test_a_preview_arriving_after_later_steps_does_not_move_the_step_back():
+    # Previews are encoded on their own thread: preview 1 may come after step 3's progress.
+    job = PendingJob("j1", spec())
+    job.update(accepted(0))
+    for step in (1, 2, 3):
+        job.update(progress(step))
+    job.update(progress(1, PREVIEW))
+    assert job.step == 3
+
+
+def test_a_job_back_in_line_is_no_longer_running():
+    job = PendingJob("j1", spec())
+    job.update(accepted(0))
+    job.update(progress(5))
+    job.update(accepted(0))  # its worker was lost: queued again, at the head
+    assert (job.step, job.position) == (0, 0)

@@ -63,6 +63,8 @@ def test_more_steps_wait_longer() -> None:
     measured("w1", step_seconds=-1.0),
     measured("w1", step_seconds=math.inf),
     measured("w1", step_seconds=math.nan),
+    measured("w1", step_seconds=1e308),  # finite, but the wait is not: never Infinity
+    measured("w1", step_seconds=1e6),  # a wait of weeks says nothing
     measured("w1", step_seconds="fast"),
     measured("w1", step_seconds=True),
     measured("w1", state="quarantined"),
