@@ -181,25 +181,18 @@ FORGED = "\n2026-11-30 00:00:00,000 frontend ERROR forged line"
 
 
 def text_lines(program: str, emit) -> list[str]:  # type: ignore[no-untyped-def]
-    out = io.StringIO()
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(logs.TextFormatter(logs._text_format(program)))
-    root = logging.getLogger()
-    old = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        emit()
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old)
-    return out.getvalue().splitlines()
+    return lines_logged(logs.TextFormatter(logs._text_format(program)), emit)
 
 
 def json_lines(program: str, emit) -> list[str]:  # type: ignore[no-untyped-def]
+    return lines_logged(logs.JsonFormatter(program), emit)
+
+
+def lines_logged(formatter: logging.Formatter, emit) -> list[str]:  # type: ignore[no-untyped-def]
+    """The lines the root logger writes, through ``formatter``, while ``emit()`` runs."""
     out = io.StringIO()
     handler = logging.StreamHandler(out)
-    handler.setFormatter(logs.JsonFormatter(program))
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     old = root.level
     root.addHandler(handler)
