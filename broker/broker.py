@@ -18,7 +18,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,11 +240,14 @@ class Broker:
                          f"the queue for {spec.model!r} is full")
             return
         # Behind every job still queued, and every one a worker holds but has not started.
-        position = len(self.leases.waiting(spec.model)) + self.jobs.add(job)
+        held = self.leases.waiting(spec.model)
+        work_ahead = (self._running_work(spec.model) + sum(j.spec.work for j in held)
+                      + self.jobs.queued_work(spec.model))
+        position = len(held) + self.jobs.add(job)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("job %s queued at position %d", spec.id, position,
                       extra=logs.job_fields(spec))
-        if self._tell_position(client, spec.id, position):
+        if self._tell_position(client, spec.id, position, work_ahead):
             job.told = position
 
     def _reattach(self, client: bytes, owner: str, job: Job) -> None:
@@ -257,10 +260,12 @@ class Broker:
                 incarnation=self.incarnation))
             return
         job.client = client
-        line = self._line(job.model)
-        position = next((i for i, j in enumerate(line) if j is job),
-                        len(line) if job.state is JobState.QUEUED else 0)
-        if self._tell_position(client, job.id, position):
+        places = list(self._places(job.model))
+        # Not in the line: running (0), or queued deeper than the line is told (its end).
+        position, work_ahead = next(
+            ((place, ahead) for place, waiting, ahead in places if waiting is job),
+            (len(places) if job.state is JobState.QUEUED else 0, None))
+        if self._tell_position(client, job.id, position, work_ahead):
             job.told = position
 
     def _on_cancel(self, owner: str, job_id: str, now: float) -> None:
@@ -387,6 +392,10 @@ class Broker:
         job = self.leases.held(worker, job_id)
         if msg.type is MsgType.PROGRESS:
             if job is not None and self._progress_fits(job, msg):
+                if msg["steps"]:  # how much of its work is left, for the jobs behind it
+                    share = msg["step"] / msg["steps"]
+                    # A preview is encoded apart and may come after later steps: not back.
+                    job.done_share = max(job.done_share, share) if msg.payloads else share
                 self._forward(job.client, msg)
             return
         self.leases.release(worker, job_id)  # a RESULT or FAILED: the worker is done with it
@@ -555,8 +564,9 @@ class Broker:
             return
         self._next_announce = now + POSITION_INTERVAL
         for model in self._queue_moved:
-            for position, job in enumerate(self._line(model)):
-                if job.told != position and self._tell_position(job.client, job.id, position):
+            for position, job, work_ahead in self._places(model):
+                if job.told != position and self._tell_position(job.client, job.id, position,
+                                                                work_ahead):
                     job.told = position  # a message that did not go out is tried again
         self._queue_moved.clear()
 
@@ -564,6 +574,19 @@ class Broker:
         """The jobs of ``model`` waiting to start, in the order they will: those workers
         hold but have not started, then the first POSITION_UPDATES queued."""
         return self.leases.waiting(model) + self.jobs.head(model, POSITION_UPDATES)
+
+    def _places(self, model: str) -> Iterator[tuple[int, Job, float]]:
+        """(position, job, work ahead of it) for each job of ``model``'s line (``_line``)."""
+        ahead = self._running_work(model)
+        for position, job in enumerate(self._line(model)):
+            yield position, job, ahead
+            ahead += job.spec.work
+
+    def _running_work(self, model: str) -> float:
+        """Megapixel-steps left of the batches that the workers of ``model`` run now, by how
+        far each has got (its last PROGRESS)."""
+        return sum(job.spec.work * (1.0 - job.done_share)
+                   for job in self.leases.running(model))
 
     # ---------------------------------------------------------------------------- sending
 
@@ -608,14 +631,18 @@ class Broker:
         self._send(self.client_socket, client, protocol.failed(
             spec.id, code, message, retryable=True, incarnation=self.incarnation))
 
-    def _tell_position(self, client: bytes, job_id: str, position: int) -> bool:
+    def _tell_position(self, client: bytes, job_id: str, position: int,
+                       work_ahead: float | None = None) -> bool:
         """ACCEPTED: the job is held here, ``position`` jobs waiting to start ahead of it,
-        queued or held by a worker that has not started them (0 when it is next or running).
+        queued or held by a worker that has not started them (0 when it is next or running),
+        and ``work_ahead`` megapixel-steps before it starts, where known.
         Sent when a job is taken, and again when its place changes:
         one message, one meaning, whether the frontend has heard of the job before or not.
         True when it went out."""
-        return self._send(self.client_socket, client,
-                          self._msg(MsgType.ACCEPTED, {"job_id": job_id, "position": position}))
+        fields: dict[str, Any] = {"job_id": job_id, "position": position}
+        if work_ahead is not None:
+            fields["work_ahead"] = round(work_ahead, 3)
+        return self._send(self.client_socket, client, self._msg(MsgType.ACCEPTED, fields))
 
     def _msg(self, msg_type: MsgType, fields: dict[str, Any] | None = None) -> list[Any]:
         """A message of ours: it names this broker's incarnation."""

@@ -35,6 +35,7 @@ class Job:
     # it holds one at a time, oldest lease first, so only its oldest is running.
     lease: int = 0
     told: int | None = None  # the position its client last heard (ACCEPTED)
+    done_share: float = 0.0  # how far its worker got (last PROGRESS step / steps), 0..1
 
     @property
     def id(self) -> str:
@@ -59,6 +60,7 @@ class JobTable:
         self._jobs: dict[str, Job] = {}
         self._queues: dict[str, deque[Job]] = {}
         self._queued: dict[str, int] = {}  # model -> number of QUEUED jobs
+        self._queued_work: dict[str, float] = {}  # model -> their JobSpec.work, summed
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, job id)
         self._seq = itertools.count()
 
@@ -73,6 +75,10 @@ class JobTable:
 
     def queue_depth(self, model: str) -> int:
         return self._queued.get(model, 0)
+
+    def queued_work(self, model: str) -> float:
+        """The megapixel-steps of ``model``'s queued jobs, all of them."""
+        return self._queued_work.get(model, 0.0)
 
     def depths(self) -> dict[str, int]:
         return {model: n for model, n in self._queued.items() if n}
@@ -101,9 +107,18 @@ class JobTable:
     def _enqueue(self, job: Job, *, at_head: bool) -> None:
         job.state = JobState.QUEUED
         job.told = None  # back in line (requeued, handed back): its client hears its place anew
+        job.done_share = 0.0
         queue = self._queues.setdefault(job.model, deque())
         queue.appendleft(job) if at_head else queue.append(job)
-        self._queued[job.model] = self._queued.get(job.model, 0) + 1
+        self._count(job, 1)
+
+    def _count(self, job: Job, sign: int) -> None:
+        """Count ``job`` in (1) or out of (-1) its model's queued jobs and their work."""
+        model = job.model
+        self._queued[model] = self._queued.get(model, 0) + sign
+        work = self._queued_work.get(model, 0.0) + sign * job.spec.work
+        # A running sum of floats drifts: an empty queue holds no work, exactly.
+        self._queued_work[model] = max(0.0, work) if self._queued[model] else 0.0
 
     def _live_queued(self, queue: deque[Job]) -> Iterator[Job]:
         return (job for job in queue if not self._is_stale(job))
@@ -138,7 +153,7 @@ class JobTable:
             self._queues[model] = deque(j for j in queue if id(j) not in taken)
         for job in batch:
             job.state = JobState.RUNNING
-            self._queued[model] -= 1
+            self._count(job, -1)
         return batch
 
     def drop_queue(self, model: str) -> list[Job]:
@@ -147,6 +162,7 @@ class JobTable:
         for job in dropped:
             del self._jobs[job.id]
         self._queued[model] = 0
+        self._queued_work[model] = 0.0
         return dropped
 
     def head(self, model: str, limit: int) -> list[Job]:
@@ -159,7 +175,7 @@ class JobTable:
     def claim(self, job: Job) -> None:
         """Take a queued job out of its queue: a worker already runs it (it re-registered)."""
         if job.state is JobState.QUEUED:
-            self._queued[job.model] -= 1  # its queue entry is stale from now on
+            self._count(job, -1)  # its queue entry is stale from now on
         job.state = JobState.RUNNING
 
     def add_running(self, job: Job) -> None:
@@ -171,7 +187,7 @@ class JobTable:
         """Forget a job (answered, cancelled or failed); return it if it was known."""
         job = self._jobs.pop(job_id, None)
         if job is not None and job.state is JobState.QUEUED:
-            self._queued[job.model] -= 1
+            self._count(job, -1)
         return job
 
     def requeue(self, job: Job) -> bool:

@@ -61,13 +61,29 @@ class Leases:
         for worker in self._workers:
             if len(worker.running) < 2 or model not in worker.models:
                 continue
-            held = [job for job in map(self._jobs.get, worker.running)
-                    if job is not None and job.worker == worker.identity]
+            held = self._held(worker)
             if len(held) < 2:
                 continue
             running = min(job.lease for job in held)
             waiting.extend(job for job in held if job.lease != running and job.model == model)
         return sorted(waiting, key=lambda job: (job.lease, job.seq))
+
+    def running(self, model: str) -> list[Job]:
+        """The jobs of the batches that the workers serving ``model`` run now, whatever
+        their model: what those workers finish before they can start another of ``model``."""
+        running: list[Job] = []
+        for worker in self._workers:
+            if not worker.running or model not in worker.models:
+                continue
+            held = self._held(worker)
+            if held:
+                oldest = min(job.lease for job in held)
+                running.extend(job for job in held if job.lease == oldest)
+        return running
+
+    def _held(self, worker: WorkerRecord) -> list[Job]:
+        return [job for job in map(self._jobs.get, worker.running)
+                if job is not None and job.worker == worker.identity]
 
     def held(self, worker: WorkerRecord, job_id: str) -> Job | None:
         """The job ``job_id`` if ``worker`` holds its lease; None when it is not ours to answer

@@ -126,6 +126,11 @@ class JobSpec:
     def n(self) -> int:
         return len(self.seeds)
 
+    @property
+    def work(self) -> float:
+        """Its denoising work in megapixel-steps: what a worker's time grows with."""
+        return self.steps * self.n * self.width * self.height / 1e6
+
     def batch_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys can run in one pipeline call."""
         return (self.model, self.width, self.height, self.steps, self.guidance, self.previews)
@@ -180,6 +185,7 @@ class WorkerStats(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     step_seconds: Amount | None = None  # seconds per denoising step, in its last batch
     images_per_second: Amount | None = None  # over the last minute
     batch_size: Count | None = None  # jobs in its last batch
+    step_megapixels: Amount | None = None  # what one step of its last batch drew, all images
     memory_used_bytes: Count | None = None  # what its PyTorch allocator holds on the device
     memory_total_bytes: Count | None = None
     utilization: Annotated[float, Meta(ge=0, le=1)] | None = None  # busy share, per NVML
@@ -200,7 +206,8 @@ class WorkerStats(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
 
     def check(self, name: str) -> None:
         """Raise ProtocolError for what the types cannot refuse: an infinite float."""
-        _check_finite(name, self.step_seconds, self.images_per_second, self.utilization)
+        _check_finite(name, self.step_seconds, self.images_per_second, self.utilization,
+                      self.step_megapixels)
 
 
 class BrokerCounters(msgspec.Struct, frozen=True, kw_only=True):
@@ -266,6 +273,9 @@ class Accepted(_Header, tag=MsgType.ACCEPTED.value):
     job_id: Id
     position: int
     incarnation: OptId = UNSET
+    # Megapixel-steps the job's model has to do before it starts: the jobs ahead of it and
+    # what is left of the batches its workers run now (finite: checked by _check_semantics).
+    work_ahead: Amount | UnsetType = UNSET
 
 
 class StatusReply(_Header, tag=MsgType.STATUS_REPLY.value):
@@ -465,6 +475,9 @@ def _check_semantics(header: _Header, payloads: Sequence[Any]) -> None:
     elif isinstance(header, Heartbeat):
         if header.stats:
             _check_plain("heartbeat.stats", header.stats)
+    elif isinstance(header, Accepted):
+        if not isinstance(header.work_ahead, UnsetType):
+            _check_finite("accepted.work_ahead", header.work_ahead)
     elif isinstance(header, StatusReply):
         _check_plain("status_reply.workers", header.workers)
         if isinstance(header.counters, BrokerCounters):

@@ -59,6 +59,7 @@ class StatsRecorder:
         self._images_done = 0
         self._step_seconds: float | None = None
         self._batch_size: int | None = None
+        self._step_megapixels: float | None = None
         self._snapshot_failed = False
 
     # ---------------------------------------------------------------- the device thread
@@ -79,8 +80,10 @@ class StatsRecorder:
         self._last_step = now
         self._steps_seen += 1
 
-    def batch_finished(self, *, jobs: int, images: int, steps: int) -> None:
-        """A batch's images are made (encoding follows elsewhere): count it."""
+    def batch_finished(self, *, jobs: int, images: int, steps: int,
+                       megapixels: float | None = None) -> None:
+        """A batch's images are made (encoding follows elsewhere): count it. ``megapixels``:
+        all its images' pixels, what each of its steps drew (in millions)."""
         now = self._clock()
         step_seconds = self._measured_step(now, steps)
         with self._lock:
@@ -89,7 +92,8 @@ class StatsRecorder:
             self._images_done += images
             self._batch_size = jobs
             if step_seconds is not None:
-                self._step_seconds = step_seconds
+                # Time and size together: the broker's work ahead is in megapixel-steps.
+                self._step_seconds, self._step_megapixels = step_seconds, megapixels
         self._started = None
 
     def _measured_step(self, now: float, steps: int) -> float | None:
@@ -128,6 +132,7 @@ class StatsRecorder:
             images = sum(batch.images for batch in self._recent)
             jobs_done, images_done = self._jobs_done, self._images_done
             step_seconds, batch_size = self._step_seconds, self._batch_size
+            step_megapixels = self._step_megapixels
             since = self._since
         # Over the window, or since the worker's first batch began when that is shorter
         # (loading and warm-up are not time it could have worked); 0 before its first.
@@ -136,7 +141,8 @@ class StatsRecorder:
         return WorkerStats(
             jobs_done=jobs_done, images_done=images_done, step_seconds=step_seconds,
             images_per_second=images / window if window > 0 else 0.0,
-            batch_size=batch_size, memory_used_bytes=used, memory_total_bytes=total,
+            batch_size=batch_size, step_megapixels=step_megapixels,
+            memory_used_bytes=used, memory_total_bytes=total,
             utilization=self._probe.utilization())
 
 

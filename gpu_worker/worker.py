@@ -307,7 +307,8 @@ class Worker:
         finally:
             self._device_free_since = time.perf_counter()
         self.stats.batch_finished(jobs=len(jobs), images=sum(job.n for job in jobs),
-                                  steps=jobs[0].steps)
+                                  steps=jobs[0].steps,
+                                  megapixels=sum(job.work for job in jobs) / jobs[0].steps)
         timings = {"generate_s": self._device_free_since - started, "batch_size": len(jobs)}
         if idle is not None:
             timings["device_idle_s"] = idle

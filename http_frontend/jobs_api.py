@@ -232,7 +232,8 @@ class JobsAPI:
                 failure=lambda error: self._error(job.model, error),
                 cancelled_here=pending.cancelled_here
                 or (isinstance(event, JobError) and event.code == ErrorCode.CANCELLED),
-                wait=lambda position: self._wait(job.model, position, job.steps))
+                wait=lambda position, work_ahead: self._wait(job.to_wire(), position,
+                                                             work_ahead))
             if sse is not None:
                 yield sse
 
@@ -308,10 +309,16 @@ class JobsAPI:
         return self.service.record_response(record, "url" if stored else "b64_json",
                                             base_url, missing_ok=True)
 
-    def _wait(self, model: str, position: int | None, steps: Any) -> float | None:
-        """Seconds a job of ``model`` at ``position`` should wait to start (None: unknown)."""
-        return estimate_wait(self.service.broker.status(), model, position,
-                             steps if isinstance(steps, int) else None)
+    def _wait(self, job: dict[str, Any], position: int | None, work_ahead: float | None
+              ) -> float | None:
+        """Seconds ``job`` (its wire form) at ``position`` should wait to start, with
+        ``work_ahead`` megapixel-steps before it (the broker's; None: unknown)."""
+        steps, width, height = job.get("steps"), job.get("width"), job.get("height")
+        if not (isinstance(steps, int) and isinstance(width, int) and isinstance(height, int)):
+            return None
+        megapixels = len(job.get("seeds") or ()) * width * height / 1e6
+        return estimate_wait(self.service.broker.status(), job.get("model", ""), position,
+                             steps=steps, megapixels=megapixels, work_ahead=work_ahead)
 
     def _error(self, model: str, error: JobError) -> dict[str, Any]:
         """OpenAI's error body for a job's failure."""
@@ -347,7 +354,7 @@ class JobsAPI:
             position, step = pending.position, pending.step
             status = "running" if step else status
             if status == "queued":
-                wait = self._wait(record.model, position, job.get("steps"))
+                wait = self._wait(job, position, pending.work_ahead)
         description: dict[str, Any] = {
             "id": record.id, "object": "image.job", "status": status,
             "created": int(record.created),

@@ -38,6 +38,7 @@ class PendingJob:
         self.submitted_at = time.monotonic()
         self.started_at: float | None = None  # when its first step came (time.monotonic)
         self.position: int | None = None
+        self.work_ahead: float | None = None  # megapixel-steps before it starts (ACCEPTED)
         self.step = 0
         self.steps = 0
         self.result: Message | None = None  # the RESULT, once it came
@@ -148,6 +149,7 @@ class PendingJob:
         this job cannot have."""
         if msg.type is MsgType.ACCEPTED:
             self.position = msg["position"]
+            self.work_ahead = msg.get("work_ahead")
             self._accepted = msg
             self.step = 0  # waiting again (its worker was lost): not running any more
         elif msg.type is MsgType.PROGRESS:

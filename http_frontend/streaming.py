@@ -120,13 +120,14 @@ def error_event(error: dict[str, Any]) -> bytes:
 
 def job_event(job_id: str, event: Event, completed: Callable[[Message], dict[str, Any]],
               failure: Callable[[JobError], dict[str, Any]], *, cancelled_here: bool = False,
-              wait: Callable[[int], float | None] | None = None) -> bytes | None:
+              wait: Callable[[int, float | None], float | None] | None = None) -> bytes | None:
     """The jobs API's event for one of the job's events, or None for those it does not show.
 
     ``completed`` gives the body for a RESULT, ``failure`` the error body for the job's
     JobError. ``cancelled_here``: this frontend cancelled the job (someone asked it to); a
     "cancelled" failure nobody here asked for is shown as ``failed``. ``wait`` estimates the
-    seconds before a job at a position starts (``eta_seconds``; None: unknown).
+    seconds before the job starts from its position and the broker's work ahead of it
+    (``eta_seconds``; None: unknown).
     """
     if isinstance(event, JobError):
         if event.code == ErrorCode.CANCELLED and cancelled_here:
@@ -134,8 +135,8 @@ def job_event(job_id: str, event: Event, completed: Callable[[Message], dict[str
         return sse("failed", {"id": job_id, "error": failure(event)})
     if event.type is MsgType.ACCEPTED:
         position = event["position"]
-        return sse("queued", {"id": job_id, "position": position,
-                              "eta_seconds": wait(position) if wait is not None else None})
+        eta = wait(position, event.get("work_ahead")) if wait is not None else None
+        return sse("queued", {"id": job_id, "position": position, "eta_seconds": eta})
     if event.type is MsgType.PROGRESS and event.payloads:
         return sse("preview", {"id": job_id, "image_index": event.get("image_index") or 0,
                                "step": event["step"], "steps": event["steps"],

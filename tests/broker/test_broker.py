@@ -66,7 +66,7 @@ def test_ready_then_submit_is_accepted_and_dispatched(harness: BrokerHarness) ->
     spec = make_spec("j1", seeds=(5, 6), guidance=2.5, negative_prompt="fog", user="u")
     msg = client.submit(spec)
     assert msg.type is MsgType.ACCEPTED
-    assert plain(msg) == {"job_id": "j1", "position": 0}
+    assert plain(msg) == {"job_id": "j1", "position": 0, "work_ahead": 0.0}
     assert worker.take() == [spec]
     assert leased_to(harness, "j1") == b"w1"
     assert harness.broker.jobs.get("j1").state is JobState.RUNNING
@@ -274,8 +274,11 @@ def test_queue_full(make_harness: Callable[..., BrokerHarness]) -> None:
     client = harness.client()
     client.submit(make_spec("j0"))
     worker.take()
-    assert plain(client.submit(make_spec("j1"))) == {"job_id": "j1", "position": 0}
-    assert plain(client.submit(make_spec("j2"))) == {"job_id": "j2", "position": 1}
+    # Behind j0's work, all of it left (2 steps of 64x64: 0.008 megapixel-steps), then j1's.
+    assert plain(client.submit(make_spec("j1"))) == {"job_id": "j1", "position": 0,
+                                                     "work_ahead": 0.008}
+    assert plain(client.submit(make_spec("j2"))) == {"job_id": "j2", "position": 1,
+                                                     "work_ahead": 0.016}
     msg = client.submit(make_spec("j3"))
     assert msg.type is MsgType.FAILED
     assert (msg["code"], msg["retryable"]) == ("queue_full", True)
@@ -401,7 +404,8 @@ def test_cancel_of_a_queued_job_removes_it(harness: BrokerHarness) -> None:
     client = harness.client()
     client.submit(make_spec("j1"))
     worker.take()
-    assert plain(client.submit(make_spec("j2"))) == {"job_id": "j2", "position": 0}
+    assert plain(client.submit(make_spec("j2"))) == {"job_id": "j2", "position": 0,
+                                                     "work_ahead": 0.008}
     client.cancel("j2")
     cancelled = client.expect(MsgType.FAILED)  # the owner hears how its job ended
     assert (cancelled["job_id"], cancelled["code"]) == ("j2", "cancelled")
@@ -603,7 +607,7 @@ def test_run_serves_a_job_and_stops(make_live_broker: Callable[..., LiveBroker])
     client = live.client()
     spec = make_spec("j1", seeds=(1, 2))
     accepted = client.submit(spec, between=worker.heartbeat)
-    assert plain(accepted) == {"job_id": "j1", "position": 0}
+    assert plain(accepted) == {"job_id": "j1", "position": 0, "work_ahead": 0.0}
     assert worker.take(between=worker.heartbeat) == [spec]
     worker.send_msg(MsgType.PROGRESS, {"job_id": "j1", "step": 1, "steps": 2})
     assert client.expect(MsgType.PROGRESS, between=worker.heartbeat)["step"] == 1

@@ -47,3 +47,37 @@ def test_jobs_behind_one_worker_each_hear_their_own_position(solo_cluster: Clust
         assert events[-1][0] == "completed"
         for job_id in ids:
             http.delete(f"/v1/jobs/{job_id}")
+
+
+LIGHT = {"prompt": "a light job", "size": "64x64", "steps": 2}
+HEAVY = {"prompt": "a heavy job", "size": "512x512", "steps": 30}
+
+
+def test_a_wait_behind_a_heavy_job_is_told_longer_than_behind_a_light_one(
+        solo_cluster: Cluster) -> None:
+    """The estimate weighs the work ahead (steps x pixels), not the count of jobs: the same
+    light job waits far longer behind one 512x512 job of 30 steps than behind one of its own
+    kind. Both estimates come from the same worker's stats, measured on light jobs."""
+    cluster = solo_cluster
+    with cluster.client() as http:
+        warm = http.post("/v1/jobs", json=LIGHT).json()
+
+        def measured() -> bool:
+            workers = http.get("/v1/cluster").json().get("workers", [])
+            return any((w.get("stats") or {}).get("step_megapixels") for w in workers)
+
+        wait_until(lambda: http.get(f"/v1/jobs/{warm['id']}").json()["status"] == "succeeded",
+                   60, "the warm-up job done")
+        wait_until(measured, 30, "the worker's stats, with what its step drew")
+        heavy = http.post("/v1/jobs", json={**HEAVY, "seed": 1}).json()
+        behind_heavy = http.post("/v1/jobs", json={**LIGHT, "seed": 2}).json()
+        wait_until(lambda: http.get(f"/v1/jobs/{behind_heavy['id']}").json()["status"]
+                   == "succeeded", 300, "the jobs behind the heavy one done")
+        light = http.post("/v1/jobs", json={**LIGHT, "seed": 3}).json()
+        behind_light = http.post("/v1/jobs", json={**LIGHT, "seed": 4}).json()
+        told = (behind_heavy["eta_seconds"], behind_light["eta_seconds"])
+        assert told[0] is not None and told[1] is not None, told
+        # 30 x 512^2 against 2 x 64^2 pixel-steps ahead: about 960 times the work.
+        assert told[0] >= 1.0 and told[0] > 50 * told[1], told
+        for job in (warm, heavy, behind_heavy, light, behind_light):
+            http.delete(f"/v1/jobs/{job['id']}")

@@ -122,6 +122,17 @@ def test_a_young_worker_divides_by_its_working_time_not_the_whole_window() -> No
     assert snapshot is not None and snapshot.images_per_second == pytest.approx(1.0)
 
 
+def test_what_a_step_drew_is_kept_with_its_time() -> None:
+    clock = FakeClock()
+    stats = StatsRecorder("cpu", clock=clock)
+    stats.batch_started()
+    clock.advance(1.0)
+    stats.batch_finished(jobs=2, images=4, steps=4, megapixels=1.5)
+    snapshot = stats.snapshot()
+    assert snapshot is not None
+    assert (snapshot.step_seconds, snapshot.step_megapixels) == (0.25, 1.5)
+
+
 def test_a_batch_that_never_finished_counts_nothing() -> None:
     clock = FakeClock()
     stats = StatsRecorder("cpu", clock=clock)
@@ -237,6 +248,8 @@ def test_the_worker_counts_the_batches_it_runs() -> None:
     snapshot = worker.stats.snapshot()
     assert snapshot is not None
     assert (snapshot.jobs_done, snapshot.images_done, snapshot.batch_size) == (2, 3, 2)
+    # Each step drew the batch's three 64x64 images: what the broker's work ahead counts.
+    assert snapshot.step_megapixels == pytest.approx(3 * 64 * 64 / 1e6)
     assert snapshot.step_seconds is not None and snapshot.images_per_second is not None
     assert snapshot.memory_used_bytes is None and snapshot.utilization is None  # a CPU
     assert [m.type for m in link.sent].count(MsgType.RESULT) == 2

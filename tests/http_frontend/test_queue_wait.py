@@ -20,11 +20,17 @@ from tests.http_frontend.test_jobs_api import HangingBroker, events
 
 
 def measured(worker_id: str, *, step_seconds: Any = 0.5, batch_size: Any = 1,
-             max_batch: int = 4, state: str = "ready", model: str = "tiny") -> dict[str, Any]:
+             max_batch: int = 4, state: str = "ready", model: str = "tiny",
+             step_megapixels: Any = None) -> dict[str, Any]:
     entry = worker(worker_id, model, state=state) | {"max_batch": max_batch}
     entry["stats"] = {"jobs_done": 3, "images_done": 3, "step_seconds": step_seconds,
                       "batch_size": batch_size}
+    if step_megapixels is not None:
+        entry["stats"]["step_megapixels"] = step_megapixels
     return entry
+
+
+MP = 0.004096  # one 64x64 image: the fallback's estimates do not depend on it
 
 
 def status(*workers: dict[str, Any]) -> ClusterStatus:
@@ -37,23 +43,26 @@ def status(*workers: dict[str, Any]) -> ClusterStatus:
 def test_one_worker_starts_a_job_every_steps_times_step_seconds(position: int,
                                                                 expected: float) -> None:
     # 4 steps of 0.5 s: the running job ends within 2 s, then each job ahead takes 2 s.
-    assert estimate_wait(status(measured("w1")), "tiny", position, 4) == expected
+    assert estimate_wait(status(measured("w1")), "tiny", position, steps=4,
+                         megapixels=MP) == expected
 
 
 def test_two_workers_drain_the_line_twice_as_fast() -> None:
     both = status(measured("w1"), measured("w2"))
-    assert estimate_wait(both, "tiny", 0, 4) == 2.0  # both run one now: either frees first
-    assert estimate_wait(both, "tiny", 4, 4) == 6.0
+    # Both run one now: either frees first.
+    assert estimate_wait(both, "tiny", 0, steps=4, megapixels=MP) == 2.0
+    assert estimate_wait(both, "tiny", 4, steps=4, megapixels=MP) == 6.0
 
 
 def test_a_batching_worker_takes_several_jobs_at_once() -> None:
     batching = status(measured("w1", step_seconds=1.0, batch_size=4, max_batch=4))
-    assert estimate_wait(batching, "tiny", 0, 4) == 4.0  # the running batch
-    assert estimate_wait(batching, "tiny", 4, 4) == 8.0  # one batch of four ahead
+    # The running batch, then one batch of four ahead.
+    assert estimate_wait(batching, "tiny", 0, steps=4, megapixels=MP) == 4.0
+    assert estimate_wait(batching, "tiny", 4, steps=4, megapixels=MP) == 8.0
 
 
 def test_more_steps_wait_longer() -> None:
-    assert estimate_wait(status(measured("w1")), "tiny", 0, 30) == 15.0
+    assert estimate_wait(status(measured("w1")), "tiny", 0, steps=30, megapixels=MP) == 15.0
 
 
 @pytest.mark.parametrize("entry", [
@@ -71,26 +80,72 @@ def test_more_steps_wait_longer() -> None:
     measured("w1", model="sdxl"),
 ])
 def test_unknown_without_a_ready_worker_that_measured_itself(entry: dict[str, Any]) -> None:
-    assert estimate_wait(status(entry), "tiny", 0, 4) is None
+    assert estimate_wait(status(entry), "tiny", 0, steps=4, megapixels=MP) is None
 
 
 def test_unknown_without_a_position_steps_or_cluster() -> None:
     ready = status(measured("w1"))
-    assert estimate_wait(None, "tiny", 0, 4) is None
-    assert estimate_wait(ready, "tiny", None, 4) is None
-    assert estimate_wait(ready, "tiny", 0, None) is None
-    assert estimate_wait(ready, "tiny", -1, 4) is None
+    assert estimate_wait(None, "tiny", 0, steps=4, megapixels=MP) is None
+    assert estimate_wait(ready, "tiny", None, steps=4, megapixels=MP) is None
+    assert estimate_wait(ready, "tiny", 0, steps=None, megapixels=MP) is None
+    assert estimate_wait(ready, "tiny", -1, steps=4, megapixels=MP) is None
 
 
 def test_odd_batch_sizes_count_as_one() -> None:
     for batch_size in (None, 0, -2, "4", True, 2.5):
         entry = measured("w1", batch_size=batch_size)
-        assert estimate_wait(status(entry), "tiny", 0, 4) == 2.0
+        assert estimate_wait(status(entry), "tiny", 0, steps=4, megapixels=MP) == 2.0
 
 
 def test_workers_without_stats_are_left_out_of_the_rate() -> None:
     mixed = status(measured("w1"), worker("w2", "tiny"))
-    assert estimate_wait(mixed, "tiny", 1, 4) == 4.0
+    assert estimate_wait(mixed, "tiny", 1, steps=4, megapixels=MP) == 4.0
+
+
+# ------------------------------------------------------------------ weighed by work
+
+def test_the_brokers_work_ahead_over_the_workers_megapixel_steps_per_second() -> None:
+    # 2 megapixels a step, a step in 0.5 s: 4 megapixel-steps a second.
+    one = status(measured("w1", step_megapixels=2.0))
+    assert estimate_wait(one, "tiny", 3, steps=4, megapixels=1.0, work_ahead=40.0) == 10.0
+    two = status(measured("w1", step_megapixels=2.0), measured("w2", step_megapixels=2.0))
+    assert estimate_wait(two, "tiny", 3, steps=4, megapixels=1.0, work_ahead=40.0) == 5.0
+
+
+def test_one_heavy_job_ahead_waits_longer_than_several_light_ones() -> None:
+    """What the count of jobs alone got wrong: behind a 1024x1024 job of 50 steps a
+    512x512 job of 4 steps waits far longer than behind three more like itself."""
+    cluster = status(measured("w1", step_seconds=0.25, step_megapixels=1.048576))
+    light = 4 * 512 * 512 / 1e6
+    heavy = 50 * 1024 * 1024 / 1e6
+    behind_heavy = estimate_wait(cluster, "tiny", 1, steps=4, megapixels=0.262144,
+                                 work_ahead=heavy)
+    behind_light = estimate_wait(cluster, "tiny", 3, steps=4, megapixels=0.262144,
+                                 work_ahead=3 * light)
+    assert (behind_heavy, behind_light) == (12.5, 0.8)
+
+
+def test_zero_work_ahead_is_no_wait() -> None:
+    cluster = status(measured("w1", step_megapixels=1.0))
+    assert estimate_wait(cluster, "tiny", 0, steps=4, megapixels=1.0, work_ahead=0.0) == 0.0
+
+
+def test_a_worker_that_does_not_say_what_it_drew_batches_jobs_like_this_one() -> None:
+    # An older worker: 2 jobs of 1 megapixel a step, each step 0.5 s: 4 megapixel-steps/s.
+    older = status(measured("w1", batch_size=2))
+    assert estimate_wait(older, "tiny", 3, steps=4, megapixels=1.0, work_ahead=40.0) == 10.0
+
+
+@pytest.mark.parametrize("drawn", [0, -1.0, math.inf, math.nan, "big", True])
+def test_an_odd_step_megapixels_is_not_believed(drawn: Any) -> None:
+    cluster = status(measured("w1", step_megapixels=drawn))
+    assert estimate_wait(cluster, "tiny", 3, steps=4, megapixels=1.0, work_ahead=40.0) == 20.0
+
+
+def test_unknown_for_a_job_without_pixels() -> None:
+    cluster = status(measured("w1"))
+    for megapixels in (None, 0.0, -1.0):
+        assert estimate_wait(cluster, "tiny", 0, steps=4, megapixels=megapixels) is None
 
 
 # ------------------------------------------------------------------ the jobs API
@@ -143,6 +198,20 @@ def test_the_wait_is_null_before_any_worker_measured_itself(client, hanging) -> 
     hanging.fail(job["id"], "worker_error")
     queued = [data for name, data in events(client, job["id"]) if name == "queued"]
     assert queued == [{"id": job["id"], "position": 2, "eta_seconds": None}]
+
+
+def test_the_brokers_work_ahead_weighs_the_estimate(client, hanging) -> None:
+    hanging.workers = [measured("w1", step_megapixels=0.004096 * 2)]  # 2 images a step
+    job = submit(client)
+    pending = hanging.pending[job["id"]]
+    # 25 steps of one 64x64 image ahead, at 2 x 64x64 per 0.5 s step: 6.25 s.
+    pending.update(Message(MsgType.ACCEPTED, {"job_id": job["id"], "position": 1,
+                                              "work_ahead": 25 * 0.004096}))
+    described = client.simulate_get(f"/v1/jobs/{job['id']}").json
+    assert (described["position"], described["eta_seconds"]) == (1, 6.2)
+    hanging.fail(job["id"], "worker_error")
+    queued = [data for name, data in events(client, job["id"]) if name == "queued"]
+    assert queued[-1] == {"id": job["id"], "position": 1, "eta_seconds": 6.2}
 
 
 def test_a_running_job_has_no_wait(client, hanging) -> None:
