@@ -1,4 +1,5 @@
 // One job in the history panel: thumbnails by URL, prompt, settings, status and its buttons.
+import { confirmDelete } from "./confirm.js";
 import { el } from "./dom.js";
 import { filename } from "./images.js";
 import { ACTIVE } from "./jobs.js";
@@ -66,6 +67,18 @@ function thumbs(job, onOpen) {
   return el("div", { class: "entry-thumbs" }, buttons, more);
 }
 
+/** Ask in the entry before deleting, as a run card does: the images go for good. */
+function askDelete(node, job, actions) {
+  confirmDelete(node.querySelector(".entry-actions"), {
+    kind: "entry", question: "Delete this job and its images from the server?",
+    // The list drops the entry once the job is gone; it stays when the delete failed.
+    remove: async () => {
+      await actions.onDelete(job);
+      return !node.isConnected;
+    },
+  });
+}
+
 /** The list item for a job; actions: {onOpen, onRestore, onWatch, onCancel, onDelete}. */
 export function entryNode(job, actions) {
   const active = ACTIVE.includes(job.status);
@@ -79,9 +92,9 @@ export function entryNode(job, actions) {
   ] : [
     el("button", { type: "button", class: "entry-delete quiet", "aria-label": "Delete from history",
                    title: "Delete from history and the server",
-                   onclick: () => actions.onDelete(job) }, "×"),
+                   onclick: () => askDelete(node, job, actions) }, "×"),
   ];
-  return el("li", { class: "entry", dataset: { id: job.id, status: job.status } },
+  const node = el("li", { class: "entry", dataset: { id: job.id, status: job.status } },
     thumbs(job, actions.onOpen),
     el("button", { type: "button", class: "entry-restore", onclick: () => actions.onRestore(job),
                    title: "Restore these settings" },
@@ -90,4 +103,5 @@ export function entryNode(job, actions) {
       el("span", { class: "entry-meta" }, metaText(job)),
       status ? el("span", { class: "entry-status" }, status) : null),
     el("div", { class: "entry-actions" }, buttons));
+  return node;
 }

@@ -1,5 +1,6 @@
 // One generation on screen: its settings, progress, previews, and then its images or error,
 // with what can be done next (retry, re-run, vary, restore, copy settings, delete).
+import { confirmDelete } from "./confirm.js";
 import { el } from "./dom.js";
 import { resultFigure } from "./images.js";
 import { plural, seconds, sizeText } from "./words.js";
@@ -161,6 +162,8 @@ export class RunCard {
     const on = this.on;
     const all = {
       retry: button("Retry", () => on.retry(), { class: "primary run-retry" }),
+      again: button("Run again", () => on.retry(), { class: "primary run-again",
+                                                     title: "Send it again, as a new job" }),
       rerun: button("Re-run", () => on.rerun(), { class: "quiet run-rerun",
                                                   title: "Again, with the same settings and seed" }),
       vary: button("Vary", () => on.vary(), { class: "quiet run-vary",
@@ -179,23 +182,8 @@ export class RunCard {
 
   /** Ask in place before deleting: the images go from the server for good. */
   confirmDelete() {
-    const keep = this.actions.replaceChildren.bind(this.actions, ...this.actions.children);
-    const no = button("Keep", () => {
-      keep();
-      this.actions.querySelector(".run-delete")?.focus();
-    }, { class: "quiet run-keep" });
-    const yes = button("Delete", async () => {
-      yes.disabled = true;
-      no.disabled = true;
-      if (!(await this.on.delete())) {
-        keep();
-        this.actions.querySelector(".run-delete")?.focus();
-      }
-    }, { class: "quiet danger run-delete-yes" });
-    this.actions.replaceChildren(
-      el("span", { class: "run-confirm", role: "alert" },
-         "Delete this run and its images from the server?"), yes, no);
-    no.focus();
+    confirmDelete(this.actions, { kind: "run", remove: () => this.on.delete(),
+                                  question: "Delete this run and its images from the server?" });
   }
 
   completed(images, result, times) {
@@ -214,11 +202,33 @@ export class RunCard {
     this.on.grew?.();
   }
 
-  /** reason: "unreachable" when the cluster could not be reached at all. */
+  /**
+   * reason: "unreachable" when the cluster could not be reached; "gone" when the server no
+   * longer has the job (then it can only be run again, and there is nothing to delete).
+   */
   failed(message, { reason = null } = {}) {
     this.node.dataset.reason = reason || "";
-    this.finish("failed", message, ["retry", "restore", "copy", "delete"]);
+    if (reason === "gone") this.job = null;
+    this.finish("failed", message, reason === "gone" ? ["again", "restore", "copy"]
+                                                     : ["retry", "restore", "copy", "delete"]);
     this.grid.replaceChildren();
+  }
+
+  /** Follow the same job again after contact was lost: waiting once more, its slots empty. */
+  resumed() {
+    const hadFocus = this.node.contains(document.activeElement);
+    this.times.done = null;
+    this.node.dataset.reason = "";
+    this.actions.hidden = true;
+    this.actions.replaceChildren();
+    this.removeButton.hidden = true;
+    this.cancelButton.hidden = false;
+    this.cancelButton.disabled = false;
+    this.bar.removeAttribute("value");
+    this.slots = this.placeholders(this.job.n, this.job.width, this.job.height);
+    this.setState("sending", "Reconnecting…");
+    // Retry, which had the focus, is gone: keep it on this run.
+    if (hadFocus) this.cancelButton.focus({ preventScroll: true });
   }
 
   cancelled(text) {

@@ -63,8 +63,9 @@ function keepInView(run) {
 }
 
 function newRun(settings, body, { watched = false } = {}) {
+  // lost: contact went while the server had its job; interrupted: it was followed again since.
   const run = { settings, body, job: null, outcome: null, cancelAsked: false, watched,
-                endedAt: null, startedAt: performance.now() };
+                lost: false, interrupted: false, endedAt: null, startedAt: performance.now() };
   run.card = new RunCard(settings, {
     cancel: () => cancel(run),
     open: (images, index) => openLightbox(images, index),
@@ -188,9 +189,10 @@ function fail(run, err) {
   let reason = null;
   if (error.status === 0) {
     reason = "unreachable";
+    run.lost = Boolean(run.job);
     text = run.job
-      ? "Lost contact with the cluster before the job finished. It may still finish on the " +
-        "server: reload the page to see it in History."
+      ? "Lost contact with the cluster before the job finished; it may still be running there. " +
+        "Retry follows the same job again once the cluster is back."
       : "The cluster cannot be reached, so nothing was sent. Retry once it is back.";
   }
   run.card.failed(text, { reason });
@@ -284,21 +286,20 @@ async function conclude(run) {
 async function timesOf(run, result) {
   const { accepted, started } = run.card.times;
   const ended = run.endedAt;
-  if (!run.watched && started !== null) return { waited: started - accepted, made: ended - started };
-  let job = null;
-  try {
-    job = await getJob(run.job.id);
-  } catch { /* the page's own measures follow */ }
-  if (job && job.started && job.finished) {
-    return { waited: (job.started - job.created) * 1000, made: (job.finished - job.started) * 1000 };
-  }
+  const seenWhole = !run.watched && !run.interrupted;
+  if (seenWhole && started !== null) return { waited: started - accepted, made: ended - started };
+  // The worker's own time making it (the server reports no start time, so no wait either).
   const generated = result.timings?.generate_s;
   if (typeof generated === "number") {
     const made = generated * 1000;
-    return { waited: run.watched ? null : ended - accepted - made, made };
+    return { waited: seenWhole ? ended - accepted - made : null, made };
   }
-  if (run.watched && job && job.finished) return { total: (job.finished - job.created) * 1000 };
-  return { total: ended - accepted };
+  if (seenWhole) return { total: ended - accepted };
+  try {
+    const job = await getJob(run.job.id);
+    if (job.finished) return { total: (job.finished - job.created) * 1000 };
+  } catch { /* nothing better is known */ }
+  return { total: null };
 }
 
 /** The images by the URLs the server keeps them at; from their bytes where it keeps none. */
@@ -323,13 +324,44 @@ async function cancel(run) {
   }
 }
 
-/** Retry a failed run in its place: the same settings, its card replaced by the new one's. */
+/**
+ * Retry a failed run in its place. A job the server has (contact was lost while following it)
+ * is followed again; otherwise the same settings go as a new job, whose card replaces this one.
+ */
 function retry(run) {
+  if (run.lost) return refollow(run);
   const focused = run.card.node.contains(document.activeElement);
   run.card.remove({ focus: false });
   const running = launch(run.settings, run.body);  // its card is first in #runs at once
   if (focused) active.at(-1).card.node.focus({ preventScroll: true });
   return running;
+}
+
+/** Follow a run's job again in its card; when the server no longer has it, say so. */
+async function refollow(run) {
+  Object.assign(run, { lost: false, interrupted: true, outcome: null, endedAt: null,
+                       cancelAsked: false });
+  run.card.resumed();
+  active.push(run);
+  announce("Reconnecting to the job…");
+  try {
+    run.job = await api(`/v1/jobs/${encodeURIComponent(run.job.id)}`);
+    await followRun(run);
+  } catch (err) {
+    if (err.status === 404) gone(run);
+    else fail(run, err);
+  } finally {
+    settle(run);
+  }
+}
+
+function gone(run) {
+  const text = "The cluster no longer has this job: it was deleted, or lost before it finished. " +
+               "Run it again to make it anew.";
+  jobDeleted(run.job.id);
+  run.job = null;
+  run.card.failed(text, { reason: "gone" });
+  announce(`Failed: ${text}`);
 }
 
 /** Run again with the same settings; seed: the one to use, null for a new random one. */

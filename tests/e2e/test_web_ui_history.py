@@ -7,6 +7,7 @@ own prompts, since the cluster is shared with the other end-to-end tests.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 
 from tests.cluster import Cluster, wait_until
 from tests.e2e.test_web_ui import (
+    PHONE,
     browser,
     newest_run,
     open_page,
@@ -159,6 +161,10 @@ def test_another_device_sees_the_history_and_watches_a_running_job(browser, page
         shot(other, "history-watching")
         run.locator("figure img").first.wait_for(timeout=120_000)
         assert run.get_attribute("data-state") == "completed"
+        # Not seen from its start here: the worker's making time (the result's timings), and
+        # no wait, which the server does not report.
+        status = run.locator(".run-status").inner_text()
+        assert re.fullmatch(r"1 image · made in \d+(\.\d)? s", status), status
         assert run.locator("figure img").first.evaluate("img => img.naturalWidth") == 768
         assert not entry_of(other, job_id).count()  # its card shows it; the list does not
         assert not other.errors, other.errors
@@ -219,17 +225,58 @@ def test_restore_fills_the_form_from_a_server_job(page, cluster: Cluster) -> Non
     page.check("#previews")
 
 
-def test_delete_removes_the_job_from_the_list_and_the_server(page, cluster: Cluster) -> None:
-    job = made(cluster, "a chipped teacup to delete")
-    reload(page)
-    entry = entry_of(page, job["id"])
-    entry.wait_for()
-    entry.locator(".entry-delete").click()
-    entry.wait_for(state="detached")
-    assert httpx.get(f"{cluster.url}/v1/jobs/{job['id']}").status_code == 404
-    reload(page)
-    page.locator(ENTRIES).first.wait_for()
-    assert not entry_of(page, job["id"]).count()
+@pytest.mark.parametrize("viewport", ["desk", "phone"])
+def test_delete_asks_first_then_removes_the_job_from_the_list_and_the_server(
+        viewport, browser, page, cluster: Cluster) -> None:
+    kept = made(cluster, f"a saucer to keep ({viewport})")
+    job = made(cluster, f"a chipped teacup to delete ({viewport})")
+    if viewport == "phone":
+        page = open_page(browser, cluster.url, PHONE, is_mobile=True, has_touch=True)
+    else:
+        reload(page)
+    try:
+        entry = entry_of(page, job["id"])
+        entry.wait_for()
+        entry.scroll_into_view_if_needed()
+        entry.locator(".entry-delete").click()  # asks first, in the entry, as a run card does
+        question = entry.locator(".entry-confirm")
+        assert question.inner_text() == "Delete this job and its images from the server?"
+        keep, yes = entry.locator(".entry-keep"), entry.locator(".entry-delete-yes")
+        assert keep.is_enabled() and yes.is_enabled() and yes.inner_text() == "Delete"
+        assert page.evaluate("document.activeElement.className") == "quiet entry-keep"
+        assert not entry.locator(".entry-delete").count()
+        boxes = [within_screen(page, part) for part in (question, yes, keep)]
+        prompt = entry.locator(".entry-prompt").bounding_box()
+        assert boxes[0]["y"] >= prompt["y"] + prompt["height"] - 1  # a row below the prompt
+        assert boxes[1]["y"] == boxes[2]["y"]  # Delete and Keep side by side
+        shot(page, f"history-delete-confirm-{viewport}")
+
+        keep.click()  # keeps it, on the server too
+        assert entry.locator(".entry-delete").is_visible() and not question.count()
+        assert httpx.get(f"{cluster.url}/v1/jobs/{job['id']}").status_code == 200
+
+        entry.locator(".entry-delete").click()
+        yes.click()
+        entry.wait_for(state="detached")
+        assert httpx.get(f"{cluster.url}/v1/jobs/{job['id']}").status_code == 404
+        reload(page)
+        entry_of(page, kept["id"]).wait_for()  # the list is back from the server
+        assert not entry_of(page, job["id"]).count()
+        if viewport == "phone":
+            assert not page.errors, page.errors
+    finally:
+        if viewport == "phone":
+            page.context.close()
+
+
+def within_screen(page, locator) -> dict:
+    """The element's box, asserted to lie inside the viewport."""
+    box = locator.bounding_box()
+    viewport = page.viewport_size
+    assert box is not None
+    assert box["x"] >= 0 and box["x"] + box["width"] <= viewport["width"] + 1, (box, viewport)
+    assert box["y"] >= 0 and box["y"] + box["height"] <= viewport["height"] + 1, (box, viewport)
+    return box
 
 
 def test_offline_the_cached_list_shows_marked_offline(page, cluster: Cluster) -> None:

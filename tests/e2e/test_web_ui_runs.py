@@ -29,7 +29,9 @@ from tests.e2e.test_web_ui import (
 __all__ = ["browser", "pytestmark"]  # the module's browser fixture and its skip markers
 
 RUNS = "#runs .run"
+JOB_URLS = ("**/v1/jobs/*/events", "**/v1/jobs/*")  # one job's events and status, not the list
 DONE = re.compile(r"^(\d+) images? · waited (\d+(?:\.\d)?) s · made in (\d+(?:\.\d)?) s$")
+WATCHED_DONE = re.compile(r"^1 image · made in \d+(?:\.\d)? s$")
 SLOW = {"size": "768x768", "steps": 50}  # a tiny job that holds a worker's slot a while
 
 
@@ -229,8 +231,10 @@ def test_queued_runs_show_their_own_positions_then_wait_and_making_time(desk, ph
         assert match, text
         waited, made = float(match.group(2)), float(match.group(3))
         assert waited > made, text  # they waited for the slow job; a 64 by 64 image is quick
+    # Followed from History, the run was not seen from its start: it says how long the worker
+    # took to make it (the result's timings), with no wait made up.
     watched_text = wait_done(phone, ids[2])
-    assert watched_text.startswith("1 image"), watched_text
+    assert WATCHED_DONE.match(watched_text), watched_text
     shot(desk, "runs-waited-and-made")
 
 
@@ -331,6 +335,121 @@ def test_a_run_the_cluster_never_got_says_so_and_retries(viewport, request,
     assert page.locator(RUNS).count() == count  # the new run took the failed one's place
     assert wait_done(page, job_id).startswith("1 image")
     assert card(page, job_id).locator("figcaption .seed").inner_text() == "Seed 404"
+
+
+def lose_contact_with_jobs(page) -> None:
+    """From now on the page cannot reach any job (its events, its status), as when the
+    connection drops after the server took the job; other requests still get through."""
+    for pattern in JOB_URLS:
+        page.route(pattern, lambda route: route.abort("connectionreset"))
+
+
+def regain_contact_with_jobs(page) -> None:
+    for pattern in JOB_URLS:
+        page.unroute(pattern)
+
+
+def count_submissions(page) -> list[str]:
+    """The URLs of the jobs the page sends from now on (POST /v1/jobs, or the images API)."""
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" and (
+        r.url.endswith("/v1/jobs") or r.url.endswith("/v1/images/generations")) else None)
+    return posts
+
+
+def wait_failed(page, job_id: str) -> None:
+    """Until the card gives up (the page reconnects a few times first, for some 15 s)."""
+    page.wait_for_function(f"document.querySelector(\"{RUNS}[data-id='{job_id}']\")"
+                           ".dataset.state === 'failed'", timeout=60_000)
+
+
+def test_retry_after_lost_contact_follows_the_same_job_in_the_same_card(desk,
+                                                                       solo: Cluster) -> None:
+    blocker = hold_the_worker(solo, "a slow job while the page loses contact")
+    try:
+        posts = count_submissions(desk)
+        set_settings(desk, prompt="a lighthouse keeper waiting out a storm", size="64x64",
+                     steps=3, seed=77)
+        lose_contact_with_jobs(desk)
+        try:
+            before = desk.locator(RUNS).count()
+            desk.click("#go")
+            job_id = newest_id(desk, before)
+            wait_failed(desk, job_id)
+            run = card(desk, job_id)
+            assert run.get_attribute("data-reason") == "unreachable"
+            text = run.locator(".run-status").inner_text()
+            assert text.startswith("Lost contact with the cluster before the job finished"), text
+            assert "Retry follows the same job again" in text and "reload" not in text, text
+            retry = run.locator(".run-retry")
+            settle_scroll(desk)
+            assert retry.is_visible() and retry.is_enabled()
+            in_view(desk, retry)
+            assert not run.locator(".run-cancel").is_visible()
+            shot(desk, "runs-lost-contact")
+        finally:
+            regain_contact_with_jobs(desk)
+        retry.click()  # the job is still queued behind the slow ones: followed again
+        desk.wait_for_function(f"document.querySelector(\"{RUNS}[data-id='{job_id}']\")"
+                               ".dataset.state === 'queued'", timeout=15_000)
+        assert run.locator(".run-status").inner_text().startswith("Queued")
+        cancel = run.locator(".run-cancel")
+        assert cancel.is_visible() and cancel.is_enabled()
+        assert not run.locator(".run-actions").is_visible()
+        assert desk.locator(RUNS).first.get_attribute("data-id") == job_id  # the same card
+        shot(desk, "runs-lost-contact-following-again")
+    finally:
+        release(solo, blocker)
+    status = wait_done(desk, job_id)
+    assert run.get_attribute("data-state") == "completed"
+    assert WATCHED_DONE.match(status), status  # the worker's time: this page missed the rest
+    assert run.locator("figcaption .seed").inner_text() == "Seed 77"
+    image = run.locator("figure img")
+    desk.wait_for_function("img => img.complete && img.naturalWidth === 64",
+                           arg=image.element_handle())
+    assert len(posts) == 1, posts  # Retry sent nothing new
+    assert httpx.get(f"{solo.url}/v1/jobs/{job_id}").json()["status"] == "succeeded"
+    run.scroll_into_view_if_needed()
+    shot(desk, "runs-lost-contact-finished")
+
+
+def test_retry_after_lost_contact_offers_a_new_run_when_the_job_is_gone(phone,
+                                                                        solo: Cluster) -> None:
+    posts = count_submissions(phone)
+    set_settings(phone, prompt="a sandcastle the tide took", size="64x64", steps=2, seed=88)
+    lose_contact_with_jobs(phone)
+    try:
+        before = phone.locator(RUNS).count()
+        phone.locator("#go").tap()
+        job_id = newest_id(phone, before)
+        wait_failed(phone, job_id)
+        # Deleted on the server meanwhile (from another device, say).
+        wait_until(lambda: httpx.get(f"{solo.url}/v1/jobs/{job_id}").json()["status"]
+                   == "succeeded", 60, "the job to finish")
+        assert httpx.delete(f"{solo.url}/v1/jobs/{job_id}").status_code in (200, 204)
+    finally:
+        regain_contact_with_jobs(phone)
+    run = card(phone, job_id)
+    run.locator(".run-retry").click()
+    again = run.locator(".run-again")
+    again.wait_for()
+    text = run.locator(".run-status").inner_text()
+    assert text.startswith("The cluster no longer has this job"), text
+    assert run.get_attribute("data-reason") == "gone"
+    names = run.locator(".run-actions button").all_inner_texts()
+    assert names == ["Run again", "Restore settings", "Copy settings"], names  # nothing to delete
+    settle_scroll(phone)
+    in_view(phone, again)
+    assert len(posts) == 1, posts
+    shot(phone, "runs-phone-lost-job-gone")
+
+    count = phone.locator(RUNS).count()
+    again.click()  # a new job, in the old card's place
+    new_id = newest_id(phone, count - 1)
+    assert new_id != job_id and phone.locator(RUNS).count() == count
+    assert wait_done(phone, new_id).startswith("1 image")
+    assert card(phone, new_id).locator("figcaption .seed").inner_text() == "Seed 88"
+    assert len(posts) == 2, posts
 
 
 def test_a_run_that_fails_on_the_server_has_retry(desk, solo: Cluster) -> None:
