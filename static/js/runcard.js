@@ -91,6 +91,7 @@ export class RunCard {
   }
 
   setState(state, text) {
+    if (state !== "queued") this.stopCountdown();
     this.node.dataset.state = state;
     this.status.textContent = text;
   }
@@ -109,6 +110,29 @@ export class RunCard {
     this.bar.removeAttribute("value");  // indeterminate while waiting
     this.setState("queued", queuedText(position, eta));
     this.node.dataset.position = position ?? "";
+    this.countDown(position, eta);
+  }
+
+  /**
+   * The server works out a wait when the job's place changes, and may say nothing more for a
+   * while (the line ahead moves, its place does not): count down from its last estimate, never
+   * past "starting any moment", until it says something new.
+   */
+  countDown(position, eta) {
+    this.stopCountdown();
+    if (typeof eta !== "number" || !Number.isFinite(eta) || eta < 1) return;
+    const until = Date.now() + eta * 1000;
+    this.countdown = setInterval(() => {
+      if (!this.node.isConnected) return this.stopCountdown();
+      const left = Math.max(0, (until - Date.now()) / 1000);
+      this.status.textContent = queuedText(position, left);
+      if (left < 1) this.stopCountdown();
+    }, 1000);
+  }
+
+  stopCountdown() {
+    clearInterval(this.countdown);
+    this.countdown = null;
   }
 
   progress(step, steps) {

@@ -559,3 +559,34 @@ def test_on_a_phone_the_actions_fit_the_screen(phone, solo: Cluster) -> None:
         assert box["height"] >= 32  # big enough for a thumb
     assert phone.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
     shot(phone, "runs-phone-actions")
+
+
+def test_a_queued_runs_estimate_counts_down_until_the_server_says_more(
+        desk, solo: Cluster) -> None:
+    """The server estimates a wait when the job's place changes; between, the card counts
+    down from it, to "starting any moment" and no further."""
+    told = []
+
+    def estimate(route) -> None:
+        job_id = route.request.url.split("/")[-2]
+        event = {"id": job_id, "position": 0, "eta_seconds": 3.0}
+        # The estimate once; then streams that say nothing new (as behind a long job).
+        body = ": waiting\n\n" if told else f"event: queued\ndata: {json.dumps(event)}\n\n"
+        told.append(job_id)
+        route.fulfill(status=200, content_type="text/event-stream", body=body)
+
+    set_settings(desk, prompt="counted down", size="64x64", steps=2)
+    desk.route("**/v1/jobs/*/events", estimate)
+    try:
+        before = desk.locator(RUNS).count()
+        desk.click("#go")
+        job_id = newest_id(desk, before)
+        status = card(desk, job_id).locator(".run-status")
+        desk.wait_for_function("(node) => node.textContent.includes('about 3 s')",
+                               arg=status.element_handle())
+        desk.wait_for_function(
+            "(node) => node.textContent === 'Queued \u2014 next in line \u00b7 starting any "
+            "moment'", arg=status.element_handle(), timeout=15_000)
+        shot(desk, "runs-queued-countdown")
+    finally:
+        desk.unroute("**/v1/jobs/*/events")
