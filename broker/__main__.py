@@ -24,6 +24,10 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{defaults.HEARTBEAT_LIVENESS} missed")
     parser.add_argument("--max-queue", type=int, default=defaults.MAX_QUEUE,
                         help="queued jobs per model before submissions get 429")
+    parser.add_argument("--max-client-frame-mb", type=float,
+                        default=defaults.MAX_CLIENT_FRAME / (1 << 20),
+                        help="largest frame a frontend may send, in MiB: an edit's input "
+                             "images travel one a frame, re-encoded at the size they run at")
     parser.add_argument("--curve", metavar="DIR", default=None,
                         help="CURVE keys from `launch.py keys DIR`: workers must encrypt and "
                              "hold a key listed in DIR/workers/ (reloaded on SIGHUP and when "
@@ -50,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         broker = Broker(BrokerConfig(clients=args.clients, workers=args.workers,
                                      heartbeat_interval=args.heartbeat,
                                      max_queue=args.max_queue, curve_dir=args.curve,
+                                     max_client_frame=int(args.max_client_frame_mb * (1 << 20)),
                                      insecure=args.insecure))
         broker.bind()
     except Exception as exc:  # e.g. address in use, missing keys: one line, no traceback

@@ -18,7 +18,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,8 @@ class BrokerConfig:
     heartbeat_liveness: int = defaults.HEARTBEAT_LIVENESS  # missed heartbeats: a peer is dead
     max_queue: int = defaults.MAX_QUEUE  # queued jobs per model
     max_attempts: int = 3  # workers lost running one job before it fails
-    max_client_frame: int = 1 << 20
+    # Per frame from a frontend: an edit's input images travel as frames of their own.
+    max_client_frame: int = defaults.MAX_CLIENT_FRAME
     max_worker_frame: int = 256 << 20  # a 4K PNG is tens of MB
     curve_dir: str | None = None  # CURVE keys (launch.py keys): encrypt and authenticate workers
     insecure: bool = False  # allow a plain-TCP worker endpoint beyond loopback
@@ -212,7 +213,7 @@ class Broker:
         # Frontends that send no owner (old ones) share one, as before owners existed.
         owner = msg.get("owner") or ""
         if msg.type is MsgType.SUBMIT:
-            self._on_submit(client, owner, msg["job"], now)
+            self._on_submit(client, owner, msg["job"], now, msg.payloads)
         elif msg.type is MsgType.CANCEL:
             self._on_cancel(owner, msg["job_id"], now)
         elif msg.type is MsgType.STATUS:
@@ -221,12 +222,16 @@ class Broker:
         else:
             self._drop(client.hex(), f"{msg.type.value} is not a client message")
 
-    def _on_submit(self, client: bytes, owner: str, spec: protocol.JobSpec, now: float) -> None:
+    def _on_submit(self, client: bytes, owner: str, spec: protocol.JobSpec, now: float,
+                   inputs: Sequence[Any] = ()) -> None:
         existing = self.jobs.get(spec.id)
         if existing is not None:
             self._reattach(client, owner, existing)
             return
-        job = Job(spec=spec, client=client, owner=owner, deadline=now + spec.timeout)
+        # An edit's input frames are kept as received (never decoded here) until a worker
+        # has answered the job: a lost worker's jobs go out again with them.
+        job = Job(spec=spec, client=client, owner=owner, deadline=now + spec.timeout,
+                  inputs=tuple(inputs))
         if self.leases.take_claimed(job):
             # A worker re-registered holding this job (we restarted): it stays there.
             self._tell_position(client, spec.id, 0)
@@ -538,8 +543,9 @@ class Broker:
 
     def _lease(self, worker: WorkerRecord, batch: list[Job], now: float) -> None:
         specs = [_with_attempt(job) for job in batch]
+        inputs = [frame for job in batch for frame in job.inputs]
         if self._send(self.worker_socket, worker.identity,
-                      protocol.jobs(specs, self.incarnation)):
+                      protocol.jobs(specs, self.incarnation, inputs)):
             self.leases.lease(worker, batch, now)
             self.counters.dispatched(batch[0].model, len(batch))
             for spec in specs:

@@ -12,6 +12,9 @@ HEARTBEAT_LIVENESS = 3  # missed heartbeats after which a peer is dead
 CLIENTS_ENDPOINT = "tcp://127.0.0.1:5555"  # the broker's endpoint for HTTP frontends
 WORKERS_ENDPOINT = "tcp://127.0.0.1:5556"  # the broker's endpoint for GPU workers
 MAX_QUEUE = 256  # queued jobs per model before submissions get 429
+# Bytes per frame a frontend may send the broker: an edit's input images are frames of their
+# own, re-encoded by the frontend at the size they run at (a 2048x2048 PNG of noise: 12 MiB).
+MAX_CLIENT_FRAME = 32 << 20
 
 HTTP_HOST = "127.0.0.1"
 HTTP_PORT = 8000

@@ -11,6 +11,7 @@ import itertools
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from broker.protocol import JobSpec
 
@@ -36,6 +37,7 @@ class Job:
     lease: int = 0
     told: int | None = None  # the position its client last heard (ACCEPTED)
     done_share: float = 0.0  # how far its worker got (last PROGRESS step / steps), 0..1
+    inputs: tuple[Any, ...] = ()  # an edit's frames (JobSpec.frames), as the SUBMIT had them
 
     @property
     def id(self) -> str:

@@ -36,8 +36,11 @@ MAX_LIST = 1024
 MAX_IMAGES = 16
 MAX_PREVIEWS = 3
 MAX_PAYLOAD_FRAMES = MAX_IMAGES
-MAX_FRAMES = 1 + MAX_PAYLOAD_FRAMES
+MAX_INPUTS = 16  # input images of one edit job (OpenAI's image[] takes up to 16)
+MAX_JOB_FRAMES = MAX_INPUTS + 1  # its input images and its mask
 MAX_BATCH = 16  # jobs in one pipeline call; a worker holds at most 2 batches (capacity)
+# A JOBS message carries the input frames of every job in its batch.
+MAX_FRAMES = 1 + max(MAX_PAYLOAD_FRAMES, MAX_BATCH * MAX_JOB_FRAMES)
 MAX_SEED = 2**63 - 1
 MAX_ID = 128  # characters in an id: job, owner, worker, incarnation
 
@@ -121,10 +124,27 @@ class JobSpec:
     user: Text | None = None
     attempt: int = 0  # set by the broker: how many workers were lost running this job
     previews: Annotated[int, Meta(ge=0, le=MAX_PREVIEWS)] = 0  # partial images while denoising
+    # An edit: its input images travel as payload frames of the SUBMIT and the JOBS, never in
+    # the header, then its mask (PNG, mode L: white is where to edit) when ``mask``.
+    inputs: Annotated[int, Meta(ge=0, le=MAX_INPUTS)] = 0
+    mask: bool = False
+    strength: float | None = None  # 0..1: how far from the input (img2img and inpainting)
 
     @property
     def n(self) -> int:
         return len(self.seeds)
+
+    @property
+    def frames(self) -> int:
+        """The payload frames it travels with: its inputs and its mask."""
+        return self.inputs + int(self.mask)
+
+    @property
+    def mode(self) -> str:
+        """``generate`` from text, ``edit`` an image (img2img), or ``inpaint`` under a mask."""
+        if not self.inputs:
+            return "generate"
+        return "inpaint" if self.mask else "edit"
 
     @property
     def work(self) -> float:
@@ -133,7 +153,8 @@ class JobSpec:
 
     def batch_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys can run in one pipeline call."""
-        return (self.model, self.width, self.height, self.steps, self.guidance, self.previews)
+        return (self.model, self.width, self.height, self.steps, self.guidance, self.previews,
+                self.inputs, self.mask, self.strength)
 
     def to_wire(self) -> dict[str, Any]:
         """The job as a plain map (encode() takes the JobSpec itself)."""
@@ -348,7 +369,7 @@ class Reconnect(_Header, tag=MsgType.RECONNECT.value):
 # broker makes names its incarnation (a random id per broker process), so a peer notices a
 # restart on the first message from the new one, however fast it was.
 _HEADERS: dict[MsgType, tuple[type[_Header], range]] = {
-    MsgType.SUBMIT: (Submit, range(0, 1)),
+    MsgType.SUBMIT: (Submit, range(0, MAX_JOB_FRAMES + 1)),  # an edit's inputs
     MsgType.CANCEL: (Cancel, range(0, 1)),
     MsgType.STATUS: (Status, range(0, 1)),
     MsgType.ACCEPTED: (Accepted, range(0, 1)),
@@ -359,7 +380,7 @@ _HEADERS: dict[MsgType, tuple[type[_Header], range]] = {
     MsgType.READY: (Ready, range(0, 1)),
     MsgType.HEARTBEAT: (Heartbeat, range(0, 1)),
     MsgType.BYE: (Bye, range(0, 1)),
-    MsgType.JOBS: (Jobs, range(0, 1)),
+    MsgType.JOBS: (Jobs, range(0, MAX_FRAMES)),  # the inputs of its edits, job by job
     MsgType.RECONNECT: (Reconnect, range(0, 1)),
 }
 
@@ -428,6 +449,17 @@ def _check_job(spec: JobSpec) -> None:
         raise ProtocolError("job.timeout must be a positive finite number")
     if spec.guidance is not None and not math.isfinite(spec.guidance):
         raise ProtocolError("job.guidance must be a finite number")
+    if spec.strength is not None and not 0.0 <= spec.strength <= 1.0:  # NaN fails too
+        raise ProtocolError("job.strength must be a number from 0 to 1")
+    if spec.mask and not spec.inputs:
+        raise ProtocolError("job.mask needs an input image to go with")
+
+
+def _check_frames(name: str, specs: Sequence[JobSpec], payloads: Sequence[Any]) -> None:
+    expected = sum(spec.frames for spec in specs)
+    if len(payloads) != expected:
+        raise ProtocolError(f"{name} needs {expected} payload frames (the jobs' inputs), "
+                            f"got {len(payloads)}")
 
 
 def _check_finite(name: str, *values: float | None) -> None:
@@ -461,9 +493,11 @@ def _check_semantics(header: _Header, payloads: Sequence[Any]) -> None:
     """Checks that the types cannot say: finite floats, payload counts, maps of anything."""
     if isinstance(header, Submit):
         _check_job(header.job)
+        _check_frames("submit", [header.job], payloads)
     elif isinstance(header, Jobs):
         for spec in header.jobs:
             _check_job(spec)
+        _check_frames("jobs", header.jobs, payloads)
     elif isinstance(header, Result):
         if len(header.images) != len(payloads):
             raise ProtocolError("result needs one payload frame per image")
@@ -510,12 +544,15 @@ class DropLog:
 # Constructors for the messages with nested records, so callers never build maps by hand
 
 
-def submit(job: JobSpec, owner: str | None = None) -> list[Any]:
-    return encode(MsgType.SUBMIT, {"job": job, "owner": owner})
+def submit(job: JobSpec, owner: str | None = None, inputs: Sequence[Any] = ()) -> list[Any]:
+    """SUBMIT ``job``; ``inputs``: an edit's frames (``JobSpec.frames`` of them)."""
+    return encode(MsgType.SUBMIT, {"job": job, "owner": owner}, inputs)
 
 
-def jobs(specs: Sequence[JobSpec], incarnation: str | None = None) -> list[Any]:
-    return encode(MsgType.JOBS, {"jobs": specs, "incarnation": incarnation})
+def jobs(specs: Sequence[JobSpec], incarnation: str | None = None,
+         inputs: Sequence[Any] = ()) -> list[Any]:
+    """JOBS: ``specs`` and, in their order, each one's input frames."""
+    return encode(MsgType.JOBS, {"jobs": specs, "incarnation": incarnation}, inputs)
 
 
 def failed(job_id: str, code: ErrorCode, message: str, *, retryable: bool = False,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import zmq
@@ -30,8 +30,9 @@ FLUSH_SECONDS = 1.0  # at stop, how long the last answers and BYE may take to re
 class LinkHandler(Protocol):
     """What the link tells the worker, and asks it; called on the link's I/O thread."""
 
-    def on_jobs(self, batch: list[JobSpec]) -> None:
-        """Take a batch the broker leased to this worker (a JOBS message)."""
+    def on_jobs(self, batch: list[JobSpec], inputs: Sequence[Any] = ()) -> None:
+        """Take a batch the broker leased to this worker (a JOBS message), with its edits'
+        input frames."""
 
     def on_cancel(self, job_id: str) -> None:
         """Note that the broker cancelled a job (a CANCEL message)."""
@@ -92,7 +93,7 @@ class BrokerLink:
 
     def on_message(self, msg: Message) -> None:
         if msg.type is MsgType.JOBS:
-            self.handler.on_jobs(list(msg["jobs"]))
+            self.handler.on_jobs(list(msg["jobs"]), msg.payloads)
         elif msg.type is MsgType.CANCEL:
             self.handler.on_cancel(msg["job_id"])
         elif msg.type is MsgType.RECONNECT:

@@ -55,6 +55,30 @@ class ModelSpec:
     sized_by_area: bool = False
     extra_components: tuple[tuple[str, str, str], ...] = ()  # (kwarg, repo, transformers class)
     description: str = ""
+    # Editing (gpu_worker/editing.py): the diffusers classes made from the loaded pipeline's
+    # own components with from_pipe; "" where the family has none.
+    edit_pipeline: str = ""  # img2img
+    inpaint_pipeline: str = ""
+    edit_by_reference: bool = False  # the pipeline takes input images as references itself,
+    # with no strength (FLUX.2 Klein): several images, and the whole schedule runs
+    max_inputs: int = 1  # input images one edit may take
+    strength_floors: bool = False  # runs int(steps x strength) steps (SD, SDXL, Kolors)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """What it can do: ``generate`` always, ``edit`` and ``inpaint`` where it has them."""
+        return ("generate",) + (("edit",) if self.edit_pipeline else ()) \
+            + (("inpaint",) if self.inpaint_pipeline else ())
+
+    def steps_run(self, steps: int, strength: float | None) -> int:
+        """The denoising steps an edit at ``strength`` runs of ``steps`` (all of them for a
+        generation): img2img starts part-way down the schedule. 0 means it would run none."""
+        if strength is None or self.edit_by_reference:
+            return steps
+        if self.strength_floors:
+            return min(int(steps * strength), steps)
+        # The flow-matching pipelines: steps - int(steps - steps x strength), at least 1 above 0.
+        return steps - int(max(steps - steps * strength, 0.0))
 
     def describe(self) -> dict[str, Any]:
         """Every field as plain data, sizes as "WxH": what READY announces and /v1/models shows."""
@@ -101,17 +125,27 @@ def _family(family: str, pipeline: str, **fields: Any) -> ModelSpec:
 
 FAMILIES: dict[str, ModelSpec] = {f.pipeline: f for f in (
     _family("sd", "StableDiffusionPipeline", default_size=(512, 512), size_multiple=8,
-            max_pixels=1024 * 1024, default_steps=30, default_guidance=7.5, dtype="float16"),
+            max_pixels=1024 * 1024, default_steps=30, default_guidance=7.5, dtype="float16",
+            edit_pipeline="StableDiffusionImg2ImgPipeline",
+            inpaint_pipeline="StableDiffusionInpaintPipeline", strength_floors=True),
     _family("sdxl", "StableDiffusionXLPipeline", size_multiple=8, default_steps=30,
-            default_guidance=6.0, dtype="float16"),
+            default_guidance=6.0, dtype="float16",
+            edit_pipeline="StableDiffusionXLImg2ImgPipeline",
+            inpaint_pipeline="StableDiffusionXLInpaintPipeline", strength_floors=True),
     _family("sd3", "StableDiffusion3Pipeline", default_steps=28, default_guidance=3.5,
-            max_sequence_length=256),
+            max_sequence_length=256, edit_pipeline="StableDiffusion3Img2ImgPipeline",
+            inpaint_pipeline="StableDiffusion3InpaintPipeline"),
     _family("flux", "FluxPipeline", default_steps=28, default_guidance=3.5,
-            negative_prompt=False, max_sequence_length=512),
+            negative_prompt=False, max_sequence_length=512,
+            edit_pipeline="FluxImg2ImgPipeline", inpaint_pipeline="FluxInpaintPipeline"),
+    # Klein edits with its own pipeline: the input images are in-context references.
     _family("flux2-klein", "Flux2KleinPipeline", default_steps=4, default_guidance=1.0,
-            negative_prompt=False),
+            negative_prompt=False, edit_pipeline="Flux2KleinPipeline",
+            inpaint_pipeline="Flux2KleinInpaintPipeline", edit_by_reference=True,
+            max_inputs=4),
     _family("chroma", "ChromaPipeline", default_steps=40, default_guidance=3.0,
-            max_sequence_length=512),
+            max_sequence_length=512, edit_pipeline="ChromaImg2ImgPipeline",
+            inpaint_pipeline="ChromaInpaintPipeline"),
     _family("pixart-sigma", "PixArtSigmaPipeline", default_steps=20, default_guidance=4.5,
             max_sequence_length=300, resolution_binning=True, legacy_callback=True,
             dtype="float16"),
@@ -119,7 +153,8 @@ FAMILIES: dict[str, ModelSpec] = {f.pipeline: f for f in (
             max_sequence_length=300, resolution_binning=True),
     _family("sana-sprint", "SanaSprintPipeline", size_multiple=32, default_steps=2,
             max_steps=20, default_guidance=4.5, negative_prompt=False,
-            max_sequence_length=300, resolution_binning=True),
+            max_sequence_length=300, resolution_binning=True,
+            edit_pipeline="SanaSprintImg2ImgPipeline"),
     _family("hunyuan-dit", "HunyuanDiTPipeline", default_steps=50, default_guidance=5.0,
             allowed_sizes=_HUNYUAN_SIZES, dtype="float16"),
     _family("lumina-next", "LuminaPipeline", default_steps=30, default_guidance=4.0,
@@ -129,11 +164,14 @@ FAMILIES: dict[str, ModelSpec] = {f.pipeline: f for f in (
     _family("qwen-image", "QwenImagePipeline", default_size=(1328, 1328), default_steps=50,
             default_guidance=4.0, guidance_param="true_cfg_scale", max_sequence_length=512,
             default_negative_prompt=" ",
-            max_pixels=2048 * 2048),
+            max_pixels=2048 * 2048, edit_pipeline="QwenImageImg2ImgPipeline",
+            inpaint_pipeline="QwenImageInpaintPipeline"),
     _family("z-image", "ZImagePipeline", default_steps=9, default_guidance=0.0,
-            negative_prompt=False, max_sequence_length=512),
+            negative_prompt=False, max_sequence_length=512,
+            edit_pipeline="ZImageImg2ImgPipeline", inpaint_pipeline="ZImageInpaintPipeline"),
     _family("kolors", "KolorsPipeline", size_multiple=8, default_steps=25,
-            default_guidance=5.0, dtype="float16", max_sequence_length=256),
+            default_guidance=5.0, dtype="float16", max_sequence_length=256,
+            edit_pipeline="KolorsImg2ImgPipeline", strength_floors=True),
     _family("auraflow", "AuraFlowPipeline", default_steps=50, default_guidance=3.5,
             max_sequence_length=256),
     _family("cogview4", "CogView4Pipeline", size_multiple=32, default_steps=50,
@@ -160,6 +198,8 @@ _ENTRIES: tuple[ModelSpec, ...] = (
         name=TINY, repo="", family="tiny", pipeline="StableDiffusionPipeline",
         default_size=(256, 256), size_multiple=8, min_pixels=8 * 8, max_pixels=1024 * 1024,
         default_steps=4, max_steps=50, default_guidance=5.0, dtype="float32",
+        edit_pipeline="StableDiffusionImg2ImgPipeline",
+        inpaint_pipeline="StableDiffusionInpaintPipeline", strength_floors=True,
         description="built-in miniature pipeline with random weights: it makes noise, for "
                     "tests and machines without a GPU",
     ),

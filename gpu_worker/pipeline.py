@@ -6,7 +6,7 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,13 +15,15 @@ from PIL import Image
 
 from broker.protocol import JobSpec
 from gpu_worker import models
+from gpu_worker.editing import EditInputs, EditPipelines, composite, usable_modes
 from gpu_worker.models import ModelSpec
 from gpu_worker.preview import PreviewMaker, preview_steps
 
 log = logging.getLogger(__name__)
 
-# (steps done, total steps, previews of each image at this step or []) -> keep going?
-StepCallback = Callable[[int, int, list[Image.Image]], bool]
+# (steps done, total steps, previews of each image at this step or [], None for an image
+# with none) -> keep going?
+StepCallback = Callable[[int, int, Sequence[Image.Image | None]], bool]
 
 
 class Interrupted(Exception):
@@ -67,9 +69,9 @@ class PipelineRunner:
         if options.threads and not self.device.startswith("cuda"):
             torch.set_num_threads(options.threads)
         self.pipe = self._place(self._load(spec) if pipe is None else pipe)
-        self._params = set(inspect.signature(self.pipe.__call__).parameters)
         self._trained_sample_size: int | None = getattr(self.pipe, "default_sample_size", None)
-        self.spec = self._fit_spec(spec)
+        self.spec = usable_modes(self._fit_spec(spec), self.pipe)
+        self.edits = EditPipelines(self.pipe, self.spec)
         self.previews = PreviewMaker(self.pipe, self.spec.family, offloaded=options.offload)
         self._preview_failed = False
 
@@ -181,8 +183,10 @@ class PipelineRunner:
         return time.perf_counter() - started
 
     def total_steps(self, job: JobSpec) -> int:
-        """Denoising steps the job reports progress for (both stages of a two-stage model)."""
-        return job.steps + self.spec.decoder_steps
+        """Denoising steps the job reports progress for (both stages of a two-stage model;
+        of an edit, those its strength runs)."""
+        return self.spec.steps_run(job.steps, job.strength if job.inputs else None) \
+            + self.spec.decoder_steps
 
     def generate(self, job: JobSpec, on_step: StepCallback | None = None) -> list[Image.Image]:
         """Make ``job.n`` images, image i from seed ``job.seeds[i]``.
@@ -193,29 +197,82 @@ class PipelineRunner:
         """
         return self.generate_batch([job], on_step)[0]
 
-    def generate_batch(self, jobs: list[JobSpec], on_step: StepCallback | None = None
+    def generate_batch(self, jobs: list[JobSpec], on_step: StepCallback | None = None,
+                       inputs: Mapping[str, EditInputs] | None = None
                        ) -> list[list[Image.Image]]:
         """Run jobs that share a batch key as one pipeline call; the images of each job.
 
         Every image keeps its own generator, so its seed decides its noise whatever else is
         in the batch (see docs/performance.md for how close batched pixels are to solo ones).
+        Edits take their decoded ``inputs`` by job id.
         """
         head = jobs[0]
-        kwargs = self._call_kwargs(jobs)
+        if head.mode == "edit" and self.spec.edit_by_reference and len(jobs) > 1:
+            return self._one_by_one(jobs, on_step, inputs or {})
+        pipe = self.edits.for_mode(head.mode)
+        params = set(inspect.signature(pipe.__call__).parameters)
+        kwargs = self._call_kwargs(jobs, params, per_image=head.mode != "generate")
+        if head.inputs:
+            kwargs.update(self._edit_kwargs(jobs, inputs or {}, params))
         if on_step is not None:
-            kwargs.update(self._progress_kwargs(head, on_step))
+            kwargs.update(self._progress_kwargs(head, on_step, params))
         self._tile_vae_for(head)
         if self.spec.sized_by_area:
             self._set_area(head)
         with torch.inference_mode():
-            images = to_pil(self.pipe(**kwargs).images)
+            images = to_pil(pipe(**kwargs).images)
         split, start = [], 0
         for job in jobs:
-            split.append(images[start:start + job.n])
+            made = [self._fit_output(image, job) for image in images[start:start + job.n]]
+            if job.mask:
+                made = [composite(image, (inputs or {})[job.id]) for image in made]
+            split.append(made)
             start += job.n
         return split
 
-    def _call_kwargs(self, jobs: list[JobSpec]) -> dict[str, Any]:
+    def _one_by_one(self, jobs: list[JobSpec], on_step: StepCallback | None,
+                    inputs: Mapping[str, EditInputs]) -> list[list[Image.Image]]:
+        """Jobs whose inputs a pipeline call cannot tell apart (Klein's references are the
+        whole call's), one call each; progress counts across them."""
+        made: list[list[Image.Image]] = []
+        for index, job in enumerate(jobs):
+            before = sum(earlier.n for earlier in jobs[:index])  # images of the jobs before
+
+            def step(done: int, total: int, previews: Sequence[Image.Image | None],
+                     offset: int = index, before: int = before) -> bool:
+                shifted: list[Image.Image | None] = []
+                if previews:  # this job's images come after the earlier jobs' in the batch
+                    shifted = [*([None] * before), *previews]
+                return on_step is None or on_step(offset * total + done, len(jobs) * total,
+                                                  shifted)
+            made.extend(self.generate_batch([job], step, inputs))
+        return made
+
+    def _edit_kwargs(self, jobs: list[JobSpec], inputs: Mapping[str, EditInputs],
+                     params: set[str]) -> dict[str, Any]:
+        """The input images (one per image made: each then keeps its own seed), the mask,
+        the strength."""
+        head = jobs[0]
+        if head.mode == "edit" and self.spec.edit_by_reference:
+            return {"image": list(inputs[head.id].images)}  # references, for the whole call
+        kwargs: dict[str, Any] = {
+            "image": [inputs[job.id].images[0] for job in jobs for _ in job.seeds]}
+        if head.mask:
+            kwargs["mask_image"] = [inputs[job.id].mask for job in jobs for _ in job.seeds]
+        if head.strength is not None:
+            kwargs["strength"] = head.strength
+        return kwargs
+
+    def _fit_output(self, image: Image.Image, job: JobSpec) -> Image.Image:
+        """The job's size, whatever the pipeline made: some edit pipelines size their output
+        from their input or round it (Klein's inpainting caps it at a megapixel)."""
+        size = (job.width, job.height)
+        return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
+
+    def _call_kwargs(self, jobs: list[JobSpec], params: set[str], *,
+                     per_image: bool = False) -> dict[str, Any]:
+        """The pipeline call's arguments that ``params`` (its __call__'s) takes. ``per_image``:
+        one prompt per image even for one job, to go with one input image per image."""
         spec, job = self.spec, jobs[0]  # the batch key makes every shared setting equal
         # CPU generators give the same noise for a seed on every device and machine.
         generators = [torch.Generator("cpu").manual_seed(seed) for j in jobs for seed in j.seeds]
@@ -223,7 +280,7 @@ class PipelineRunner:
             "width": job.width, "height": job.height, "num_inference_steps": job.steps,
             "generator": generators, "output_type": self._output_type(),
         }
-        if len(jobs) == 1:
+        if len(jobs) == 1 and not per_image:
             kwargs.update(prompt=job.prompt, num_images_per_prompt=job.n)
         else:  # one prompt per image, so jobs with different n share the call
             kwargs.update(prompt=[j.prompt for j in jobs for _ in j.seeds],
@@ -232,11 +289,12 @@ class PipelineRunner:
             kwargs[spec.guidance_param] = job.guidance
         negatives = [j.negative_prompt or spec.default_negative_prompt or "" for j in jobs]
         if spec.negative_prompt and any(negatives):
-            kwargs["negative_prompt"] = negatives[0] if len(jobs) == 1 else [
+            kwargs["negative_prompt"] = negatives[0] if len(jobs) == 1 and not per_image else [
                 negative for j, negative in zip(jobs, negatives, strict=True) for _ in j.seeds]
         if spec.max_sequence_length:
             kwargs["max_sequence_length"] = spec.max_sequence_length
-        kwargs["use_resolution_binning"] = spec.resolution_binning
+        # Binning resizes to a trained bucket and back: an edit's input is already its size.
+        kwargs["use_resolution_binning"] = spec.resolution_binning and not job.inputs
         # Keep the prompt as written: caption cleaning (PixArt, Lumina-Next) rewrites it and
         # needs bs4 and ftfy, warning on every call without them.
         kwargs["clean_caption"] = False
@@ -247,7 +305,7 @@ class PipelineRunner:
             kwargs["prior_num_inference_steps"] = job.steps
             kwargs["num_inference_steps"] = spec.decoder_steps
         # Pass only what this pipeline's __call__ takes.
-        return {k: v for k, v in kwargs.items() if k in self._params}
+        return {k: v for k, v in kwargs.items() if k in params}
 
     def _output_type(self) -> str:
         """Tensors from the families we know, so the conversion to 8 bits runs on the device
@@ -255,7 +313,8 @@ class PipelineRunner:
         DeepFloyd IF) post-process only their "pil" and "np" outputs."""
         return "pil" if self.spec.family == "generic" else "pt"
 
-    def _progress_kwargs(self, job: JobSpec, on_step: StepCallback) -> dict[str, Any]:
+    def _progress_kwargs(self, job: JobSpec, on_step: StepCallback, params: set[str]
+                         ) -> dict[str, Any]:
         """Hook ``on_step`` into the pipeline's step callbacks; a False answer interrupts."""
         total = self.total_steps(job)
         with_previews = preview_steps(total, job.previews)
@@ -281,12 +340,12 @@ class PipelineRunner:
             step(callback_kwargs.get("latents"))
             return callback_kwargs
 
-        if self.spec.legacy_callback or "callback_on_step_end" not in self._params:
-            if "callback" not in self._params:
+        if self.spec.legacy_callback or "callback_on_step_end" not in params:
+            if "callback" not in params:
                 return {}
             return {"callback": lambda i, t, latents: step(latents), "callback_steps": 1}
         hooks: dict[str, Any] = {"callback_on_step_end": on_step_end}
-        if "prior_callback_on_step_end" in self._params:
+        if "prior_callback_on_step_end" in params:
             hooks["prior_callback_on_step_end"] = on_step_end
         return hooks
 

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -20,6 +21,7 @@ from broker import defaults, logs, protocol
 from broker.connection import CurveKeys
 from broker.protocol import ErrorCode, ImageInfo, JobSpec, MsgType
 from gpu_worker import models
+from gpu_worker.editing import EditInputs, InvalidInput
 from gpu_worker.encode import Generation, ImageMetadata, encode_image
 from gpu_worker.link import BrokerLink
 from gpu_worker.marking import Marking
@@ -73,7 +75,8 @@ class Link(Protocol):
 class Runner(Protocol):
     """What the worker needs of its pipeline (gpu_worker.pipeline.PipelineRunner)."""
 
-    def generate_batch(self, jobs: list[JobSpec], on_step: StepCallback | None = None
+    def generate_batch(self, jobs: list[JobSpec], on_step: StepCallback | None = None,
+                       inputs: Mapping[str, EditInputs] | None = None
                        ) -> list[list[Image.Image]]: ...
 
 
@@ -111,6 +114,7 @@ class Worker:
         self._arrived = threading.Condition(self._lock)  # a batch joined _waiting
         self._held: set[str] = set()  # received, not answered: running, encoding or waiting
         self._cancelled: set[str] = set()  # held, and cancelled by the broker
+        self._inputs: dict[str, tuple[bytes, ...]] = {}  # an edit's frames, held till answered
 
     def stop(self) -> None:
         """Finish the current job, hand back the rest, leave. Safe from a signal handler."""
@@ -141,8 +145,14 @@ class Worker:
 
     # ---------------------------------------------------------------- the link's handler
 
-    def on_jobs(self, batch: list[JobSpec]) -> None:
-        """Queue a batch the broker leased to us (the link's I/O thread)."""
+    def on_jobs(self, batch: list[JobSpec], inputs: Sequence[Any] = ()) -> None:
+        """Queue a batch the broker leased to us (the link's I/O thread); ``inputs``: its
+        edits' frames, job by job (decoded on the device thread, when the batch runs)."""
+        frames: dict[str, tuple[bytes, ...]] = {}
+        start = 0
+        for job in batch:
+            frames[job.id] = tuple(bytes(f) for f in inputs[start:start + job.frames])
+            start += job.frames
         with self._lock:
             # A job we already hold is running here or waiting: running it twice would
             # answer it twice.
@@ -152,6 +162,7 @@ class Worker:
             if not fresh:
                 return
             self._held.update(job.id for job in fresh)
+            self._inputs.update((job.id, frames[job.id]) for job in fresh if job.frames)
             self._waiting.append(fresh)
             self._arrived.notify()
 
@@ -208,6 +219,7 @@ class Worker:
         if job_id not in self._held:
             return False
         self._held.discard(job_id)
+        self._inputs.pop(job_id, None)
         if job_id in self._cancelled or frames is None:
             self._cancelled.discard(job_id)
             self.link.send(protocol.failed(job_id, ErrorCode.CANCELLED, "cancelled"))
@@ -274,7 +286,7 @@ class Worker:
     def _run_batch(self, batch: list[JobSpec]) -> None:
         """Run jobs that share a batch key as one pipeline call; answer each on its own."""
         assert self.link is not None and self.runner is not None
-        jobs = self._start(batch)
+        jobs, inputs = self._with_inputs(self._start(batch))
         if not jobs:
             return
         for job in jobs:
@@ -286,7 +298,8 @@ class Worker:
             # 1. Denoise: the only step on the device.
             _maybe_fail()
             self.stats.batch_started()
-            images = self.runner.generate_batch(jobs, self._progress_reporter(jobs, previews))
+            images = self.runner.generate_batch(jobs, self._progress_reporter(jobs, previews),
+                                                inputs)
         except Interrupted:
             wait(previews)  # a preview never follows its job's answer, whatever the answer
             for job in jobs:
@@ -316,6 +329,26 @@ class Worker:
         for job, job_images in zip(jobs, images, strict=True):
             self._encoder.submit(self._encode_and_answer, job, job_images, timings, previews)
 
+    def _with_inputs(self, jobs: list[JobSpec]) -> tuple[list[JobSpec], dict[str, EditInputs]]:
+        """The jobs whose inputs read, with them; each of the others is answered: its frames
+        are not the images its spec says (never from our frontend, which checked them)."""
+        if not any(job.frames for job in jobs):
+            return jobs, {}
+        with self._lock:
+            frames = {job.id: self._inputs.get(job.id, ()) for job in jobs}
+        readable: list[JobSpec] = []
+        inputs: dict[str, EditInputs] = {}
+        for job in jobs:
+            try:
+                inputs[job.id] = EditInputs.decode(job, frames[job.id])
+            except InvalidInput as exc:
+                log.warning("job %s: %s", job.id, exc, extra=logs.job_fields(job))
+                self._answer(job.id, protocol.failed(job.id, ErrorCode.INVALID_REQUEST,
+                                                     str(exc)))
+                continue
+            readable.append(job)
+        return readable, inputs
+
     def _progress_reporter(self, jobs: list[JobSpec], previews_sent: list[Future[None]]
                            ) -> StepCallback:
         """Report each step (and previews) to every job still wanted; stop when none is.
@@ -326,7 +359,7 @@ class Worker:
         assert link is not None
         owners = [(job, index) for job in jobs for index in range(job.n)]
 
-        def on_step(step: int, steps: int, previews: list[Image.Image]) -> bool:
+        def on_step(step: int, steps: int, previews: Sequence[Image.Image | None]) -> bool:
             self.stats.step()
             with self._lock:
                 cancelled = self._cancelled.intersection(job.id for job in jobs)
@@ -337,7 +370,7 @@ class Worker:
                     link.send(protocol.encode(MsgType.PROGRESS,
                                               {"job_id": job.id, "step": step, "steps": steps}))
             for (job, index), preview in zip(owners, previews, strict=False):
-                if job.id not in cancelled:
+                if preview is not None and job.id not in cancelled:
                     previews_sent.append(self._previewer.submit(
                         self._send_preview, job, index, step, steps, preview))
             return True

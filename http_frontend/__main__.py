@@ -23,6 +23,7 @@ from http_frontend.auth import load_keys
 from http_frontend.broker_client import BrokerClient
 from http_frontend.database import DatabaseError, open_database
 from http_frontend.history import History
+from http_frontend.image_fetch import ImageFetcher
 from http_frontend.image_store import (
     ImageStore,
     Retention,
@@ -88,6 +89,13 @@ def add_frontend_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds between keep-alive comments on an idle event stream")
     parser.add_argument("--max-body", type=int, default=1 << 20,
                         help="largest request body in bytes (then 413)")
+    parser.add_argument("--max-edit-body-mb", type=float, default=64.0,
+                        help="largest /v1/images/edits request in MiB: its images and mask, "
+                             "uploaded or as data: URLs (then 413)")
+    parser.add_argument("--fetch-image-urls", action="store_true",
+                        help="let JSON edits name images by http(s) URL, fetched by this "
+                             "server from public addresses only (off: a client could make "
+                             "the server reach what it can, a server-side request forgery)")
     parser.add_argument("--drain-timeout", type=float, default=5.0,
                         help="on SIGTERM, seconds waiting requests get to finish (then 503)")
     parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
@@ -301,12 +309,16 @@ def raise_open_files_limit(needed: int) -> None:
                     "%d", target, needed)
 
 
+def _edit_body(args: argparse.Namespace) -> int:
+    return int(args.max_edit_body_mb * (1 << 20))
+
+
 def _create_server(app: Any, args: argparse.Namespace) -> Any:
     return http_server.create_server(
         app, host=args.host, port=args.port, threads=args.threads,
         receive_timeout=args.receive_timeout, max_body=args.max_body,
         # A backstop: the app answers 413 itself, with the same message, up to here.
-        max_request_body_size=4 * args.max_body + 1,
+        max_request_body_size=max(4 * args.max_body, _edit_body(args)) + 1,
         connection_limit=args.connection_limit, channel_timeout=args.channel_timeout,
         cleanup_interval=1,  # how often idle and slow connections are looked for
         asyncore_use_poll=True,  # select() stops at 1024 descriptors
@@ -343,7 +355,10 @@ def main(argv: list[str] | None = None) -> int:
                               max_streams=args.max_streams, keepalive=args.keepalive,
                               default_response_format=args.default_response_format,
                               model_aliases=args.model_aliases),
-        max_body=args.max_body, api_keys=tuple(api_keys),
+        max_body=args.max_body, max_edit_body=_edit_body(args),
+        image_fetcher=ImageFetcher(max_bytes=_edit_body(args)) if args.fetch_image_urls
+        else None,
+        api_keys=tuple(api_keys),
         cors_origins=tuple(args.cors_origin or ()), image_ttl=args.image_ttl_s,
         metrics_token=metrics_token,
     )

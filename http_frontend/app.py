@@ -13,6 +13,7 @@ from http_frontend.auth import ApiKey, ApiKeyAuth, default_name
 from http_frontend.broker_client import BrokerClient
 from http_frontend.cluster_view import ClusterView
 from http_frontend.errors import install_error_handlers
+from http_frontend.image_fetch import ImageFetcher
 from http_frontend.jobs_api import JobsAPI
 from http_frontend.metrics import Metrics
 from http_frontend.request_ids import RequestIds
@@ -29,6 +30,9 @@ if not STATIC_DIR.is_dir():
 class FrontendConfig:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     max_body: int = 1 << 20
+    max_edit_body: int = 64 << 20  # an edit's upload: its images and mask, multipart or JSON
+    # Fetch remote image URLs named in JSON edits (None: refuse them; see edit_requests).
+    image_fetcher: ImageFetcher | None = None
     static_dir: Path = STATIC_DIR
     # None: the API is open (bind to loopback, or set keys); a plain string is a key with
     # its default name.
@@ -65,6 +69,9 @@ def create_app(config: FrontendConfig, broker: BrokerClient, *, service: ImageSe
     jobs = jobs or JobsAPI(service)
     app.add_route("/v1/images/generations",
                   resources.ImageGenerations(service, max_body=config.max_body))
+    app.add_route("/v1/images/edits",
+                  resources.ImageEdits(service, max_body=config.max_edit_body,
+                                       fetcher=config.image_fetcher))
     app.add_route("/v1/jobs", resources.Jobs(jobs, max_body=config.max_body))
     app.add_route("/v1/jobs/{job_id}", resources.Job(jobs))
     app.add_route("/v1/jobs/{job_id}/events", resources.JobEvents(jobs))

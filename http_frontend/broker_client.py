@@ -21,6 +21,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,8 +114,10 @@ class BrokerClient:
         with self._lock:
             return self._status if self.connected else None
 
-    def submit(self, job: JobSpec, *, owner: str | None = None) -> PendingJob:
-        """Send ``job``; its answer comes to the returned PendingJob.
+    def submit(self, job: JobSpec, *, owner: str | None = None,
+               inputs: Sequence[bytes] = ()) -> PendingJob:
+        """Send ``job`` (and an edit's ``inputs`` frames); its answer comes to the returned
+        PendingJob, which keeps the inputs for a resubmission until the job ends.
 
         ``owner``: the broker owner to submit under, when not this frontend's own: a job
         taken over from a frontend that stopped keeps the owner it was first submitted
@@ -123,9 +126,9 @@ class BrokerClient:
         A job whose fields cannot be encoded is answered at once and never joins the jobs
         waiting for the broker: a resubmission after a reconnect would fail the same way.
         """
-        pending = PendingJob(job.id, job, owner=owner or self.owner)
+        pending = PendingJob(job.id, job, owner=owner or self.owner, inputs=tuple(inputs))
         try:
-            frames = protocol.submit(job, pending.owner)
+            frames = protocol.submit(job, pending.owner, pending.inputs)
         except ProtocolError as exc:
             pending.fail(JobError(ErrorCode.INVALID_REQUEST,
                                   f"the request cannot be sent on: {exc}"))
@@ -215,7 +218,8 @@ class BrokerClient:
             if left <= 0:
                 continue
             try:
-                frames = protocol.submit(dataclasses.replace(job.spec, timeout=left), job.owner)
+                frames = protocol.submit(dataclasses.replace(job.spec, timeout=left), job.owner,
+                                         job.inputs)
             except ProtocolError:  # cannot happen for a job submit() took; never fatal
                 log.exception("could not resubmit job %s", job.job_id,
                               extra=logs.job_fields(job.spec))

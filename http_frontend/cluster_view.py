@@ -31,11 +31,14 @@ class ClusterView:
         return self._model(status, asked, served_as)
 
     def _model(self, status: ClusterStatus, asked: str, name: str) -> dict[str, Any]:
+        spec = model_resolver.spec_for(status, name)
         model = {"id": asked, "object": "model", "created": 0,
                  "owned_by": "diffusion-cluster",
                  "ready_workers": len(status.served_models()[name]),
                  "queued": status.queues.get(name, 0),
-                 "limits": model_resolver.spec_for(status, name).describe()}
+                 # generate, edit (img2img), inpaint: what every worker serving it can do
+                 "capabilities": list(spec.modes),
+                 "limits": spec.describe()}
         if asked != name:
             model["served_by"] = name  # an alias: the model that actually runs
         return model

@@ -93,6 +93,11 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "max_steps": _int_in(1, MAX_STEPS),
     "default_guidance": _guidance,
     "negative_prompt": _bool,
+    "edit_pipeline": _text,
+    "inpaint_pipeline": _text,
+    "edit_by_reference": _bool,
+    "max_inputs": _int_in(1, 16),
+    "strength_floors": _bool,
 }
 _DESCRIPTIVE: dict[str, Callable[[Any], Any]] = {
     "family": _text, "pipeline": _text, "repo": _text, "description": _text,
@@ -132,7 +137,8 @@ def apply_announcements(spec: ModelSpec | None, status: ClusterStatus | None, na
             # Not in the registry: its pipeline's family knows its quirks (two stages, sizing
             # by area), the announcement its limits.
             base = models.for_pipeline(name, fields.get("pipeline", ""))
-            candidate = dataclasses.replace(base, **fields)
+            # Narrowed by its own fields too: what it does not announce, it cannot do.
+            candidate = narrow(dataclasses.replace(base, **fields), fields)
         else:
             candidate = narrow(spec, fields)
         if _coherent(candidate):
@@ -157,6 +163,15 @@ def narrow(spec: ModelSpec, fields: dict[str, Any]) -> ModelSpec:
         limits["max_steps"] = min(spec.max_steps, fields["max_steps"])
     if "negative_prompt" in fields:
         limits["negative_prompt"] = spec.negative_prompt and fields["negative_prompt"]
+    # An edit mode only where every worker says it has it: a worker that does not know of
+    # editing (an older one) would make an image from the prompt alone.
+    for mode in ("edit_pipeline", "inpaint_pipeline"):
+        limits[mode] = getattr(spec, mode) if fields.get(mode) else ""
+    if "max_inputs" in fields:
+        limits["max_inputs"] = min(spec.max_inputs, fields["max_inputs"])
+    for quirk in ("edit_by_reference", "strength_floors"):
+        if quirk in fields:
+            limits[quirk] = fields[quirk]
     if fields.get("allowed_sizes"):
         theirs = fields["allowed_sizes"]
         limits["allowed_sizes"] = tuple(s for s in spec.allowed_sizes if s in theirs) \

@@ -31,10 +31,12 @@ Event = Message | JobError  # what followers see: the broker's messages, and how
 class PendingJob:
     """A submitted job: its latest state, a bounded log of recent events, its outcome."""
 
-    def __init__(self, job_id: str, spec: JobSpec | None = None, *, owner: str = "") -> None:
+    def __init__(self, job_id: str, spec: JobSpec | None = None, *, owner: str = "",
+                 inputs: tuple[bytes, ...] = ()) -> None:
         self.job_id = job_id
         self.spec = spec
         self.owner = owner  # the broker owner it was submitted under
+        self.inputs = inputs  # an edit's frames, sent again with the job after a reconnect
         self.submitted_at = time.monotonic()
         self.started_at: float | None = None  # when its first step came (time.monotonic)
         self.position: int | None = None

@@ -19,8 +19,10 @@ import falcon.routing
 
 from http_frontend.auth import check_metrics_token, identity_of
 from http_frontend.cluster_view import ClusterView
+from http_frontend.edit_requests import read_edit
 from http_frontend.errors import APIError, invalid
 from http_frontend.history import Caller, History
+from http_frontend.image_fetch import ImageFetcher
 from http_frontend.image_store import CONTENT_TYPES, valid_name
 from http_frontend.jobs_api import JobsAPI, ListQuery
 from http_frontend.metrics import CONTENT_TYPE, Metrics
@@ -126,6 +128,26 @@ class ImageGenerations:
         body = read_json(req, self.max_body)
         who = caller(req, body, self.service.history)
         prepared = self.service.prepare(body, user=who.owner)
+        req.context.generation_model = prepared.job.model  # for dc_request_duration_seconds
+        if prepared.stream:
+            stream_events(resp, self.service.stream_openai(prepared, who, client_gone(req)))
+        else:
+            resp.media = self.service.generate(prepared, who, client_gone(req))
+
+
+class ImageEdits:
+    """POST /v1/images/edits: OpenAI's image edit, as multipart/form-data or JSON."""
+
+    def __init__(self, service: ImageService, *, max_body: int,
+                 fetcher: ImageFetcher | None) -> None:
+        self.service = service
+        self.max_body = max_body
+        self.fetcher = fetcher
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        upload = read_edit(req, max_body=self.max_body, fetcher=self.fetcher)
+        who = caller(req, upload.fields, self.service.history)
+        prepared = self.service.prepare_edit(upload, user=who.owner)
         req.context.generation_model = prepared.job.model  # for dc_request_duration_seconds
         if prepared.stream:
             stream_events(resp, self.service.stream_openai(prepared, who, client_gone(req)))

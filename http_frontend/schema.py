@@ -60,6 +60,7 @@ class ImageRequest:
     seed: int | None = None
     negative_prompt: str | None = None
     timeout: float | None = None  # seconds; at most the server's --timeout
+    strength: float | None = None  # edits only: 0..1, how far from the input image
 
 
 def _is_int(value: Any) -> TypeGuard[int]:
@@ -139,6 +140,10 @@ def parse_request(body: Any) -> ImageRequest:
     guidance = body.get("guidance")
     if guidance is not None and (not _is_number(guidance) or not 0 <= guidance <= 100):
         raise invalid("guidance", "'guidance' must be a number between 0 and 100")
+    strength = body.get("strength")
+    if strength is not None and (not _is_number(strength) or not 0 < strength <= 1):
+        raise invalid("strength", "'strength' must be a number above 0 and at most 1: how "
+                                  "far from the input image an edit may go")
     timeout = body.get("timeout")
     if timeout is not None and (not _is_number(timeout) or not math.isfinite(timeout)
                                 or timeout <= 0):
@@ -171,6 +176,7 @@ def parse_request(body: Any) -> ImageRequest:
         "seed": _integer(body, "seed", 0, MAX_SEED),
         "negative_prompt": _string(body, "negative_prompt", max_len=MAX_PROMPT_CHARS),
         "timeout": float(timeout) if timeout is not None else None,
+        "strength": float(strength) if strength is not None else None,
     }
     request = ImageRequest(**{k: v for k, v in values.items() if v is not None})
     if request.seed is not None and request.seed + request.n - 1 > MAX_SEED:

@@ -23,10 +23,11 @@ from typing import Any
 from broker import logs
 from broker.protocol import ErrorCode, JobSpec, Message
 from gpu_worker.models import ModelSpec
+from http_frontend import edit_jobs, model_resolver, request_ids, schema, streaming
 from http_frontend import history as history_module
-from http_frontend import model_resolver, request_ids, schema, streaming
 from http_frontend.broker_client import EXPIRY_SLACK, BrokerClient
 from http_frontend.database import open_database
+from http_frontend.edit_requests import EditUpload
 from http_frontend.errors import (
     BROKER_UNREACHABLE,
     SHUTTING_DOWN,
@@ -80,6 +81,7 @@ class Prepared:
     fitted: schema.FittedRequest
     job: JobSpec
     body: dict[str, Any]
+    inputs: tuple[bytes, ...] = ()  # an edit's frames: its images, then its mask
 
     @property
     def stream(self) -> bool:
@@ -170,6 +172,28 @@ class ImageService:
         """Validate ``body`` against its model and build the job; nothing is sent yet.
         ``user``: who sends it (``Caller.owner``: the API key's name when keys are on), the
         job's user in every program's logs; else the body's own ``user`` field."""
+        request = self._request(body)
+        spec = model_resolver.spec_for(self.broker.status(), self.model_name(request.model))
+        fitted = schema.fit_to_model(request, spec)
+        return Prepared(fitted, self._job(fitted, spec, user), body)
+
+    def prepare_edit(self, upload: EditUpload, *, user: str | None = None) -> Prepared:
+        """Validate an edit (``edit_requests.read_edit``'s upload): its fields as for a
+        generation, its images decoded and checked, its size the first image's fitted to
+        the model unless ``size`` says otherwise; the frames it travels with made."""
+        request = self._request(upload.fields)
+        spec = model_resolver.spec_for(self.broker.status(), self.model_name(request.model))
+        edit = edit_jobs.EditPlan.make(request, spec, upload)
+        fitted = schema.fit_to_model(edit.request, spec)
+        fitted = dataclasses.replace(fitted, warnings=fitted.warnings + edit.warnings)
+        edit.check_steps(fitted.steps, spec)
+        job = dataclasses.replace(self._job(fitted, spec, user), inputs=len(edit.images),
+                                  mask=edit.mask is not None, strength=edit.strength)
+        return Prepared(fitted, job, upload.recorded(),
+                        inputs=edit.frames(fitted.width, fitted.height))
+
+    def _request(self, body: Any) -> schema.ImageRequest:
+        """``body`` parsed, with this server's defaults and limits applied."""
         request = schema.parse_request(body)
         if request.response_format is None:
             request = dataclasses.replace(
@@ -182,9 +206,7 @@ class ImageService:
         if request.timeout is not None and request.timeout > limit:
             raise invalid("timeout", f"'timeout' may be at most {limit:g} seconds on this "
                                      f"server; got {request.timeout:g}")
-        spec = model_resolver.spec_for(self.broker.status(), self.model_name(request.model))
-        fitted = schema.fit_to_model(request, spec)
-        return Prepared(fitted, self._job(fitted, spec, user), body)
+        return request
 
     def _default_format(self, requested_model: str | None) -> str:
         """The answer for a request without ``response_format``: url for a DALL·E model name
@@ -289,7 +311,8 @@ class ImageService:
 
     def submit(self, prepared: Prepared) -> Tracked:
         """Send a recorded job; its record is settled when it ends, however it ends."""
-        return self.track(prepared.job, self.broker.submit(prepared.job))
+        return self.track(prepared.job, self.broker.submit(prepared.job,
+                                                           inputs=prepared.inputs))
 
     def track(self, job: JobSpec, pending: PendingJob) -> Tracked:
         """Follow a job just sent: it is logged, its watchers see it, its record is settled
@@ -413,7 +436,9 @@ class ImageService:
 
     def _openai_events(self, prepared: Prepared, tracked: Tracked, caller: Caller,
                        client_gone: ClientGone | None) -> Iterator[bytes]:
-        shapes = streaming.OpenAIStream(prepared.fitted, lambda: int(time.time()))
+        shapes = streaming.OpenAIStream(prepared.fitted, lambda: int(time.time()),
+                                        kind="image_edit" if prepared.job.inputs
+                                        else "image_generation")
         try:
             for event in self.follow(tracked.pending, prepared.job, client_gone,
                                      keepalive=self.config.keepalive):

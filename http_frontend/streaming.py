@@ -81,9 +81,11 @@ def _event_fields(fitted: schema.FittedRequest) -> dict[str, Any]:
 class OpenAIStream:
     """OpenAI's image stream for one job: partial images, then one completed event per image."""
 
-    def __init__(self, fitted: schema.FittedRequest, created: Callable[[], int]) -> None:
+    def __init__(self, fitted: schema.FittedRequest, created: Callable[[], int], *,
+                 kind: str = "image_generation") -> None:
         self.fitted = fitted
         self.created = created
+        self.kind = kind  # the events' prefix: image_generation, or image_edit for an edit
         self._partials: dict[int, int] = {}  # image index -> partial images sent
 
     def events(self, msg: Message, urls: list[str | None] | None = None) -> list[bytes]:
@@ -94,16 +96,16 @@ class OpenAIStream:
             index = msg.get("image_index") or 0
             partial = self._partials.get(index, 0)
             self._partials[index] = partial + 1
-            return [sse("image_generation.partial_image", {
-                "type": "image_generation.partial_image", "b64_json": b64(msg.payloads[0]),
+            return [sse(f"{self.kind}.partial_image", {
+                "type": f"{self.kind}.partial_image", "b64_json": b64(msg.payloads[0]),
                 "created_at": self.created(), **_event_fields(self.fitted),
                 "partial_image_index": partial, "image_index": index,
                 # The spec's size enum says "auto" for most sizes: the real one, as extensions.
                 "width": self.fitted.width, "height": self.fitted.height,
             })]
         if msg.type is MsgType.RESULT:
-            return [sse("image_generation.completed", {
-                "type": "image_generation.completed", "b64_json": b64(frame),
+            return [sse(f"{self.kind}.completed", {
+                "type": f"{self.kind}.completed", "b64_json": b64(frame),
                 "created_at": self.created(), **_event_fields(self.fitted), "usage": _NO_USAGE,
                 "image_index": index, "seed": info.seed, "width": info.width,
                 "height": info.height,

@@ -117,9 +117,10 @@ class FakeClient(Peer):
 
     owner: str | None = None
 
-    def submit(self, spec: JobSpec, **recv: Any) -> Message:
-        """Submit ``spec`` and return the broker's first answer (ACCEPTED or FAILED)."""
-        self.send(protocol.submit(spec, self.owner))
+    def submit(self, spec: JobSpec, inputs: list[bytes] | None = None, **recv: Any) -> Message:
+        """Submit ``spec`` (with an edit's ``inputs`` frames) and return the broker's first
+        answer (ACCEPTED or FAILED)."""
+        self.send(protocol.submit(spec, self.owner, inputs or ()))
         msg = self.recv(**recv)
         assert msg.type in (MsgType.ACCEPTED, MsgType.FAILED), msg
         assert msg["job_id"] == spec.id

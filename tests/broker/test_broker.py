@@ -12,7 +12,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from broker import protocol
+from broker import defaults, protocol
 from broker.jobs import JobState
 from broker.protocol import ImageInfo, MsgType
 from tests.broker.fakes import BrokerHarness, FakeClient, FakeWorker, LiveBroker, make_spec, plain
@@ -580,7 +580,7 @@ def test_garbage_is_dropped_and_the_broker_keeps_serving(
     # Over the clients' MAXMSGSIZE: ZeroMQ drops the connection before the broker sees it.
     oversized = harness.client()
     monitor = oversized.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-    oversized.send([os.urandom(2 << 20)])
+    oversized.send([os.urandom(defaults.MAX_CLIENT_FRAME + 1)])
     wait_for_disconnect(harness, oversized.sock, monitor)
     oversized.sock.disable_monitor()
     monitor.close(linger=0)

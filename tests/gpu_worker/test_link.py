@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -34,7 +35,7 @@ class FakeHandler:
         self.threads: set[str] = set()
         self.got = threading.Event()
 
-    def on_jobs(self, batch: list[JobSpec]) -> None:
+    def on_jobs(self, batch: list[JobSpec], inputs: Any = ()) -> None:
         self.threads.add(threading.current_thread().name)
         self.batches.append([job.id for job in batch])
         self.got.set()

@@ -78,8 +78,8 @@ class FakeRunner:
         self.hold = False
         self._go.set()
 
-    def generate_batch(self, jobs: list[JobSpec], on_step: StepCallback | None = None
-                       ) -> list[list[Image.Image]]:
+    def generate_batch(self, jobs: list[JobSpec], on_step: StepCallback | None = None,
+                       inputs: Any = None) -> list[list[Image.Image]]:
         self.batches.append([job.id for job in jobs])
         if self.error is not None:
             raise self.error

@@ -64,7 +64,8 @@ class FakeBroker:
 
     owner = "frontend-under-test"
 
-    def submit(self, job: JobSpec, *, owner: str | None = None) -> PendingJob:
+    def submit(self, job: JobSpec, *, owner: str | None = None,
+               inputs: tuple[bytes, ...] = ()) -> PendingJob:
         # What the service built must survive the wire as it is.
         assert protocol.decode(protocol.submit(job))["job"] == job
         self.submitted.append(job)
@@ -300,7 +301,7 @@ def test_a_broker_gone_past_the_deadline_is_a_retryable_503(client, broker, monk
     broker.silent = True
     original_submit = broker.submit
 
-    def submit_then_vanish(job):
+    def submit_then_vanish(job, **_):
         pending = original_submit(job)
         broker.reachable = False  # the broker dies while the job is in flight
         return pending
@@ -559,7 +560,7 @@ def test_a_request_still_waiting_when_the_drain_ends_gets_a_503(service_and_clie
     broker.silent = True
     original_submit = broker.submit
 
-    def submit_then_drain(job):
+    def submit_then_drain(job, **_):
         pending = original_submit(job)
         service.begin_drain(0.0)  # SIGTERM arrives while the job waits
         return pending

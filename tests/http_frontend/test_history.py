@@ -48,7 +48,8 @@ class OwnedBroker(HangingBroker):
         self.submit_owners: list[str | None] = []
         self.cancels: list[tuple[str, str | None]] = []
 
-    def submit(self, job: JobSpec, *, owner: str | None = None) -> PendingJob:
+    def submit(self, job: JobSpec, *, owner: str | None = None,
+               inputs: tuple[bytes, ...] = ()) -> PendingJob:
         self.submit_owners.append(owner)
         return super().submit(job, owner=owner)
 
@@ -575,7 +576,7 @@ def test_a_keyed_generation_stopped_by_a_drain_frees_its_key(hung, owned):
     headers = {"Idempotency-Key": "drained-1"}
     original = owned.submit
 
-    def submit_then_drain(job, *, owner=None):
+    def submit_then_drain(job, *, owner=None, inputs=()):
         pending = original(job, owner=owner)
         hung.service.begin_drain(0.0)
         return pending

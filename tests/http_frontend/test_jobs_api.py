@@ -31,7 +31,8 @@ class HangingBroker(FakeBroker):
         super().__init__()
         self.pending: dict[str, PendingJob] = {}
 
-    def submit(self, job: JobSpec, *, owner: str | None = None) -> PendingJob:
+    def submit(self, job: JobSpec, *, owner: str | None = None,
+               inputs: tuple[bytes, ...] = ()) -> PendingJob:
         self.submitted.append(job)
         pending = PendingJob(job.id, job)
         pending.update(Message(MsgType.ACCEPTED, {"job_id": job.id, "position": 2}))

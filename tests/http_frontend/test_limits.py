@@ -5,6 +5,7 @@ Driven through model_resolver.spec_for, the one resolver every route uses.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -117,7 +118,24 @@ def test_model_info_of_any_shape_is_survived(info):
     workers = [{**worker("w1", "tiny"), "model_info": {"tiny": info}},
                {**worker("w2", "tiny"), "model_info": "not a map"}, "not a worker"]
     spec = spec_for(ClusterStatus(workers, {}, time.monotonic()), "tiny")
-    assert spec == TINY
+    # Its limits stay the registry's; an announcement without its edit modes has none.
+    expected = dataclasses.replace(TINY, edit_pipeline="", inpaint_pipeline="") \
+        if isinstance(info, dict) else TINY
+    assert spec == expected
+
+
+def test_edit_modes_are_what_every_worker_announces() -> None:
+    full = TINY.describe()
+    no_inpaint = {**full, "inpaint_pipeline": ""}
+    older = {k: v for k, v in full.items() if k not in ("edit_pipeline", "inpaint_pipeline")}
+    assert spec_for(status(("tiny", full)), "tiny").modes == ("generate", "edit", "inpaint")
+    assert spec_for(status(("tiny", full), ("tiny", no_inpaint)), "tiny").modes == \
+        ("generate", "edit")
+    # A worker that does not know of editing would make an image from the prompt alone.
+    assert spec_for(status(("tiny", full), ("tiny", older)), "tiny").modes == ("generate",)
+    lying = {**full, "edit_pipeline": "os.system", "max_inputs": 99}
+    spec = spec_for(status(("tiny", lying)), "tiny")
+    assert spec.edit_pipeline == TINY.edit_pipeline and spec.max_inputs == 1
 
 
 # ------------------------------------------------------------------------------ over HTTP

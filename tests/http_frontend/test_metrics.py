@@ -35,7 +35,8 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 class SteppingBroker(FakeBroker):
     """FakeBroker whose workers report a step before they answer."""
 
-    def submit(self, job: JobSpec, *, owner: str | None = None) -> PendingJob:
+    def submit(self, job: JobSpec, *, owner: str | None = None,
+               inputs: tuple[bytes, ...] = ()) -> PendingJob:
         if self.fail_with is not None or self.silent:
             return super().submit(job, owner=owner)
         self.submitted.append(job)
