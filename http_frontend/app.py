@@ -73,6 +73,8 @@ def create_app(config: FrontendConfig, broker: BrokerClient, *, service: ImageSe
                   resources.ImageEdits(service, max_body=config.max_edit_body,
                                        fetcher=config.image_fetcher))
     app.add_route("/v1/jobs", resources.Jobs(jobs, max_body=config.max_body))
+    app.add_route("/v1/jobs/edits", resources.EditJobs(jobs, max_body=config.max_edit_body,
+                                                       fetcher=config.image_fetcher))
     app.add_route("/v1/jobs/{job_id}", resources.Job(jobs))
     app.add_route("/v1/jobs/{job_id}/events", resources.JobEvents(jobs))
     app.add_route("/v1/jobs/{job_id}/cancel", resources.JobCancel(jobs))

@@ -18,7 +18,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +27,7 @@ from broker import logs
 from broker.protocol import ErrorCode, JobSpec, Message
 from http_frontend.database import DatabaseError
 from http_frontend.errors import JobError
-from http_frontend.image_store import ImageStore, StoreError, new_name
+from http_frontend.image_store import ImageStore, StoreError, new_name, valid_name
 from http_frontend.pending import PendingJob
 from http_frontend.records import JobRecords, Record
 
@@ -112,18 +112,56 @@ class History:
     # ---------------------------------------------------------------- writing
 
     def open(self, job: JobSpec, body: Any, *, kind: str, caller: Caller,
-             submitter: str) -> Record:
+             submitter: str, inputs: Sequence[bytes] = ()) -> Record:
         """Record a job before it is sent; returns the record, which is another job's when
-        ``caller``'s Idempotency-Key was used before (compare its id)."""
+        ``caller``'s Idempotency-Key was used before (compare its id).
+
+        An edit's ``inputs`` (its frames: the images, then the mask) are kept in the image
+        store and named in the recorded request (``image[i].name``, ``mask.name``): what the
+        history shows of the edit, and what another frontend sends again if it takes the
+        job over."""
         now = self._clock()
+        request = body if isinstance(body, dict) else None
+        names = self._store_inputs(job, inputs) if request is not None else []
+        if request is not None and names:
+            request = with_input_names(request, names, job)
         record = Record(
             id=job.id, kind=kind, owner=caller.owner, model=job.model, prompt=job.prompt,
-            request=body if isinstance(body, dict) else None, job=job.to_wire(),
+            request=request, job=job.to_wire(),
             deadline=now + job.timeout, submitter=submitter, frontend=self.frontend,
             lease_until=now + self.lease, created=now,
             idempotency_key=caller.idempotency_key,
             request_hash=request_hash(body) if caller.idempotency_key else None)
-        return self.records.create(record)
+        created = self.records.create(record)
+        if created.id != job.id:  # a repeated Idempotency-Key: these inputs are not kept
+            self.delete_images([[{"name": name} for name in names]])
+        return created
+
+    def _store_inputs(self, job: JobSpec, inputs: Sequence[bytes]) -> list[str]:
+        """Store an edit's frames; their names, or none when any cannot be stored (the
+        job still runs: this frontend holds its inputs until it ends)."""
+        if self.store is None or not inputs:
+            return []
+        names: list[str] = []
+        try:
+            for frame in inputs:
+                name = new_name("png")
+                self.store.put(name, frame)
+                names.append(name)
+        except StoreError as exc:
+            log.error("job %s: the image store refused its input images: %s", job.id, exc,
+                      extra=logs.job_fields(job))
+            self.delete_images([[{"name": name} for name in names]])
+            return []
+        return names
+
+    def input_frames(self, record: Record) -> tuple[bytes, ...] | None:
+        """An edit's frames read back from the store; None when any is gone or unnamed."""
+        names = input_names(record.request)
+        frames = [self.image_bytes(name) for name in names]
+        if not names or any(frame is None for frame in frames):
+            return None
+        return tuple(frame for frame in frames if frame is not None)
 
     def track(self, job: JobSpec, pending: PendingJob) -> Tracked:
         """Follow ``pending`` to its end and settle the job's record then."""
@@ -215,9 +253,10 @@ class History:
         self.records.finish(job_id, status, error=record_error(error))
 
     def delete(self, record: Record) -> None:
-        """Remove a finished job's record and its images."""
+        """Remove a finished job's record and its images, an edit's inputs included."""
         self.records.delete(record.id)
-        self.delete_images([record.images])
+        inputs = [{"name": name} for name in input_names(record.request)]
+        self.delete_images([record.images, inputs])
 
     def delete_images(self, image_lists: list[list[dict[str, Any]]]) -> None:
         """Delete the stored images these lists name (records' ``images``)."""
@@ -243,6 +282,35 @@ class History:
             log.warning("could not read image %s: %s", name, exc)
             return None
         return stored.data if stored is not None else None
+
+
+def with_input_names(request: dict[str, Any], names: list[str], job: JobSpec
+                     ) -> dict[str, Any]:
+    """``request`` (an edit's recorded form: ``image`` a list, ``mask`` a map) with the store
+    names of its frames: the images', then the mask's."""
+    recorded = dict(request)
+    images = recorded.get("image")
+    if isinstance(images, list) and len(images) == job.inputs:
+        recorded["image"] = [{**(item if isinstance(item, dict) else {}), "name": name}
+                             for item, name in zip(images, names, strict=False)]
+    if job.mask and isinstance(recorded.get("mask"), dict) and len(names) == job.frames:
+        recorded["mask"] = {**recorded["mask"], "name": names[-1]}
+    elif job.mask and len(names) == job.frames:  # the mask came from the image's alpha
+        recorded["mask"] = {"name": names[-1], "from": "alpha"}
+    return recorded
+
+
+def input_names(request: dict[str, Any] | None) -> list[str]:
+    """The store names of an edit's frames in its recorded request, images then mask."""
+    if not isinstance(request, dict):
+        return []
+    images = request.get("image")
+    names = [item.get("name") for item in images if isinstance(item, dict)] \
+        if isinstance(images, list) else []
+    mask = request.get("mask")
+    if isinstance(mask, dict):
+        names.append(mask.get("name"))
+    return [name for name in names if isinstance(name, str) and valid_name(name)]
 
 
 REFUSALS = (ErrorCode.QUEUE_FULL, ErrorCode.NO_WORKER, ErrorCode.BROKER_UNAVAILABLE)

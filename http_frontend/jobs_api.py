@@ -26,6 +26,7 @@ from broker import logs
 from broker.protocol import ErrorCode, JobSpec
 from http_frontend import streaming
 from http_frontend.auth import Identity
+from http_frontend.edit_requests import EditUpload
 from http_frontend.errors import APIError, JobError, invalid
 from http_frontend.history import Caller, Tracked, error_of
 from http_frontend.queue_wait import estimate_wait
@@ -108,7 +109,13 @@ class JobsAPI:
     def submit(self, body: Any, caller: Caller) -> tuple[int, dict[str, Any]]:
         """(HTTP status, the job): 202 for a new job, 200 for the one a repeated
         Idempotency-Key names."""
-        prepared = self.service.prepare(body, user=caller.owner)
+        return self._submit(self.service.prepare(body, user=caller.owner), caller)
+
+    def submit_edit(self, upload: EditUpload, caller: Caller) -> tuple[int, dict[str, Any]]:
+        """``submit`` for an edit (POST /v1/jobs/edits, the form of /v1/images/edits)."""
+        return self._submit(self.service.prepare_edit(upload, user=caller.owner), caller)
+
+    def _submit(self, prepared: Prepared, caller: Caller) -> tuple[int, dict[str, Any]]:
         self.service.refuse_if_draining()
         release = self.service.take_waiting_slot()  # the broker may take seconds to answer
         try:
@@ -129,7 +136,17 @@ class JobsAPI:
         body = record.request or {}
         job = JobSpec.from_wire({**record.job, "timeout": record.deadline - now})
         prepared = Prepared.restore(body, job)
-        pending = self.service.broker.submit(job, owner=record.submitter)
+        inputs: tuple[bytes, ...] = ()
+        if job.frames:
+            inputs = self.history.input_frames(record) or ()
+            if len(inputs) != job.frames:
+                # Its inputs were held by the frontend that stopped, and the store has them
+                # not (--no-image-store, or swept): it cannot run again.
+                self.history.fail(job.id, JobError(
+                    ErrorCode.WORKER_LOST, "the frontend that took this edit stopped, and "
+                                           "its input images were not kept: send it again"))
+                return
+        pending = self.service.broker.submit(job, owner=record.submitter, inputs=inputs)
         tracked = self.service.track(job, pending)
         tracked.acknowledged = True  # its client was told long ago
         self._add(prepared, tracked)

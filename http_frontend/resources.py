@@ -155,6 +155,22 @@ class ImageEdits:
             resp.media = self.service.generate(prepared, who, client_gone(req))
 
 
+class EditJobs:
+    """POST /v1/jobs/edits: an edit (the form of /v1/images/edits) as a job, answered 202 at
+    once and followed with GET /v1/jobs/{id} and its events, as POST /v1/jobs is."""
+
+    def __init__(self, jobs: JobsAPI, *, max_body: int, fetcher: ImageFetcher | None) -> None:
+        self.jobs = jobs
+        self.max_body = max_body
+        self.fetcher = fetcher
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        upload = read_edit(req, max_body=self.max_body, fetcher=self.fetcher)
+        status, resp.media = self.jobs.submit_edit(
+            upload, caller(req, upload.fields, self.jobs.history))
+        resp.status = falcon.code_to_http_status(status)
+
+
 class Jobs:
     def __init__(self, jobs: JobsAPI, *, max_body: int) -> None:
         self.jobs = jobs

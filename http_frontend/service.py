@@ -300,7 +300,7 @@ class ImageService:
         """Record the job before it is sent (or find the job a reused Idempotency-Key
         names: a key used for another request is a 409)."""
         record = self.history.open(prepared.job, prepared.body, kind=kind, caller=caller,
-                                   submitter=self.broker.owner)
+                                   submitter=self.broker.owner, inputs=prepared.inputs)
         # (With --no-history a finished job's digest is scrubbed: nothing left to compare.)
         if record.id != prepared.job.id and record.request_hash is not None and \
                 record.request_hash != history_module.request_hash(prepared.body):

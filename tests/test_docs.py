@@ -58,3 +58,27 @@ def test_the_architecture_doc_lists_every_message_and_field() -> None:
         # `incarnation` is documented once, below the table, for every type the broker makes.
         expected = set(spec) - {"incarnation"}
         assert documented[msg_type.value] == expected, msg_type.value
+
+
+EDIT_ROWS = {  # the README's editing table: its first column's family names, by family
+    "sd": "SD", "sdxl": "SDXL", "flux": "FLUX.1", "chroma": "Chroma", "qwen-image": "Qwen-Image",
+    "z-image": "Z-Image", "sd3": "SD3", "flux2-klein": "FLUX.2 Klein", "sana-sprint": "Sana Sprint",
+    "kolors": "Kolors", "pixart-sigma": "PixArt-Σ", "sana": "Sana", "hunyuan-dit": "HunyuanDiT",
+    "lumina-next": "Lumina-Next", "lumina-2": "Lumina 2", "auraflow": "AuraFlow",
+    "cogview4": "CogView4", "hidream": "HiDream", "stable-cascade": "Stable Cascade",
+}
+
+
+def test_the_readmes_editing_table_says_what_each_family_can_do() -> None:
+    table = README.split("### Edit an image", 1)[1].split("\n\n")
+    rows = next(part for part in table if part.startswith("| family |")).splitlines()[2:]
+    said: dict[str, tuple[bool, bool]] = {}
+    for row in rows:
+        names, edit, inpaint = (cell.strip() for cell in row.strip("|").split("|"))
+        for name in re.split(r", | \(", names):
+            said[name.strip()] = (edit.startswith("yes"), inpaint.startswith("yes"))
+    families = {spec.family: spec for spec in models.FAMILIES.values()}
+    assert set(EDIT_ROWS) == set(families)
+    for family, shown in EDIT_ROWS.items():
+        spec = families[family]
+        assert said[shown] == ("edit" in spec.modes, "inpaint" in spec.modes), family

@@ -3,6 +3,7 @@ one S3-compatible store, leases taken over."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import signal
@@ -144,6 +145,46 @@ def test_jobs_waiting_when_the_frontend_is_killed_complete_after_its_restart(
     listed = again.http.get("/v1/jobs", params={"limit": 10}).json()["data"]
     assert {j["id"] for j in listed} >= {busy, *waiting}
     assert all(j["images"] and j["images"][0]["url"] for j in listed if j["id"] in waiting)
+
+
+def data_url(image: Image.Image) -> str:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def test_an_edit_waiting_when_its_frontend_is_killed_runs_with_its_stored_inputs(
+        parts: Parts, tmp_path: Path) -> None:
+    """An edit's input images are kept in the image store with its record: a restarted
+    frontend sends them again, and deleting the job deletes them."""
+    options = ("--data-dir", str(tmp_path / "data"))
+    first = parts.frontend("restarting-edits", *options)
+    busy = first.submit(**BUSY)
+    source = Image.new("RGB", (96, 64), (200, 40, 40))
+    mask = Image.new("RGBA", (96, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 48, 64))
+    resp = first.http.post("/v1/jobs/edits", json={
+        "prompt": "a blue door", "images": [{"image_url": data_url(source)}],
+        "mask": {"image_url": data_url(mask)}, "steps": 2, "seed": 3})
+    assert resp.status_code == 202, resp.text
+    edit = resp.json()
+    assert edit["status"] == "queued" and (edit["width"], edit["height"]) == (96, 64)
+    recorded = edit["request"]
+    stored = [recorded["image"][0]["name"], recorded["mask"]["name"]]
+    assert png_size(f"{first.url}/v1/images/files/{stored[0]}") == (96, 64)
+    first.kill()
+
+    again = parts.frontend("restarting-edits", *options)
+    job = again.wait_for(edit["id"])
+    assert job["status"] == "succeeded", job
+    made = Image.open(io.BytesIO(httpx.get(job["images"][0]["url"], timeout=10).content))
+    assert made.size == (96, 64)
+    # The right half was outside the mask: the input's own red, exactly.
+    assert made.convert("RGB").getpixel((80, 30)) == (200, 40, 40)
+    again.wait_for(busy)
+    assert again.http.delete(f"/v1/jobs/{edit['id']}").status_code == 200
+    for name in stored:
+        assert again.http.get(f"/v1/images/files/{name}").status_code == 404
 
 
 @pytest.fixture
