@@ -28,6 +28,10 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
                         default=defaults.MAX_CLIENT_FRAME / (1 << 20),
                         help="largest frame a frontend may send, in MiB: an edit's input "
                              "images travel one a frame, re-encoded at the size they run at")
+    parser.add_argument("--max-input-mb", type=float,
+                        default=defaults.MAX_INPUT_BYTES / (1 << 20),
+                        help="edit images, in MiB, the broker holds for its queued and running "
+                             "jobs together; past it, edits are refused as queue_full")
     parser.add_argument("--curve", metavar="DIR", default=None,
                         help="CURVE keys from `launch.py keys DIR`: workers must encrypt and "
                              "hold a key listed in DIR/workers/ (reloaded on SIGHUP and when "
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                                      heartbeat_interval=args.heartbeat,
                                      max_queue=args.max_queue, curve_dir=args.curve,
                                      max_client_frame=int(args.max_client_frame_mb * (1 << 20)),
+                                     max_input_bytes=int(args.max_input_mb * (1 << 20)),
                                      insecure=args.insecure))
         broker.bind()
     except Exception as exc:  # e.g. address in use, missing keys: one line, no traceback

@@ -54,6 +54,9 @@ class BrokerConfig:
     max_attempts: int = 3  # workers lost running one job before it fails
     # Per frame from a frontend: an edit's input images travel as frames of their own.
     max_client_frame: int = defaults.MAX_CLIENT_FRAME
+    # The edit frames all held jobs carry, together: past it, edits are refused (queue_full)
+    # rather than let a burst of large uploads take the broker's memory.
+    max_input_bytes: int = defaults.MAX_INPUT_BYTES
     max_worker_frame: int = 256 << 20  # a 4K PNG is tens of MB
     curve_dir: str | None = None  # CURVE keys (launch.py keys): encrypt and authenticate workers
     insecure: bool = False  # allow a plain-TCP worker endpoint beyond loopback
@@ -243,6 +246,10 @@ class Broker:
         if self.jobs.is_full(spec.model):
             self._refuse(client, spec, ErrorCode.QUEUE_FULL,
                          f"the queue for {spec.model!r} is full")
+            return
+        if inputs and self.jobs.input_bytes + job.input_bytes > self.config.max_input_bytes:
+            self._refuse(client, spec, ErrorCode.QUEUE_FULL,
+                         "the broker holds as many edit images as it may; try again shortly")
             return
         # Behind every job still queued, and every one a worker holds but has not started.
         held = self.leases.waiting(spec.model)

@@ -15,6 +15,8 @@ MAX_QUEUE = 256  # queued jobs per model before submissions get 429
 # Bytes per frame a frontend may send the broker: an edit's input images are frames of their
 # own, re-encoded by the frontend at the size they run at (a 2048x2048 PNG of noise: 12 MiB).
 MAX_CLIENT_FRAME = 32 << 20
+# Bytes of edit images the broker holds for its jobs, all together (--max-input-mb).
+MAX_INPUT_BYTES = 2 << 30
 
 HTTP_HOST = "127.0.0.1"
 HTTP_PORT = 8000

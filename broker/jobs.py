@@ -44,6 +44,10 @@ class Job:
         return self.spec.id
 
     @property
+    def input_bytes(self) -> int:
+        return sum(len(frame) for frame in self.inputs)
+
+    @property
     def model(self) -> str:
         return self.spec.model
 
@@ -63,6 +67,7 @@ class JobTable:
         self._queues: dict[str, deque[Job]] = {}
         self._queued: dict[str, int] = {}  # model -> number of QUEUED jobs
         self._queued_work: dict[str, float] = {}  # model -> their JobSpec.work, summed
+        self.input_bytes = 0  # the edit frames every job held here carries, all together
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, job id)
         self._seq = itertools.count()
 
@@ -100,6 +105,7 @@ class JobTable:
     def _track(self, job: Job) -> None:
         job.seq = next(self._seq)
         self._jobs[job.id] = job
+        self.input_bytes += job.input_bytes
         heapq.heappush(self._deadlines, (job.deadline, job.id))
         if len(self._deadlines) > 2 * len(self._jobs) + 1024:
             # Answered jobs leave their entries behind until their deadline: drop them.
@@ -163,6 +169,7 @@ class JobTable:
         dropped = list(self._live_queued(self._queues.pop(model, deque())))
         for job in dropped:
             del self._jobs[job.id]
+            self.input_bytes -= job.input_bytes
         self._queued[model] = 0
         self._queued_work[model] = 0.0
         return dropped
@@ -188,6 +195,8 @@ class JobTable:
     def finish(self, job_id: str) -> Job | None:
         """Forget a job (answered, cancelled or failed); return it if it was known."""
         job = self._jobs.pop(job_id, None)
+        if job is not None:
+            self.input_bytes -= job.input_bytes
         if job is not None and job.state is JobState.QUEUED:
             self._count(job, -1)
         return job

@@ -217,7 +217,9 @@ def prepare_input(image: Image.Image, width: int, height: int) -> bytes:
         image = Image.alpha_composite(Image.new("RGBA", image.size, _WHITE), image)
     image = image.convert("RGB")
     if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.LANCZOS)
+        # reducing_gap: a large upload is first shrunk by whole factors (cheap), then
+        # resampled; the same result to the eye at a fraction of the time.
+        image = image.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=3.0)
     return _png(image)
 
 

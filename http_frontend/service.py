@@ -72,6 +72,10 @@ class ServiceConfig:
     # The answer for a request that sends no `response_format` (some clients never do, and
     # read `url`).
     default_response_format: str = "b64_json"
+    # Edits whose images are decoded at once: a 50-megapixel upload takes 200 MB while it
+    # is, so a burst of them must queue rather than all decode together.
+    max_decodes: int = 2
+    decode_wait: float = 30.0  # seconds an edit waits for its turn to decode (then 429)
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,7 @@ class ImageService:
         self._open_streams = 0
         self._job_watchers: list[JobWatcher] = []
         self._waiting = threading.BoundedSemaphore(config.max_waiting)
+        self._decodes = threading.BoundedSemaphore(config.max_decodes)
 
     def watch_jobs(self, watcher: JobWatcher) -> None:
         """Call ``watcher(job, pending)`` for every job sent from now on (metrics); it must
@@ -183,14 +188,22 @@ class ImageService:
         the model unless ``size`` says otherwise; the frames it travels with made."""
         request = self._request(upload.fields)
         spec = model_resolver.spec_for(self.broker.status(), self.model_name(request.model))
-        edit = edit_jobs.EditPlan.make(request, spec, upload)
-        fitted = schema.fit_to_model(edit.request, spec)
-        fitted = dataclasses.replace(fitted, warnings=fitted.warnings + edit.warnings)
-        edit.check_steps(fitted.steps, spec)
+        if not self._decodes.acquire(timeout=self.config.decode_wait):
+            raise APIError(429, "this server is decoding as many uploads as it takes at "
+                                "once; try again shortly", type="rate_limit_error",
+                           code="too_many_requests",
+                           headers={"Retry-After": str(self.config.retry_after)})
+        try:
+            edit = edit_jobs.EditPlan.make(request, spec, upload)
+            fitted = schema.fit_to_model(edit.request, spec)
+            fitted = dataclasses.replace(fitted, warnings=fitted.warnings + edit.warnings)
+            edit.check_steps(fitted.steps, spec)
+            frames = edit.frames(fitted.width, fitted.height)
+        finally:
+            self._decodes.release()
         job = dataclasses.replace(self._job(fitted, spec, user), inputs=len(edit.images),
                                   mask=edit.mask is not None, strength=edit.strength)
-        return Prepared(fitted, job, upload.recorded(),
-                        inputs=edit.frames(fitted.width, fitted.height))
+        return Prepared(fitted, job, upload.recorded(), inputs=frames)
 
     def _request(self, body: Any) -> schema.ImageRequest:
         """``body`` parsed, with this server's defaults and limits applied."""

@@ -108,3 +108,20 @@ def test_a_frame_over_the_client_limit_is_dropped_and_the_broker_goes_on(
     client = harness.client()
     assert client.submit(edit("small"), frames_of("small")).type is MsgType.ACCEPTED
     assert [s.id for s in worker.take()] == ["small"]
+
+
+def test_past_its_input_budget_the_broker_refuses_edits_not_generations(
+        make_harness: Callable[..., BrokerHarness]) -> None:
+    harness = make_harness(max_input_bytes=300)
+    client = harness.client()
+    harness.worker("w1")
+    assert client.submit(edit("e1"), [os.urandom(200)]).type is MsgType.ACCEPTED
+    refused = client.submit(edit("e2"), [os.urandom(200)])
+    assert (refused.type, refused["code"], refused["retryable"]) == \
+        (MsgType.FAILED, "queue_full", True)
+    assert client.submit(make_spec("plain")).type is MsgType.ACCEPTED
+    assert harness.broker.jobs.input_bytes == 200
+    client.cancel("e1")  # its frames leave with it
+    assert client.expect(MsgType.FAILED)["job_id"] == "e1"
+    assert harness.broker.jobs.input_bytes == 0
+    assert client.submit(edit("e3"), [os.urandom(200)]).type is MsgType.ACCEPTED

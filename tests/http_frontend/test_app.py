@@ -67,7 +67,7 @@ class FakeBroker:
     def submit(self, job: JobSpec, *, owner: str | None = None,
                inputs: tuple[bytes, ...] = ()) -> PendingJob:
         # What the service built must survive the wire as it is.
-        assert protocol.decode(protocol.submit(job))["job"] == job
+        assert protocol.decode(protocol.submit(job, inputs=inputs))["job"] == job
         self.submitted.append(job)
         if self.raise_on_submit is not None:
             raise self.raise_on_submit
