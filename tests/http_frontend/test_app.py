@@ -505,6 +505,15 @@ def test_models_lists_served_models_with_ready_worker_counts(client, broker):
     assert models["tiny"]["limits"]["default_size"] == "256x256"
 
 
+@pytest.mark.parametrize("name", ["someone/sdxl-finetune", "/srv/models/mine"])
+def test_a_model_named_with_slashes_can_be_retrieved(client, broker, name):
+    """Repo ids and directories are model names too: OpenAI's retrieve puts them in the path."""
+    broker.workers = [worker("w1", name)]
+    result = checked(client.simulate_get(f"/v1/models/{name}"), "Model")
+    assert result.status_code == 200 and result.json["id"] == name
+    assert error_of(client.simulate_get("/v1/models/someone/else"), 404)["param"] == "model"
+
+
 def test_models_without_a_broker_is_a_503(client, broker):
     # An empty list would read as "no models"; the truth is "cannot tell right now".
     broker.reachable = False
