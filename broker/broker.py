@@ -247,6 +247,11 @@ class Broker:
             self._refuse(client, spec, ErrorCode.QUEUE_FULL,
                          f"the queue for {spec.model!r} is full")
             return
+        if job.input_bytes > self.config.max_input_bytes:  # never, however long it waited
+            self._fail(client, spec, ErrorCode.INVALID_REQUEST,
+                       "the edit's images are more than the broker holds for all its jobs "
+                       "together (--max-input-mb)")
+            return
         if inputs and self.jobs.input_bytes + job.input_bytes > self.config.max_input_bytes:
             self._refuse(client, spec, ErrorCode.QUEUE_FULL,
                          "the broker holds as many edit images as it may; try again shortly")

@@ -73,7 +73,7 @@ class ModelSpec:
     def steps_run(self, steps: int, strength: float | None) -> int:
         """The denoising steps an edit at ``strength`` runs of ``steps`` (all of them for a
         generation): img2img starts part-way down the schedule. 0 means it would run none."""
-        if strength is None or self.edit_by_reference:
+        if strength is None:  # a generation, or Klein's references: the whole schedule
             return steps
         if self.strength_floors:
             return min(int(steps * strength), steps)

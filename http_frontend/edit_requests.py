@@ -16,6 +16,8 @@ What comes out is bytes, checked for size only: decoding and checking the images
 from __future__ import annotations
 
 import hashlib
+import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,7 @@ MAX_FIELD_BYTES = 256 * 1024  # a text field: the prompt is the longest
 _INTEGERS = ("n", "steps", "seed", "partial_images", "output_compression", "width", "height")
 _NUMBERS = ("guidance", "strength", "timeout")
 _BOOLEANS = ("stream",)
+_INTEGER = re.compile(r"-?[0-9]{1,30}")  # ASCII digits only, and never int()'s 4300-digit limit
 
 
 @dataclass
@@ -129,10 +132,11 @@ def _take_part(upload: EditUpload, name: str, data: bytes, filename: str | None)
 
 
 def _typed(name: str, text: str) -> Any:
-    """A form field's text as the JSON value it stands for, where it is one."""
-    if name in _INTEGERS and text.strip().lstrip("-").isdigit() and text.strip().isascii():
+    """A form field's text as the JSON value it stands for, where it is one; else the text,
+    for the schema to refuse by name."""
+    if name in _INTEGERS and _INTEGER.fullmatch(text.strip()):
         return int(text)
-    if name in _NUMBERS:
+    if name in _NUMBERS and len(text) <= 64:
         try:
             return float(text)
         except ValueError:
@@ -149,6 +153,7 @@ def _read_json_body(body: Any, max_body: int, fetcher: ImageFetcher | None) -> E
     if not isinstance(body, dict):
         raise invalid(None, "the request body must be a JSON object", "invalid_json")
     upload = EditUpload(fields={k: v for k, v in body.items() if k not in ("images", "mask")})
+    budget = _FetchBudget(fetcher, max_body)
     images = body.get("images")
     if images is None:
         raise invalid("images", "'images' is required: [{\"image_url\": ...}]",
@@ -157,13 +162,30 @@ def _read_json_body(body: Any, max_body: int, fetcher: ImageFetcher | None) -> E
         raise invalid("images", f"'images' is a list of 1 to {MAX_IMAGES} image references")
     for index, ref in enumerate(images):
         param = f"images[{index}]"
-        upload.images.append((param, _referenced(ref, param, max_body, fetcher)))
+        upload.images.append((param, _referenced(ref, param, max_body, budget)))
     if body.get("mask") is not None:
-        upload.mask = ("mask", _referenced(body["mask"], "mask", max_body, fetcher))
+        upload.mask = ("mask", _referenced(body["mask"], "mask", max_body, budget))
     return upload
 
 
-def _referenced(ref: Any, param: str, max_bytes: int, fetcher: ImageFetcher | None) -> bytes:
+class _FetchBudget:
+    """One request's fetching: every URL it names shares one size limit (the request's) and
+    one deadline (the fetcher's), not one each."""
+
+    def __init__(self, fetcher: ImageFetcher | None, max_bytes: int) -> None:
+        self.fetcher = fetcher
+        self.bytes_left = max_bytes
+        self.deadline = time.monotonic() + (fetcher.timeout if fetcher else 0.0)
+
+    def fetch(self, url: str, param: str) -> bytes:
+        assert self.fetcher is not None
+        data = self.fetcher.within(max_bytes=self.bytes_left,
+                                   seconds=self.deadline - time.monotonic()).fetch(url, param)
+        self.bytes_left -= len(data)
+        return data
+
+
+def _referenced(ref: Any, param: str, max_bytes: int, budget: _FetchBudget) -> bytes:
     """The bytes an ImageRefParam names: a data: URL's, or a fetched URL's when allowed."""
     if not isinstance(ref, dict):
         raise invalid(param, f"'{param}' is an object with an 'image_url'")
@@ -176,8 +198,8 @@ def _referenced(ref: Any, param: str, max_bytes: int, fetcher: ImageFetcher | No
         raise invalid(param, f"'{param}.image_url' must be a URL")
     if url[:5].lower() == "data:":
         return data_url_bytes(url, param, max_bytes=max_bytes)
-    if fetcher is None:
+    if budget.fetcher is None:
         raise invalid(param, "this server does not fetch image URLs (fetching for a client "
                              "would let it reach what this server can): send the image as "
                              "a data: URL, or as multipart/form-data", "unsupported_value")
-    return fetcher.fetch(url, param)
+    return budget.fetch(url, param)

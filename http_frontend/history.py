@@ -27,9 +27,9 @@ from broker import logs
 from broker.protocol import ErrorCode, JobSpec, Message
 from http_frontend.database import DatabaseError
 from http_frontend.errors import JobError
-from http_frontend.image_store import ImageStore, StoreError, new_name, valid_name
+from http_frontend.image_store import ImageStore, StoreError, new_name
 from http_frontend.pending import PendingJob
-from http_frontend.records import JobRecords, Record
+from http_frontend.records import JobRecords, Record, input_names
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +132,13 @@ class History:
             lease_until=now + self.lease, created=now,
             idempotency_key=caller.idempotency_key,
             request_hash=request_hash(body) if caller.idempotency_key else None)
-        created = self.records.create(record)
+        try:
+            created = self.records.create(record)
+        except BaseException:  # no record names them: they would never be deleted
+            self.delete_images([_named(names)])
+            raise
         if created.id != job.id:  # a repeated Idempotency-Key: these inputs are not kept
-            self.delete_images([[{"name": name} for name in names]])
+            self.delete_images([_named(names)])
         return created
 
     def _store_inputs(self, job: JobSpec, inputs: Sequence[bytes]) -> list[str]:
@@ -151,7 +155,7 @@ class History:
         except StoreError as exc:
             log.error("job %s: the image store refused its input images: %s", job.id, exc,
                       extra=logs.job_fields(job))
-            self.delete_images([[{"name": name} for name in names]])
+            self.delete_images([_named(names)])
             return []
         return names
 
@@ -216,8 +220,10 @@ class History:
         elif pending.error is not None:
             if _refused(tracked):
                 # No job ran, and a retry (with the same Idempotency-Key) must run, not
-                # repeat the refusal: the record goes.
-                self.records.delete(job_id)
+                # repeat the refusal: the record goes, and an edit's stored inputs with it.
+                removed = self.records.delete(job_id)
+                if removed is not None:
+                    self.delete_images([_named(input_names(removed.request))])
             else:
                 self.fail(job_id, pending.error)
 
@@ -255,8 +261,7 @@ class History:
     def delete(self, record: Record) -> None:
         """Remove a finished job's record and its images, an edit's inputs included."""
         self.records.delete(record.id)
-        inputs = [{"name": name} for name in input_names(record.request)]
-        self.delete_images([record.images, inputs])
+        self.delete_images([record.images, _named(input_names(record.request))])
 
     def delete_images(self, image_lists: list[list[dict[str, Any]]]) -> None:
         """Delete the stored images these lists name (records' ``images``)."""
@@ -300,19 +305,6 @@ def with_input_names(request: dict[str, Any], names: list[str], job: JobSpec
     return recorded
 
 
-def input_names(request: dict[str, Any] | None) -> list[str]:
-    """The store names of an edit's frames in its recorded request, images then mask."""
-    if not isinstance(request, dict):
-        return []
-    images = request.get("image")
-    names = [item.get("name") for item in images if isinstance(item, dict)] \
-        if isinstance(images, list) else []
-    mask = request.get("mask")
-    if isinstance(mask, dict):
-        names.append(mask.get("name"))
-    return [name for name in names if isinstance(name, str) and valid_name(name)]
-
-
 REFUSALS = (ErrorCode.QUEUE_FULL, ErrorCode.NO_WORKER, ErrorCode.BROKER_UNAVAILABLE)
 
 
@@ -327,6 +319,11 @@ def _refused(tracked: Tracked) -> bool:
     if error.code == ErrorCode.SHUTTING_DOWN:
         return True
     return error.retryable and error.code in REFUSALS and not pending.step
+
+
+def _named(names: list[str]) -> list[dict[str, Any]]:
+    """Store names as ``delete_images`` takes them."""
+    return [{"name": name} for name in names]
 
 
 def _bytes(frame: Any) -> bytes:

@@ -74,6 +74,13 @@ class ImageFetcher:
         self.allow_private = allow_private  # for tests and closed networks only
         self.tls_context = tls_context or ssl.create_default_context()
 
+    def within(self, *, max_bytes: int, seconds: float) -> ImageFetcher:
+        """This fetcher with tighter limits: what is left of one request's budget, so that
+        16 URLs of one edit share one size limit and one deadline rather than have 16."""
+        return ImageFetcher(max_bytes=max(0, min(self.max_bytes, max_bytes)),
+                            timeout=max(0.0, min(self.timeout, seconds)),
+                            allow_private=self.allow_private, tls_context=self.tls_context)
+
     def fetch(self, url: str, param: str) -> bytes:
         """The body of ``url``, or an APIError (400) that says why not."""
         deadline = time.monotonic() + self.timeout

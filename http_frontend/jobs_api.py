@@ -14,6 +14,7 @@ its result waits in the records for whoever asks.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
@@ -26,7 +27,6 @@ from broker import logs
 from broker.protocol import ErrorCode, JobSpec
 from http_frontend import streaming
 from http_frontend.auth import Identity
-from http_frontend.edit_requests import EditUpload
 from http_frontend.errors import APIError, JobError, invalid
 from http_frontend.history import Caller, Tracked, error_of
 from http_frontend.queue_wait import estimate_wait
@@ -111,9 +111,10 @@ class JobsAPI:
         Idempotency-Key names."""
         return self._submit(self.service.prepare(body, user=caller.owner), caller)
 
-    def submit_edit(self, upload: EditUpload, caller: Caller) -> tuple[int, dict[str, Any]]:
-        """``submit`` for an edit (POST /v1/jobs/edits, the form of /v1/images/edits)."""
-        return self._submit(self.service.prepare_edit(upload, user=caller.owner), caller)
+    def submit_prepared(self, prepared: Prepared, caller: Caller
+                        ) -> tuple[int, dict[str, Any]]:
+        """``submit`` for a request already prepared: an edit (POST /v1/jobs/edits)."""
+        return self._submit(prepared, caller)
 
     def _submit(self, prepared: Prepared, caller: Caller) -> tuple[int, dict[str, Any]]:
         self.service.refuse_if_draining()
@@ -342,7 +343,9 @@ class JobsAPI:
         return self.service.failure(error, model).error_object()
 
     def _add(self, prepared: Prepared, tracked: Tracked) -> LiveJob:
-        live = LiveJob(prepared, tracked)
+        # Followed for minutes after it ends: without an edit's frames, which its pending
+        # job holds while it may be sent again.
+        live = LiveJob(dataclasses.replace(prepared, inputs=()), tracked)
         with self._lock:
             self._forget_old()
             self._live[live.id] = live

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from broker.protocol import ErrorCode
 from http_frontend.errors import JobError
 from http_frontend.jobs_api import JobsAPI
-from http_frontend.records import Record
+from http_frontend.records import Record, input_names
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,9 @@ class Keeper:
     def _remove_before(self, cutoff: float) -> None:
         removed = self.history.records.remove_finished_before(cutoff)
         if removed:
-            self.history.delete_images([record.images for record in removed])
+            self.history.delete_images(
+                [record.images for record in removed]
+                + [[{"name": name} for name in input_names(record.request)]
+                   for record in removed])
             log.info("history: removed %d job record(s) older than %g day(s)", len(removed),
                      self.history_days)

@@ -107,6 +107,7 @@ class PendingJob:
         with self._changed:
             if not self.done:
                 return
+            self.inputs = ()  # an ended job is never sent again: its edit frames can go
             callbacks, self._when_done = self._when_done, []
         for callback in callbacks:
             callback(self)

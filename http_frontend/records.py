@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from http_frontend.database import Conflict, Database, Migration, Transaction, migrate
+from http_frontend.image_store import valid_name
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -191,13 +192,17 @@ class JobRecords:
                         for name, value in given.items() if value is not None})
         with self._db.transaction() as tx:
             if not self._keep_prompts:
-                rows = tx.execute(f"SELECT job FROM jobs WHERE id = ? AND {IS_ACTIVE}",
+                rows = tx.execute(f"SELECT job, request FROM jobs WHERE id = ? AND {IS_ACTIVE}",
                                   (job_id,))
                 if not rows:
                     return False
-                # The request's digest goes too: it would confirm a guessed prompt.
-                changes.update(prompt=None, request=None, request_hash=None,
-                               job=_scrubbed_job(rows[0][0]))
+                # The request's digest goes too: it would confirm a guessed prompt. An
+                # edit's stored inputs stay named, and nothing else of its request: they are
+                # the user's images, deleted with the record.
+                request = json.loads(rows[0][1]) if rows[0][1] else None
+                changes.update(prompt=None, request=_column_value("request",
+                                                                  inputs_only(request)),
+                               request_hash=None, job=_scrubbed_job(rows[0][0]))
             assignments = ", ".join(f"{name} = ?" for name in changes)
             # The status condition makes the end happen once, even when two threads race.
             tx.execute(f"UPDATE jobs SET {assignments} WHERE id = ? AND {IS_ACTIVE}",
@@ -303,6 +308,33 @@ def _owner_matches(owner: str | None) -> tuple[str, tuple[str, ...]]:
 def _escape_like(text: str) -> str:
     """``text`` as a LIKE pattern that matches it literally (with ESCAPE '\\')."""
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def input_names(request: Any) -> list[str]:
+    """The store names of an edit's frames in its recorded request: ``image[i].name``, then
+    ``mask.name`` (http_frontend.history stores them); none for anything else."""
+    if not isinstance(request, dict):
+        return []
+    images = request.get("image")
+    names = [item.get("name") for item in images if isinstance(item, dict)] \
+        if isinstance(images, list) else []
+    mask = request.get("mask")
+    if isinstance(mask, dict):
+        names.append(mask.get("name"))
+    return [name for name in names if isinstance(name, str) and valid_name(name)]
+
+
+def inputs_only(request: Any) -> dict[str, Any] | None:
+    """What a scrubbed record keeps of an edit's request: the names of its stored inputs."""
+    names = input_names(request)
+    if not names:
+        return None
+    images = request.get("image") if isinstance(request, dict) else None
+    count = sum(1 for item in images or () if isinstance(item, dict) and "name" in item)
+    kept: dict[str, Any] = {"image": [{"name": name} for name in names[:count]]}
+    if len(names) > count:
+        kept["mask"] = {"name": names[count]}
+    return kept
 
 
 def _scrubbed_job(job_json: str) -> str:

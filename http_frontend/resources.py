@@ -26,7 +26,7 @@ from http_frontend.image_fetch import ImageFetcher
 from http_frontend.image_store import CONTENT_TYPES, valid_name
 from http_frontend.jobs_api import JobsAPI, ListQuery
 from http_frontend.metrics import CONTENT_TYPE, Metrics
-from http_frontend.service import ImageService
+from http_frontend.service import ImageService, Prepared
 
 MAX_IDEMPOTENCY_KEY = 255
 
@@ -145,9 +145,7 @@ class ImageEdits:
         self.fetcher = fetcher
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        upload = read_edit(req, max_body=self.max_body, fetcher=self.fetcher)
-        who = caller(req, upload.fields, self.service.history)
-        prepared = self.service.prepare_edit(upload, user=who.owner)
+        who, prepared = read_and_prepare_edit(req, self.service, self.max_body, self.fetcher)
         req.context.generation_model = prepared.job.model  # for dc_request_duration_seconds
         if prepared.stream:
             stream_events(resp, self.service.stream_openai(prepared, who, client_gone(req)))
@@ -165,10 +163,26 @@ class EditJobs:
         self.fetcher = fetcher
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        upload = read_edit(req, max_body=self.max_body, fetcher=self.fetcher)
-        status, resp.media = self.jobs.submit_edit(
-            upload, caller(req, upload.fields, self.jobs.history))
+        who, prepared = read_and_prepare_edit(req, self.jobs.service, self.max_body,
+                                              self.fetcher)
+        status, resp.media = self.jobs.submit_prepared(prepared, who)
         resp.status = falcon.code_to_http_status(status)
+
+
+def read_and_prepare_edit(req: falcon.Request, service: ImageService, max_body: int,
+                          fetcher: ImageFetcher | None
+                          ) -> tuple[Caller, Prepared]:
+    """An edit read (its URLs fetched), decoded and checked. That can take seconds, so it
+    holds one of the waiting slots, never the threads kept for health checks, and a server
+    that is stopping refuses it before doing any of it."""
+    service.refuse_if_draining()
+    release = service.take_waiting_slot()
+    try:
+        upload = read_edit(req, max_body=max_body, fetcher=fetcher)
+        who = caller(req, upload.fields, service.history)
+        return who, service.prepare_edit(upload, user=who.owner)
+    finally:
+        release()
 
 
 class Jobs:

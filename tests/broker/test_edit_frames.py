@@ -125,3 +125,12 @@ def test_past_its_input_budget_the_broker_refuses_edits_not_generations(
     assert client.expect(MsgType.FAILED)["job_id"] == "e1"
     assert harness.broker.jobs.input_bytes == 0
     assert client.submit(edit("e3"), [os.urandom(200)]).type is MsgType.ACCEPTED
+
+
+def test_one_edit_larger_than_the_whole_budget_is_not_worth_retrying(
+        make_harness: Callable[..., BrokerHarness]) -> None:
+    harness = make_harness(max_input_bytes=100)
+    harness.worker("w1")
+    refused = harness.client().submit(edit("huge"), [os.urandom(200)])
+    assert (refused.type, refused["code"], refused["retryable"]) == \
+        (MsgType.FAILED, "invalid_request", False)

@@ -91,13 +91,13 @@ def test_a_family_without_edits_says_so() -> None:
 @pytest.mark.parametrize("family, steps, strength, expected", [
     ("sd", 4, 0.75, 3), ("sd", 4, 0.2, 0), ("sd", 10, 1.0, 10),  # int(steps x strength)
     ("flux", 4, 0.2, 1), ("flux", 4, 0.75, 3), ("flux", 28, 0.6, 17),
-    ("flux2-klein", 4, 0.1, 4),  # references: the whole schedule
+    ("flux2-klein", 4, 0.5, 2),  # its inpainting takes a strength like the others
 ])
 def test_the_steps_an_edit_runs(family: str, steps: int, strength: float,
                                 expected: int) -> None:
     spec = next(s for s in models.FAMILIES.values() if s.family == family)
     assert spec.steps_run(steps, strength) == expected
-    assert spec.steps_run(steps, None) == steps
+    assert spec.steps_run(steps, None) == steps  # a generation, or Klein's references
 
 
 # ------------------------------------------------------------------ img2img

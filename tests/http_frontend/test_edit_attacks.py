@@ -177,3 +177,63 @@ def test_uploads_wait_their_turn_to_decode_then_get_a_429(broker) -> None:
     finally:
         service._decodes.release()
     assert send(client, {"prompt": "a fox"}).status_code == 200
+
+
+@pytest.mark.parametrize("field, value", [("n", "--1"), ("seed", "--7"), ("n", "9" * 5000),
+                                          ("steps", "٣"), ("strength", "1" * 100)])
+def test_numbers_that_are_not_are_400s_naming_the_field(client, field, value) -> None:
+    assert error_of(send(client, {"prompt": "a fox", field: value}), 400)["param"] == field
+
+
+def test_an_edit_never_takes_the_threads_kept_for_health_checks(broker) -> None:
+    config = FrontendConfig(service=ServiceConfig(default_timeout=30.0, max_waiting=1),
+                            max_edit_body=MAX_EDIT)
+    service = ImageService(broker, config.service)
+    client = falcon.testing.TestClient(create_app(config, broker, service=service))
+    release = service.take_waiting_slot()  # every waiting slot is taken
+    try:
+        assert error_of(send(client, {"prompt": "a fox"}), 429)["code"] == "too_many_requests"
+    finally:
+        release()
+    assert send(client, {"prompt": "a fox"}).status_code == 200
+
+
+def test_a_stopping_server_refuses_an_edit_before_decoding_it(client, broker, monkeypatch):
+    from http_frontend import edit_jobs
+
+    def never(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("decoded while stopping")
+
+    monkeypatch.setattr(edit_jobs.EditPlan, "make", never)
+    service = client.app._router.find("/v1/images/edits")[0].service
+    service.begin_drain(0.0)
+    assert error_of(send(client, {"prompt": "a fox"}), 503)["code"] == "shutting_down"
+
+
+class CountingFetcher:
+    """An ImageFetcher stand-in: what each URL was allowed, and a fixed body per fetch."""
+
+    def __init__(self, body: bytes, timeout: float = 10.0) -> None:
+        self.body = body
+        self.timeout = timeout
+        self.allowed: list[tuple[int, float]] = []
+
+    def within(self, *, max_bytes: int, seconds: float) -> CountingFetcher:
+        self.allowed.append((max_bytes, seconds))
+        return self
+
+    def fetch(self, url: str, param: str) -> bytes:
+        return self.body
+
+
+def test_the_urls_of_one_edit_share_one_size_limit_and_one_deadline() -> None:
+    from http_frontend.edit_requests import _read_json_body
+
+    fetcher = CountingFetcher(IMAGE)
+    refs = [{"image_url": f"https://example.com/{i}.png"} for i in range(3)]
+    upload = _read_json_body({"prompt": "x", "images": refs}, 10_000, fetcher)  # type: ignore[arg-type]
+    assert len(upload.images) == 3
+    sizes = [allowed[0] for allowed in fetcher.allowed]
+    assert sizes == [10_000, 10_000 - len(IMAGE), 10_000 - 2 * len(IMAGE)]
+    deadlines = [allowed[1] for allowed in fetcher.allowed]
+    assert deadlines == sorted(deadlines, reverse=True) and deadlines[0] <= 10.0

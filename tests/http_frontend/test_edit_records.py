@@ -13,7 +13,8 @@ import falcon.testing
 import pytest
 from PIL import Image
 
-from broker.protocol import JobSpec
+from broker.protocol import ErrorCode, JobSpec
+from http_frontend.errors import JobError
 from http_frontend.history import input_names
 from http_frontend.image_store import DirectoryStore, StoreError
 from http_frontend.pending import PendingJob
@@ -177,3 +178,65 @@ def test_recorded_inputs_are_only_valid_store_names() -> None:
                "mask": {"name": "a" * 500}}
     assert input_names(request) == []
     assert input_names(None) == [] and input_names({"image": "x"}) == []
+
+
+# ------------------------------------------------------------------ the review's leaks
+
+
+class RefusingBroker(InputsBroker):
+    """Refuses every job as a full queue (what the broker says past --max-input-mb)."""
+
+    def submit(self, job: JobSpec, *, owner: str | None = None,
+               inputs: tuple[bytes, ...] = ()) -> PendingJob:
+        pending = super().submit(job, owner=owner, inputs=inputs)
+        pending = PendingJob(job.id, job)
+        pending.fail(JobError(ErrorCode.QUEUE_FULL, "full", retryable=True))
+        return pending
+
+
+@pytest.mark.parametrize("path", ["/v1/images/edits", "/v1/jobs/edits"])
+def test_a_refused_edit_leaves_no_stored_inputs(tmp_path, path) -> None:
+    history = make_history(tmp_path)
+    front = make_frontend(RefusingBroker(), history)
+    result = post_edit(front, path)
+    assert result.status_code == 429, result.text
+    settle_all(history)
+    assert stored_files(tmp_path / "images") == []
+    history.close()
+
+
+def test_retention_removes_an_edits_inputs_with_its_record(front, broker, tmp_path) -> None:
+    from http_frontend.keeper import Keeper
+
+    job = post_edit(front).json
+    broker.answer(job["id"])
+    settle_all(front.history)
+    assert len(stored_files(tmp_path / "images")) == 3  # the input, the mask, the result
+    Keeper(front.jobs, connected=lambda: True, history_days=1)._remove_before(10**12)
+    assert stored_files(tmp_path / "images") == []
+
+
+def test_without_history_an_edits_inputs_stay_named_and_go_with_it(tmp_path) -> None:
+    broker = InputsBroker()
+    history = make_history(tmp_path, keep_prompts=False)
+    front = make_frontend(broker, history)
+    job = post_edit(front).json
+    broker.answer(job["id"])
+    settle_all(history)
+    ended = history.records.get(job["id"])
+    assert ended.prompt is None and "sha256" not in str(ended.request)  # nothing but names
+    assert len(input_names(ended.request)) == 2
+    assert front.client.simulate_delete(f"/v1/jobs/{job['id']}").status_code == 200
+    assert stored_files(tmp_path / "images") == []
+    history.close()
+
+
+def test_an_ended_edit_holds_no_frames_in_memory(front, broker) -> None:
+    job = post_edit(front).json
+    live = front.jobs._live_job(job["id"])
+    assert live is not None and live.prepared.inputs == ()
+    # The pending job holds them while it may be sent again (a broker restart), not after.
+    pending = PendingJob("j", inputs=(b"image", b"mask"))
+    assert pending.inputs == (b"image", b"mask")
+    pending.fail(JobError(ErrorCode.WORKER_ERROR, "it broke"))
+    assert pending.inputs == ()
