@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 POSITION_UPDATES = 32  # queued jobs per model told their new position
 POSITION_INTERVAL = 0.5  # seconds between position announcements
+LORA_LOOKAHEAD = 8  # free workers looked at for one with a job's adapters loaded
 MAX_FAILURE_MESSAGE = 1000  # characters of a worker's failure message passed to the client
 MAX_STEPS = 10_000
 # Plain ints, not zmq's IntFlag members: combining enum flags runs Python code on every frame.
@@ -243,6 +244,11 @@ class Broker:
             self._refuse(client, spec, ErrorCode.NO_WORKER,
                          f"no worker serves model {spec.model!r} right now")
             return
+        if spec.loras and not self.workers.can_run(spec) and now >= self._startup_grace_until:
+            names = ", ".join(name for name, _ in spec.loras)
+            self._refuse(client, spec, ErrorCode.NO_WORKER,
+                         f"no worker of {spec.model!r} has all of these LoRA adapters: {names}")
+            return
         if self.jobs.is_full(spec.model):
             self._refuse(client, spec, ErrorCode.QUEUE_FULL,
                          f"the queue for {spec.model!r} is full")
@@ -347,6 +353,8 @@ class Broker:
         moved = None if known else self._same_process(msg, now)
         previous = known or moved
         worker = self.workers.register(identity, msg, now, keep=previous)
+        if "loras" in msg.fields:
+            self._read_loras(worker, msg["loras"])
         self.counters.announce(worker.models)
         if known is not None:
             self.leases.keep(known, worker)
@@ -399,10 +407,23 @@ class Broker:
                 worker.stats = protocol.WorkerStats.from_wire(msg["stats"])
             except ProtocolError as exc:  # the stats only: the heartbeat still counts
                 self._bad_stats(worker.worker_id, str(exc))
+        if "loras" in msg.fields:
+            self._read_loras(worker, msg["loras"])
         if "running" in msg.fields:
             # A heartbeat sent before the CANCEL may still list the stopped job.
             self.leases.settle(worker, msg["running"], now,
                                after=2 * self.config.heartbeat_interval)
+
+    def _read_loras(self, worker: WorkerRecord, data: Any) -> None:
+        """The adapters a worker announced replace its last ones; a map that cannot be read
+        costs only them (as bad stats do), and its jobs with adapters go elsewhere."""
+        try:
+            worker.loras = protocol.loras_from_wire(data)
+        except ProtocolError as exc:
+            worker.loras = {}
+            self._bad_stats(worker.worker_id, str(exc))
+        # What it can run may have grown: jobs waiting for an adapter may go now.
+        self.workers.offer(worker)
 
     def _on_job_message(self, worker: WorkerRecord, msg: Message, now: float) -> None:
         job_id = msg["job_id"]
@@ -539,11 +560,12 @@ class Broker:
         # Only room for a whole batch counts (next_free): answers free a batching worker's
         # slots one job at a time, and leasing into each freed slot would split every later
         # batch into batches of one. The worker is busy with the batch it holds meanwhile.
-        passed_over: list[WorkerRecord] = []  # every queued job already failed on them
+        passed_over: list[WorkerRecord] = []  # none of the queued jobs can go to them
         try:
-            while (worker := self.workers.next_free(model)) is not None:
+            while (worker := self._next_worker(model, passed_over)) is not None:
                 batch = self.jobs.take_batch(model, worker.identity,
-                                             min(worker.max_batch, worker.capacity))
+                                             min(worker.max_batch, worker.capacity),
+                                             runnable=worker.can_run)
                 if batch:
                     self._lease(worker, batch, now)
                     return True
@@ -552,6 +574,27 @@ class Broker:
         finally:
             for worker in passed_over:
                 self.workers.offer(worker)  # they stay candidates
+
+    def _next_worker(self, model: str, passed_over: list[WorkerRecord]) -> WorkerRecord | None:
+        """The next worker with room for a batch of ``model``: the least loaded, unless the
+        first queued job applies LoRA adapters that another free worker has in memory
+        already (loading them costs the first one seconds). Never waits for such a worker:
+        one that can load them gets the job when none has them loaded."""
+        worker = self.workers.next_free(model)
+        head = self.jobs.head(model, 1)
+        if worker is None or not head or not head[0].spec.loras \
+                or worker.has_loaded(head[0].spec):
+            return worker
+        looked: list[WorkerRecord] = [worker]
+        while len(looked) < LORA_LOOKAHEAD and (other := self.workers.next_free(model)):
+            looked.append(other)
+            if other.has_loaded(head[0].spec):
+                break
+        best = next((w for w in looked if w.has_loaded(head[0].spec)), worker)
+        for other in looked:
+            if other is not best:
+                passed_over.append(other)  # offered again when this round ends
+        return best
 
     def _lease(self, worker: WorkerRecord, batch: list[Job], now: float) -> None:
         specs = [_with_attempt(job) for job in batch]

@@ -9,7 +9,7 @@ import enum
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,18 +131,22 @@ class JobTable:
     def _live_queued(self, queue: deque[Job]) -> Iterator[Job]:
         return (job for job in queue if not self._is_stale(job))
 
-    def take_batch(self, model: str, worker: bytes, max_batch: int) -> list[Job]:
-        """Take the oldest queued job of ``model`` plus queued jobs with its batch key.
+    def take_batch(self, model: str, worker: bytes, max_batch: int, *,
+                   runnable: Callable[[JobSpec], bool] | None = None) -> list[Job]:
+        """Take the oldest queued job of ``model`` that ``worker`` can run, plus queued jobs
+        with its batch key.
 
         They are RUNNING from now on; ``Leases.lease`` gives them to ``worker`` once they are
-        sent. Jobs that already failed on ``worker`` are left for another worker.
+        sent. Jobs that already failed on ``worker``, or that ``runnable`` says it cannot run
+        (it lacks their LoRA adapters), are left for another worker.
         """
         queue = self._queues.get(model)
         while queue and self._is_stale(queue[0]):
             queue.popleft()
         if not queue:
             return []
-        head = next((job for job in self._live_queued(queue) if job.failed_on != worker), None)
+        head = next((job for job in self._live_queued(queue) if job.failed_on != worker
+                     and (runnable is None or runnable(job.spec))), None)
         if head is None:
             return []
         batch = [head]

@@ -43,6 +43,9 @@ MAX_BATCH = 16  # jobs in one pipeline call; a worker holds at most 2 batches (c
 MAX_FRAMES = 1 + max(MAX_PAYLOAD_FRAMES, MAX_BATCH * MAX_JOB_FRAMES)
 MAX_SEED = 2**63 - 1
 MAX_ID = 128  # characters in an id: job, owner, worker, incarnation
+MAX_LORAS = 8  # LoRA adapters one job applies at once
+MAX_LORA_NAME = 200  # characters in an adapter's name (its file name, or a repo id)
+MAX_LORA_SCALE = 4.0  # |scale|: past it an adapter only breaks the image
 
 
 class ProtocolError(ValueError):
@@ -99,6 +102,7 @@ AnyMap = Annotated[dict[str, Any], Meta(max_length=MAX_LIST)]  # values: _check_
 Count = Annotated[int, Meta(ge=0)]
 Amount = Annotated[float, Meta(ge=0)]  # finite too: checked by _check_semantics
 Counts = Annotated[dict[Text, Count], Meta(max_length=MAX_LIST)]
+LoraName = Annotated[str, Meta(min_length=1, max_length=MAX_LORA_NAME)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,6 +133,9 @@ class JobSpec:
     inputs: Annotated[int, Meta(ge=0, le=MAX_INPUTS)] = 0
     mask: bool = False
     strength: float | None = None  # 0..1: how far from the input (img2img and inpainting)
+    # LoRA adapters to apply, (name, scale) each, in order; only workers that announce every
+    # one of them get the job (WorkerRecord.loras).
+    loras: Annotated[tuple[tuple[LoraName, float], ...], Meta(max_length=MAX_LORAS)] = ()
 
     @property
     def n(self) -> int:
@@ -154,7 +161,7 @@ class JobSpec:
     def batch_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys can run in one pipeline call."""
         return (self.model, self.width, self.height, self.steps, self.guidance, self.previews,
-                self.inputs, self.mask, self.strength)
+                self.inputs, self.mask, self.strength, self.loras)
 
     def to_wire(self) -> dict[str, Any]:
         """The job as a plain map (encode() takes the JobSpec itself)."""
@@ -229,6 +236,25 @@ class WorkerStats(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
         """Raise ProtocolError for what the types cannot refuse: an infinite float."""
         _check_finite(name, self.step_seconds, self.images_per_second, self.utilization,
                       self.step_megapixels)
+
+
+class LoraInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One LoRA adapter a worker can apply (gpu_worker/loras.py), in its READY and heartbeats."""
+
+    loaded: bool = False  # in its memory now: a job needing it starts sooner there
+    bytes: Count | None = None  # its weights' size, once loaded (or from its file)
+    source: Text | None = None  # "file" (--lora-dir) or "hub" (a repo id)
+
+
+def loras_from_wire(data: Any) -> dict[str, LoraInfo]:
+    """A worker's adapters (name -> LoraInfo), read apart from the message that carried them:
+    a bad map costs the adapters, never the worker's liveness."""
+    try:
+        loras: dict[str, LoraInfo] = msgspec.convert(
+            data, Annotated[dict[LoraName, LoraInfo], Meta(max_length=MAX_LIST)])
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"loras: {exc}") from None
+    return loras
 
 
 class BrokerCounters(msgspec.Struct, frozen=True, kw_only=True):
@@ -343,6 +369,7 @@ class Ready(_Header, tag=MsgType.READY.value):
     session: OptId = UNSET  # random per worker process
     # Seconds between its heartbeats: the broker logs a worker whose interval is not its own.
     heartbeat: Annotated[float, Meta(gt=0)] | UnsetType = UNSET
+    loras: AnyMap | UnsetType = UNSET  # its LoRA adapters, as in its heartbeats
 
 
 class Heartbeat(_Header, tag=MsgType.HEARTBEAT.value):
@@ -350,6 +377,9 @@ class Heartbeat(_Header, tag=MsgType.HEARTBEAT.value):
     incarnation: OptId = UNSET
     # WorkerStats as a map, from workers only (older ones send none): WorkerStats.from_wire.
     stats: AnyMap | UnsetType = UNSET
+    # The LoRA adapters it can apply to its model: name -> {"loaded": bool, "bytes": int,
+    # ...}, read by WorkerLoras.from_wire apart from the heartbeat (as the stats are).
+    loras: AnyMap | UnsetType = UNSET
 
 
 class Bye(_Header, tag=MsgType.BYE.value):
@@ -453,6 +483,11 @@ def _check_job(spec: JobSpec) -> None:
         raise ProtocolError("job.strength must be a number from 0 to 1")
     if spec.mask and not spec.inputs:
         raise ProtocolError("job.mask needs an input image to go with")
+    if not all(-MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE for _, scale in spec.loras):
+        raise ProtocolError(f"job.loras scales must be numbers from {-MAX_LORA_SCALE:g} to "
+                            f"{MAX_LORA_SCALE:g}")  # NaN fails the comparison too
+    if len({name for name, _ in spec.loras}) != len(spec.loras):
+        raise ProtocolError("job.loras names each adapter once")
 
 
 def _check_frames(name: str, specs: Sequence[JobSpec], payloads: Sequence[Any]) -> None:
@@ -489,6 +524,13 @@ def _check_plain(name: str, value: Any) -> None:
             raise ProtocolError(f"{name}: msgpack extension types are not allowed")
 
 
+# The fields of each header that hold maps of anything, checked as msgpack's own limits did.
+_PLAIN_MAPS: dict[type[_Header], tuple[str, ...]] = {
+    Result: ("timings",), Ready: ("model_info", "loras"), Heartbeat: ("stats", "loras"),
+    StatusReply: ("workers",),
+}
+
+
 def _check_semantics(header: _Header, payloads: Sequence[Any]) -> None:
     """Checks that the types cannot say: finite floats, payload counts, maps of anything."""
     if isinstance(header, Submit):
@@ -498,24 +540,16 @@ def _check_semantics(header: _Header, payloads: Sequence[Any]) -> None:
         for spec in header.jobs:
             _check_job(spec)
         _check_frames("jobs", header.jobs, payloads)
-    elif isinstance(header, Result):
-        if len(header.images) != len(payloads):
-            raise ProtocolError("result needs one payload frame per image")
-        if header.timings:
-            _check_plain("result.timings", header.timings)
-    elif isinstance(header, Ready):
-        if header.model_info:
-            _check_plain("ready.model_info", header.model_info)
-    elif isinstance(header, Heartbeat):
-        if header.stats:
-            _check_plain("heartbeat.stats", header.stats)
-    elif isinstance(header, Accepted):
-        if not isinstance(header.work_ahead, UnsetType):
-            _check_finite("accepted.work_ahead", header.work_ahead)
-    elif isinstance(header, StatusReply):
-        _check_plain("status_reply.workers", header.workers)
-        if isinstance(header.counters, BrokerCounters):
-            _check_finite("status_reply.counters", header.counters.started)
+    elif isinstance(header, Result) and len(header.images) != len(payloads):
+        raise ProtocolError("result needs one payload frame per image")
+    elif isinstance(header, Accepted) and not isinstance(header.work_ahead, UnsetType):
+        _check_finite("accepted.work_ahead", header.work_ahead)
+    elif isinstance(header, StatusReply) and isinstance(header.counters, BrokerCounters):
+        _check_finite("status_reply.counters", header.counters.started)
+    for name in _PLAIN_MAPS.get(type(header), ()):
+        value = getattr(header, name)
+        if value:
+            _check_plain(f"{header.__struct_config__.tag}.{name}", value)
 
 
 class DropLog:

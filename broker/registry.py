@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.protocol import Message, WorkerStats
+import msgspec
+
+from broker.protocol import JobSpec, LoraInfo, Message, WorkerStats
 
 QUARANTINE_AFTER = 3  # consecutive failed jobs after which a worker gets no work for a while
 QUARANTINE_FIRST = 5.0  # seconds of its first quarantine; each next one doubles
@@ -50,6 +52,17 @@ class WorkerRecord:
     # Written only by Leases, like ``running``.
     ending: dict[str, float] = field(default_factory=dict)
     stats: WorkerStats | None = None  # what its last heartbeat measured; None: not sent
+    # The LoRA adapters it can apply (READY, then every heartbeat): a job goes only to a
+    # worker that has all of its own (``can_run``).
+    loras: dict[str, LoraInfo] = field(default_factory=dict)
+
+    def can_run(self, job: JobSpec) -> bool:
+        """Whether it has every adapter ``job`` applies."""
+        return all(name in self.loras for name, _ in job.loras)
+
+    def has_loaded(self, job: JobSpec) -> bool:
+        """Whether every adapter ``job`` applies is in its memory already."""
+        return all(name in self.loras and self.loras[name].loaded for name, _ in job.loras)
 
     @property
     def free(self) -> int:
@@ -68,6 +81,9 @@ class WorkerRecord:
         }
         if stats and self.stats is not None:
             described["stats"] = self.stats.to_wire()
+        if self.loras:
+            described["loras"] = {name: msgspec.to_builtins(info)
+                                  for name, info in self.loras.items()}
         if self.state is WorkerState.QUARANTINED:
             described["quarantine_left_s"] = round(max(0.0, self.quarantined_until - now), 1)
         return described
@@ -75,7 +91,7 @@ class WorkerRecord:
 
 # What a worker's record keeps when the worker registers again (its leases: Leases.keep/move).
 _CARRIED_OVER = ("state", "jobs_done", "last_dispatch", "failures", "quarantines",
-                 "quarantined_until", "stats")
+                 "quarantined_until", "stats", "loras")
 
 
 class WorkerRegistry:
@@ -157,6 +173,11 @@ class WorkerRegistry:
     def serves(self, model: str) -> bool:
         """Whether a registered worker serves ``model``, quarantined or not."""
         return bool(self._by_model.get(model))
+
+    def can_run(self, job: JobSpec) -> bool:
+        """Whether a registered worker of its model has every adapter ``job`` applies."""
+        return any(self._workers[identity].can_run(job)
+                   for identity in self._by_model.get(job.model, ()))
 
     # ---------------------------------------------------------------- health
 

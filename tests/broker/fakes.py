@@ -135,7 +135,7 @@ class FakeWorker(Peer):
 
     def ready(self, worker_id: str = "w", *, models: tuple[str, ...] = (MODEL,),
               capacity: int = 1, max_batch: int = 1, held: list[str] | None = None,
-              heartbeat: float | None = None) -> None:
+              heartbeat: float | None = None, loras: dict[str, Any] | None = None) -> None:
         self.worker_id = worker_id
         fields: dict[str, Any] = {
             "worker_id": worker_id, "host": "testhost", "device": "cpu",
@@ -147,6 +147,8 @@ class FakeWorker(Peer):
             fields["held"] = held
         if heartbeat is not None:
             fields["heartbeat"] = heartbeat
+        if loras is not None:
+            fields["loras"] = loras
         self.send_msg(MsgType.READY, fields)
 
     def take(self, timeout: float = 5.0, **kwargs: Any) -> list[JobSpec]:
@@ -159,8 +161,8 @@ class FakeWorker(Peer):
                   for s in spec.seeds]
         self.send(protocol.result(spec.id, images, payloads, **kwargs))
 
-    def heartbeat(self) -> None:
-        self.send_msg(MsgType.HEARTBEAT, {"running": []})
+    def heartbeat(self, **fields: Any) -> None:
+        self.send_msg(MsgType.HEARTBEAT, {"running": [], **fields})
 
 
 class BrokerHarness:
