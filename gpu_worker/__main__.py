@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import urllib.parse
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from broker import defaults, logs
@@ -44,6 +45,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model CPU offload, for GPUs too small to hold the model")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the denoiser (slow start, faster steps)")
+    parser.add_argument("--lora-dir", default=None, metavar="DIR",
+                        help="LoRA adapters this worker can apply: the .safetensors files under "
+                             "DIR (subfolders too), named by their path there; files added or "
+                             "removed are noticed without a restart")
+    parser.add_argument("--lora-cache", type=int, default=8,
+                        help="LoRA adapters kept in memory at most (least recently used out)")
+    parser.add_argument("--lora-cache-mb", type=float, default=2048.0,
+                        help="and their weights in MiB, at most")
     parser.add_argument("--no-image-metadata", action="store_true",
                         help="leave the prompt and settings out of the images (prompts can be "
                              "private); the marking as AI-generated stays")
@@ -79,6 +88,13 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     model = args.model or models.default_model(device.startswith("cuda"))
     if bool(args.broker_key) != bool(args.key):
         raise ValueError("--broker-key and --key go together")
+    if args.lora_dir and not Path(args.lora_dir).is_dir():
+        raise ValueError(f"--lora-dir {args.lora_dir!r} is not a folder")
+    if args.lora_dir and args.compile:
+        raise ValueError("--compile cannot be used with --lora-dir yet: a compiled denoiser "
+                         "would recompile whenever the adapters change")
+    if args.lora_cache < 1 or args.lora_cache_mb <= 0:
+        raise ValueError("--lora-cache and --lora-cache-mb must be positive")
     curve = CurveKeys.from_files(args.broker_key, args.key) if args.key else None
     marking = _marking(args)
     return WorkerConfig(broker=args.broker, model=model, device=device,
@@ -86,6 +102,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
                         heartbeat=args.heartbeat, threads=args.threads,
                         cache_dir=args.cache_dir, warm_up=not args.no_warm_up,
                         offload=args.offload, compile=args.compile, curve=curve,
+                        lora_dir=args.lora_dir, lora_cache=args.lora_cache,
+                        lora_cache_bytes=int(args.lora_cache_mb * (1 << 20)),
                         image_metadata=not args.no_image_metadata, marking=marking)
 
 

@@ -47,7 +47,8 @@ class BrokerLink:
                  liveness: int = defaults.HEARTBEAT_LIVENESS, max_frame: int = 1 << 20,
                  curve: CurveKeys | None = None,
                  context: zmq.Context[zmq.Socket[bytes]] | None = None,
-                 stats: Callable[[], WorkerStats | None] | None = None) -> None:
+                 stats: Callable[[], WorkerStats | None] | None = None,
+                 loras: Callable[[], dict[str, Any]] | None = None) -> None:
         self.endpoint = endpoint
         self.curve = curve
         self.ready_fields = ready_fields  # READY is these plus `held`, built at each send
@@ -56,6 +57,7 @@ class BrokerLink:
         self.liveness = liveness
         self.max_frame = max_frame
         self.stats = stats  # the worker's measurements, taken for each heartbeat
+        self.loras = loras  # the LoRA adapters it can apply, as they are when READY or beating
         self._last_ready = float("-inf")  # when READY was last sent (monotonic)
         self._ready_due: float | None = None  # when a READY held back by the rate limit is due
         self._refused = protocol.DropLog(log, "the broker refused this worker at")
@@ -115,7 +117,18 @@ class BrokerLink:
         stats = self.stats() if self.stats is not None else None
         if stats is not None:
             fields["stats"] = stats
-        return protocol.encode(MsgType.HEARTBEAT, fields)
+        return protocol.encode(MsgType.HEARTBEAT, {**fields, **self._loras()})
+
+    def _loras(self) -> dict[str, Any]:
+        """``{"loras": ...}`` for READY and heartbeats; nothing when the worker has no LoRA
+        folder, or its listing failed (logged: a heartbeat without it beats none)."""
+        if self.loras is None:
+            return {}
+        try:
+            return {"loras": self.loras()}
+        except Exception:
+            log.exception("listing the LoRA adapters failed")
+            return {}
 
     def on_tick(self, now: float) -> float | None:
         if self._ready_due is not None and now >= self._ready_due:
@@ -151,5 +164,5 @@ class BrokerLink:
         self._last_ready, self._ready_due = now, None
         # Sent at once, before any queued answers: a broker drops answers from a worker it
         # does not know.
-        fields = {**self.ready_fields, "held": self.handler.held()}
+        fields = {**self.ready_fields, "held": self.handler.held(), **self._loras()}
         self._conn.send_now(protocol.encode(MsgType.READY, fields))

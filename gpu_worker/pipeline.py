@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from PIL import Image
 from broker.protocol import JobSpec
 from gpu_worker import models
 from gpu_worker.editing import EditInputs, EditPipelines, composite, usable_modes
+from gpu_worker.loras import LoraLibrary
 from gpu_worker.models import ModelSpec
 from gpu_worker.preview import PreviewMaker, preview_steps
 
@@ -40,6 +42,9 @@ class LoadOptions:
     threads: int | None = None  # torch threads on CPU; None keeps torch's default
     offload: bool = False
     compile: bool = False
+    lora_dir: Path | None = None  # LoRA adapters this worker can apply (gpu_worker/loras.py)
+    lora_cache: int = 8  # adapters kept in memory at most
+    lora_cache_bytes: int = 2 << 30  # and their weights, at most
 
 
 def model_source(spec: ModelSpec, cache_dir: str | None) -> str:
@@ -68,7 +73,13 @@ class PipelineRunner:
         self.device = options.device
         if options.threads and not self.device.startswith("cuda"):
             torch.set_num_threads(options.threads)
+        if options.lora_dir is not None and options.compile:
+            # A compiled denoiser recompiles whenever adapters change, and hot-swapping them
+            # into one is not wired here: refused at start rather than slow or wrong later.
+            raise ValueError("--compile cannot be used with --lora-dir yet: choose one")
         self.pipe = self._place(self._load(spec) if pipe is None else pipe)
+        self.loras = LoraLibrary(self.pipe, options.lora_dir, max_loaded=options.lora_cache,
+                                 max_bytes=options.lora_cache_bytes)
         self._trained_sample_size: int | None = getattr(self.pipe, "default_sample_size", None)
         self.spec = usable_modes(self._fit_spec(spec), self.pipe)
         self.edits = EditPipelines(self.pipe, self.spec)
@@ -162,7 +173,11 @@ class PipelineRunner:
         for module in (denoiser, getattr(pipe, "vae", None)):
             if module is not None:
                 module.to(memory_format=torch.channels_last)
-        if denoiser is not None and hasattr(denoiser, "fuse_qkv_projections"):
+        if self.options.lora_dir is not None:
+            # A fused QKV layer has no LoRA: diffusers would load adapters around it, silently
+            # leaving out their q, k and v parts (gpu_worker/loras.py).
+            log.info("QKV projections left unfused: this worker applies LoRA adapters")
+        elif denoiser is not None and hasattr(denoiser, "fuse_qkv_projections"):
             try:
                 denoiser.fuse_qkv_projections()
             except Exception as exc:  # some attention processors cannot be fused
@@ -210,6 +225,7 @@ class PipelineRunner:
         if head.mode == "edit" and self.spec.edit_by_reference and len(jobs) > 1:
             return self._one_by_one(jobs, on_step, inputs or {})
         pipe = self.edits.for_mode(head.mode)
+        self.loras.apply(head.loras)  # the batch key makes every job's adapters the same
         params = set(inspect.signature(pipe.__call__).parameters)
         kwargs = self._call_kwargs(jobs, params, per_image=head.mode != "generate")
         if head.inputs:

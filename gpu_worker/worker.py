@@ -10,9 +10,10 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from PIL import Image
@@ -24,6 +25,7 @@ from gpu_worker import models
 from gpu_worker.editing import EditInputs, InvalidInput
 from gpu_worker.encode import Generation, ImageMetadata, encode_image
 from gpu_worker.link import BrokerLink
+from gpu_worker.loras import LoraError
 from gpu_worker.marking import Marking
 from gpu_worker.pipeline import Interrupted, LoadOptions, PipelineRunner, StepCallback
 from gpu_worker.stats import StatsRecorder
@@ -53,6 +55,9 @@ class WorkerConfig:
     warm_up: bool = True
     offload: bool = False
     compile: bool = False
+    lora_dir: str | None = None  # LoRA adapters it can apply (gpu_worker/loras.py)
+    lora_cache: int = 8  # adapters kept in memory at most, and their weights' bytes
+    lora_cache_bytes: int = 2 << 30
     max_frame: int = 256 << 20
     curve: CurveKeys | None = None  # encrypt and authenticate to a broker that uses CURVE
     image_metadata: bool = True  # how each image was made, prompt included, inside the image
@@ -121,9 +126,12 @@ class Worker:
         self._stop.set()  # only this: a signal handler must not take a lock its thread holds
 
     def load(self) -> None:
+        lora_dir = Path(self.config.lora_dir) if self.config.lora_dir else None
         options = LoadOptions(device=self.config.device, cache_dir=self.config.cache_dir,
                               threads=self.config.threads, offload=self.config.offload,
-                              compile=self.config.compile)
+                              compile=self.config.compile, lora_dir=lora_dir,
+                              lora_cache=self.config.lora_cache,
+                              lora_cache_bytes=self.config.lora_cache_bytes)
         runner = PipelineRunner(self.spec, options)
         self.spec = runner.spec  # what the loaded pipeline really takes
         self.runner = runner
@@ -246,7 +254,7 @@ class Worker:
         self.link = link if link is not None else BrokerLink(
             self.config.broker, self.ready_fields(), handler=self,
             heartbeat=self.config.heartbeat, max_frame=self.config.max_frame,
-            curve=self.config.curve, stats=self.stats.snapshot)
+            curve=self.config.curve, stats=self.stats.snapshot, loras=self._lora_listing())
         self.link.start()
         log.info("worker %s serving %s on %s; broker %s", self.worker_id, self.spec.name,
                  self.config.device, self.config.broker)
@@ -265,6 +273,11 @@ class Worker:
             self._encoder.shutdown(wait=True)
             self.link.stop(bye=True)
             log.info("worker %s stopped", self.worker_id)
+
+    def _lora_listing(self) -> Callable[[], dict[str, Any]] | None:
+        """What announces the worker's LoRA adapters, when it has a LoRA folder."""
+        library = getattr(self.runner, "loras", None)
+        return library.announcement if self.config.lora_dir and library is not None else None
 
     def _next_batch(self, timeout: float) -> list[JobSpec] | None:
         """Take the oldest waiting batch; None after ``timeout``, or when stopping."""
@@ -305,6 +318,12 @@ class Worker:
             for job in jobs:
                 log.info("job %s interrupted", job.id, extra=logs.job_fields(job))
                 self._answer(job.id, None)
+            return
+        except LoraError as exc:  # the request's adapters, not the worker, are at fault
+            for job in jobs:
+                log.warning("job %s: %s", job.id, exc, extra=logs.job_fields(job))
+                self._answer(job.id, protocol.failed(job.id, ErrorCode.INVALID_REQUEST,
+                                                     str(exc)))
             return
         except Exception as exc:
             wait(previews)
