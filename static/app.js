@@ -2,12 +2,13 @@
 import { initApiKey } from "./js/apikey.js";
 import { initCluster, onClusterChange, unreachable } from "./js/cluster.js";
 import { $, toast } from "./js/dom.js";
+import { currentEdit, editMode, initEditor } from "./js/editor.js";
 import { blockGenerate, checkSettings, currentLimits, generateBlocked, generateBusy, initForm,
          readSettings, requestBody, savedDraft, writeSettings } from "./js/form.js";
 import { initHistory } from "./js/history.js";
 import { initJump } from "./js/jump.js";
 import { initLightbox } from "./js/lightbox.js";
-import { chooseModel, clusterChanged, generateBlocker, initModels, loadModels }
+import { chooseModel, clusterChanged, generateBlocker, initModels, loadModels, renderModels }
   from "./js/models.js";
 import { cancelRun, startRun, watchJob } from "./js/runs.js";
 import { initShortcuts } from "./js/shortcuts.js";
@@ -17,13 +18,13 @@ import { errorText } from "./js/words.js";
 const MODELS_EVERY_MS = 15000;
 let wasUnreachable = false;
 
-function generate() {
+async function generate() {
   const blocked = generateBlocked();
   if (blocked) {
     toast(blocked);
     return;
   }
-  const settings = readSettings();
+  const settings = { ...readSettings(), edit: await currentEdit() };
   const problems = checkSettings(settings);
   if (Object.keys(problems).length) {
     toast("Check the highlighted settings");
@@ -48,6 +49,16 @@ function whenSent(card, running) {
     if (card) observer.observe(card, { attributes: true, attributeFilter: ["data-state"] });
     running.finally(done);
   });
+}
+
+/** The body "Copy as curl" and "Copy as Python" send: an edit's has the input's size. */
+function snippetBody() {
+  const body = requestBody(readSettings());
+  if (editMode()) {
+    delete body.size;
+    body.strength = Number($("strength").value);
+  }
+  return body;
 }
 
 /** Load the models; the first time one is there, choose it and put back the last draft. */
@@ -80,8 +91,9 @@ function refreshGo() {
 initApiKey();
 initLightbox();
 initModels({ changed: refreshGo });
+initEditor({ changed: renderModels });
 initForm({ onSubmit: generate });
-initSnippets(() => requestBody(readSettings()));
+initSnippets(snippetBody, editMode);
 onClusterChange((status, err) => {
   clusterChanged(status, err);
   // Back after an outage: the models (and their limits) may have changed meanwhile.

@@ -34,12 +34,17 @@ export async function send(path, { background = false, ...options } = {}) {
   }
 }
 
-/** A JSON call: the parsed body, or an ApiError with the server's message. */
-export async function api(path, { method = "GET", body, background = false } = {}) {
+/**
+ * A JSON call: the parsed body, or an ApiError with the server's message. `form` (FormData) is
+ * sent as multipart/form-data instead of a JSON `body`.
+ */
+export async function api(path, { method = "GET", body, form, background = false } = {}) {
   const options = { method, background, headers: { Accept: "application/json" } };
   if (body !== undefined) {
     options.body = JSON.stringify(body);
     options.headers["Content-Type"] = "application/json";
+  } else if (form !== undefined) {
+    options.body = form;  // fetch writes its Content-Type, with the boundary
   }
   const response = await send(path, options);
   if (!response.ok) throw await errorOf(response);

@@ -1,6 +1,7 @@
 // One job in the history panel: thumbnails by URL, prompt, settings, status and its buttons.
 import { confirmDelete } from "./confirm.js";
 import { el } from "./dom.js";
+import { editKind, editOf } from "./edits.js";
 import { filename } from "./images.js";
 import { ACTIVE } from "./jobs.js";
 import { parseSize } from "./limits.js";
@@ -20,6 +21,7 @@ export function settingsOf(job) {
     output_compression: request.output_compression,
     previews: "partial_images" in request ? request.partial_images > 0 : undefined,
     seed: job.seeds.length ? job.seeds[0] : request.seed ?? null,
+    edit: editOf(job),
   };
 }
 
@@ -37,7 +39,7 @@ function seedsText(seeds) {
 }
 
 function metaText(job) {
-  return [job.model, sizeText(job.width, job.height), plural(job.steps, "step"),
+  return [editKind(editOf(job)), job.model, sizeText(job.width, job.height), plural(job.steps, "step"),
           job.guidance === null ? null : `guidance ${job.guidance}`, seedsText(job.seeds),
           (job.output_format || "png").toUpperCase(), timeAgo(job.created * 1000)]
     .filter(Boolean).join(" · ");
@@ -64,7 +66,15 @@ function thumbs(job, onOpen) {
                  loading: "lazy", decoding: "async" })));
   const more = items.length > SHOWN_THUMBS
     ? el("span", { class: "entry-more" }, `+${items.length - SHOWN_THUMBS}`) : null;
-  return el("div", { class: "entry-thumbs" }, buttons, more);
+  return el("div", { class: "entry-thumbs" }, inputThumb(job), buttons, more);
+}
+
+/** The input of an edit, small and marked "in", before what was made of it. */
+function inputThumb(job) {
+  const edit = editOf(job);
+  if (!edit?.url) return null;
+  return el("span", { class: "entry-input", title: `Input image (${editKind(edit)})` },
+    el("img", { src: edit.url, alt: "Input image", loading: "lazy", decoding: "async" }));
 }
 
 /** Ask in the entry before deleting, as a run card does: the images go for good. */

@@ -17,7 +17,7 @@ const FIELD_INPUTS = {
   prompt: "prompt", negative_prompt: "negative_prompt", model: "model", size: "width",
   width: "width", height: "height", steps: "steps", guidance: "guidance", n: "n",
   seed: "seed", output_format: "output_format", output_compression: "output_compression",
-  partial_images: "previews",
+  partial_images: "previews", strength: "strength", image: "input-file", mask: "input-file",
 };
 
 export const currentLimits = () => limits;
@@ -210,6 +210,7 @@ export function checkSettings(settings) {
     return { model: true };
   }
   const problems = settingsProblems(settings, limits);
+  if (settings.edit) delete problems.size;  // an edit has its input's size, fitted by the server
   const fields = Object.keys(problems);
   fields.forEach((field) => showProblem(field, problems[field]));
   if (fields.length) $(FIELD_INPUTS[fields[0]]).focus();

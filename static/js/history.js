@@ -4,6 +4,7 @@
 // removed from the page comes back here. The last first page is kept in this browser and
 // shown, marked offline, while the server cannot be reached.
 import { $, el, toast } from "./dom.js";
+import { restoreInput } from "./editor.js";
 import { entryNode, settingsOf } from "./entry.js";
 import { writeSettings } from "./form.js";
 import { loadCache, saveCache } from "./historycache.js";
@@ -101,12 +102,18 @@ async function loadMore() {
   }
 }
 
-/** Put settings into the form (the model first: choosing one applies its limits). */
-export function restoreSettings(settings) {
+/**
+ * Put settings into the form (the model first: choosing one applies its limits), and an
+ * edit's input and mask into the editor (fetched from the server for a job of the history).
+ */
+export async function restoreSettings(settings) {
   const served = chooseModel(settings.model, { defaults: false });
   writeSettings(settings);
-  toast(served ? "Settings restored" : `Settings restored; ${settings.model} is not served right now`);
   $("prompt").focus();
+  const restored = await restoreInput(settings.edit);
+  if (settings.edit && !restored) return;  // it said why
+  const what = settings.edit && restored ? "Settings and input image restored" : "Settings restored";
+  toast(served ? what : `${what}; ${settings.model} is not served right now`);
 }
 
 const restore = (job) => restoreSettings(settingsOf(job));

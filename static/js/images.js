@@ -17,7 +17,7 @@ export function filename(prompt, seed, format) {
  * One result: the image (a button that opens the full-size view), its seed (a button that
  * reuses it) and a download link. item: {url, seed, width, height, filename, prompt}.
  */
-export function resultFigure(item, { onOpen, onSeed }) {
+export function resultFigure(item, { onOpen, onSeed, onInput }) {
   const image = el("img", {
     src: item.url, alt: `${item.prompt}, seed ${item.seed}`, width: item.width,
     height: item.height, decoding: "async",
@@ -30,5 +30,8 @@ export function resultFigure(item, { onOpen, onSeed }) {
                      title: "Reuse this seed", "aria-label": `Reuse seed ${item.seed}` },
          `Seed ${item.seed}`),
       el("span", { class: "dims" }, sizeText(item.width, item.height)),
+      onInput ? el("button", { type: "button", class: "quiet use-input", onclick: onInput,
+                               title: "Edit this image: make it the input image" },
+                   "Use as input") : null,
       el("a", { href: item.url, download: item.filename, class: "download" }, "Download")));
 }

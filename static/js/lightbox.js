@@ -4,6 +4,7 @@
 // swipe (or the arrow keys) moves to the next or previous image. Two fingers pinch to zoom, about
 // the point between them, from the fitted size to MAX_ZOOM times the actual pixels.
 import { $ } from "./dom.js";
+import { useAsInput } from "./editor.js";
 import { useSeed } from "./form.js";
 import { sizeText } from "./words.js";
 
@@ -209,6 +210,10 @@ export function initLightbox() {
   $("lightbox-seed").addEventListener("click", () => {
     dialog.close();
     useSeed(items[index].seed);
+  });
+  $("lightbox-input").addEventListener("click", () => {
+    dialog.close();
+    useAsInput(items[index].url);
   });
   dialog.addEventListener("keydown", (event) => {
     if (event.ctrlKey || event.altKey || event.metaKey) return;

@@ -4,6 +4,7 @@
 import { api } from "./api.js";
 import { unreachable } from "./cluster.js";
 import { $ } from "./dom.js";
+import { editMode } from "./editor.js";
 import { applyLimits, currentLimits } from "./form.js";
 import { parseSize, sizeRule } from "./limits.js";
 import { plural, sizeText } from "./words.js";
@@ -40,9 +41,30 @@ function workersText(id) {
   return workers.ready ? plural(workers.ready, "worker") : "no worker ready";
 }
 
+/**
+ * Why the model cannot do the edit the form holds (an input set, a mask painted), and what
+ * would let it; null when it can (or nothing is being edited).
+ */
+function editProblem(id) {
+  const mode = editMode();
+  const can = known.get(id)?.capabilities;
+  if (!mode || !Array.isArray(can)) return null;
+  if (!can.includes("edit")) {
+    return { what: "edit", text: `${id} cannot edit images`,
+             fix: "choose another model, or remove the input image" };
+  }
+  if (mode === "inpaint" && !can.includes("inpaint")) {
+    return { what: "inpaint", text: `${id} cannot inpaint (edit under a mask)`,
+             fix: "clear the mask to edit the whole image, or choose another model" };
+  }
+  return null;
+}
+
 function optionText(id) {
   const family = known.get(id)?.limits.family;
-  return [id, family && family !== id ? family : null, workersText(id)].filter(Boolean).join(" · ");
+  const cannot = editMode() && editProblem(id) ? "cannot edit" : null;
+  return [id, family && family !== id ? family : null, workersText(id), cannot]
+    .filter(Boolean).join(" · ");
 }
 
 /** What the model takes besides the prompt: "negative prompt, guidance". (Its sizes: the
@@ -86,7 +108,9 @@ const lineOf = (text) => Object.assign(document.createElement("span"), { textCon
 function warn() {
   const id = $("model").value;
   const workers = workersOf(id);
-  const text = !id || !workers || workers.ready ? ""
+  const problem = id ? editProblem(id) : null;
+  const text = problem ? `${problem.text}: ${problem.fix}.`
+    : !id || !workers || workers.ready ? ""
     : `No worker serves ${id} right now: choose another model, or wait for one to start.`;
   $("model-warning").textContent = text;
   $("model-warning").hidden = !text;
@@ -104,7 +128,14 @@ export function generateBlocker() {
   if (!listed || !id) return "Can't generate yet: waiting for a model to be ready.";
   const workers = workersOf(id);
   if (workers && !workers.ready) return `Can't generate: no worker serves ${id} right now.`;
+  const problem = editProblem(id);
+  if (problem) return `Can't ${problem.what}: ${problem.text}; ${problem.fix}.`;
   return null;
+}
+
+/** Show the picker's state again (the form's input image changed what it can do). */
+export function renderModels() {
+  render();
 }
 
 function render() {

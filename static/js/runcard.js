@@ -2,6 +2,7 @@
 // with what can be done next (retry, re-run, vary, restore, copy settings, delete).
 import { confirmDelete } from "./confirm.js";
 import { el } from "./dom.js";
+import { editKind } from "./edits.js";
 import { resultFigure } from "./images.js";
 import { plural, seconds, sizeText } from "./words.js";
 
@@ -43,7 +44,7 @@ const button = (text, onclick, attrs = {}) =>
   el("button", { type: "button", class: "quiet", onclick, ...attrs }, text);
 
 export class RunCard {
-  /** on: {cancel, open, seed, retry, rerun, vary, restore, copy, delete, removed, grew}. */
+  /** on: {cancel, open, seed, input, retry, rerun, vary, restore, copy, delete, removed, grew}. */
   constructor(settings, on) {
     this.settings = settings;
     this.on = on;
@@ -61,14 +62,22 @@ export class RunCard {
     this.actions = el("div", { class: "run-actions", hidden: true });
     this.node = el("article", { class: "run", "data-state": "sending", tabindex: "-1",
                                 "aria-label": `Run: ${settings.prompt}` },
-      el("header", { class: "run-head" },
+      el("header", { class: "run-head" }, this.inputThumb(settings.edit),
         el("div", { class: "run-text" },
           el("p", { class: "run-prompt", title: settings.prompt }, settings.prompt), this.meta),
         this.cancelButton, this.removeButton),
       el("div", { class: "run-progress" }, this.bar, this.status),
       this.grid, this.actions);
-    this.describe(settings, null);
-    this.slots = this.placeholders(settings.n, settings.width, settings.height);
+    const { width, height } = settings.edit || settings;  // an edit: about the input's size
+    this.describe({ ...settings, width, height }, null);
+    this.slots = this.placeholders(settings.n, width, height);
+  }
+
+  /** An edit's input, small and marked, before its prompt. */
+  inputThumb(edit) {
+    if (!edit?.url) return null;
+    return el("span", { class: "run-input", title: "Input image" },
+      el("img", { src: edit.url, alt: "Input image", decoding: "async" }));
   }
 
   get state() {
@@ -76,8 +85,11 @@ export class RunCard {
   }
 
   describe({ model, width, height, steps }, seeds) {
-    this.meta.textContent = [model, sizeText(width, height), plural(steps, "step"),
-                             seedText(seeds, this.settings.seed)].join(" · ");
+    const edit = this.settings.edit;
+    const strength = typeof edit?.strength === "number" ? `strength ${edit.strength}` : null;
+    this.meta.textContent = [editKind(edit), model, sizeText(width, height), plural(steps, "step"),
+                             strength, seedText(seeds, this.settings.seed)]
+      .filter(Boolean).join(" · ");
   }
 
   placeholders(count, width, height) {
@@ -219,6 +231,7 @@ export class RunCard {
     this.grid.replaceChildren(...images.map((item, index) => resultFigure(item, {
       onOpen: () => this.on.open(images, index),
       onSeed: () => this.on.seed(item.seed),
+      onInput: () => this.on.input(item),
     })));
     for (const warning of result.warnings || []) {
       this.grid.before(el("p", { class: "run-warning" }, warning));

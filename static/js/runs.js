@@ -1,8 +1,10 @@
-// A generation's life: POST /v1/jobs, follow its events, cancel it, show its images, and what
+// A generation's life (or an edit's: POST /v1/jobs/edits): POST /v1/jobs, follow its events, cancel it, show its images, and what
 // comes after (retry, re-run, vary, restore, copy settings, delete). A job from the history
 // (another tab's or device's, say) can be followed the same way.
 import { api, ApiError, errorOf, send } from "./api.js";
 import { $, toast } from "./dom.js";
+import { useAsInput } from "./editor.js";
+import { editFields, submitEdit } from "./edits.js";
 import { settingsOf } from "./entry.js";
 import { currentLimits, requestBody, showProblem, useSeed } from "./form.js";
 import { jobChanged, jobDeleted, jobSubmitted, restoreSettings, shownAbove } from "./history.js";
@@ -69,6 +71,7 @@ function newRun(settings, body, { watched = false } = {}) {
   run.card = new RunCard(settings, {
     cancel: () => cancel(run),
     open: (images, index) => openLightbox(images, index),
+    input: (item) => useAsInput(item.url),
     seed: (seed) => useSeed(seed),
     retry: () => retry(run),
     rerun: () => again(run, run.job?.seeds?.[0] ?? run.settings.seed),
@@ -86,17 +89,27 @@ function newRun(settings, body, { watched = false } = {}) {
   return run;
 }
 
-/** Start a generation with these (already checked) settings. */
+/** Start a generation (an edit, when settings.edit is set) with these (checked) settings. */
 export function startRun(settings, limits) {
   const body = { ...requestBody(settings, limits), partial_images: settings.previews ? PREVIEWS : 0 };
+  if (settings.edit) {
+    delete body.size;  // the input's own size, fitted to the model by the server
+    body.strength = settings.edit.strength;
+  }
   return launch(settings, body);
+}
+
+/** Send the job: an edit with its input (and mask) as multipart, else JSON. */
+function submit(settings, body) {
+  if (settings.edit) return submitEdit(settings.edit, body);
+  return api("/v1/jobs", { method: "POST", body });
 }
 
 async function launch(settings, body) {
   const run = newRun(settings, body);
   announce(`Sending: ${plural(settings.n, "image")}. Its card is at the top of the results.`);
   try {
-    run.job = await api("/v1/jobs", { method: "POST", body });
+    run.job = await submit(settings, body);
     jobSubmitted(run.job);
     await followRun(run);
   } catch (err) {
@@ -150,6 +163,7 @@ export function cancelLatestRun() {
 /** The body that makes this job again: as the client sent it, else from its settings. */
 function bodyOf(job, settings) {
   if (job.request && typeof job.request === "object") {
+    if (settings.edit) return editFields(job.request);  // the inputs go as files
     const { stream, ...body } = job.request;
     return body;
   }
@@ -376,11 +390,14 @@ function again(run, seed) {
 async function copySettings(run) {
   const seed = run.job?.seeds?.[0];
   const text = JSON.stringify(seed === undefined ? run.body : { ...run.body, seed }, null, 2);
+  const what = run.settings.edit
+    ? "the fields of POST /v1/jobs/edits, without the input image and mask"
+    : "the body of POST /v1/jobs";
   try {
     await navigator.clipboard.writeText(text);
-    toast("Settings copied as JSON (the body of POST /v1/jobs)");
+    toast(`Settings copied as JSON (${what})`);
   } catch {
-    showCode("Settings (JSON for POST /v1/jobs)", text);  // it selects the text to copy
+    showCode(`Settings (JSON: ${what})`, text);  // it selects the text to copy
   }
 }
 

@@ -1,4 +1,5 @@
-// "Copy as curl" and "Copy as Python": the current settings as code for the blocking endpoint.
+// "Copy as curl" and "Copy as Python": the current settings as code for the blocking endpoint
+// (/v1/images/edits, with the input saved as input.png and the mask as mask.png, for an edit).
 import { currentKey } from "./apikey.js";
 import { $ } from "./dom.js";
 
@@ -19,13 +20,22 @@ function pyValue(value) {
 
 const extension = (format) => (format === "jpeg" ? "jpg" : format);
 
-export function curlCommand(body, origin = location.origin) {
+/** The curl arguments that send an edit as multipart/form-data: its files, then its fields. */
+function editArguments(body, edit) {
+  const files = ["image=@input.png", edit === "inpaint" ? "mask=@mask.png" : null].filter(Boolean);
+  const fields = Object.entries(body).map(([name, value]) => shellQuote(`${name}=${value}`));
+  return [...files, ...fields].map((part) => `  -F ${part} \\\n`).join("");
+}
+
+/** edit: null, or "edit"/"inpaint" to send the body with input.png (and mask.png). */
+export function curlCommand(body, origin = location.origin, edit = null) {
   const auth = currentKey() ? `  -H "Authorization: Bearer $DC_API_KEY" \\\n` : "";
   const ext = extension(body.output_format);
-  return `curl -s ${origin}/v1/images/generations \\
+  const request = edit ? `curl -s ${origin}/v1/images/edits \\\n${auth}${editArguments(body, edit)}`
+    : `curl -s ${origin}/v1/images/generations \\
   -H 'Content-Type: application/json' \\
-${auth}  -d ${shellQuote(JSON.stringify(body, null, 2))} \\
-  | python3 -c 'import sys, json, base64
+${auth}  -d ${shellQuote(JSON.stringify(body, null, 2))} \\\n`;
+  return `${request}  | python3 -c 'import sys, json, base64
 r = json.load(sys.stdin)
 if "error" in r: sys.exit(r["error"]["message"])
 for d in r["data"]:
@@ -34,7 +44,7 @@ for d in r["data"]:
 `;
 }
 
-export function pythonCode(body, origin = location.origin) {
+export function pythonCode(body, origin = location.origin, edit = null) {
   const args = OPENAI_FIELDS.filter((name) => name in body)
     .map((name) => `    ${name}=${pyValue(body[name])},`);
   const extra = Object.fromEntries(Object.entries(body).filter(([name]) => !OPENAI_FIELDS.includes(name)));
@@ -45,8 +55,8 @@ ${currentKey() ? "import os\n" : ""}
 from openai import OpenAI
 
 client = OpenAI(base_url="${origin}/v1", api_key=${key})
-result = client.images.generate(
-${args.join("\n")}
+result = client.images.${edit ? "edit" : "generate"}(
+${edit ? editFiles(edit) : ""}${args.join("\n")}
 )
 for image in result.data:
     with open(f"seed-{image.seed}.${extension(body.output_format)}", "wb") as out:
@@ -80,9 +90,20 @@ export async function showCode(title, text) {
     : "Select the text and copy it: this browser blocks clipboard access here.";
 }
 
-export function initSnippets(currentBody) {
-  $("copy-curl").addEventListener("click", () => showCode("curl", curlCommand(currentBody())));
-  $("copy-python").addEventListener("click", () => showCode("Python (openai package)", pythonCode(currentBody())));
+const editFiles = (edit) => `    image=open("input.png", "rb"),\n` +
+  (edit === "inpaint" ? `    mask=open("mask.png", "rb"),\n` : "");
+
+/** currentEdit(): null, or "edit"/"inpaint" while the form holds an input image. */
+export function initSnippets(currentBody, currentEdit = () => null) {
+  const note = (title) => (currentEdit()
+    ? `${title}: save the input image as input.png${currentEdit() === "inpaint" ? " and the mask as mask.png" : ""}`
+    : title);
+  $("copy-curl").addEventListener("click", () => {
+    showCode(note("curl"), curlCommand(currentBody(), location.origin, currentEdit()));
+  });
+  $("copy-python").addEventListener("click", () => {
+    showCode(note("Python (openai package)"), pythonCode(currentBody(), location.origin, currentEdit()));
+  });
   $("code-copy").addEventListener("click", async () => {
     const copied = await copy($("code-text").value);
     $("code-note").textContent = copied ? "Copied to the clipboard." : "Copy failed; select the text and copy it.";

@@ -5,7 +5,7 @@ export const FIELD_LABELS = {
   prompt: "Prompt", negative_prompt: "Negative prompt", model: "Model", size: "Size",
   width: "Size", height: "Size", steps: "Steps", guidance: "Guidance", n: "Images",
   seed: "Seed", output_format: "Format", output_compression: "Quality",
-  partial_images: "Live previews",
+  partial_images: "Live previews", strength: "Strength", image: "Input image", mask: "Mask",
 };
 
 export function plural(count, one, many = `${one}s`) {
