@@ -82,6 +82,7 @@ def create_app(config: FrontendConfig, broker: BrokerClient, *, service: ImageSe
                   resources.ImageFiles(service.history, max_age=config.image_ttl))
     app.add_route("/v1/models", resources.Models(view))
     app.add_route("/v1/models/{model_id:path}", resources.Model(view, service))
+    app.add_route("/v1/loras", resources.Loras(view))
     app.add_route("/v1/cluster", resources.Cluster(view))
     app.add_route("/healthz", resources.Health())
     app.add_route("/metrics", resources.MetricsPage(metrics, token=config.metrics_token))

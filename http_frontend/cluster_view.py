@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from http_frontend import model_resolver
+from http_frontend import loras, model_resolver
 from http_frontend.broker_client import BrokerClient, ClusterStatus
 from http_frontend.errors import BROKER_UNREACHABLE, APIError, job_failure
 
@@ -38,6 +38,7 @@ class ClusterView:
                  "queued": status.queues.get(name, 0),
                  # generate, edit (img2img), inpaint: what every worker serving it can do
                  "capabilities": list(spec.modes),
+                 "loras": loras.of_model(status, name),  # adapters its workers can apply
                  "limits": spec.describe()}
         if asked != name:
             model["served_by"] = name  # an alias: the model that actually runs
@@ -59,6 +60,10 @@ class ClusterView:
         if not ready_workers:
             detail["reason"] = "no worker is ready"
         return ready_workers > 0, detail
+
+    def adapters(self) -> dict[str, Any]:
+        """GET /v1/loras."""
+        return loras.listing(self._status())
 
     def cluster(self) -> dict[str, Any]:
         status = self._status()

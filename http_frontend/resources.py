@@ -311,6 +311,18 @@ class Model:
     on_head = on_get
 
 
+class Loras:
+    """GET /v1/loras: the LoRA adapters the workers can apply, and to which models."""
+
+    def __init__(self, view: ClusterView) -> None:
+        self.view = view
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = self.view.adapters()
+
+    on_head = on_get
+
+
 class Cluster:
     def __init__(self, view: ClusterView) -> None:
         self.view = view

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from gpu_worker.models import ModelSpec
+from http_frontend import loras
 from http_frontend.errors import invalid
 
 MAX_PROMPT_CHARS = 32_000
@@ -61,6 +62,8 @@ class ImageRequest:
     negative_prompt: str | None = None
     timeout: float | None = None  # seconds; at most the server's --timeout
     strength: float | None = None  # edits only: 0..1, how far from the input image
+    # LoRA adapters, (name, scale) sorted by name: `loras` and the prompt's <lora:...> tags.
+    loras: tuple[tuple[str, float], ...] = ()
 
 
 def _is_int(value: Any) -> TypeGuard[int]:
@@ -134,6 +137,9 @@ def parse_request(body: Any) -> ImageRequest:
     prompt = _string(body, "prompt", max_len=MAX_PROMPT_CHARS)
     if not prompt or not prompt.strip():
         raise invalid("prompt", "'prompt' must not be empty")
+    prompt, lora_uses = loras.from_request(body, prompt)
+    if not prompt.strip():
+        raise invalid("prompt", "'prompt' must say more than its <lora:...> tags")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise invalid("stream", "'stream' must be true or false", "invalid_type")
@@ -177,6 +183,7 @@ def parse_request(body: Any) -> ImageRequest:
         "negative_prompt": _string(body, "negative_prompt", max_len=MAX_PROMPT_CHARS),
         "timeout": float(timeout) if timeout is not None else None,
         "strength": float(strength) if strength is not None else None,
+        "loras": lora_uses,
     }
     request = ImageRequest(**{k: v for k, v in values.items() if v is not None})
     if request.seed is not None and request.seed + request.n - 1 > MAX_SEED:

@@ -23,7 +23,7 @@ from typing import Any
 from broker import logs
 from broker.protocol import ErrorCode, JobSpec, Message
 from gpu_worker.models import ModelSpec
-from http_frontend import edit_jobs, model_resolver, request_ids, schema, streaming
+from http_frontend import edit_jobs, loras, model_resolver, request_ids, schema, streaming
 from http_frontend import history as history_module
 from http_frontend.broker_client import EXPIRY_SLACK, BrokerClient
 from http_frontend.database import open_database
@@ -179,6 +179,7 @@ class ImageService:
         job's user in every program's logs; else the body's own ``user`` field."""
         request = self._request(body)
         spec = model_resolver.spec_for(self.broker.status(), self.model_name(request.model))
+        loras.check_available(self.broker.status(), spec.name, request.loras)
         fitted = schema.fit_to_model(request, spec)
         return Prepared(fitted, self._job(fitted, spec, user), body)
 
@@ -188,6 +189,7 @@ class ImageService:
         the model unless ``size`` says otherwise; the frames it travels with made."""
         request = self._request(upload.fields)
         spec = model_resolver.spec_for(self.broker.status(), self.model_name(request.model))
+        loras.check_available(self.broker.status(), spec.name, request.loras)
         if not self._decodes.acquire(timeout=self.config.decode_wait):
             raise APIError(429, "this server is decoding as many uploads as it takes at "
                                 "once; try again shortly", type="rate_limit_error",
@@ -265,7 +267,7 @@ class ImageService:
             guidance=fitted.guidance, output_format=req.output_format,
             output_compression=req.output_compression, timeout=timeout,
             user=user if user is not None else req.user,
-            previews=req.partial_images,
+            previews=req.partial_images, loras=req.loras,
         )
 
     # ---------------------------------------------------------------- running

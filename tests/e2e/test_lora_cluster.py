@@ -1,0 +1,96 @@
+"""LoRA adapters through a launch.py cluster, as a user would use them: a folder of adapters
+given to the workers, requests naming them in `loras` or as <lora:...> prompt tags, through
+the official `openai` client; a new file picked up without a restart."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from gpu_worker.tiny import build_tiny_pipeline
+from tests.cluster import Cluster, wait_until
+from tests.gpu_worker.lora_fixtures import make_kohya_lora, make_lora
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("loras")
+    made = tmp_path_factory.mktemp("made")
+    pipe = build_tiny_pipeline()  # the built-in tiny model's architecture: its adapters fit
+    shutil.copy(make_lora(pipe, made / "ink", seed=1), folder / "ink.safetensors")
+    (folder / "styles").mkdir()
+    shutil.copy(make_lora(pipe, made / "pastel", seed=2), folder / "styles" / "pastel.safetensors")
+    shutil.copy(make_kohya_lora(pipe, made / "kohya", seed=3), folder / "old.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cluster(cache_dir: Path, lora_dir: Path) -> Iterator[Cluster]:
+    running = Cluster(cache_dir, workers=2, extra=["--lora-dir", str(lora_dir),
+                                                   "--lora-cache", "2"])
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def client(cluster: Cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
+
+
+def made(client: openai.OpenAI, prompt: str = "a lighthouse", **extra) -> bytes:
+    result = client.images.generate(model="tiny", prompt=prompt, size="64x64",
+                                    extra_body={"seed": 11, "steps": 2, **extra})
+    return base64.b64decode(result.data[0].b64_json)
+
+
+def test_the_cluster_lists_its_adapters(client: openai.OpenAI, cluster: Cluster) -> None:
+    listed = httpx.get(f"{cluster.url}/v1/loras", timeout=10).json()["data"]
+    assert [entry["id"] for entry in listed] == ["ink", "old", "styles/pastel"]
+    assert all(entry["models"] == ["tiny"] and entry["workers"] == 2 for entry in listed)
+    assert client.models.retrieve("tiny").model_extra["loras"] == ["ink", "old",
+                                                                   "styles/pastel"]
+
+
+def test_adapters_change_the_image_and_leave_plain_requests_exact(client) -> None:
+    before = made(client)  # before any adapter was loaded anywhere
+    inked = made(client, loras=[{"name": "ink", "scale": 1.0}])
+    assert inked != before
+    assert made(client, loras=[{"name": "ink", "scale": 0.0}]) == before  # scale 0: none
+    both = made(client, loras=[{"name": "ink"}, {"name": "styles/pastel", "scale": 0.7}])
+    assert both not in (inked, made(client, loras=[{"name": "styles/pastel", "scale": 0.7}]))
+    assert made(client, loras=[{"name": "ink", "scale": 1.0}]) == inked  # identical again
+    assert made(client, "a lighthouse <lora:ink:1>") == inked  # the prompt tag is the same
+    assert made(client, loras=[{"name": "old"}]) not in (before, inked)  # the kohya file
+    # Both workers served some of these; a plain request is the base model's bytes anyway.
+    for _ in range(2):
+        assert made(client) == before
+
+
+def test_an_unknown_adapter_is_a_400_before_anything_runs(client) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        made(client, loras=[{"name": "nope"}])
+    assert refused.value.body["param"] == "loras"
+    assert refused.value.body["code"] == "lora_not_found"
+
+
+def test_a_new_file_is_picked_up_without_a_restart(client, cluster, lora_dir,
+                                                   tmp_path) -> None:
+    fresh = make_lora(build_tiny_pipeline(), tmp_path / "fresh", seed=9)
+    shutil.copy(fresh, lora_dir / "fresh.safetensors")
+
+    def listed() -> bool:
+        return "fresh" in client.models.retrieve("tiny").model_extra["loras"]
+
+    wait_until(listed, 30, "the new adapter announced")
+    assert made(client, "a lighthouse <lora:fresh:0.9>") != made(client)
