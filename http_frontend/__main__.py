@@ -18,7 +18,7 @@ from typing import Any
 from broker import defaults, logs
 from http_frontend import request_ids
 from http_frontend import server as http_server
-from http_frontend.app import FrontendConfig, create_app
+from http_frontend.app import UPLOAD_PATHS, FrontendConfig, create_app
 from http_frontend.auth import load_keys
 from http_frontend.broker_client import BrokerClient
 from http_frontend.database import DatabaseError, open_database
@@ -319,6 +319,8 @@ def _create_server(app: Any, args: argparse.Namespace) -> Any:
         receive_timeout=args.receive_timeout, max_body=args.max_body,
         # A backstop: the app answers 413 itself, with the same message, up to here.
         max_request_body_size=max(4 * args.max_body, _edit_body(args)) + 1,
+        # Uploads' own limit; every other route keeps 4 x --max-body (server.RequestParser).
+        upload_limits={path: _edit_body(args) for path in UPLOAD_PATHS},
         connection_limit=args.connection_limit, channel_timeout=args.channel_timeout,
         cleanup_interval=1,  # how often idle and slow connections are looked for
         asyncore_use_poll=True,  # select() stops at 1024 descriptors

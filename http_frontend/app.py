@@ -26,6 +26,10 @@ if not STATIC_DIR.is_dir():
     STATIC_DIR = STATIC_DIR.parent.parent / "static"
 
 
+# The routes whose bodies are uploads (--max-edit-body-mb), not JSON (--max-body).
+UPLOAD_PATHS = ("/v1/images/edits", "/v1/jobs/edits")
+
+
 @dataclass(frozen=True, kw_only=True)
 class FrontendConfig:
     service: ServiceConfig = field(default_factory=ServiceConfig)

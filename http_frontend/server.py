@@ -9,6 +9,10 @@
   connections only: a client that sends its request a byte at a time (slowloris) is never
   idle. ``Server.maintenance`` closes a connection whose request has not fully arrived
   ``receive_timeout`` seconds after its first byte.
+- **A body limit per route.** Uploads (``/v1/images/edits``) may be far larger than a JSON
+  request: ``RequestParser`` holds every other route to 4 x ``max_body`` (the app answers
+  413 itself up to there) and the upload routes to their own limit, as soon as the head is
+  read.
 - **A lingering close after an error.** waitress closes at once after an error answer, often
   with the rest of the request body unread; the kernel then resets the connection, and a
   client still sending its body never reads the answer. ``Channel`` shuts its sending side
@@ -18,6 +22,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import socket
@@ -27,6 +32,7 @@ from typing import Any
 from waitress import wasyncore
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
 from waitress.server import MultiSocketServer, TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher
 
@@ -54,7 +60,7 @@ class JSONErrorTask(ErrorTask):
         error = self.request.error
         code, text = _ERRORS.get(error.code, ("internal_error", "internal server error"))
         if error.code == 413:
-            text = f"the request body is larger than {self.channel.server.max_body} bytes"
+            text = f"the request body is larger than {self._limit()} bytes"
         elif error.code in _ERRORS:  # not a 500: waitress's text for one may be a traceback
             text = f"{text}: {error.body}"
         api = APIError(error.code, text, code=code,
@@ -69,6 +75,12 @@ class JSONErrorTask(ErrorTask):
         self.content_length = len(body)
         self.write(body)
 
+    def _limit(self) -> int:
+        """The body limit the refused request's route has."""
+        server = self.channel.server
+        path = getattr(self.request, "path", None)
+        return server.upload_limits.get(path, server.max_body) if path else server.max_body
+
     def _request_id(self) -> str:
         """The client's X-Request-ID when waitress read a valid one before refusing, else new:
         every answer carries one, these too (http_frontend/request_ids.py)."""
@@ -76,6 +88,20 @@ class JSONErrorTask(ErrorTask):
         given = headers.get("X_REQUEST_ID")  # waitress's key for the header
         return given if isinstance(given, str) and request_ids.valid(given) else \
             request_ids.new_id()
+
+
+class RequestParser(HTTPRequestParser):
+    """waitress's parser, with the body limit of the request's route once its path is read:
+    an upload route's own, every other route's 4 x ``max_body``. Subclassed per server
+    (``create_server``), which sets the limits."""
+
+    upload_limits: dict[str, int] = {}  # path -> its largest body
+    default_adj: Adjustments | None = None  # another route's adjustments: 4 x max_body + 1
+
+    def parse_header(self, header_plus: bytes) -> None:
+        super().parse_header(header_plus)
+        if self.default_adj is not None and self.path not in self.upload_limits:
+            self.adj = self.default_adj
 
 
 class Channel(HTTPChannel):
@@ -148,6 +174,7 @@ class Server(TcpWSGIServer):
     channel_class = Channel
     receive_timeout = 30.0
     max_body = 0
+    upload_limits: dict[str, int] = {}  # path -> its body limit, for the 413's text
 
     def maintenance(self, now: float) -> None:
         super().maintenance(now)  # closes connections idle past channel_timeout
@@ -170,11 +197,23 @@ def close_everything(server: Server | MultiSocketServer) -> None:
     wasyncore.close_all(socket_map)
 
 
-def create_server(app: Any, *, receive_timeout: float, max_body: int, **adjustments: Any
+def create_server(app: Any, *, receive_timeout: float, max_body: int,
+                  upload_limits: dict[str, int] | None = None, **adjustments: Any
                   ) -> Server | MultiSocketServer:
     """``waitress.create_server`` for TCP, with ``Server`` and ``Channel`` in place of
-    waitress's own classes (it offers no hook for them)."""
+    waitress's own classes (it offers no hook for them). ``upload_limits``: paths whose
+    bodies may be larger than waitress's 4 x ``max_body`` (``max_request_body_size`` must
+    allow the largest)."""
+    uploads = dict(upload_limits or {})
     adj = Adjustments(**adjustments)
+    default_adj = copy.copy(adj)
+    default_adj.max_request_body_size = min(adj.max_request_body_size, 4 * max_body + 1)
+    class ServerParser(RequestParser):
+        upload_limits = uploads
+    ServerParser.default_adj = default_adj
+
+    class ServerChannel(Channel):
+        parser_class = ServerParser
     dispatcher = ThreadedTaskDispatcher()
     dispatcher.set_thread_count(adj.threads)
     socket_map: dict[int, Any] = {}
@@ -183,6 +222,8 @@ def create_server(app: Any, *, receive_timeout: float, max_body: int, **adjustme
         server = Server(app, socket_map, dispatcher=dispatcher, adj=adj, sockinfo=sockinfo)
         server.receive_timeout = receive_timeout
         server.max_body = max_body
+        server.upload_limits = uploads
+        server.channel_class = ServerChannel
         servers.append(server)
     if len(servers) == 1:
         return servers[0]

@@ -431,3 +431,28 @@ def test_text_that_is_not_unicode_is_a_400_naming_the_field(
     assert len(broker.submitted) == submitted
     status, _, _ = request(frontend.port, "GET", "/readyz")
     assert status == 200  # nothing was poisoned
+
+
+def test_uploads_have_their_own_body_limit_and_other_routes_keep_theirs(
+        frontend: Frontend) -> None:
+    """Past 4 x --max-body waitress refuses a JSON route's body from its head; an upload
+    route (/v1/images/edits) takes bodies up to --max-edit-body-mb, and its 413 says so."""
+    body = b"x" * (64 * MAX_BODY)
+    for path, refused in (("/v1/images/generations", True), ("/v1/images/edits", False)):
+        with connect(frontend.port) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         f"multipart/form-data; boundary=b\r\nContent-Length: "
+                         f"{len(body)}\r\n\r\n".encode() + body)
+            status, headers, raw = read_response(sock)
+        error = json.loads(raw)["error"]
+        if refused:
+            assert (status, error["code"]) == (413, "request_too_large")
+        else:  # read whole and answered by the app: not a multipart body it can parse
+            assert status == 400 and error["code"] == "invalid_multipart", raw
+    huge = 1 << 40
+    with connect(frontend.port) as sock:
+        sock.sendall(f"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Length: {huge}"
+                     f"\r\n\r\n".encode())
+        status, headers, raw = read_response(sock)
+    error = openai_error(status, headers, raw, 413)
+    assert f"larger than {64 << 20} bytes" in error["message"]
