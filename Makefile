@@ -25,6 +25,7 @@ bench:
 	HF_HUB_OFFLINE=1 $(PY) bench/batching.py
 	HF_HUB_OFFLINE=1 $(PY) bench/postprocess.py
 	HF_HUB_OFFLINE=1 $(PY) bench/previews.py
+	HF_HUB_OFFLINE=1 $(PY) bench/loras.py
 
 # Benchmark 5: real-size FLUX.1-schnell and SDXL-Turbo with random weights; needs CUDA.
 bench-gpu:
