@@ -16,6 +16,7 @@ What comes out is bytes, checked for size only: decoding and checking the images
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ MAX_FIELD_BYTES = 256 * 1024  # a text field: the prompt is the longest
 _INTEGERS = ("n", "steps", "seed", "partial_images", "output_compression", "width", "height")
 _NUMBERS = ("guidance", "strength", "timeout")
 _BOOLEANS = ("stream",)
+_JSON_FIELDS = ("loras",)  # a list in a form field: its JSON text
 _INTEGER = re.compile(r"-?[0-9]{1,30}")  # ASCII digits only, and never int()'s 4300-digit limit
 
 
@@ -143,6 +145,11 @@ def _typed(name: str, text: str) -> Any:
             return text
     if name in _BOOLEANS and text.strip().lower() in ("true", "false"):
         return text.strip().lower() == "true"
+    if name in _JSON_FIELDS:
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError):  # for the schema to refuse by name
+            return text
     return text
 
 

@@ -237,3 +237,13 @@ def test_the_urls_of_one_edit_share_one_size_limit_and_one_deadline() -> None:
     assert sizes == [10_000, 10_000 - len(IMAGE), 10_000 - 2 * len(IMAGE)]
     deadlines = [allowed[1] for allowed in fetcher.allowed]
     assert deadlines == sorted(deadlines, reverse=True) and deadlines[0] <= 10.0
+
+
+def test_a_forms_loras_field_is_its_json_text(client, broker) -> None:
+    broker.workers = [worker("w1", "tiny") | {"loras": {"ink": {"loaded": False}}}]
+    result = send(client, {"prompt": "a fox", "loras": '[{"name": "ink", "scale": 0.5}]'})
+    assert result.status_code == 200, result.text
+    assert broker.submitted[-1].loras == (("ink", 0.5),)
+    for bad in ("ink", "[" * 5000, '{"name": "ink"}'):
+        error = error_of(send(client, {"prompt": "a fox", "loras": bad}), 400)
+        assert error["param"] == "loras", bad
