@@ -42,6 +42,10 @@ warnings.filterwarnings("ignore", message="Already found a `peft_config` attribu
                         category=UserWarning)
 
 RESCAN_EVERY = 3.0  # seconds between looks at the LoRA folder
+# Adapters announced at most, and their names' characters: every heartbeat carries the list,
+# and a heartbeat over the broker's header limit (256 KiB) would be dropped, the worker with it.
+MAX_ANNOUNCED = 1000
+MAX_ANNOUNCED_CHARS = 64 * 1024
 _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
                "lora_magnitude_vector")
 
@@ -72,6 +76,7 @@ class LoraLibrary:
         self._files: dict[str, AdapterFile] = {}  # what the folder holds that fits
         self._verdicts: dict[tuple[Path, int, float], bool] = {}  # a file's fit, by version
         self._next_scan = 0.0
+        self._capped = False  # the folder held more than a worker announces (logged once)
         # In memory, least recently used first: name -> (adapter id in the pipeline, bytes).
         self._loaded: OrderedDict[str, tuple[str, int, AdapterFile]] = OrderedDict()
         self._ids = 0
@@ -110,7 +115,14 @@ class LoraLibrary:
 
     def _scan(self, directory: Path) -> dict[str, AdapterFile]:
         found: dict[str, AdapterFile] = {}
+        chars = 0
         for path in sorted(directory.rglob("*.safetensors")):
+            if len(found) >= MAX_ANNOUNCED or chars >= MAX_ANNOUNCED_CHARS:
+                if not self._capped:  # once: the folder is looked at every few seconds
+                    self._capped = True
+                    log.warning("the LoRA folder %s holds more adapters than a worker "
+                                "announces; the first %d (by path) are", directory, len(found))
+                break
             relative = path.relative_to(directory)
             if any(part.startswith(".") for part in relative.parts):
                 continue
@@ -119,6 +131,7 @@ class LoraLibrary:
             file = AdapterFile(name, path, stat.st_size, stat.st_mtime)
             if _usable_name(name) and self._fits(file):
                 found[name] = file
+                chars += len(name)
         return found
 
     def _fits(self, file: AdapterFile) -> bool:

@@ -192,3 +192,23 @@ def test_switching_adapter_sets_costs_milliseconds(runner) -> None:
     runner.loras.apply((("ink", 0.3),))
     assert sorted(runner.loras.loaded()) == sorted(loaded)
     assert torch.is_inference_mode_enabled() is False
+
+
+def test_a_folder_of_thousands_announces_what_a_heartbeat_can_carry(tmp_path, monkeypatch):
+    from broker import protocol
+    from broker.protocol import MAX_HEADER_BYTES, MsgType
+    from gpu_worker import loras as loras_module
+
+    made = make_lora(build_tiny_pipeline(), tmp_path / "made", seed=1)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for index in range(40):
+        (folder / f"{'x' * 150}-{index:04d}.safetensors").symlink_to(made)
+    monkeypatch.setattr(loras_module, "MAX_ANNOUNCED", 25)
+    library = LoraLibrary(build_tiny_pipeline(), folder)
+    announced = library.announcement()
+    assert len(announced) == 25
+    frames = protocol.encode(MsgType.HEARTBEAT, {"running": [], "loras": announced})
+    assert len(frames[0]) < MAX_HEADER_BYTES
+    # At the real bounds, the names alone stay far under the header limit.
+    assert loras_module.MAX_ANNOUNCED_CHARS + 64 * loras_module.MAX_ANNOUNCED < MAX_HEADER_BYTES
