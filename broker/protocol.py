@@ -43,6 +43,7 @@ MAX_BATCH = 16  # jobs in one pipeline call; a worker holds at most 2 batches (c
 MAX_FRAMES = 1 + max(MAX_PAYLOAD_FRAMES, MAX_BATCH * MAX_JOB_FRAMES)
 MAX_SEED = 2**63 - 1
 MAX_ID = 128  # characters in an id: job, owner, worker, incarnation
+MAX_WARNINGS = 8  # notes a worker sends back with a result
 MAX_LORAS = 8  # LoRA adapters one job applies at once
 MAX_LORA_NAME = 200  # characters in an adapter's name (its file name, or a repo id)
 MAX_LORA_SCALE = 4.0  # |scale|: past it an adapter only breaks the image
@@ -345,6 +346,8 @@ class Result(_Header, tag=MsgType.RESULT.value):
     images: Annotated[list[ImageInfo], Meta(min_length=1, max_length=MAX_IMAGES)]
     timings: AnyMap | UnsetType = UNSET
     worker_id: OptId = UNSET
+    # What the client should know of how its job ran (a prompt cut short): the response's.
+    warnings: Annotated[list[Text], Meta(max_length=MAX_WARNINGS)] | UnsetType = UNSET
 
 
 class Failed(_Header, tag=MsgType.FAILED.value):
@@ -598,9 +601,10 @@ def failed(job_id: str, code: ErrorCode, message: str, *, retryable: bool = Fals
 
 
 def result(job_id: str, images: Sequence[ImageInfo], payloads: Sequence[Any], *,
-           timings: dict[str, float] | None = None, worker_id: str | None = None) -> list[Any]:
-    return encode(
-        MsgType.RESULT,
-        {"job_id": job_id, "images": images, "timings": timings or {}, "worker_id": worker_id},
-        payloads,
-    )
+           timings: dict[str, float] | None = None, worker_id: str | None = None,
+           warnings: Sequence[str] = ()) -> list[Any]:
+    fields: dict[str, Any] = {"job_id": job_id, "images": images, "timings": timings or {},
+                              "worker_id": worker_id}
+    if warnings:
+        fields["warnings"] = list(warnings)[:MAX_WARNINGS]
+    return encode(MsgType.RESULT, fields, payloads)

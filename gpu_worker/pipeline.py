@@ -20,6 +20,7 @@ from gpu_worker.editing import EditInputs, EditPipelines, composite, usable_mode
 from gpu_worker.loras import LoraLibrary
 from gpu_worker.models import ModelSpec
 from gpu_worker.preview import PreviewMaker, preview_steps
+from gpu_worker.prompts import truncation_warnings
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,11 @@ class PipelineRunner:
         started = time.perf_counter()
         self.generate(job)
         return time.perf_counter() - started
+
+    def prompt_warnings(self, job: JobSpec) -> list[str]:
+        """What the client should know of how its prompts were read (cut short by CLIP)."""
+        return truncation_warnings(self.pipe, job, model=self.spec.name,
+                                   long_encoder=self.spec.max_sequence_length is not None)
 
     def total_steps(self, job: JobSpec) -> int:
         """Denoising steps the job reports progress for (both stages of a two-stage model;

@@ -434,7 +434,8 @@ class Worker:
                      for seed, img in zip(job.seeds, images, strict=True)]
             timings = {**timings, "encode_s": time.perf_counter() - started}
             frames = protocol.result(job.id, infos, payloads, timings=timings,
-                                     worker_id=self.worker_id)
+                                     worker_id=self.worker_id,
+                                     warnings=self._prompt_warnings(job))
         except Exception as exc:  # an encoding failure answers the job, never kills the worker
             log.exception("job %s failed while encoding", job.id, extra=logs.job_fields(job))
             self._answer(job.id, protocol.failed(job.id, ErrorCode.WORKER_ERROR,
@@ -447,6 +448,19 @@ class Worker:
         log.info("job %s: %d image(s) %dx%d, %d steps, batch of %d, in %.2f s", job.id,
                  job.n, job.width, job.height, job.steps, timings["batch_size"],
                  timings["generate_s"], extra=logs.job_fields(job))
+
+    def _prompt_warnings(self, job: JobSpec) -> list[str]:
+        """The runner's warnings for ``job`` (a prompt cut short); none from one that has
+        none to give, or when working them out fails: they are notes, not the job."""
+        warn = getattr(self.runner, "prompt_warnings", None)
+        if warn is None:
+            return []
+        try:
+            return list(warn(job))
+        except Exception:
+            log.exception("job %s: could not check how its prompt was read", job.id,
+                          extra=logs.job_fields(job))
+            return []
 
     def _metadata(self, job: JobSpec, seed: int) -> ImageMetadata:
         """What the image of ``seed`` says about itself: AI-made always, how when allowed."""

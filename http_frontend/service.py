@@ -557,8 +557,11 @@ class ImageService:
             else:  # b64_json, or no URL: the image store refused it (logged)
                 image["b64_json"] = base64.b64encode(_bytes(frame)).decode("ascii")
             images.append(image)
+        # The worker's notes (a prompt cut short) join the frontend's own.
+        fitted = dataclasses.replace(prepared.fitted, warnings=prepared.fitted.warnings
+                                     + tuple(answer.get("warnings") or ()))
         return schema.images_response(
-            prepared.fitted, created=int(time.time()), model=prepared.job.model, images=images,
+            fitted, created=int(time.time()), model=prepared.job.model, images=images,
         ) | {"job_id": prepared.job.id, "worker_id": answer.get("worker_id"),
              "timings": answer.get("timings") or {}}
 

@@ -246,3 +246,13 @@ def test_deadline_gives_504_and_frees_the_worker(cluster: Cluster) -> None:
                 break
             threading.Event().wait(0.1)
         assert not any(w["running"] for w in workers)
+
+
+def test_a_prompt_longer_than_clip_reads_is_answered_with_a_warning(cluster: Cluster) -> None:
+    """diffusers silently drops what CLIP cannot read (77 tokens); the tiny model is SD's
+    family, CLIP alone, so the answer says how much of the prompt was read."""
+    long_prompt = " ".join(["a red fox in deep snow under a pale winter sky"] * 10)
+    data = generate(cluster, prompt=long_prompt, size="64x64", steps=2)
+    assert any("reads the first 75 (CLIP)" in w for w in data.get("warnings", [])), data
+    short = generate(cluster, size="64x64", steps=2)
+    assert "warnings" not in short

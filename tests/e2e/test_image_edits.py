@@ -169,3 +169,18 @@ def test_an_upload_over_the_limit_is_a_413_before_it_is_read(cluster: Cluster) -
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413"), head
     assert json.loads(body)["error"]["code"] == "request_too_large"
+
+
+def test_the_official_client_streams_an_edit(client: openai.OpenAI) -> None:
+    """client.images.edit(..., stream=True), as the issue asks: spec-valid events, ending
+    with the image at the input's size."""
+    stream = client.images.edit(model="tiny", image=png_file(picture()),
+                                mask=png_file(openai_mask(), "mask.png"), prompt="a red door",
+                                stream=True, partial_images=1,
+                                extra_body={"steps": 3, "seed": 4})
+    events = list(stream)
+    assert [event.type for event in events][-1] == "image_edit.completed"
+    assert any(event.type == "image_edit.partial_image" for event in events)
+    for event in events:
+        validate(event.model_dump(exclude_none=True), "ImageEditStreamEvent")
+    assert decoded(events[-1].b64_json).size == (96, 64)
