@@ -55,6 +55,9 @@ export async function editBlobs(edit) {
 
 const extension = (blob) => ({ "image/jpeg": "jpg", "image/webp": "webp" }[blob.type] || "png");
 
+/** A field's value as multipart text: a list (`loras`) as its JSON, as the server reads it. */
+export const formText = (value) => (typeof value === "object" ? JSON.stringify(value) : String(value));
+
 /**
  * POST /v1/jobs/edits as multipart/form-data: the fields of `body` as text, the input as `image`
  * and the mask (if any) as `mask`. Answers the job, as POST /v1/jobs does.
@@ -63,7 +66,7 @@ export async function submitEdit(edit, body) {
   const { image, mask } = await editBlobs(edit);
   const form = new FormData();
   for (const [name, value] of Object.entries(body)) {
-    if (value !== null && value !== undefined && typeof value !== "object") form.append(name, String(value));
+    if (value !== null && value !== undefined) form.append(name, formText(value));
   }
   form.append("image", image, `input.${extension(image)}`);
   if (mask) form.append("mask", mask, "mask.png");

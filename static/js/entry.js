@@ -5,11 +5,18 @@ import { editKind, editOf } from "./edits.js";
 import { filename } from "./images.js";
 import { ACTIVE } from "./jobs.js";
 import { parseSize } from "./limits.js";
+import { appliedLoras, lorasText } from "./loras.js";
 import { plural, sizeText, timeAgo } from "./words.js";
 
 const SHOWN_THUMBS = 4;
 
-/** The settings that make this job again: what the server used, with its first seed. */
+/** The adapters a job applied: its request's `loras` and its prompt's <lora:...> tags. */
+const lorasOf = (job) => appliedLoras(job.request?.loras, job.request?.prompt);
+
+/**
+ * The settings that make this job again: what the server used, with its first seed. The
+ * prompt is the server's, without <lora:...> tags: those adapters go to the form's list.
+ */
 export function settingsOf(job) {
   const request = job.request || {};
   const size = parseSize(request.size || "");
@@ -21,7 +28,7 @@ export function settingsOf(job) {
     output_compression: request.output_compression,
     previews: "partial_images" in request ? request.partial_images > 0 : undefined,
     seed: job.seeds.length ? job.seeds[0] : request.seed ?? null,
-    edit: editOf(job),
+    edit: editOf(job), loras: lorasOf(job),
   };
 }
 
@@ -39,8 +46,10 @@ function seedsText(seeds) {
 }
 
 function metaText(job) {
+  const loras = lorasText(lorasOf(job));
   return [editKind(editOf(job)), job.model, sizeText(job.width, job.height), plural(job.steps, "step"),
-          job.guidance === null ? null : `guidance ${job.guidance}`, seedsText(job.seeds),
+          job.guidance === null ? null : `guidance ${job.guidance}`, loras ? `LoRA ${loras}` : null,
+          seedsText(job.seeds),
           (job.output_format || "png").toUpperCase(), timeAgo(job.created * 1000)]
     .filter(Boolean).join(" · ");
 }

@@ -3,6 +3,8 @@
 // job could run).
 import { $, el } from "./dom.js";
 import { parseSize, settingsProblems, sizePresets, sizeRule } from "./limits.js";
+import { chosenLoras, initLoras, loraInput, loraProblems, lorasText, renderPromptTags, writeLoras }
+  from "./loras.js";
 import { sizeText } from "./words.js";
 
 const DRAFT = "dc-draft";
@@ -21,6 +23,9 @@ const FIELD_INPUTS = {
 };
 
 export const currentLimits = () => limits;
+
+/** The input that shows a problem with a request field (an adapter's weight too), or null. */
+const inputFor = (field) => (FIELD_INPUTS[field] ? $(FIELD_INPUTS[field]) : loraInput(field));
 
 const numberOf = (id) => {
   const text = $(id).value.trim();
@@ -41,6 +46,7 @@ export function readSettings() {
     output_compression: numberOf("output_compression"),
     seed: $("seed-fixed").checked ? numberOf("seed") : null,
     previews: $("previews").checked,
+    loras: chosenLoras(),
   };
 }
 
@@ -57,6 +63,7 @@ export function requestBody(settings, modelLimits = limits) {
     body.negative_prompt = settings.negative_prompt;
   }
   if (settings.seed !== null) body.seed = settings.seed;
+  if (settings.loras?.length) body.loras = settings.loras.map(({ name, scale }) => ({ name, scale }));
   return body;
 }
 
@@ -75,6 +82,7 @@ export function writeSettings(settings) {
   set("output_format", settings.output_format);
   set("output_compression", settings.output_compression);
   if (settings.previews !== undefined) $("previews").checked = settings.previews;
+  if (settings.loras !== undefined) writeLoras(settings.loras);
   if (settings.seed === null) $("seed-random").checked = true;
   else useSeed(settings.seed, { quiet: true });
   refreshDependents();
@@ -142,6 +150,7 @@ function refreshDependents() {
   $("quality-field").hidden = $("output_format").value === "png";
   $("seed").classList.toggle("muted", $("seed-random").checked);
   syncPreset();
+  renderPromptTags();
   summarizeMore();
 }
 
@@ -151,6 +160,7 @@ function summarizeMore() {
   const set = [
     !$("negative-field").hidden && $("negative_prompt").value.trim() ? "negative prompt" : null,
     format === "png" ? null : `${format.toUpperCase()} ${$("output_compression").value}%`,
+    chosenLoras().length ? `LoRA ${lorasText(chosenLoras())}` : null,
   ].filter(Boolean);
   $("more-summary").textContent = set.length ? `· ${set.join(", ")}` : "";
 }
@@ -209,18 +219,18 @@ export function checkSettings(settings) {
     showProblem("model", "No model is ready yet: wait until a worker has started.");
     return { model: true };
   }
-  const problems = settingsProblems(settings, limits);
+  const problems = { ...loraProblems(settings), ...settingsProblems(settings, limits) };
   if (settings.edit) delete problems.size;  // an edit has its input's size, fitted by the server
   const fields = Object.keys(problems);
   fields.forEach((field) => showProblem(field, problems[field]));
-  if (fields.length) $(FIELD_INPUTS[fields[0]]).focus();
+  if (fields.length) inputFor(fields[0]).focus();
   return problems;
 }
 
 /** Show a problem at its field; false when no field of the form is about it. */
 export function showProblem(field, message) {
-  if (!FIELD_INPUTS[field]) return false;
-  const input = $(FIELD_INPUTS[field]);
+  const input = inputFor(field);
+  if (!input) return false;
   const more = input.closest("details");
   if (more) more.open = true;
   const box = input.closest(".field");
@@ -301,6 +311,10 @@ export function initForm({ onSubmit }) {
   if (/Mac|iPhone|iPad/.test(navigator.platform)) {
     $("prompt-hint").querySelector("kbd").textContent = "⌘";
   }
+  initLoras({ changed: () => {
+    refreshDependents();
+    saveDraft();
+  } });
   initMore();
   refreshDependents();
   renderGo();

@@ -7,6 +7,7 @@ import { $ } from "./dom.js";
 import { editMode } from "./editor.js";
 import { applyLimits, currentLimits } from "./form.js";
 import { parseSize, sizeRule } from "./limits.js";
+import { setAdapters } from "./loras.js";
 import { plural, sizeText } from "./words.js";
 
 const CHOSEN = "dc-model";  // the last model chosen in this browser
@@ -146,6 +147,8 @@ function render() {
   }
   describe(select.value);
   warn();
+  const model = known.get(select.value);
+  setAdapters(select.value, model ? model.loras ?? [] : null);
   onChange();
 }
 

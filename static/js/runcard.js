@@ -4,6 +4,7 @@ import { confirmDelete } from "./confirm.js";
 import { el } from "./dom.js";
 import { editKind } from "./edits.js";
 import { resultFigure } from "./images.js";
+import { appliedLoras, lorasText } from "./loras.js";
 import { plural, seconds, sizeText } from "./words.js";
 
 function seedText(seeds, requested) {
@@ -87,8 +88,10 @@ export class RunCard {
   describe({ model, width, height, steps }, seeds) {
     const edit = this.settings.edit;
     const strength = typeof edit?.strength === "number" ? `strength ${edit.strength}` : null;
+    const loras = lorasText(appliedLoras(this.settings.loras, this.settings.prompt));
     this.meta.textContent = [editKind(edit), model, sizeText(width, height), plural(steps, "step"),
-                             strength, seedText(seeds, this.settings.seed)]
+                             strength, loras ? `LoRA ${loras}` : null,
+                             seedText(seeds, this.settings.seed)]
       .filter(Boolean).join(" · ");
   }
 

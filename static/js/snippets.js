@@ -2,6 +2,7 @@
 // (/v1/images/edits, with the input saved as input.png and the mask as mask.png, for an edit).
 import { currentKey } from "./apikey.js";
 import { $ } from "./dom.js";
+import { formText } from "./edits.js";
 
 const OPENAI_FIELDS = ["model", "prompt", "n", "size", "output_format", "output_compression"];
 
@@ -12,6 +13,7 @@ function pyValue(value) {
   if (value === null) return "None";
   if (value === true) return "True";
   if (value === false) return "False";
+  if (Array.isArray(value)) return `[${value.map(pyValue).join(", ")}]`;
   if (typeof value === "object") {
     return `{${Object.entries(value).map(([k, v]) => `${JSON.stringify(k)}: ${pyValue(v)}`).join(", ")}}`;
   }
@@ -23,7 +25,7 @@ const extension = (format) => (format === "jpeg" ? "jpg" : format);
 /** The curl arguments that send an edit as multipart/form-data: its files, then its fields. */
 function editArguments(body, edit) {
   const files = ["image=@input.png", edit === "inpaint" ? "mask=@mask.png" : null].filter(Boolean);
-  const fields = Object.entries(body).map(([name, value]) => shellQuote(`${name}=${value}`));
+  const fields = Object.entries(body).map(([name, value]) => shellQuote(`${name}=${formText(value)}`));
   return [...files, ...fields].map((part) => `  -F ${part} \\\n`).join("");
 }
 
@@ -47,7 +49,9 @@ for d in r["data"]:
 export function pythonCode(body, origin = location.origin, edit = null) {
   const args = OPENAI_FIELDS.filter((name) => name in body)
     .map((name) => `    ${name}=${pyValue(body[name])},`);
-  const extra = Object.fromEntries(Object.entries(body).filter(([name]) => !OPENAI_FIELDS.includes(name)));
+  // An edit goes as multipart form fields, all text: a list (`loras`) as its JSON.
+  const extra = Object.fromEntries(Object.entries(body).filter(([name]) => !OPENAI_FIELDS.includes(name))
+    .map(([name, value]) => [name, edit && typeof value === "object" ? JSON.stringify(value) : value]));
   if (Object.keys(extra).length) args.push(`    extra_body=${pyValue(extra)},`);
   const key = currentKey() ? `os.environ["DC_API_KEY"]` : `"unused"`;
   return `import base64

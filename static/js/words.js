@@ -6,6 +6,7 @@ export const FIELD_LABELS = {
   width: "Size", height: "Size", steps: "Steps", guidance: "Guidance", n: "Images",
   seed: "Seed", output_format: "Format", output_compression: "Quality",
   partial_images: "Live previews", strength: "Strength", image: "Input image", mask: "Mask",
+  loras: "Adapters",
 };
 
 export function plural(count, one, many = `${one}s`) {
