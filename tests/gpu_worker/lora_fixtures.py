@@ -155,23 +155,3 @@ def make_kohya_lora(pipe: Any, path: Path, *, seed: int, rank: int = 4,
     _canonical_header(target)
     return target
 
-
-def adapter_bytes(pipe: Any) -> dict[str, int]:
-    """Bytes of LoRA parameters (lora_A / lora_B, and embedding / magnitude variants) per adapter.
-
-    Walks every nn.Module component of the pipeline; PEFT keeps each adapter's tensors in
-    ModuleDicts/ParameterDicts keyed by the adapter name.
-    """
-    totals: dict[str, int] = {}
-    for component in getattr(pipe, "components", {}).values():
-        if not isinstance(component, torch.nn.Module):
-            continue
-        for name, param in component.named_parameters():
-            parts = name.split(".")
-            for i, part in enumerate(parts[:-1]):
-                if part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
-                            "lora_magnitude_vector"):
-                    adapter = parts[i + 1]
-                    totals[adapter] = totals.get(adapter, 0) + param.numel() * param.element_size()
-                    break
-    return totals
