@@ -430,6 +430,7 @@ class Broker:
         job = self.leases.held(worker, job_id)
         if msg.type is MsgType.PROGRESS:
             if job is not None and self._progress_fits(job, msg):
+                job.started = True  # out of the line: never told a place again, unless requeued
                 if msg["steps"]:  # how much of its work is left, for the jobs behind it
                     share = msg["step"] / msg["steps"]
                     # A preview is encoded apart and may come after later steps: not back.

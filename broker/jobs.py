@@ -37,6 +37,7 @@ class Job:
     lease: int = 0
     told: int | None = None  # the position its client last heard (ACCEPTED)
     done_share: float = 0.0  # how far its worker got (last PROGRESS step / steps), 0..1
+    started: bool = False  # its worker said it runs it (a PROGRESS): no place in line now
     inputs: tuple[Any, ...] = ()  # an edit's frames (JobSpec.frames), as the SUBMIT had them
 
     @property
@@ -116,6 +117,7 @@ class JobTable:
         job.state = JobState.QUEUED
         job.told = None  # back in line (requeued, handed back): its client hears its place anew
         job.done_share = 0.0
+        job.started = False
         queue = self._queues.setdefault(job.model, deque())
         queue.appendleft(job) if at_head else queue.append(job)
         self._count(job, 1)

@@ -65,7 +65,10 @@ class Leases:
             if len(held) < 2:
                 continue
             running = min(job.lease for job in held)
-            waiting.extend(job for job in held if job.lease != running and job.model == model)
+            # A job whose worker said it runs it has started, whatever the broker thought:
+            # the batch before it may still be encoding, its answers on their way.
+            waiting.extend(job for job in held if job.lease != running
+                           and job.model == model and not job.started)
         return sorted(waiting, key=lambda job: (job.lease, job.seq))
 
     def running(self, model: str) -> list[Job]:
@@ -78,7 +81,7 @@ class Leases:
             held = self._held(worker)
             if held:
                 oldest = min(job.lease for job in held)
-                running.extend(job for job in held if job.lease == oldest)
+                running.extend(job for job in held if job.lease == oldest or job.started)
         return running
 
     def _held(self, worker: WorkerRecord) -> list[Job]:

@@ -174,3 +174,29 @@ def test_a_job_back_in_line_after_its_worker_left_hears_its_place_again(
     heard.after_announcement()
     # It was told 0 once before: it must be told again, or its client thinks it still runs.
     assert heard.positions == {"j0": 0}
+
+
+def test_a_job_its_worker_started_is_never_told_a_place_again(harness: BrokerHarness) -> None:
+    """A worker holds a batch running and one waiting; it starts the waiting one while the
+    first one's answer is still being encoded. Its PROGRESS says it runs: a later move of the
+    line must not tell it 'next in line' (the page would show it queued again)."""
+    worker = busy_worker(harness)
+    client = harness.client()
+    heard = Heard(harness, client)
+    jobs = specs(4)
+    heard.submit(*jobs)
+    worker.take()
+    worker.take()  # j1 waits at the worker, behind j0
+    heard.after_announcement(worker)
+    worker.send_msg(MsgType.PROGRESS, {"job_id": "j1", "step": 1, "steps": 2})  # j0 encoding
+    client.cancel("j3")  # the line moves
+    told: list[tuple[str, int]] = []
+    worker.heartbeat()
+    harness.clock.advance(0.6)
+    deadline = time.monotonic() + 0.4
+    while time.monotonic() < deadline:
+        harness.pump()
+        msg = client.poll_msg()
+        if msg is not None and msg.type is MsgType.ACCEPTED:
+            told.append((msg["job_id"], msg["position"]))
+    assert ("j1", 0) not in told and told == [("j2", 0)], told
