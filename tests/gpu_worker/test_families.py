@@ -88,7 +88,60 @@ class Head:
             process.wait(10)
 
 
-@pytest.fixture(scope="module")
+# Families whose workers test_family_edits.py uses after this module: kept running for it.
+SHARED_WITH_EDITS = ("chroma", "flux", "flux2_klein", "kolors", "qwen_image", "sana",
+                     "sana_sprint", "sd", "sd3", "sdxl", "z_image")
+
+
+class FamilyWorkers:
+    """One real worker per family, started once for the whole run: this module and
+    test_family_edits.py both use them, and starting one costs seconds of imports."""
+
+    def __init__(self, head: Head, cache_dir: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> None:
+        self.head = head
+        self.cache_dir = cache_dir
+        self.tmp_path_factory = tmp_path_factory
+        self._running: dict[str, tuple[subprocess.Popen, str]] = {}
+
+    def serve(self, name: str) -> tuple[str, ModuleType]:
+        """The family's model name (its directory), served by a running worker."""
+        module = family_module(name)
+        if name in self._running and self._running[name][0].poll() is None:
+            return self._running[name][1], module
+        path = self.tmp_path_factory.mktemp(name) / "model"
+        module.build(path)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "gpu_worker", "--broker", self.head.workers, "--model",
+             str(path), "--device", "cpu", "--threads", "1", "--heartbeat", str(HEARTBEAT),
+             "--no-warm-up"],
+            cwd=REPO, env=cluster_env(self.cache_dir), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        log = OutputLog(worker)
+        self._running[name] = (worker, str(path))
+        deadline = time.monotonic() + 120
+        while str(path) not in self.head.served():
+            assert worker.poll() is None, f"the worker died:\n{log.text()}"
+            assert time.monotonic() < deadline, f"the worker never registered:\n{log.text()}"
+            time.sleep(0.1)
+        return str(path), module
+
+    def stop(self, name: str) -> None:
+        worker, _ = self._running.pop(name, (None, ""))
+        if worker is None:
+            return
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(15)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+    def stop_all(self) -> None:
+        for name in list(self._running):
+            self.stop(name)
+
+
+@pytest.fixture(scope="session")
 def head(cache_dir: Path) -> Iterator[Head]:
     running = Head(cache_dir)
     try:
@@ -97,32 +150,25 @@ def head(cache_dir: Path) -> Iterator[Head]:
         running.stop()
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def served_family(request: pytest.FixtureRequest, head: Head, cache_dir: Path,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ModuleType]]:
-    """A family's tiny pipeline on disk, served by one real worker process."""
-    module = family_module(request.param)
-    path = tmp_path_factory.mktemp(request.param) / "model"
-    module.build(path)
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "gpu_worker", "--broker", head.workers, "--model", str(path),
-         "--device", "cpu", "--threads", "1", "--heartbeat", str(HEARTBEAT), "--no-warm-up"],
-        cwd=REPO, env=cluster_env(cache_dir), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    log = OutputLog(worker)
+@pytest.fixture(scope="session")
+def family_workers(head: Head, cache_dir: Path,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[FamilyWorkers]:
+    workers = FamilyWorkers(head, cache_dir, tmp_path_factory)
     try:
-        deadline = time.monotonic() + 120
-        while str(path) not in head.served():
-            assert worker.poll() is None, f"the worker died:\n{log.text()}"
-            assert time.monotonic() < deadline, f"the worker never registered:\n{log.text()}"
-            time.sleep(0.1)
-        yield str(path), module
+        yield workers
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(15)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        workers.stop_all()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def served_family(request: pytest.FixtureRequest, family_workers: FamilyWorkers
+                  ) -> Iterator[tuple[str, ModuleType]]:
+    """A family's tiny pipeline on disk, served by one real worker process. Kept for
+    test_family_edits.py when it edits; stopped when this module is done with it else."""
+    name = request.param
+    yield family_workers.serve(name)
+    if not (request.module.__name__.endswith("test_families") and name in SHARED_WITH_EDITS):
+        family_workers.stop(name)
 
 
 def size_for(spec: models.ModelSpec) -> tuple[int, int]:

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 # test_families' fixtures: a broker and frontend for the module, and one worker per family.
 head = test_families.head
+family_workers = test_families.family_workers
 served_family = test_families.served_family
 
 Served = tuple[str, ModuleType]  # served_family: the model's name, its family module
