@@ -38,14 +38,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def adapter_folder(runner: Any, count: int) -> Path:
     """``count`` seeded adapters for the runner's model, in a new folder."""
-    from tests.gpu_worker.lora_fixtures import make_lora
+    from tests.gpu_worker.lora_fixtures import lora_folder
 
-    folder = Path(tempfile.mkdtemp(prefix="bench-loras-"))
-    for index in range(count):
-        made = make_lora(runner.pipe, folder / "made" / str(index), seed=index)
-        shutil.copy(made, folder / f"a{index}.safetensors")
-    shutil.rmtree(folder / "made")
-    return folder
+    return lora_folder(runner.pipe, Path(tempfile.mkdtemp(prefix="bench-loras-")),
+                       {f"a{index}": index for index in range(count)})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,19 +15,16 @@ import pytest
 
 from gpu_worker.tiny import build_tiny_pipeline
 from tests.cluster import Cluster, wait_until
-from tests.gpu_worker.lora_fixtures import make_kohya_lora, make_lora
+from tests.gpu_worker.lora_fixtures import lora_folder, make_kohya_lora, make_lora
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("loras")
-    made = tmp_path_factory.mktemp("made")
     pipe = build_tiny_pipeline()  # the built-in tiny model's architecture: its adapters fit
-    shutil.copy(make_lora(pipe, made / "ink", seed=1), folder / "ink.safetensors")
-    (folder / "styles").mkdir()
-    shutil.copy(make_lora(pipe, made / "pastel", seed=2), folder / "styles" / "pastel.safetensors")
+    folder = lora_folder(pipe, tmp_path_factory.mktemp("loras"), {"ink": 1, "styles/pastel": 2})
+    made = tmp_path_factory.mktemp("made")
     shutil.copy(make_kohya_lora(pipe, made / "kohya", seed=3), folder / "old.safetensors")
     return folder
 

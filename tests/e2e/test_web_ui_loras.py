@@ -8,7 +8,6 @@ phone the control fits the screen; a model without adapters says it has none.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from tests.e2e.test_web_ui import PHONE, browser, open_page, pytestmark, set_set
 from tests.e2e.test_web_ui_edit import halves, paste_image, wait_input
 from tests.e2e.test_web_ui_layout import TOUCH
 from tests.e2e.test_web_ui_runs import card, newest_id, wait_done
-from tests.gpu_worker.lora_fixtures import make_lora
+from tests.gpu_worker.lora_fixtures import lora_folder
 
 __all__ = ["browser", "pytestmark"]  # the browser fixture and the skip markers of test_web_ui
 
@@ -32,13 +31,9 @@ ADAPTERS = ["ink", "styles/pastel"]
 
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("ui-loras")
-    made = tmp_path_factory.mktemp("ui-loras-made")
-    pipe = build_tiny_pipeline()  # the built-in tiny model's architecture: its adapters fit
-    shutil.copy(make_lora(pipe, made / "ink", seed=1), folder / "ink.safetensors")
-    (folder / "styles").mkdir()
-    shutil.copy(make_lora(pipe, made / "pastel", seed=2), folder / "styles" / "pastel.safetensors")
-    return folder
+    # The built-in tiny model's architecture: its adapters fit.
+    return lora_folder(build_tiny_pipeline(), tmp_path_factory.mktemp("ui-loras"),
+                       {"ink": 1, "styles/pastel": 2})
 
 
 @pytest.fixture(scope="module")

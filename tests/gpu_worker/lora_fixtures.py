@@ -155,3 +155,18 @@ def make_kohya_lora(pipe: Any, path: Path, *, seed: int, rank: int = 4,
     _canonical_header(target)
     return target
 
+
+
+def lora_folder(pipe: Any, folder: Path, seeds: dict[str, int]) -> Path:
+    """A worker's --lora-dir: one ``make_lora`` adapter per name (``styles/ink`` goes in a
+    subfolder), each from its seed, named ``<name>.safetensors``."""
+    import shutil
+    import tempfile
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, seed in seeds.items():
+            target = folder / f"{name}.safetensors"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(make_lora(pipe, Path(scratch) / name, seed=seed), target)
+    return folder

@@ -19,7 +19,7 @@ from gpu_worker import models
 from gpu_worker.loras import LoraError, LoraLibrary
 from gpu_worker.pipeline import LoadOptions, PipelineRunner
 from gpu_worker.tiny import build_tiny_pipeline
-from tests.gpu_worker.lora_fixtures import make_kohya_lora, make_lora
+from tests.gpu_worker.lora_fixtures import lora_folder, make_kohya_lora, make_lora
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +32,8 @@ def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA folder: two diffusers-format adapters (one in a subfolder), one kohya."""
-    folder = tmp_path_factory.mktemp("loras")
     pipe = build_tiny_pipeline()
-    for name, seed in (("ink", 1), ("styles/pastel", 2)):
-        made = make_lora(pipe, folder / "made" / name, seed=seed)
-        target = folder / f"{name}.safetensors"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(made, target)
+    folder = lora_folder(pipe, tmp_path_factory.mktemp("loras"), {"ink": 1, "styles/pastel": 2})
     kohya = make_kohya_lora(pipe, folder / "made" / "kohya", seed=3)
     shutil.copy(kohya, folder / "old-style.safetensors")
     shutil.rmtree(folder / "made")
