@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from broker.protocol import JobSpec
 from gpu_worker import models
@@ -178,15 +177,14 @@ def test_compile_with_a_lora_folder_is_refused_at_start(sd_dir, adapters) -> Non
                        LoadOptions(threads=1, lora_dir=adapters, compile=True))
 
 
-def test_switching_adapter_sets_costs_milliseconds(runner) -> None:
-    """Not a timing assertion: the switch is measured by bench/loras.py. This checks that a
-    switch loads nothing when both sets are in memory."""
+def test_switching_between_loaded_sets_loads_nothing(runner) -> None:
+    """What a switch costs is measured by bench/loras.py, never asserted here; this checks
+    that switching between sets held in memory loads no adapter again."""
     runner.loras.apply((("ink", 1.0),))
     runner.loras.apply((("styles/pastel", 1.0),))
     loaded = runner.loras.loaded()
     runner.loras.apply((("ink", 0.3),))
     assert sorted(runner.loras.loaded()) == sorted(loaded)
-    assert torch.is_inference_mode_enabled() is False
 
 
 def test_a_folder_of_thousands_announces_what_a_heartbeat_can_carry(tmp_path, monkeypatch):
