@@ -15,6 +15,7 @@ from broker import defaults, logs
 from gpu_worker import models
 
 if TYPE_CHECKING:
+    from gpu_worker.loras import AdapterFile
     from gpu_worker.marking import Marking
     from gpu_worker.worker import WorkerConfig
 
@@ -49,6 +50,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="LoRA adapters this worker can apply: the .safetensors files under "
                              "DIR (subfolders too), named by their path there; files added or "
                              "removed are noticed without a restart")
+    parser.add_argument("--lora-repo", action="append", default=None,
+                        metavar="REPO_ID[:WEIGHT_NAME]",
+                        help="a LoRA adapter from a Hugging Face repo, which this worker may "
+                             "download (repeatable): its WEIGHT_NAME file, default "
+                             "pytorch_lora_weights.safetensors (else the repo's one "
+                             ".safetensors file); named REPO_ID, or REPO_ID/WEIGHT_STEM. "
+                             "Resolved at start through the Hugging Face cache (HF_HUB_CACHE, "
+                             "HF_HUB_OFFLINE=1: the cache only)")
     parser.add_argument("--lora-cache", type=int, default=8,
                         help="LoRA adapters kept in memory at most (least recently used out)")
     parser.add_argument("--lora-cache-mb", type=float, default=2048.0,
@@ -90,11 +99,12 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         raise ValueError("--broker-key and --key go together")
     if args.lora_dir and not Path(args.lora_dir).is_dir():
         raise ValueError(f"--lora-dir {args.lora_dir!r} is not a folder")
-    if args.lora_dir and args.compile:
-        raise ValueError("--compile cannot be used with --lora-dir yet: a compiled denoiser "
-                         "would recompile whenever the adapters change")
+    if (args.lora_dir or args.lora_repo) and args.compile:
+        raise ValueError("--compile cannot be used with --lora-dir or --lora-repo yet: a "
+                         "compiled denoiser would recompile whenever the adapters change")
     if args.lora_cache < 1 or args.lora_cache_mb <= 0:
         raise ValueError("--lora-cache and --lora-cache-mb must be positive")
+    lora_repos = _lora_repos(args.lora_repo or [], json_logs=args.log_format == "json")
     curve = CurveKeys.from_files(args.broker_key, args.key) if args.key else None
     marking = _marking(args)
     return WorkerConfig(broker=args.broker, model=model, device=device,
@@ -102,9 +112,22 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
                         heartbeat=args.heartbeat, threads=args.threads,
                         cache_dir=args.cache_dir, warm_up=not args.no_warm_up,
                         offload=args.offload, compile=args.compile, curve=curve,
-                        lora_dir=args.lora_dir, lora_cache=args.lora_cache,
+                        lora_dir=args.lora_dir, lora_repos=lora_repos,
+                        lora_cache=args.lora_cache,
                         lora_cache_bytes=int(args.lora_cache_mb * (1 << 20)),
                         image_metadata=not args.no_image_metadata, marking=marking)
+
+
+def _lora_repos(specs: list[str], *, json_logs: bool) -> tuple[AdapterFile, ...]:
+    """--lora-repo's adapters, resolved now: before the model loads, so that a repo that
+    cannot be had stops the worker in seconds (LoraSetupError is a ValueError)."""
+    from gpu_worker.loras import resolve_lora_repo
+
+    if specs and json_logs:  # a download's progress bars on stderr would not be JSON
+        from huggingface_hub.utils.tqdm import disable_progress_bars
+
+        disable_progress_bars()
+    return tuple(resolve_lora_repo(spec) for spec in dict.fromkeys(specs))  # each once
 
 
 def _marking(args: argparse.Namespace) -> Marking:
@@ -151,6 +174,7 @@ def run_worker(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:  # missing or unsafe key files: one clear line
         logging.getLogger(__name__).error("cannot start: %s", exc)
         return os.EX_CONFIG  # launcher.supervisor.EXIT_CONFIG: a restart would fail the same way
+    from gpu_worker.loras import LoraSetupError
     from gpu_worker.worker import Worker
 
     worker = Worker(config)
@@ -161,6 +185,9 @@ def run_worker(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: worker.stop())
     try:
         worker.run()
+    except LoraSetupError as exc:  # an adapter the operator named does not fit the model
+        logging.getLogger(__name__).error("cannot start: %s", exc)
+        return os.EX_CONFIG
     except Exception as exc:  # load failures: one clear line, then a non-zero exit
         logging.getLogger(__name__).exception("worker failed: %s", exc)
         return 1

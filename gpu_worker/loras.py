@@ -10,6 +10,16 @@ keys fit the loaded denoiser (a UNet's or a transformer's; for a UNet, the width
 cross-attention), and checked again when loaded: diffusers loads a FLUX adapter into SD as a
 silent no-op, so one that registers nothing is refused.
 
+Adapters also come from Hugging Face repos the operator names, ``--lora-repo
+REPO_ID[:WEIGHT_NAME]``: naming one is what allows the worker to download it, and a request
+can only use what was named. Each is resolved once, at start, through ``hf_hub_download``
+(which honours ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE`` and ``HF_HOME``, so an offline worker
+takes it from a pre-seeded cache), and announced as ``REPO_ID`` (``REPO_ID/WEIGHT_STEM`` when
+a file was named) with source "hub". A repo that cannot be resolved, or whose adapter does not
+fit the model, stops the worker at start: the operator asked for it by name. Its file is in
+the cache's snapshot of one commit, which never changes, so it is not looked at again; a
+folder file of the same name gives way to it.
+
 Loading costs a few hundred milliseconds, switching sets a few: adapters stay loaded, least
 recently used first out, within ``max_loaded`` adapters and ``max_bytes`` of weights. Each
 batch switches to exactly its set at its scales, sorted by name (the order changes the last
@@ -30,6 +40,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,18 +65,25 @@ class LoraError(Exception):
     """An adapter a job asked for cannot be applied here: its job fails with this message."""
 
 
+class LoraSetupError(ValueError):
+    """An adapter the operator named cannot work on this worker: it refuses to start."""
+
+
 @dataclass(frozen=True)
 class AdapterFile:
     name: str
     path: Path
     size: int
     mtime: float
+    source: str = "file"  # what announcements say: "file" (--lora-dir) or "hub" (--lora-repo)
 
 
 class LoraLibrary:
-    """The adapters of one pipeline, from one folder; the worker owns it."""
+    """The adapters of one pipeline, from one folder and the repos resolved at start
+    (``resolve_lora_repo``); the worker owns it."""
 
-    def __init__(self, pipe: Any, directory: Path | None, *, max_loaded: int = 8,
+    def __init__(self, pipe: Any, directory: Path | None, *,
+                 repos: Sequence[AdapterFile] = (), max_loaded: int = 8,
                  max_bytes: int = 2 << 30, clock: Any = time.monotonic) -> None:
         self._pipe = pipe
         self._directory = directory
@@ -73,7 +91,9 @@ class LoraLibrary:
         self.max_bytes = max_bytes
         self._clock = clock
         self._lock = threading.Lock()
-        self._files: dict[str, AdapterFile] = {}  # what the folder holds that fits
+        self._repos = {repo.name: repo for repo in repos}  # fixed at start, checked below
+        self._files: dict[str, AdapterFile] = dict(self._repos)  # and what the folder holds
+        self._shadowed: set[str] = set()  # folder files a repo's adapter hides (logged once)
         self._verdicts: dict[tuple[Path, int, float], bool] = {}  # a file's fit, by version
         self._next_scan = 0.0
         self._capped = False  # the folder held more than a worker announces (logged once)
@@ -81,10 +101,12 @@ class LoraLibrary:
         self._loaded: OrderedDict[str, tuple[str, int, AdapterFile]] = OrderedDict()
         self._ids = 0
         self._active = False  # whether any adapter is enabled in the pipeline now
-        if directory is not None and _fused_attention(pipe):
-            raise ValueError("this pipeline's attention projections are fused, and LoRA "
-                             "adapters would silently miss them: leave them unfused to "
-                             "apply adapters")
+        if (directory is not None or repos) and _fused_attention(pipe):
+            raise LoraSetupError("this pipeline's attention projections are fused, and LoRA "
+                                 "adapters would silently miss them: leave them unfused to "
+                                 "apply adapters")
+        for repo in repos:
+            _check_repo_fits(repo, pipe)
 
     # ---------------------------------------------------------------- the I/O thread
 
@@ -95,7 +117,7 @@ class LoraLibrary:
             files = dict(self._files)
             loaded = {name: size for name, (_, size, _) in self._loaded.items()}
         return {name: {"loaded": name in loaded,
-                       "bytes": loaded.get(name, file.size), "source": "file"}
+                       "bytes": loaded.get(name, file.size), "source": file.source}
                 for name, file in files.items()}
 
     def _rescan_if_due(self) -> None:
@@ -108,16 +130,26 @@ class LoraLibrary:
         except OSError as exc:  # the folder went away, or cannot be read: announce none
             log.warning("cannot read the LoRA folder %s: %s", self._directory, exc)
             found = {}
+        found = {**self._unshadowed(found), **self._repos}
         with self._lock:
             if found.keys() != self._files.keys():
                 log.info("LoRA adapters here: %s", ", ".join(sorted(found)) or "none")
             self._files = found
 
+    def _unshadowed(self, found: dict[str, AdapterFile]) -> dict[str, AdapterFile]:
+        """The folder's adapters less those a repo's adapter of the same name replaces: the
+        operator named the repo on its own, the folder only as a whole."""
+        for name in (found.keys() & self._repos.keys()) - self._shadowed:
+            self._shadowed.add(name)  # once: the folder is looked at every few seconds
+            log.warning("LoRA file %s is hidden by --lora-repo's adapter of the same name",
+                        found[name].path)
+        return {name: file for name, file in found.items() if name not in self._repos}
+
     def _scan(self, directory: Path) -> dict[str, AdapterFile]:
         found: dict[str, AdapterFile] = {}
-        chars = 0
+        chars = sum(map(len, self._repos))  # the repos' adapters are announced too
         for path in sorted(directory.rglob("*.safetensors")):
-            if len(found) >= MAX_ANNOUNCED or chars >= MAX_ANNOUNCED_CHARS:
+            if len(found) + len(self._repos) >= MAX_ANNOUNCED or chars >= MAX_ANNOUNCED_CHARS:
                 if not self._capped:  # once: the folder is looked at every few seconds
                     self._capped = True
                     log.warning("the LoRA folder %s holds more adapters than a worker "
@@ -238,6 +270,136 @@ def _fused_attention(pipe: Any) -> bool:
 
 def _usable_name(name: str) -> bool:
     return 0 < len(name) <= MAX_LORA_NAME and name.isprintable()
+
+
+# ---------------------------------------------------------------- adapters from the Hub
+
+# The file diffusers' load_lora_weights looks for in a repo when it is given no weight_name.
+DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# Characters a name cannot hold: a <lora:NAME:SCALE> prompt tag could not name it
+# (http_frontend/loras.py).
+_TAG_CHARACTERS = frozenset(":<>")
+
+
+def resolve_lora_repo(spec: str) -> AdapterFile:
+    """``--lora-repo REPO_ID[:WEIGHT_NAME]``'s adapter file, downloaded into the Hugging Face
+    cache when it is not there yet and downloads are allowed. Raises LoraSetupError, with a
+    one-line reason naming the repo, when it cannot be had."""
+    repo_id, weight_name = parse_lora_repo(spec)
+    name = hub_adapter_name(repo_id, weight_name)
+    try:
+        path = Path(_download(repo_id, weight_name))
+        stat = path.stat()
+    except LoraSetupError:
+        raise
+    except Exception as exc:  # not found, gated, offline and not cached, unreachable, ...
+        raise LoraSetupError(f"--lora-repo {spec}: cannot be resolved: "
+                             f"{_why_unresolved(exc)}") from None
+    log.info("LoRA adapter %s is %s", name, path)
+    return AdapterFile(name, path, stat.st_size, stat.st_mtime, source="hub")
+
+
+def parse_lora_repo(spec: str) -> tuple[str, str | None]:
+    """(repo id, weight file name or None) of ``REPO_ID[:WEIGHT_NAME]``; hf_hub_download
+    checks the repo id itself."""
+    repo_id, colon, weight_name = spec.partition(":")  # a repo id holds no ':'
+    if colon and not weight_name:
+        raise LoraSetupError(f"--lora-repo {spec}: no file name after ':'")
+    if colon and not weight_name.endswith(".safetensors"):
+        # The fit check reads the tensors' shapes from a safetensors header.
+        raise LoraSetupError(f"--lora-repo {spec}: only .safetensors files are served")
+    return repo_id, weight_name or None
+
+
+def hub_adapter_name(repo_id: str, weight_name: str | None) -> str:
+    """``REPO_ID``, or ``REPO_ID/WEIGHT_STEM`` for a named file: names requests can use."""
+    name = repo_id if weight_name is None else \
+        f"{repo_id}/{weight_name.removesuffix('.safetensors')}"
+    if not _usable_name(name) or _TAG_CHARACTERS & set(name):
+        raise LoraSetupError(f"--lora-repo: the adapter name {name!r} is not usable: at most "
+                             f"{MAX_LORA_NAME} printable characters, none of ':', '<', '>'")
+    return name
+
+
+def _download(repo_id: str, weight_name: str | None) -> str:
+    """The file's path in the cache: the named one, else diffusers' default name, else the
+    repo's one .safetensors file."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    if weight_name is not None:
+        return hf_hub_download(repo_id, weight_name)
+    try:
+        return hf_hub_download(repo_id, DEFAULT_WEIGHT_NAME)
+    except EntryNotFoundError:  # on the Hub, or in the cache when offline
+        candidates = _safetensors_of(repo_id)
+    if len(candidates) != 1:
+        listed = ", ".join(candidates[:5]) + (", ..." if len(candidates) > 5 else "")
+        raise LoraSetupError(f"--lora-repo {repo_id}: the repo has no {DEFAULT_WEIGHT_NAME} "
+                             f"and {len(candidates)} other .safetensors files ({listed or '-'}):"
+                             f" name one, as {repo_id}:FILE")
+    return hf_hub_download(repo_id, candidates[0])
+
+
+def _safetensors_of(repo_id: str) -> list[str]:
+    """The repo's .safetensors files: the Hub's list, else (offline, unreachable) what the
+    cache holds of its latest snapshot."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if constants.is_offline_mode():
+        return _cached_safetensors_of(repo_id)
+    try:
+        names = HfApi().list_repo_files(repo_id)
+    except (RepositoryNotFoundError, GatedRepoError):
+        raise
+    except Exception as exc:  # the Hub unreachable, or down: the cache answers
+        log.info("cannot list %s on the Hub (%s): looking in the cache", repo_id,
+                 type(exc).__name__)
+        return _cached_safetensors_of(repo_id)
+    return sorted(name for name in names if name.endswith(".safetensors"))
+
+
+def _cached_safetensors_of(repo_id: str) -> list[str]:
+    """The .safetensors files the cache holds of the repo's snapshot that its ``main`` ref
+    names (raises LocalEntryNotFoundError when it holds none)."""
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(repo_id, local_files_only=True))
+    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*.safetensors"))
+
+
+def _why_unresolved(exc: Exception) -> str:
+    """One line on why a repo's file cannot be had; huggingface_hub's own messages for a
+    cache miss speak of arguments the operator never gave."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if isinstance(exc, LocalEntryNotFoundError):
+        cache = constants.HF_HUB_CACHE
+        if constants.is_offline_mode():
+            return (f"not in the Hugging Face cache {cache}, and HF_HUB_OFFLINE is set: "
+                    f"download it there first, or allow downloads")
+        return f"not in the Hugging Face cache {cache}, and the Hub cannot be reached"
+    return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    return " ".join(text.split())[:limit]
+
+
+def _check_repo_fits(repo: AdapterFile, pipe: Any) -> None:
+    """Refuse, at start, a repo's adapter that is not for this model: the operator named it,
+    so leaving it out quietly would hide a mistake."""
+    try:
+        fits = fits_denoiser(_read_shapes(repo.path), pipe)
+    except Exception as exc:  # not safetensors, truncated
+        raise LoraSetupError(f"--lora-repo adapter {repo.name} ({repo.path}) cannot be read: "
+                             f"{_one_line(str(exc))}") from None
+    if not fits:
+        denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+        raise LoraSetupError(f"--lora-repo adapter {repo.name} is not for this model: its "
+                             f"weights do not fit its {type(denoiser).__name__}")
 
 
 def _registered(pipe: Any) -> set[str]:

@@ -17,7 +17,7 @@ from PIL import Image
 from broker.protocol import JobSpec
 from gpu_worker import models
 from gpu_worker.editing import EditInputs, EditPipelines, composite, usable_modes
-from gpu_worker.loras import LoraLibrary
+from gpu_worker.loras import AdapterFile, LoraLibrary
 from gpu_worker.models import ModelSpec
 from gpu_worker.preview import PreviewMaker, preview_steps
 from gpu_worker.prompts import truncation_warnings
@@ -44,6 +44,7 @@ class LoadOptions:
     offload: bool = False
     compile: bool = False
     lora_dir: Path | None = None  # LoRA adapters this worker can apply (gpu_worker/loras.py)
+    lora_repos: tuple[AdapterFile, ...] = ()  # and those of --lora-repo, resolved
     lora_cache: int = 8  # adapters kept in memory at most
     lora_cache_bytes: int = 2 << 30  # and their weights, at most
 
@@ -74,12 +75,13 @@ class PipelineRunner:
         self.device = options.device
         if options.threads and not self.device.startswith("cuda"):
             torch.set_num_threads(options.threads)
-        if options.lora_dir is not None and options.compile:
+        if (options.lora_dir is not None or options.lora_repos) and options.compile:
             # A compiled denoiser recompiles whenever adapters change, and hot-swapping them
             # into one is not wired here: refused at start rather than slow or wrong later.
-            raise ValueError("--compile cannot be used with --lora-dir yet: choose one")
+            raise ValueError("--compile cannot be used with LoRA adapters yet: choose one")
         self.pipe = self._place(self._load(spec) if pipe is None else pipe)
-        self.loras = LoraLibrary(self.pipe, options.lora_dir, max_loaded=options.lora_cache,
+        self.loras = LoraLibrary(self.pipe, options.lora_dir, repos=options.lora_repos,
+                                 max_loaded=options.lora_cache,
                                  max_bytes=options.lora_cache_bytes)
         self._trained_sample_size: int | None = getattr(self.pipe, "default_sample_size", None)
         self.spec = usable_modes(self._fit_spec(spec), self.pipe)
@@ -174,7 +176,7 @@ class PipelineRunner:
         for module in (denoiser, getattr(pipe, "vae", None)):
             if module is not None:
                 module.to(memory_format=torch.channels_last)
-        if self.options.lora_dir is not None:
+        if self.options.lora_dir is not None or self.options.lora_repos:
             # A fused QKV layer has no LoRA: diffusers would load adapters around it, silently
             # leaving out their q, k and v parts (gpu_worker/loras.py).
             log.info("QKV projections left unfused: this worker applies LoRA adapters")

@@ -25,7 +25,7 @@ from gpu_worker import models
 from gpu_worker.editing import EditInputs, InvalidInput
 from gpu_worker.encode import Generation, ImageMetadata, encode_image
 from gpu_worker.link import BrokerLink
-from gpu_worker.loras import LoraError
+from gpu_worker.loras import AdapterFile, LoraError
 from gpu_worker.marking import Marking
 from gpu_worker.pipeline import Interrupted, LoadOptions, PipelineRunner, StepCallback
 from gpu_worker.stats import StatsRecorder
@@ -56,6 +56,7 @@ class WorkerConfig:
     offload: bool = False
     compile: bool = False
     lora_dir: str | None = None  # LoRA adapters it can apply (gpu_worker/loras.py)
+    lora_repos: tuple[AdapterFile, ...] = ()  # and those of --lora-repo, resolved
     lora_cache: int = 8  # adapters kept in memory at most, and their weights' bytes
     lora_cache_bytes: int = 2 << 30
     max_frame: int = 256 << 20
@@ -130,6 +131,7 @@ class Worker:
         options = LoadOptions(device=self.config.device, cache_dir=self.config.cache_dir,
                               threads=self.config.threads, offload=self.config.offload,
                               compile=self.config.compile, lora_dir=lora_dir,
+                              lora_repos=self.config.lora_repos,
                               lora_cache=self.config.lora_cache,
                               lora_cache_bytes=self.config.lora_cache_bytes)
         runner = PipelineRunner(self.spec, options)
@@ -275,9 +277,10 @@ class Worker:
             log.info("worker %s stopped", self.worker_id)
 
     def _lora_listing(self) -> Callable[[], dict[str, Any]] | None:
-        """What announces the worker's LoRA adapters, when it has a LoRA folder."""
+        """What announces the worker's LoRA adapters, when it applies any."""
         library = getattr(self.runner, "loras", None)
-        return library.announcement if self.config.lora_dir and library is not None else None
+        applies = self.config.lora_dir or self.config.lora_repos
+        return library.announcement if applies and library is not None else None
 
     def _next_batch(self, timeout: float) -> list[JobSpec] | None:
         """Take the oldest waiting batch; None after ``timeout``, or when stopping."""

@@ -156,7 +156,6 @@ def make_kohya_lora(pipe: Any, path: Path, *, seed: int, rank: int = 4,
     return target
 
 
-
 def lora_folder(pipe: Any, folder: Path, seeds: dict[str, int]) -> Path:
     """A worker's --lora-dir: one ``make_lora`` adapter per name (``styles/ink`` goes in a
     subfolder), each from its seed, named ``<name>.safetensors``."""
@@ -170,3 +169,34 @@ def lora_folder(pipe: Any, folder: Path, seeds: dict[str, int]) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(make_lora(pipe, Path(scratch) / name, seed=seed), target)
     return folder
+
+
+def seed_hub_cache(cache_root: Path, repo_id: str, file_path: Path, *,
+                   weight_name: str = LORA_FILE) -> Path:
+    """Put ``file_path`` into a Hugging Face hub cache as ``repo_id``'s ``weight_name``, in
+    the layout huggingface_hub downloads into and reads back offline (HF_HUB_OFFLINE=1)::
+
+        CACHE/models--OWNER--NAME/blobs/<sha256 of the file>
+        CACHE/models--OWNER--NAME/snapshots/<commit>/WEIGHT_NAME -> ../../blobs/<sha256>
+        CACHE/models--OWNER--NAME/refs/main                          (holds <commit>)
+
+    The commit is made from the repo id, so files seeded into one repo share its snapshot (a
+    repo of several files). ``cache_root`` is what HF_HUB_CACHE names. Returns the snapshot
+    file (the link).
+    """
+    import hashlib
+    import os
+
+    repo = Path(cache_root) / f"models--{repo_id.replace('/', '--')}"
+    data = Path(file_path).read_bytes()
+    blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data)
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()  # 40 hex digits, as a git commit
+    link = repo / "snapshots" / commit / weight_name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(os.path.relpath(blob, link.parent))  # relative, as huggingface_hub does
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)  # no newline, as huggingface_hub writes it
+    return link
