@@ -47,6 +47,9 @@ class ModelSpec:
     dtype: str = "bfloat16"  # on CUDA; CPU always runs float32
     variant: str | None = None  # weight files variant to load, e.g. "fp16"
     max_sequence_length: int | None = None
+    # Reads Automatic1111's (word:1.3) weights and prompts past 77 CLIP tokens (SD, SDXL:
+    # gpu_worker/prompt_embeds.py); elsewhere brackets are text.
+    prompt_weighting: bool = False
     resolution_binning: bool = False  # the family snaps sizes to trained aspect buckets
     legacy_callback: bool = False  # progress through callback=/callback_steps, not _on_step_end
     decoder_steps: int = 0  # two-stage pipelines: the second stage's fixed step count
@@ -126,10 +129,11 @@ def _family(family: str, pipeline: str, **fields: Any) -> ModelSpec:
 FAMILIES: dict[str, ModelSpec] = {f.pipeline: f for f in (
     _family("sd", "StableDiffusionPipeline", default_size=(512, 512), size_multiple=8,
             max_pixels=1024 * 1024, default_steps=30, default_guidance=7.5, dtype="float16",
+            prompt_weighting=True,
             edit_pipeline="StableDiffusionImg2ImgPipeline",
             inpaint_pipeline="StableDiffusionInpaintPipeline", strength_floors=True),
     _family("sdxl", "StableDiffusionXLPipeline", size_multiple=8, default_steps=30,
-            default_guidance=6.0, dtype="float16",
+            default_guidance=6.0, dtype="float16", prompt_weighting=True,
             edit_pipeline="StableDiffusionXLImg2ImgPipeline",
             inpaint_pipeline="StableDiffusionXLInpaintPipeline", strength_floors=True),
     _family("sd3", "StableDiffusion3Pipeline", default_steps=28, default_guidance=3.5,
@@ -198,7 +202,7 @@ _ENTRIES: tuple[ModelSpec, ...] = (
         name=TINY, repo="", family="tiny", pipeline="StableDiffusionPipeline",
         default_size=(256, 256), size_multiple=8, min_pixels=8 * 8, max_pixels=1024 * 1024,
         default_steps=4, max_steps=50, default_guidance=5.0, dtype="float32",
-        edit_pipeline="StableDiffusionImg2ImgPipeline",
+        prompt_weighting=True, edit_pipeline="StableDiffusionImg2ImgPipeline",
         inpaint_pipeline="StableDiffusionInpaintPipeline", strength_floors=True,
         description="built-in miniature pipeline with random weights: it makes noise, for "
                     "tests and machines without a GPU",

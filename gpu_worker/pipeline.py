@@ -20,6 +20,7 @@ from gpu_worker.editing import EditInputs, EditPipelines, composite, usable_mode
 from gpu_worker.loras import AdapterFile, LoraLibrary
 from gpu_worker.models import ModelSpec
 from gpu_worker.preview import PreviewMaker, preview_steps
+from gpu_worker.prompt_embeds import PromptEncoder
 from gpu_worker.prompts import truncation_warnings
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class PipelineRunner:
                                  max_bytes=options.lora_cache_bytes)
         self._trained_sample_size: int | None = getattr(self.pipe, "default_sample_size", None)
         self.spec = usable_modes(self._fit_spec(spec), self.pipe)
+        self.prompt_encoder = PromptEncoder(self.pipe) if self.spec.prompt_weighting else None
         self.edits = EditPipelines(self.pipe, self.spec)
         self.previews = PreviewMaker(self.pipe, self.spec.family, offloaded=options.offload)
         self._preview_failed = False
@@ -128,6 +130,8 @@ class PipelineRunner:
             spec = spec.with_defaults(resolution_binning=False, allowed_sizes=())
         if spec.allowed_sizes and not self._binning_fits():
             spec = spec.with_defaults(allowed_sizes=())
+        if spec.prompt_weighting and not PromptEncoder.fits(self.pipe):
+            spec = spec.with_defaults(prompt_weighting=False)  # not the CLIP encoders it reads
         if spec.sized_by_area:
             side = self.pipe.default_sample_size * self.pipe.vae_scale_factor
             spec = spec.with_defaults(max_pixels=min(spec.max_pixels, side * side))
@@ -202,8 +206,8 @@ class PipelineRunner:
 
     def prompt_warnings(self, job: JobSpec) -> list[str]:
         """What the client should know of how its prompts were read (cut short by CLIP)."""
-        return truncation_warnings(self.pipe, job, model=self.spec.name,
-                                   long_encoder=self.spec.max_sequence_length is not None)
+        reads_all = self.spec.max_sequence_length is not None or self.spec.prompt_weighting
+        return truncation_warnings(self.pipe, job, model=self.spec.name, long_encoder=reads_all)
 
     def total_steps(self, job: JobSpec) -> int:
         """Denoising steps the job reports progress for (both stages of a two-stage model;
@@ -231,11 +235,17 @@ class PipelineRunner:
         """
         head = jobs[0]
         if head.mode == "edit" and self.spec.edit_by_reference and len(jobs) > 1:
-            return self._one_by_one(jobs, on_step, inputs or {})
-        pipe = self.edits.for_mode(head.mode)
+            return self._in_turn(jobs, [[job] for job in jobs], on_step, inputs or {})
         self.loras.apply(head.loras)  # the batch key makes every job's adapters the same
+        if self.prompt_encoder is not None and len(jobs) > 1:
+            groups = self.prompt_encoder.groups(jobs)
+            if len(groups) > 1:  # prompts of different lengths would pad each other
+                return self._in_turn(jobs, groups, on_step, inputs or {})
+        pipe = self.edits.for_mode(head.mode)
         params = set(inspect.signature(pipe.__call__).parameters)
         kwargs = self._call_kwargs(jobs, params, per_image=head.mode != "generate")
+        if self.prompt_encoder is not None:
+            kwargs.update(self._prompt_embeds(jobs, kwargs))
         if head.inputs:
             kwargs.update(self._edit_kwargs(jobs, inputs or {}, params))
         if on_step is not None:
@@ -254,23 +264,45 @@ class PipelineRunner:
             start += job.n
         return split
 
-    def _one_by_one(self, jobs: list[JobSpec], on_step: StepCallback | None,
-                    inputs: Mapping[str, EditInputs]) -> list[list[Image.Image]]:
-        """Jobs whose inputs a pipeline call cannot tell apart (Klein's references are the
-        whole call's), one call each; progress counts across them."""
-        made: list[list[Image.Image]] = []
-        for index, job in enumerate(jobs):
-            before = sum(earlier.n for earlier in jobs[:index])  # images of the jobs before
+    def _in_turn(self, jobs: list[JobSpec], groups: list[list[JobSpec]],
+                 on_step: StepCallback | None, inputs: Mapping[str, EditInputs]
+                 ) -> list[list[Image.Image]]:
+        """A batch that cannot be one pipeline call, one call per group of its jobs: Klein's
+        references are the whole call's, so its edits go one by one; prompts of different
+        lengths would pad each other. Progress counts across the calls, and each preview
+        goes where its image is in the whole batch."""
+        first_image, images_before = {}, 0
+        for job in jobs:
+            first_image[job.id] = images_before
+            images_before += job.n
+        made: dict[str, list[Image.Image]] = {}
+        for index, group in enumerate(groups):
+            places = [first_image[job.id] + i for job in group for i in range(job.n)]
 
             def step(done: int, total: int, previews: Sequence[Image.Image | None],
-                     offset: int = index, before: int = before) -> bool:
+                     offset: int = index, places: list[int] = places) -> bool:
                 shifted: list[Image.Image | None] = []
-                if previews:  # this job's images come after the earlier jobs' in the batch
-                    shifted = [*([None] * before), *previews]
-                return on_step is None or on_step(offset * total + done, len(jobs) * total,
+                if previews:
+                    shifted = [None] * (max(places) + 1)
+                    for place, preview in zip(places, previews, strict=False):
+                        shifted[place] = preview
+                return on_step is None or on_step(offset * total + done, len(groups) * total,
                                                   shifted)
-            made.extend(self.generate_batch([job], step, inputs))
-        return made
+            for job, images in zip(group, self.generate_batch(group, step, inputs),
+                                   strict=True):
+                made[job.id] = images
+        return [made[job.id] for job in jobs]
+
+    def _prompt_embeds(self, jobs: list[JobSpec], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The prompts as embeddings (weights, long prompts), one row per image: instead of
+        the prompt texts ``kwargs`` holds."""
+        assert self.prompt_encoder is not None
+        for text in ("prompt", "negative_prompt"):
+            kwargs.pop(text, None)
+        guidance = kwargs.get(self.spec.guidance_param)
+        guided = guidance is not None and guidance > 1
+        return {"num_images_per_prompt": 1, **self.prompt_encoder.call_kwargs(
+            jobs, [job.negative_prompt for job in jobs], guided=guided)}
 
     def _edit_kwargs(self, jobs: list[JobSpec], inputs: Mapping[str, EditInputs],
                      params: set[str]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from gpu_worker.link import BrokerLink
 from gpu_worker.loras import AdapterFile, LoraError
 from gpu_worker.marking import Marking
 from gpu_worker.pipeline import Interrupted, LoadOptions, PipelineRunner, StepCallback
+from gpu_worker.prompt_syntax import PromptSyntaxError
 from gpu_worker.stats import StatsRecorder
 
 log = logging.getLogger(__name__)
@@ -322,7 +323,7 @@ class Worker:
                 log.info("job %s interrupted", job.id, extra=logs.job_fields(job))
                 self._answer(job.id, None)
             return
-        except LoraError as exc:  # the request's adapters, not the worker, are at fault
+        except (LoraError, PromptSyntaxError) as exc:  # the request is at fault, not the worker
             for job in jobs:
                 log.warning("job %s: %s", job.id, exc, extra=logs.job_fields(job))
                 self._answer(job.id, protocol.failed(job.id, ErrorCode.INVALID_REQUEST,

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
+from gpu_worker import prompt_syntax
 from gpu_worker.models import ModelSpec
 from http_frontend import loras
 from http_frontend.errors import invalid
@@ -233,11 +234,23 @@ def fit_to_model(req: ImageRequest, spec: ModelSpec) -> FittedRequest:
     steps = req.steps if req.steps is not None else spec.default_steps
     if steps > spec.max_steps:
         raise invalid("steps", f"{spec.name} takes at most {spec.max_steps} steps; got {steps}")
+    if spec.prompt_weighting:
+        _check_weights(req)
     warnings: list[str] = []
     if req.negative_prompt and not spec.negative_prompt:
         warnings.append(f"{spec.name} does not use a negative prompt; it was ignored")
     guidance = req.guidance if req.guidance is not None else spec.default_guidance
     return FittedRequest(req, width, height, steps, guidance, tuple(warnings))
+
+
+def _check_weights(req: ImageRequest) -> None:
+    """The (word:1.3) weights of a model that reads them, checked before queueing."""
+    for param, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+        if text:
+            try:
+                prompt_syntax.check(text)
+            except prompt_syntax.PromptSyntaxError as exc:
+                raise invalid(param, f"'{param}': {exc}") from None
 
 
 def images_response(fitted: FittedRequest, *, created: int, model: str,

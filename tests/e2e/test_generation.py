@@ -248,11 +248,31 @@ def test_deadline_gives_504_and_frees_the_worker(cluster: Cluster) -> None:
         assert not any(w["running"] for w in workers)
 
 
-def test_a_prompt_longer_than_clip_reads_is_answered_with_a_warning(cluster: Cluster) -> None:
-    """diffusers silently drops what CLIP cannot read (77 tokens); the tiny model is SD's
-    family, CLIP alone, so the answer says how much of the prompt was read."""
+def test_a_prompt_longer_than_clip_reads_is_read_whole(cluster: Cluster) -> None:
+    """diffusers drops what CLIP cannot read (77 tokens) without a word; the tiny model is
+    SD's family, whose prompts are encoded in chunks: the words past 77 tokens change the
+    image, and nothing is said to have been cut."""
     long_prompt = " ".join(["a red fox in deep snow under a pale winter sky"] * 10)
-    data = generate(cluster, prompt=long_prompt, size="64x64", steps=2)
-    assert any("reads the first 75 (CLIP)" in w for w in data.get("warnings", [])), data
-    short = generate(cluster, size="64x64", steps=2)
-    assert "warnings" not in short
+    data = generate(cluster, prompt=long_prompt, size="64x64", steps=2, seed=5)
+    assert "warnings" not in data
+    longer = generate(cluster, prompt=long_prompt + " at night", size="64x64", steps=2, seed=5)
+    assert longer["data"][0]["b64_json"] != data["data"][0]["b64_json"]
+
+
+def test_automatic1111_weights_through_the_openai_client(cluster: Cluster) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
+
+    def made(prompt: str) -> bytes:
+        """The pixels: the PNG's metadata holds the prompt as written."""
+        result = client.images.generate(model="tiny", prompt=prompt, size="64x64",
+                                        extra_body={"seed": 9, "steps": 2})
+        assert result.data and result.data[0].b64_json
+        return decode({"b64_json": result.data[0].b64_json}).tobytes()
+
+    plain = made("a red fox in snow")
+    weighted = made("a (red fox:1.5) in [snow]")
+    assert weighted != plain and weighted == made("a (red fox:1.5) in [snow]")
+    assert made("a (red fox:1) in snow") == plain  # a weight of 1 is no weight
+    with pytest.raises(openai.BadRequestError) as info:
+        made("a (red fox:25) in snow")
+    assert info.value.body["param"] == "prompt" and "from 0 to 10" in info.value.message

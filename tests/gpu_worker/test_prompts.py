@@ -22,10 +22,25 @@ LONG = " ".join(["a red lighthouse on a rocky shore at dusk"] * 12)  # ~110 CLIP
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory: pytest.TempPathFactory) -> PipelineRunner:
+def sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path: Path = tmp_path_factory.mktemp("sd") / "model"
     build_tiny_pipeline().save_pretrained(path)
-    return PipelineRunner(models.resolve(str(path)), LoadOptions(threads=1))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runner(sd_path: Path) -> PipelineRunner:
+    """A CLIP-only model that reads no weights (as Stable Cascade): it cuts prompts short."""
+    spec = models.resolve(str(sd_path)).with_defaults(prompt_weighting=False)
+    made = PipelineRunner(spec, LoadOptions(threads=1))
+    assert made.prompt_encoder is None
+    return made
+
+
+def test_sd_reads_the_whole_prompt_and_says_nothing(sd_path: Path) -> None:
+    weighing = PipelineRunner(models.resolve(str(sd_path)), LoadOptions(threads=1))
+    assert weighing.spec.prompt_weighting
+    assert weighing.prompt_warnings(job(LONG)) == []
 
 
 def job(prompt: str, negative: str | None = None) -> JobSpec:

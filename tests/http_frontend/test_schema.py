@@ -480,3 +480,21 @@ def test_a_nul_character_in_any_string_field_is_a_400_naming_it(field) -> None:
     error = assert_bad(lambda: schema.parse_request(
         body(**{**_STRING_FIELDS, field: valid[:2] + "\x00" + valid[2:]})), field)
     assert "NUL" in error.message and "position 2" in error.message
+
+
+# ------------------------------------------------------------------------ prompt weighting
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+@pytest.mark.parametrize("spec", [TINY, SDXL], ids=["tiny", "sdxl"])
+def test_weights_a_model_reads_are_checked_before_queueing(spec, field):
+    error = assert_bad(lambda: fit(spec, **{field: "a (lighthouse:12) at dusk"}), field)
+    assert "lighthouse" in error.message and "from 0 to 10" in error.message
+    too_many = ", ".join(f"[w{i}]" for i in range(17))
+    assert "at most 16" in assert_bad(lambda: fit(spec, **{field: too_many}), field).message
+    assert fit(spec, **{field: "a (lighthouse:1.4) [at dusk]"}).request
+
+
+def test_a_model_that_reads_no_weights_takes_brackets_as_text():
+    assert not FLUX.prompt_weighting
+    assert fit(FLUX, prompt="a (lighthouse:12) at dusk").request.prompt \
+        == "a (lighthouse:12) at dusk"
