@@ -15,6 +15,13 @@ against one denoising step of the same pipeline at 512² (the ``step`` column), 
 says what a switch costs a batch. The tiny model's adapters are miniatures: a real model's
 load reads and places far more weights (tens to hundreds of MB).
 
+Then whether fusing would pay for a long run of one set: a denoising step with the set
+active as workers run it (unfused: each adapted projection adds its low-rank product), with
+the set fused into the weights (``fuse_lora``: no extra work per step), and with none; and
+what fusing and unfusing once cost. Workers never fuse: unfusing does not restore the base
+weights bit for bit, and a request without adapters must get the base model's exact bytes.
+The break-even run length (steps) is the fuse + unfuse cost over the step time saved.
+
     .venv/bin/python bench/loras.py                      # CPU, tiny, about 30 s
     .venv/bin/python bench/loras.py --device cuda --model sd-1.5
 """
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -87,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         cycle.reverse()
         single.apply(((cycle[0], 1.0),))
 
+    fusing = fused_or_not(runner, first, args.device, args.repeats)
     switch_s = median_seconds(switch, args.device, args.repeats)
     base_s = median_seconds(to_base_and_back, args.device, args.repeats) / 2
     load_s = median_seconds(load, args.device, args.repeats)
@@ -101,7 +110,60 @@ def main(argv: list[str] | None = None) -> int:
     print(table(["between batches", "ms", "step ms (512²)", "of a step"], rows))
     print("\nswitch: between two loaded sets; to base: to none (the base model's exact "
           "weights); load: an adapter not in memory, evicting another.")
+    print_fusing(fusing)
     return 0
+
+
+def fused_or_not(runner: Any, loras: tuple[tuple[str, float], ...], device: str,
+                 repeats: int, rounds: int = 3) -> dict[str, float]:
+    """Step seconds at 512² with ``loras`` unfused, fused and with none (each the median of
+    ``rounds``, taken in turn so that a busy machine weighs on all three alike); fuse +
+    unfuse seconds. Leaves the runner with no adapter active and none fused."""
+    library, pipe = runner.loras, runner.pipe
+    library.apply(loras)
+
+    def fuse_and_unfuse() -> None:
+        pipe.fuse_lora(lora_scale=1.0)
+        pipe.unfuse_lora()
+
+    cycle = median_seconds(fuse_and_unfuse, device, repeats)
+    taken: dict[str, list[float]] = {"unfused": [], "fused": [], "base": []}
+    for _ in range(rounds):
+        library.apply(loras)
+        taken["unfused"].append(step_seconds(runner, 1, 512, device, loras=loras))
+        pipe.fuse_lora(lora_scale=1.0)
+        # The library would set the adapters again, which unmerges them (PEFT): not now.
+        runner.loras = _Unchanging()
+        try:
+            taken["fused"].append(step_seconds(runner, 1, 512, device, loras=loras))
+        finally:
+            runner.loras = library
+            pipe.unfuse_lora()
+        library.apply(())
+        taken["base"].append(step_seconds(runner, 1, 512, device))
+    found = {name: statistics.median(values) for name, values in taken.items()}
+    return {**found, "fuse + unfuse": cycle}
+
+
+class _Unchanging:
+    """A LoRA library that leaves the pipeline's adapters as they are."""
+
+    def apply(self, loras: tuple[tuple[str, float], ...]) -> None:
+        pass
+
+
+def print_fusing(seconds: dict[str, float]) -> None:
+    base = seconds["base"]
+    print_header("One adapter set for a long run: fused or not (512², one image)")
+    rows = [[name, f"{seconds[name] * 1000:.1f}", f"{seconds[name] / base:.3f}"]
+            for name in ("unfused", "fused", "base")]
+    print(table(["step with the set", "ms", "x base"], rows))
+    saved = seconds["unfused"] - seconds["fused"]
+    cycle = seconds["fuse + unfuse"]
+    verdict = (f"fusing pays after {cycle / saved:.0f} steps of one set" if saved > 0
+               else "fusing saves nothing measurable here")
+    print(f"\nfuse + unfuse once: {cycle * 1000:.1f} ms; a step saves {saved * 1000:.2f} ms "
+          f"fused: {verdict}.")
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SHAPES = ((1, 256), (1, 512), (4, 512), (1, 1024))
 
 
-def step_seconds(runner: Any, batch: int, side: int, device: str) -> float:
-    """The median denoising step of a real generation at this size."""
+def step_seconds(runner: Any, batch: int, side: int, device: str,
+                 loras: tuple[tuple[str, float], ...] = ()) -> float:
+    """The median denoising step of a real generation at this size (with ``loras``)."""
     from broker.protocol import JobSpec
 
     stamps: list[float] = []
@@ -49,7 +50,7 @@ def step_seconds(runner: Any, batch: int, side: int, device: str) -> float:
 
     job = JobSpec(id="bench", model=runner.spec.name, prompt="a lighthouse", width=side,
                   height=side, steps=6, seeds=tuple(range(batch)),
-                  guidance=runner.spec.default_guidance)
+                  guidance=runner.spec.default_guidance, loras=loras)
     runner.generate(job, on_step)
     return statistics.median(b - a for a, b in itertools.pairwise(stamps))
 
