@@ -20,8 +20,8 @@ from gpu_worker.editing import EditInputs, EditPipelines, composite, usable_mode
 from gpu_worker.loras import AdapterFile, LoraLibrary
 from gpu_worker.models import ModelSpec
 from gpu_worker.preview import PreviewMaker, preview_steps
-from gpu_worker.prompt_embeds import PromptEncoder
-from gpu_worker.prompts import truncation_warnings
+from gpu_worker.prompt_embeds import MAX_TOKENS, PromptEncoder
+from gpu_worker.prompts import cut_warnings, truncation_warnings
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +206,11 @@ class PipelineRunner:
 
     def prompt_warnings(self, job: JobSpec) -> list[str]:
         """What the client should know of how its prompts were read (cut short by CLIP)."""
-        reads_all = self.spec.max_sequence_length is not None or self.spec.prompt_weighting
-        return truncation_warnings(self.pipe, job, model=self.spec.name, long_encoder=reads_all)
+        if self.prompt_encoder is not None:  # in chunks, up to its own limit
+            return cut_warnings(job, model=self.spec.name, tokens=self.prompt_encoder.tokens,
+                                limit=MAX_TOKENS, reader="CLIP, in chunks of 75")
+        return truncation_warnings(self.pipe, job, model=self.spec.name,
+                                   long_encoder=self.spec.max_sequence_length is not None)
 
     def total_steps(self, job: JobSpec) -> int:
         """Denoising steps the job reports progress for (both stages of a two-stage model;

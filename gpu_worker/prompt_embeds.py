@@ -33,6 +33,10 @@ from broker.protocol import JobSpec
 from gpu_worker import prompt_syntax
 from gpu_worker.prompt_syntax import Fragment
 
+# Tokens of a prompt read at most, 8 chunks of 75: each chunk is a text-encoder pass (and one
+# more per part weighed below 1), and the denoiser attends to every token at every step.
+MAX_TOKENS = 8 * 75
+
 
 @dataclass(frozen=True)
 class _Encoded:
@@ -68,8 +72,16 @@ class PromptEncoder:
 
     def _length(self, compels: list[Any], job: JobSpec) -> int:
         texts = [job.prompt] + ([job.negative_prompt] if job.negative_prompt else [])
-        return max(_token_count(compel, prompt_syntax.parse(text))
+        return max(_token_count(compel, _capped(compels[0], prompt_syntax.parse(text)))
                    for compel in compels for text in texts)
+
+    def tokens(self, text: str) -> int:
+        """How many tokens ``text``'s words take (its weighting syntax aside)."""
+        compel = self._compels()[0]
+        fragments = prompt_syntax.parse(text)
+        ids = compel.conditioning_provider.get_token_ids(
+            [f.text for f in fragments], include_start_and_end_markers=False)
+        return sum(len(part) for part in ids)
 
     # ---------------------------------------------------------------- embeddings
 
@@ -89,7 +101,7 @@ class PromptEncoder:
 
     def _job(self, compels: list[Any], prompt: str, negative: str | None, *,
              guided: bool) -> dict[str, torch.Tensor]:
-        positive = self._encode(compels, prompt_syntax.check(prompt))
+        positive = self._encode(compels, self._read(compels, prompt))
         found: dict[str, torch.Tensor] = {"prompt_embeds": positive.embeds}
         if positive.pooled is not None:
             found["pooled_prompt_embeds"] = positive.pooled
@@ -101,13 +113,17 @@ class PromptEncoder:
                                      None if positive.pooled is None
                                      else torch.zeros_like(positive.pooled))
         else:
-            unconditional = self._encode(compels, prompt_syntax.check(negative or ""))
+            unconditional = self._encode(compels, self._read(compels, negative or ""))
         length = max(positive.embeds.shape[1], unconditional.embeds.shape[1])
         found["prompt_embeds"] = self._padded(compels, positive.embeds, length)
         found["negative_prompt_embeds"] = self._padded(compels, unconditional.embeds, length)
         if unconditional.pooled is not None:
             found["negative_pooled_prompt_embeds"] = unconditional.pooled
         return found
+
+    @staticmethod
+    def _read(compels: list[Any], text: str) -> list[Fragment]:
+        return _capped(compels[0], prompt_syntax.check(text))
 
     def _encode(self, compels: list[Any], fragments: list[Fragment]) -> _Encoded:
         texts = [[f.text for f in fragments]]
@@ -152,6 +168,24 @@ class PromptEncoder:
                 for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder),
                                            (pipe.tokenizer_2, pipe.text_encoder_2))
                 if encoder is not None]
+
+
+def _capped(compel: Any, fragments: list[Fragment]) -> list[Fragment]:
+    """The fragments within MAX_TOKENS: the fragment that crosses it is cut at a token."""
+    ids = compel.conditioning_provider.get_token_ids([f.text for f in fragments],
+                                                     include_start_and_end_markers=False)
+    if sum(len(part) for part in ids) <= MAX_TOKENS:
+        return fragments
+    kept: list[Fragment] = []
+    room = MAX_TOKENS
+    for fragment, part in zip(fragments, ids, strict=True):
+        if len(part) > room:
+            text = compel.conditioning_provider.tokenizer.decode(part[:room])
+            kept.append(Fragment(text, fragment.weight))
+            break
+        kept.append(fragment)
+        room -= len(part)
+    return kept
 
 
 def _token_count(compel: Any, fragments: list[Fragment]) -> int:

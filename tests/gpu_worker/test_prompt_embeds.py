@@ -17,6 +17,7 @@ import torch
 from broker.protocol import JobSpec
 from gpu_worker import models
 from gpu_worker.pipeline import LoadOptions, PipelineRunner
+from gpu_worker.prompt_embeds import MAX_TOKENS
 from gpu_worker.prompt_syntax import MAX_DOWNWEIGHTED, PromptSyntaxError
 from tests.gpu_worker.families import sd as sd_family
 from tests.gpu_worker.families import sdxl as sdxl_family
@@ -143,3 +144,18 @@ def test_too_many_downweighted_parts_fail_the_job(sd: PipelineRunner) -> None:
     prompt = ", ".join(f"[word{i}]" for i in range(MAX_DOWNWEIGHTED + 1))
     with pytest.raises(PromptSyntaxError):
         sd.generate(job(prompt))
+
+
+def test_a_prompt_is_read_up_to_its_limit_and_the_rest_is_said_to_be_ignored(
+        sd: PipelineRunner) -> None:
+    """Chunks cost the text encoder a pass each and the denoiser attends to every token:
+    past MAX_TOKENS the rest is cut, and the answer says so."""
+    huge = " ".join(["a red lighthouse on a rocky shore at dusk"] * 80)  # ~800 tokens
+    encoder = sd.prompt_encoder
+    assert encoder is not None and encoder.tokens(huge) > MAX_TOKENS
+    assert np.array_equal(pixels(sd, huge), pixels(sd, huge + " under deep snow"))
+    [warning] = sd.prompt_warnings(job(huge))
+    assert f"reads the first {MAX_TOKENS}" in warning and "the prompt is" in warning
+    [[only]] = encoder.groups([job(huge)])
+    made = encoder.call_kwargs([only], [None], guided=True)
+    assert made["prompt_embeds"].shape[1] <= 77 * (MAX_TOKENS // 75 + 1)
