@@ -38,52 +38,72 @@ class PromptSyntaxError(ValueError):
 def parse(prompt: str) -> list[Fragment]:
     """The prompt as text fragments with weights, neighbours of equal weight merged.
 
-    A prompt without weighting syntax is one fragment of weight 1: exactly its text.
+    A prompt without weighting syntax is one fragment of weight 1: exactly its text. Linear
+    in the prompt's length however its brackets nest: groups are recorded as ranges and their
+    weights swept in once.
     """
-    pieces: list[tuple[str, float]] = []
-    opened: dict[str, list[int]] = {"(": [], "[": []}  # where each open group's text starts
+    text: list[str] = []  # the prompt's characters, syntax taken out
+    groups: list[tuple[int, int, float]] = []  # (start, end, weight) over ``text``
+    opened: dict[str, list[int]] = {"(": [], "[": []}  # where each open group starts
     at = 0
     while at < len(prompt):
         char, pair = prompt[at], prompt[at:at + 2]
         explicit = _EXPLICIT.match(prompt, at) if char == ":" and opened["("] else None
         if pair in _ESCAPES:
-            pieces.append((_ESCAPES[pair], 1.0))
+            text.append(_ESCAPES[pair])
             at += 2
             continue
         if explicit:
-            _multiply(pieces, opened["("].pop(), float(explicit.group(1)))
+            groups.append((opened["("].pop(), len(text), float(explicit.group(1))))
             at = explicit.end()
             continue
         if char in opened:
-            opened[char].append(len(pieces))
+            opened[char].append(len(text))
         elif char == ")" and opened["("]:
-            _multiply(pieces, opened["("].pop(), UP)
+            groups.append((opened["("].pop(), len(text), UP))
         elif char == "]" and opened["["]:
-            _multiply(pieces, opened["["].pop(), 1 / UP)
+            groups.append((opened["["].pop(), len(text), 1 / UP))
         else:
-            pieces.append((char, 1.0))
+            text.append(char)
         at += 1
-    for start in opened["("]:  # left open: to the end
-        _multiply(pieces, start, UP)
-    for start in opened["["]:
-        _multiply(pieces, start, 1 / UP)
-    return _merged(pieces)
+    groups += [(start, len(text), UP) for start in opened["("]]  # left open: to the end
+    groups += [(start, len(text), 1 / UP) for start in opened["["]]
+    return _merged(text, _weights(len(text), groups))
 
 
-def _multiply(pieces: list[tuple[str, float]], start: int, weight: float) -> None:
-    pieces[start:] = [(text, old * weight) for text, old in pieces[start:]]
+def _weights(length: int, groups: list[tuple[int, int, float]]) -> list[float]:
+    """Each character's weight: the product of the groups around it."""
+    starts: dict[int, list[float]] = {}
+    ends: dict[int, list[float]] = {}
+    for start, end, weight in groups:
+        starts.setdefault(start, []).append(weight)
+        ends.setdefault(end, []).append(weight)
+    weights, product, zeros = [], 1.0, 0  # a zero weight is counted, not divided by
+    for at in range(length):
+        for weight in ends.get(at, ()):
+            zeros, product = (zeros - 1, product) if weight == 0 else (zeros, product / weight)
+        for weight in starts.get(at, ()):
+            zeros, product = (zeros + 1, product) if weight == 0 else (zeros, product * weight)
+        # Rounded, so that a group closed is exactly gone (1.1 x 1.3 / 1.1 is not 1.3).
+        weights.append(0.0 if zeros else round(product, 9))
+    return weights
 
 
-def _merged(pieces: list[tuple[str, float]]) -> list[Fragment]:
+def _merged(text: list[str], weights: list[float]) -> list[Fragment]:
     fragments: list[Fragment] = []
-    for text, weight in pieces:
-        if not text.strip():  # a space weighs nothing: it joins the words before it
-            weight = fragments[-1].weight if fragments else 1.0
-        if fragments and fragments[-1].weight == weight:
-            fragments[-1] = Fragment(fragments[-1].text + text, weight)
-        else:
-            fragments.append(Fragment(text, weight))
-    return fragments or [Fragment("", 1.0)]
+    run: list[str] = []  # the characters of the fragment being gathered
+    run_weight = 1.0
+    for char, weight in zip(text, weights, strict=True):
+        if not char.strip():  # a space weighs nothing: it joins the words before it
+            weight = run_weight
+        if run and weight != run_weight:
+            fragments.append(Fragment("".join(run), run_weight))
+            run = []
+        run.append(char)
+        run_weight = weight
+    if run or not fragments:
+        fragments.append(Fragment("".join(run), run_weight))
+    return fragments
 
 
 def check(prompt: str) -> list[Fragment]:
