@@ -105,7 +105,7 @@ def check_available(status: ClusterStatus | None, model: str,
     if not any(wanted <= held for held in sets):
         raise invalid("loras", f"no single worker of {model} has all of "
                                f"{', '.join(sorted(wanted))}: use fewer at once, or put "
-                               f"them all in one worker's LoRA folder")
+                               f"them all to one worker (--lora-dir, --lora-repo)")
 
 
 def _announced(worker: dict[str, Any]) -> dict[str, Any]:
