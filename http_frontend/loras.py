@@ -104,7 +104,7 @@ def check_available(status: ClusterStatus | None, model: str,
     wanted = {name for name, _ in uses}
     if not any(wanted <= held for held in sets):
         raise invalid("loras", f"no single worker of {model} has all of "
-                               f"{', '.join(sorted(wanted))}: use fewer at once, or put "
+                               f"{', '.join(sorted(wanted))}: use fewer at once, or give "
                                f"them all to one worker (--lora-dir, --lora-repo)")
 
 
