@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from broker.protocol import JobSpec
-from gpu_worker import models
+from gpu_worker import models, prompt_syntax
 from gpu_worker.editing import EditInputs, EditPipelines, composite, usable_modes
 from gpu_worker.loras import AdapterFile, LoraLibrary
 from gpu_worker.models import ModelSpec
@@ -212,6 +212,19 @@ class PipelineRunner:
         return truncation_warnings(self.pipe, job, model=self.spec.name,
                                    long_encoder=self.spec.max_sequence_length is not None)
 
+    def prompt_error(self, job: JobSpec) -> str | None:
+        """Why ``job``'s prompts cannot be read here (weights out of range: a frontend that
+        did not check them), or None. Checked per job, before its batch runs, so that one
+        job's prompt never fails the others."""
+        if self.prompt_encoder is None:
+            return None
+        for text in (job.prompt, job.negative_prompt or ""):
+            try:
+                prompt_syntax.check(text)
+            except prompt_syntax.PromptSyntaxError as exc:
+                return str(exc)
+        return None
+
     def total_steps(self, job: JobSpec) -> int:
         """Denoising steps the job reports progress for (both stages of a two-stage model;
         of an edit, those its strength runs)."""
@@ -240,15 +253,16 @@ class PipelineRunner:
         if head.mode == "edit" and self.spec.edit_by_reference and len(jobs) > 1:
             return self._in_turn(jobs, [[job] for job in jobs], on_step, inputs or {})
         self.loras.apply(head.loras)  # the batch key makes every job's adapters the same
+        pipe = self.edits.for_mode(head.mode)
+        signature = inspect.signature(pipe.__call__).parameters
         if self.prompt_encoder is not None and len(jobs) > 1:
-            groups = self.prompt_encoder.groups(jobs)
+            groups = self.prompt_encoder.groups(jobs, guided=self._guided(head, signature))
             if len(groups) > 1:  # prompts of different lengths would pad each other
                 return self._in_turn(jobs, groups, on_step, inputs or {})
-        pipe = self.edits.for_mode(head.mode)
-        params = set(inspect.signature(pipe.__call__).parameters)
+        params = set(signature)
         kwargs = self._call_kwargs(jobs, params, per_image=head.mode != "generate")
         if self.prompt_encoder is not None:
-            kwargs.update(self._prompt_embeds(jobs, kwargs))
+            kwargs.update(self._prompt_embeds(jobs, kwargs, self._guided(head, signature)))
         if head.inputs:
             kwargs.update(self._edit_kwargs(jobs, inputs or {}, params))
         if on_step is not None:
@@ -296,14 +310,21 @@ class PipelineRunner:
                 made[job.id] = images
         return [made[job.id] for job in jobs]
 
-    def _prompt_embeds(self, jobs: list[JobSpec], kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _guided(self, job: JobSpec, signature: Mapping[str, inspect.Parameter]) -> bool:
+        """Whether the call runs classifier-free guidance, so needs negative embeddings: the
+        job's guidance, else the pipeline's own default (the batch key makes it the batch's)."""
+        guidance: Any = job.guidance
+        if guidance is None and self.spec.guidance_param in signature:
+            guidance = signature[self.spec.guidance_param].default
+        return isinstance(guidance, (int, float)) and guidance > 1
+
+    def _prompt_embeds(self, jobs: list[JobSpec], kwargs: dict[str, Any],
+                       guided: bool) -> dict[str, Any]:
         """The prompts as embeddings (weights, long prompts), one row per image: instead of
         the prompt texts ``kwargs`` holds."""
         assert self.prompt_encoder is not None
         for text in ("prompt", "negative_prompt"):
             kwargs.pop(text, None)
-        guidance = kwargs.get(self.spec.guidance_param)
-        guided = guidance is not None and guidance > 1
         return {"num_images_per_prompt": 1, **self.prompt_encoder.call_kwargs(
             jobs, [job.negative_prompt for job in jobs], guided=guided)}
 

@@ -62,16 +62,19 @@ class PromptEncoder:
 
     # ---------------------------------------------------------------- lengths
 
-    def groups(self, jobs: Sequence[JobSpec]) -> list[list[JobSpec]]:
-        """The jobs split by the length their embeddings take, in order of first seen."""
+    def groups(self, jobs: Sequence[JobSpec], *, guided: bool) -> list[list[JobSpec]]:
+        """The jobs split by the length their embeddings take, in order of first seen.
+        ``guided`` as for ``call_kwargs``."""
         compels = self._compels()
         by_length: dict[int, list[JobSpec]] = {}
         for job in jobs:
-            by_length.setdefault(self._length(compels, job), []).append(job)
+            by_length.setdefault(self._length(compels, job, guided), []).append(job)
         return list(by_length.values())
 
-    def _length(self, compels: list[Any], job: JobSpec) -> int:
-        texts = [job.prompt] + ([job.negative_prompt] if job.negative_prompt else [])
+    def _length(self, compels: list[Any], job: JobSpec, guided: bool) -> int:
+        # Without guidance the negative prompt is not encoded, so it must not count: a long
+        # one would put the job in a group whose length its embeddings do not have.
+        texts = [job.prompt] + ([job.negative_prompt] if job.negative_prompt and guided else [])
         return max(_token_count(compel, _capped(compels[0], prompt_syntax.parse(text)))
                    for compel in compels for text in texts)
 
@@ -107,7 +110,7 @@ class PromptEncoder:
             found["pooled_prompt_embeds"] = positive.pooled
         if not guided:
             return found
-        if negative is None and self.xl and self._zeros_for_empty():
+        if not negative and self.xl and self._zeros_for_empty():  # "" is no negative either
             # The positive's own shape, so never padded.
             unconditional = _Encoded(torch.zeros_like(positive.embeds),
                                      None if positive.pooled is None
@@ -180,8 +183,15 @@ def _capped(compel: Any, fragments: list[Fragment]) -> list[Fragment]:
     room = MAX_TOKENS
     for fragment, part in zip(fragments, ids, strict=True):
         if len(part) > room:
-            text = compel.conditioning_provider.tokenizer.decode(part[:room])
-            kept.append(Fragment(text, fragment.weight))
+            # Decoded tokens read again need not be the same tokens (a cut inside a word of
+            # many, or inside a character's bytes, reads as more): cut earlier until they fit.
+            for cut in range(room, 0, -1):
+                text = compel.conditioning_provider.tokenizer.decode(part[:cut])
+                again = compel.conditioning_provider.get_token_ids(
+                    [text], include_start_and_end_markers=False)[0]
+                if len(again) <= room:
+                    kept.append(Fragment(text, fragment.weight))
+                    break
             break
         kept.append(fragment)
         room -= len(part)

@@ -13,6 +13,7 @@ parses them with it before encoding.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -72,20 +73,44 @@ def parse(prompt: str) -> list[Fragment]:
 
 
 def _weights(length: int, groups: list[tuple[int, int, float]]) -> list[float]:
-    """Each character's weight: the product of the groups around it."""
+    """Each character's weight: the product of the groups around it.
+
+    The running product is kept as a mantissa and a binary exponent (math.frexp), so that
+    thousands of nested groups neither overflow to inf nor underflow to 0 on the way: a
+    product that left a float's range could not be divided back when its groups close, and
+    would leak into the words after them."""
     starts: dict[int, list[float]] = {}
     ends: dict[int, list[float]] = {}
     for start, end, weight in groups:
         starts.setdefault(start, []).append(weight)
         ends.setdefault(end, []).append(weight)
-    weights, product, zeros = [], 1.0, 0  # a zero weight is counted, not divided by
+    weights: list[float] = []
+    mantissa, exponent, zeros = 0.5, 1, 0  # 1.0; a zero weight is counted, not divided by
+    infinite = 0  # weights of hundreds of digits read as inf: counted too
     for at in range(length):
-        for weight in ends.get(at, ()):
-            zeros, product = (zeros - 1, product) if weight == 0 else (zeros, product / weight)
-        for weight in starts.get(at, ()):
-            zeros, product = (zeros + 1, product) if weight == 0 else (zeros, product * weight)
-        # Rounded, so that a group closed is exactly gone (1.1 x 1.3 / 1.1 is not 1.3).
-        weights.append(0.0 if zeros else round(product, 9))
+        changes = ([(weight, -1) for weight in ends.get(at, ())]
+                   + [(weight, 1) for weight in starts.get(at, ())]
+                   if at in ends or at in starts else ())
+        for weight, sign in changes:
+            if weight == 0:
+                zeros += sign
+            elif math.isinf(weight):
+                infinite += sign
+            else:
+                part, shift = math.frexp(weight)
+                mantissa, more = math.frexp(mantissa * part if sign > 0 else mantissa / part)
+                exponent += more + sign * shift
+        if zeros:
+            weights.append(0.0)
+        elif infinite:
+            weights.append(math.inf)
+        else:
+            try:
+                product = math.ldexp(mantissa, exponent)  # 0.0 when too small to tell
+            except OverflowError:
+                product = math.inf
+            # Rounded, so that a group closed is exactly gone (1.1 x 1.3 / 1.1 is not 1.3).
+            weights.append(round(product, 9))
     return weights
 
 

@@ -86,6 +86,8 @@ class Runner(Protocol):
                        inputs: Mapping[str, EditInputs] | None = None
                        ) -> list[list[Image.Image]]: ...
 
+    def prompt_error(self, job: JobSpec) -> str | None: ...
+
 
 class Worker:
     """Runs the jobs the broker leases to it and answers each exactly once.
@@ -303,7 +305,7 @@ class Worker:
     def _run_batch(self, batch: list[JobSpec]) -> None:
         """Run jobs that share a batch key as one pipeline call; answer each on its own."""
         assert self.link is not None and self.runner is not None
-        jobs, inputs = self._with_inputs(self._start(batch))
+        jobs, inputs = self._with_inputs(self._readable(self._start(batch)))
         if not jobs:
             return
         for job in jobs:
@@ -351,6 +353,20 @@ class Worker:
         # 2. Encode and answer off this thread, while the device takes the next batch.
         for job, job_images in zip(jobs, images, strict=True):
             self._encoder.submit(self._encode_and_answer, job, job_images, timings, previews)
+
+    def _readable(self, jobs: list[JobSpec]) -> list[JobSpec]:
+        """The jobs whose prompts this model can read; each of the others is answered (weights
+        out of range: never from our frontend, which checked them)."""
+        assert self.runner is not None
+        readable: list[JobSpec] = []
+        for job in jobs:
+            error = self.runner.prompt_error(job)
+            if error is None:
+                readable.append(job)
+                continue
+            log.warning("job %s: %s", job.id, error, extra=logs.job_fields(job))
+            self._answer(job.id, protocol.failed(job.id, ErrorCode.INVALID_REQUEST, error))
+        return readable
 
     def _with_inputs(self, jobs: list[JobSpec]) -> tuple[list[JobSpec], dict[str, EditInputs]]:
         """The jobs whose inputs read, with them; each of the others is answered: its frames

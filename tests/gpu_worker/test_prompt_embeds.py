@@ -107,7 +107,7 @@ def test_a_jobs_embeddings_do_not_depend_on_its_batch(runner: PipelineRunner) ->
     alone = job("a (lighthouse:1.3)", job_id="alone", n=2)
     beside = job("a ship", "fog", job_id="beside")
     for batch in ([alone], [alone, beside], [beside, alone]):
-        groups = encoder.groups(batch)
+        groups = encoder.groups(batch, guided=True)
         assert len(groups) == 1
         made = encoder.call_kwargs(batch, [j.negative_prompt for j in batch], guided=True)
         rows = slice(0, 2) if batch[0] is alone else slice(1, 3)
@@ -127,7 +127,8 @@ def test_prompts_of_different_lengths_run_in_groups_and_answer_in_order(
             job("a ship", job_id="c", seed=3, n=2)]
     encoder = runner.prompt_encoder
     assert encoder is not None
-    assert [[j.id for j in group] for group in encoder.groups(jobs)] == [["a", "c"], ["b"]]
+    groups = encoder.groups(jobs, guided=True)
+    assert [[j.id for j in group] for group in groups] == [["a", "c"], ["b"]]
     progress: list[tuple[int, int]] = []
     batched = runner.generate_batch(
         jobs, lambda done, total, previews: progress.append((done, total)) or True)
@@ -156,6 +157,6 @@ def test_a_prompt_is_read_up_to_its_limit_and_the_rest_is_said_to_be_ignored(
     assert np.array_equal(pixels(sd, huge), pixels(sd, huge + " under deep snow"))
     [warning] = sd.prompt_warnings(job(huge))
     assert f"reads the first {MAX_TOKENS}" in warning and "the prompt is" in warning
-    [[only]] = encoder.groups([job(huge)])
+    [[only]] = encoder.groups([job(huge)], guided=True)
     made = encoder.call_kwargs([only], [None], guided=True)
     assert made["prompt_embeds"].shape[1] <= 77 * (MAX_TOKENS // 75 + 1)

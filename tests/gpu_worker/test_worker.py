@@ -78,6 +78,9 @@ class FakeRunner:
         self.hold = False
         self._go.set()
 
+    def prompt_error(self, job: JobSpec) -> str | None:
+        return "weights run from 0 to 10" if "(x:99)" in job.prompt else None
+
     def generate_batch(self, jobs: list[JobSpec], on_step: StepCallback | None = None,
                        inputs: Any = None) -> list[list[Image.Image]]:
         self.batches.append([job.id for job in jobs])
