@@ -180,6 +180,9 @@ def test_a_repo_not_in_the_cache_is_a_clear_start_up_error(hub_cache: Path) -> N
     ("owner/x:weights.bin", "only .safetensors"),
     ("owner/x:<odd>.safetensors", "not usable"),
     ("not a repo", "cannot be resolved: HFValidationError"),
+    (":x.safetensors", "cannot be resolved: HFValidationError"),
+    ("../../etc", "cannot be resolved: HFValidationError"),
+    ("owner/" + "x" * 300, "not usable"),
 ])
 def test_a_spec_that_cannot_name_an_adapter_is_refused(spec: str, why: str) -> None:
     with pytest.raises(LoraSetupError, match=why):
