@@ -17,6 +17,12 @@ schedule shows up as latency instead of being hidden (no coordinated omission).
 
     .venv/bin/python bench/scheduling.py                 # defaults: about 80-90 s
     .venv/bin/python bench/scheduling.py --workers 4,64 --duration 2 --warmup 0.5   # quick
+    .venv/bin/python bench/scheduling.py --dispatch-only     # fair sharing's cost, seconds
+
+Then, in-process, the broker's dispatch cost under fair sharing (broker/fair_queue.py): the
+same number of queued jobs held by one identity and by many (``--users``, 1,000 by default),
+dispatched one batch at a time as the broker's lease round does (``JobTable.head`` for the
+next job, then ``take_batch``). It prints microseconds per job and the ratio to one identity.
 
 ``_common`` (next to this file) puts the repository root on sys.path, so it is imported
 before the ``broker`` and ``gpu_worker`` packages.
@@ -25,6 +31,7 @@ before the ``broker`` and ``gpu_worker`` packages.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import math
 import os
@@ -51,6 +58,7 @@ from _common import (
 )
 
 from broker import protocol
+from broker.jobs import Job, JobTable
 from broker.protocol import ErrorCode, ImageInfo, JobSpec, MsgType
 
 MODEL = "bench"
@@ -137,7 +145,7 @@ class _SleepWorker:
         self._held: set[str] = set()
         self._cancelled: set[str] = set()
 
-    def on_jobs(self, batch: list[JobSpec]) -> None:
+    def on_jobs(self, batch: list[JobSpec], inputs: Any = ()) -> None:
         with self._lock:
             self._held.update(job.id for job in batch)
         self._batches.put(batch)
@@ -629,6 +637,52 @@ def targets(by_key: dict[tuple[int, str, str], Outcome]) -> None:
 # ------------------------------------------------------------------------------ main
 
 
+# ------------------------------------------------------------------------------ fair sharing
+
+
+def _dispatch_cost(identities: int, jobs: int, max_batch: int) -> tuple[float, int, float]:
+    """Microseconds per job to dispatch ``jobs`` queued jobs spread over ``identities``, the
+    batches it took, and microseconds per job to queue them (``add`` tells each its fair
+    place): JobTable alone, as the broker thread drives it."""
+    table = JobTable(max_queue=jobs, max_attempts=3)
+    spec = JobSpec(id="x", model=MODEL, prompt="p", width=512, height=512, steps=20,
+                   seeds=(1,))
+    queued = time.perf_counter()
+    for i in range(jobs):  # round-robin arrivals: every identity has jobs queued throughout
+        tenant = f"user-{i % identities}"
+        table.add(Job(spec=dataclasses.replace(spec, id=f"j{i}", tenant=tenant),
+                      client=b"c", deadline=1e9))
+    add_cost = (time.perf_counter() - queued) / jobs * 1e6
+    batches = 0
+    started = time.perf_counter()
+    while table.queue_depth(MODEL):
+        table.head(MODEL, 1)  # _next_worker looks at the next job's adapters first
+        table.take_batch(MODEL, b"w", max_batch)
+        batches += 1
+    return (time.perf_counter() - started) / jobs * 1e6, batches, add_cost
+
+
+def dispatch_report(args: argparse.Namespace) -> None:
+    """Print the dispatch cost with many identities queued against one identity."""
+    print(f"\nbroker dispatch cost under fair sharing ({args.fair_jobs:,} queued jobs, "
+          f"in-process JobTable, best of 3):")
+    rows = []
+    for max_batch in (1, 4):
+        base = 0.0
+        for identities in sorted({1, 10, args.users}):
+            cost, batches, add_cost = min(_dispatch_cost(identities, args.fair_jobs, max_batch)
+                                          for _ in range(3))
+            base = base or cost
+            rows.append([identities, max_batch, batches, f"{cost:.1f}", f"{cost / base:.2f}",
+                         f"{add_cost:.1f}"])
+    print(table(["identities", "max_batch", "batches", "dispatch us/job", "vs 1 identity",
+                 "queue us/job"], rows))
+    print("  dispatch us/job = JobTable.head(model, 1) + take_batch per batch, over the jobs "
+          "it took; the ratio is the price of sharing among that many identities")
+    print("  queue us/job = JobTable.add, which finds the job's place in fair order among "
+          "the first 32 (the broker tells it on ACCEPTED)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Scheduling efficiency: throughput and latency of the broker against "
@@ -668,6 +722,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the broker's queue limit per model (its default: 256)")
     parser.add_argument("--lag-limit", type=float, default=5.0,
                         help="flag runs whose submit lag p99 exceeds this many ms")
+    parser.add_argument("--users", type=int, default=1000,
+                        help="identities with jobs queued in the dispatch-cost case")
+    parser.add_argument("--fair-jobs", type=int, default=20_000,
+                        help="queued jobs in the dispatch-cost case")
+    parser.add_argument("--dispatch-only", action="store_true",
+                        help="only measure the dispatch cost under fair sharing (seconds)")
     parser.add_argument("--profile-broker", metavar="FILE",
                         help="run the broker under cProfile (the last N's stats end up in "
                              "FILE) and print its top functions; figures not comparable")
@@ -687,6 +747,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.scheduler_names = [s for s in args.schedulers.split(",") if s]
     if not set(args.scheduler_names) <= {"broker", "round-robin"}:
         parser.error("--schedulers takes broker and/or round-robin")
+    if args.users < 1 or args.fair_jobs < args.users:
+        parser.error("--users must be at least 1 and at most --fair-jobs")
     if min(args.worker_counts, default=0) < 1 or args.utilisation <= 0:
         parser.error("worker counts and --utilisation must be positive")
     if not 0 <= args.warmup < args.duration:
@@ -697,6 +759,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     print_header("scheduling efficiency")
+    if args.dispatch_only:
+        dispatch_report(args)
+        return 0
     print(f"settings: N in {args.worker_counts}; utilisation {args.utilisation:g}; "
           f"{args.duration:g} s of arrivals per run, the first {args.warmup:g} s left out; "
           f"up to {args.drain:g} s drain; seed {args.seed}")
@@ -725,6 +790,7 @@ def main(argv: list[str] | None = None) -> int:
             if stats:
                 broker_cpu[n] = (stats.get("cpu_s", 0.0), time.monotonic() - started)
     report(outcomes, args, broker_cpu)
+    dispatch_report(args)
     if args.profile_broker and "broker" in args.scheduler_names:
         print_profile(args.profile_broker)
     return 0

@@ -1,4 +1,6 @@
-"""The broker's job table: every job it holds, one FIFO per model, attempts and deadlines.
+"""The broker's job table: every job it holds, one fair queue per model, attempts and deadlines.
+
+How a model's queue is shared between the identities that queued jobs: broker/fair_queue.py.
 
 Which worker holds a running job is the lease's business: broker/leases.py.
 """
@@ -8,12 +10,17 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from broker.fair_queue import FairQueue
 from broker.protocol import JobSpec
+
+# Queued jobs looked at, in fair order, for a new job's place in line: as many as the broker
+# announces positions to (broker.POSITION_UPDATES). A job further back is told the count of
+# jobs queued before it, and its true place once it is among those the broker announces to.
+POSITION_SCAN = 32
 
 
 class JobState(enum.StrEnum):
@@ -39,6 +46,7 @@ class Job:
     done_share: float = 0.0  # how far its worker got (last PROGRESS step / steps), 0..1
     started: bool = False  # its worker said it runs it (a PROGRESS): no place in line now
     inputs: tuple[Any, ...] = ()  # an edit's frames (JobSpec.frames), as the SUBMIT had them
+    enqueued: int = -1  # which enqueueing its queue entry stands for (FairQueue sets it)
 
     @property
     def id(self) -> str:
@@ -57,7 +65,7 @@ class JobTable:
     """Owns job state; only the broker thread touches it.
 
     Queues hold Job objects and are cleaned lazily: a cancelled or expired job stays in its
-    deque until it reaches the head, so removal is O(1) and dispatch skips stale entries. They
+    queue until it reaches the head, so removal is O(1) and dispatch skips stale entries. They
     hold objects, not ids, so a stale entry never stands for a later job that reuses its id.
     """
 
@@ -65,7 +73,7 @@ class JobTable:
         self.max_queue = max_queue
         self.max_attempts = max_attempts
         self._jobs: dict[str, Job] = {}
-        self._queues: dict[str, deque[Job]] = {}
+        self._queues: dict[str, FairQueue] = {}
         self._queued: dict[str, int] = {}  # model -> number of QUEUED jobs
         self._queued_work: dict[str, float] = {}  # model -> their JobSpec.work, summed
         self.input_bytes = 0  # the edit frames every job held here carries, all together
@@ -98,10 +106,12 @@ class JobTable:
         return self.queue_depth(model) >= self.max_queue
 
     def add(self, job: Job) -> int:
-        """Queue a new job at the tail; return its position (0 = next)."""
+        """Queue a new job at the tail of its identity's line; return its position in fair
+        order (0 = next)."""
         self._track(job)
         self._enqueue(job, at_head=False)
-        return self.queue_depth(job.model) - 1
+        place = self._queues[job.model].place(job, POSITION_SCAN)
+        return place if place is not None else self.queue_depth(job.model) - 1
 
     def _track(self, job: Job) -> None:
         job.seq = next(self._seq)
@@ -118,8 +128,10 @@ class JobTable:
         job.told = None  # back in line (requeued, handed back): its client hears its place anew
         job.done_share = 0.0
         job.started = False
-        queue = self._queues.setdefault(job.model, deque())
-        queue.appendleft(job) if at_head else queue.append(job)
+        queue = self._queues.get(job.model)
+        if queue is None:
+            queue = self._queues[job.model] = FairQueue(self._is_stale)
+        queue.push(job, at_head=at_head)
         self._count(job, 1)
 
     def _count(self, job: Job, sign: int) -> None:
@@ -130,49 +142,41 @@ class JobTable:
         # A running sum of floats drifts: an empty queue holds no work, exactly.
         self._queued_work[model] = max(0.0, work) if self._queued[model] else 0.0
 
-    def _live_queued(self, queue: deque[Job]) -> Iterator[Job]:
-        return (job for job in queue if not self._is_stale(job))
-
     def take_batch(self, model: str, worker: bytes, max_batch: int, *,
                    runnable: Callable[[JobSpec], bool] | None = None) -> list[Job]:
-        """Take the oldest queued job of ``model`` that ``worker`` can run, plus queued jobs
-        with its batch key.
+        """Take the next queued job of ``model`` in fair order that ``worker`` can run, plus
+        queued jobs with its batch key, in fair order too.
 
         They are RUNNING from now on; ``Leases.lease`` gives them to ``worker`` once they are
         sent. Jobs that already failed on ``worker``, or that ``runnable`` says it cannot run
         (it lacks their LoRA adapters), are left for another worker.
         """
         queue = self._queues.get(model)
-        while queue and self._is_stale(queue[0]):
-            queue.popleft()
-        if not queue:
+        if queue is None or not self.queue_depth(model):
             return []
-        head = next((job for job in self._live_queued(queue) if job.failed_on != worker
-                     and (runnable is None or runnable(job.spec))), None)
+        head = queue.first(lambda job: job.failed_on != worker
+                           and (runnable is None or runnable(job.spec)))
         if head is None:
             return []
         batch = [head]
         if max_batch > 1:
             key = head.spec.batch_key()
-            for job in self._live_queued(queue):
+            for job in queue.ordered():
                 if len(batch) >= max_batch:
                     break
                 if job is not head and job.failed_on != worker \
                         and job.spec.batch_key() == key:
                     batch.append(job)
-        if len(batch) == 1 and queue[0] is head:
-            queue.popleft()
-        else:
-            taken = {id(job) for job in batch}
-            self._queues[model] = deque(j for j in queue if id(j) not in taken)
+        queue.take(batch)
         for job in batch:
-            job.state = JobState.RUNNING
             self._count(job, -1)
+            job.state = JobState.RUNNING
         return batch
 
     def drop_queue(self, model: str) -> list[Job]:
         """Forget every queued job of ``model``; return them, oldest first."""
-        dropped = list(self._live_queued(self._queues.pop(model, deque())))
+        queue = self._queues.pop(model, None)
+        dropped = queue.drop() if queue is not None else []
         for job in dropped:
             del self._jobs[job.id]
             self.input_bytes -= job.input_bytes
@@ -181,8 +185,9 @@ class JobTable:
         return dropped
 
     def head(self, model: str, limit: int) -> list[Job]:
-        """The first ``limit`` queued jobs of ``model``, oldest first."""
-        return list(itertools.islice(self._live_queued(self._queues.get(model, deque())), limit))
+        """The first ``limit`` queued jobs of ``model``, in the order they will be served."""
+        queue = self._queues.get(model)
+        return list(itertools.islice(queue.ordered(), limit)) if queue is not None else []
 
     def _is_stale(self, job: Job) -> bool:
         return self._jobs.get(job.id) is not job or job.state is not JobState.QUEUED
@@ -190,7 +195,7 @@ class JobTable:
     def claim(self, job: Job) -> None:
         """Take a queued job out of its queue: a worker already runs it (it re-registered)."""
         if job.state is JobState.QUEUED:
-            self._count(job, -1)  # its queue entry is stale from now on
+            self._dequeue(job)  # its queue entry is stale from now on
         job.state = JobState.RUNNING
 
     def add_running(self, job: Job) -> None:
@@ -204,8 +209,15 @@ class JobTable:
         if job is not None:
             self.input_bytes -= job.input_bytes
         if job is not None and job.state is JobState.QUEUED:
-            self._count(job, -1)
+            self._dequeue(job)
         return job
+
+    def _dequeue(self, job: Job) -> None:
+        """Count a queued job out that leaves its queue other than by dispatch."""
+        queue = self._queues.get(job.model)
+        if queue is not None:
+            queue.discard(job)
+        self._count(job, -1)
 
     def requeue(self, job: Job) -> bool:
         """Put a lost job back at the head of its queue; False when it used up its attempts."""

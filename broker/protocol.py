@@ -47,6 +47,10 @@ MAX_WARNINGS = 8  # notes a worker sends back with a result
 MAX_LORAS = 8  # LoRA adapters one job applies at once
 MAX_LORA_NAME = 200  # characters in an adapter's name (its file name, or a repo id)
 MAX_LORA_SCALE = 4.0  # |scale|: past it an adapter only breaks the image
+# An identity's share weight, bounded both ways: past them one identity would starve the rest
+# and its virtual time (work / weight per job) would overflow.
+MIN_WEIGHT = 0.001
+MAX_WEIGHT = 1000.0
 
 
 class ProtocolError(ValueError):
@@ -137,6 +141,12 @@ class JobSpec:
     # LoRA adapters to apply, (name, scale) each, in order; only workers that announce every
     # one of them get the job (WorkerRecord.loras).
     loras: Annotated[tuple[tuple[LoraName, float], ...], Meta(max_length=MAX_LORAS)] = ()
+    # Who the job is queued for under fair sharing (broker/fair_queue.py): the API key's name,
+    # else the request's ``user``; None is the one anonymous identity. Its weight is its share
+    # against the others queued for the same model. On the job, not the SUBMIT, so a job sent
+    # again (a broker or frontend restart) is queued for the same identity, as one job.
+    tenant: Id | None = None
+    weight: Annotated[float, Meta(ge=MIN_WEIGHT, le=MAX_WEIGHT)] = 1.0
 
     @property
     def n(self) -> int:

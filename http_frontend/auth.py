@@ -1,22 +1,25 @@
 """API keys for /v1/*: `Authorization: Bearer KEY`, compared in constant time.
 
-A key may carry attributes in the keys file: ``KEY name=alice admin``. The name is who owns
-the jobs made with the key (records store it, never the key); an admin key sees every
-identity's jobs. Every request gets ``req.context.identity``: its key's, or, on a server
-without keys, an open identity that sees everything (without keys there is nothing to keep
-apart: anyone can call the API).
+A key may carry attributes in the keys file: ``KEY name=alice admin weight=2``. The name is who
+owns the jobs made with the key (records store it, never the key); an admin key sees every
+identity's jobs; the weight is the key's share of each model's queue against the other
+identities with jobs queued there (broker/fair_queue.py), 1 unless set. Every request gets
+``req.context.identity``: its key's, or, on a server without keys, an open identity that sees
+everything (without keys there is nothing to keep apart: anyone can call the API).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import falcon
 
+from broker.protocol import MAX_WEIGHT, MIN_WEIGHT
 from http_frontend.errors import APIError
 
 PROTECTED_PREFIX = "/v1/"
@@ -31,18 +34,20 @@ class ApiKey:
     secret: str
     name: str
     admin: bool = False
+    weight: float = 1.0  # its share of a queue against other identities'
 
     def __repr__(self) -> str:  # never print the secret
-        return f"ApiKey(name={self.name!r}, admin={self.admin})"
+        return f"ApiKey(name={self.name!r}, admin={self.admin}, weight={self.weight:g})"
 
 
 @dataclass(frozen=True)
 class Identity:
     """Who a request is: ``key`` names its API key (None on a server without keys);
-    ``sees_all``: may read and cancel every identity's jobs."""
+    ``sees_all``: may read and cancel every identity's jobs; ``weight``: its share of a queue."""
 
     key: str | None
     sees_all: bool
+    weight: float = 1.0
 
     def owner(self, user: str | None) -> str | None:
         """The owner a new job is recorded under: the key's name, else the request's
@@ -59,21 +64,35 @@ def default_name(secret: str) -> str:
 
 
 def parse_key_line(line: str) -> ApiKey | None:
-    """One keys-file line: ``KEY [name=NAME] [admin]``; None for a blank or comment line.
-    ValueError names what is wrong (never the key)."""
+    """One keys-file line: ``KEY [name=NAME] [admin] [weight=N]``; None for a blank or
+    comment line. ValueError names what is wrong (never the key)."""
     words = line.split("#", 1)[0].split()
     if not words:
         return None
-    secret, name, admin = words[0], None, False
+    secret, name, admin, weight = words[0], None, False, 1.0
     for position, word in enumerate(words[1:], 2):
         if word == "admin":
             admin = True
         elif word.startswith("name=") and _NAME.fullmatch(word[5:]):
             name = word[5:]
+        elif word.startswith("weight="):
+            weight = parse_weight(word[7:], position)
         else:  # not shown: it may be a second key pasted on the line
             raise ValueError(f"word {position} is not a key attribute: use name=NAME "
-                             f"(letters, digits, . _ @ -, at most 64) and admin")
-    return ApiKey(secret, name or default_name(secret), admin)
+                             f"(letters, digits, . _ @ -, at most 64), admin and weight=N")
+    return ApiKey(secret, name or default_name(secret), admin, weight)
+
+
+def parse_weight(text: str, position: int) -> float:
+    """A key's ``weight=N``: a number from MIN_WEIGHT to MAX_WEIGHT (NaN and inf refused)."""
+    try:
+        weight = float(text)
+    except ValueError:
+        weight = math.nan
+    if not MIN_WEIGHT <= weight <= MAX_WEIGHT:  # NaN fails the comparison too
+        raise ValueError(f"word {position}: weight=N takes a number from {MIN_WEIGHT:g} to "
+                         f"{MAX_WEIGHT:g}")
+    return weight
 
 
 def load_keys(keys: list[str] | None, keys_file: str | None) -> list[ApiKey]:
@@ -98,7 +117,7 @@ class ApiKeyAuth:
     """Falcon middleware: a request to /v1/* needs one of the keys; the rest stays open."""
 
     def __init__(self, keys: list[ApiKey]) -> None:
-        self._keys = [(k.secret.encode(), Identity(k.name, k.admin)) for k in keys]
+        self._keys = [(k.secret.encode(), Identity(k.name, k.admin, k.weight)) for k in keys]
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         if not req.path.startswith(PROTECTED_PREFIX) or req.method == "OPTIONS" \

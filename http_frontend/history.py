@@ -44,6 +44,7 @@ class Caller:
     owner: str | None  # the identity a new job is recorded under (API key name, else `user`)
     base_url: str  # scheme://host[:port] that image URLs start with
     idempotency_key: str | None = None
+    weight: float = 1.0  # its share of a queue (its API key's weight=N)
 
 
 @dataclass(eq=False)

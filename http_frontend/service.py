@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import logging
 import secrets
 import threading
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker import logs
-from broker.protocol import ErrorCode, JobSpec, Message
+from broker.protocol import MAX_ID, ErrorCode, JobSpec, Message
 from gpu_worker.models import ModelSpec
 from http_frontend import edit_jobs, loras, model_resolver, request_ids, schema, streaming
 from http_frontend import history as history_module
@@ -104,6 +105,17 @@ class Prepared:
         return cls(fitted, job, body)
 
 
+def tenant_for(user: str | None) -> str | None:
+    """The identity a job is queued for in the broker's fair sharing: ``user`` (an API key's
+    name, or the request's own ``user`` without keys: client-chosen, so best effort), a
+    digest of it when it is longer than the protocol takes; None: the anonymous one."""
+    if not user:
+        return None
+    if len(user) <= MAX_ID:
+        return user
+    return "user-" + hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
 class ImageService:
     def __init__(self, broker: BrokerClient, config: ServiceConfig, *,
                  history: History | None = None) -> None:
@@ -173,17 +185,19 @@ class ImageService:
 
     # ---------------------------------------------------------------- preparing
 
-    def prepare(self, body: Any, *, user: str | None = None) -> Prepared:
+    def prepare(self, body: Any, *, user: str | None = None, weight: float = 1.0) -> Prepared:
         """Validate ``body`` against its model and build the job; nothing is sent yet.
         ``user``: who sends it (``Caller.owner``: the API key's name when keys are on), the
-        job's user in every program's logs; else the body's own ``user`` field."""
+        job's user in every program's logs and its identity in the broker's fair sharing;
+        else the body's own ``user`` field. ``weight``: that identity's share."""
         request = self._request(body)
         spec = model_resolver.spec_for(self.broker.status(), self.model_name(request.model))
         loras.check_available(self.broker.status(), spec.name, request.loras)
         fitted = schema.fit_to_model(request, spec)
-        return Prepared(fitted, self._job(fitted, spec, user), body)
+        return Prepared(fitted, self._job(fitted, spec, user, weight), body)
 
-    def prepare_edit(self, upload: EditUpload, *, user: str | None = None) -> Prepared:
+    def prepare_edit(self, upload: EditUpload, *, user: str | None = None,
+                     weight: float = 1.0) -> Prepared:
         """Validate an edit (``edit_requests.read_edit``'s upload): its fields as for a
         generation, its images decoded and checked, its size the first image's fitted to
         the model unless ``size`` says otherwise; the frames it travels with made."""
@@ -203,7 +217,7 @@ class ImageService:
             frames = edit.frames(fitted.width, fitted.height)
         finally:
             self._decodes.release()
-        job = dataclasses.replace(self._job(fitted, spec, user), inputs=len(edit.images),
+        job = dataclasses.replace(self._job(fitted, spec, user, weight), inputs=len(edit.images),
                                   mask=edit.mask is not None, strength=edit.strength)
         return Prepared(fitted, job, upload.recorded(), inputs=frames)
 
@@ -255,10 +269,11 @@ class ImageService:
                                f"{shown}; name one in 'model'", "missing_required_parameter")
 
     def _job(self, fitted: schema.FittedRequest, spec: ModelSpec,
-             user: str | None) -> JobSpec:
+             user: str | None, weight: float) -> JobSpec:
         req = fitted.request
         first_seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
         timeout = req.timeout or self.config.default_timeout
+        user = user if user is not None else req.user
         return JobSpec(
             id=uuid.uuid4().hex, model=spec.name, prompt=req.prompt,
             width=fitted.width, height=fitted.height, steps=fitted.steps,
@@ -266,8 +281,8 @@ class ImageService:
             negative_prompt=req.negative_prompt if spec.negative_prompt else None,
             guidance=fitted.guidance, output_format=req.output_format,
             output_compression=req.output_compression, timeout=timeout,
-            user=user if user is not None else req.user,
-            previews=req.partial_images, loras=req.loras,
+            user=user, previews=req.partial_images, loras=req.loras,
+            tenant=tenant_for(user), weight=weight,
         )
 
     # ---------------------------------------------------------------- running

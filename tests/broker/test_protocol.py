@@ -578,3 +578,22 @@ def test_status_reply_with_malformed_entries_is_rejected(fields: dict) -> None:
     # A frontend stores the reply and reads every entry: garbage must stop at the decoder.
     with pytest.raises(ProtocolError):
         protocol.decode(protocol.encode(MsgType.STATUS_REPLY, fields))
+
+
+def test_jobspec_fair_sharing_fields_round_trip_and_default() -> None:
+    spec = JobSpec(id="j", model="tiny", prompt="", width=8, height=8, steps=1, seeds=(0,),
+                   tenant="alice", weight=2.5)
+    msg = protocol.decode(protocol.submit(spec))
+    assert (msg["job"].tenant, msg["job"].weight) == ("alice", 2.5)
+    # An old frontend sends neither: the anonymous identity, weight 1.
+    old = protocol.decode([header("submit", job=job_map())])
+    assert (old["job"].tenant, old["job"].weight) == (None, 1.0)
+
+
+@pytest.mark.parametrize("fields", [
+    {"weight": 0}, {"weight": -1.0}, {"weight": math.nan}, {"weight": math.inf},
+    {"weight": 1000.5}, {"weight": 0.0001}, {"weight": True}, {"weight": "2"},
+    {"tenant": "x" * 129}, {"tenant": 7},
+])
+def test_rejects_bad_fair_sharing_fields(fields: dict[str, Any]) -> None:
+    rejects([header("submit", job=job_map(**fields))])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import falcon.testing
@@ -118,3 +119,55 @@ def test_two_keys_with_one_name_are_refused(tmp_path) -> None:
 
 def test_config_repr_hides_keys() -> None:
     assert "sk-" not in repr(FrontendConfig(api_keys=KEYS))
+
+
+def test_keys_file_weights(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("sk-alice name=alice weight=3\nsk-bob name=bob weight=0.5 admin\n"
+                         "sk-carol name=carol\nsk-plain\n")
+    keys = load_keys(None, str(keys_file))
+    assert [(k.name, k.admin, k.weight) for k in keys] == [
+        ("alice", False, 3.0), ("bob", True, 0.5), ("carol", False, 1.0),
+        (default_name("sk-plain"), False, 1.0)]
+
+
+@pytest.mark.parametrize("weight", ["0", "-1", "nan", "inf", "1001", "", "x", "1e400"])
+def test_keys_file_refuses_bad_weights_without_showing_the_key(tmp_path, weight) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"sk-ok\nsk-secret-key name=a weight={weight}\n")
+    with pytest.raises(ValueError, match="line 2: word 3: weight=N takes a number") as caught:
+        load_keys(None, str(keys_file))
+    assert "sk-" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("headers", "body", "tenant", "weight"), [
+    (bearer("sk-heavy"), {"user": "someone-else"}, "heavy", 3.0),  # the key, not `user`
+    (bearer("sk-plain"), {}, default_name("sk-plain"), 1.0),
+])
+def test_jobs_are_queued_for_the_keys_identity_with_its_weight(
+        tmp_path, headers, body, tenant, weight) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("sk-heavy name=heavy weight=3\nsk-plain\n")
+    broker = FakeBroker()
+    config = FrontendConfig(api_keys=tuple(load_keys(None, str(keys_file))))
+    client = falcon.testing.TestClient(create_app(config, broker))
+    resp = client.simulate_post("/v1/images/generations", headers=headers,
+                                json={"prompt": "a fox", "size": "64x64", **body})
+    assert resp.status_code == 200, resp.text
+    (job,) = broker.submitted
+    assert (job.tenant, job.weight) == (tenant, weight)
+
+
+@pytest.mark.parametrize(("body", "tenant"), [
+    ({"user": "alice"}, "alice"), ({}, None),
+    # Longer than the protocol's ids: a digest of it stands for it.
+    ({"user": "u" * 200}, "user-" + hashlib.sha256(b"u" * 200).hexdigest()[:40]),
+])
+def test_without_keys_the_identity_is_the_requests_user(body, tenant) -> None:
+    broker = FakeBroker()
+    client = falcon.testing.TestClient(create_app(FrontendConfig(), broker))
+    resp = client.simulate_post("/v1/images/generations",
+                                json={"prompt": "a fox", "size": "64x64", **body})
+    assert resp.status_code == 200, resp.text
+    (job,) = broker.submitted
+    assert (job.tenant, job.weight) == (tenant, 1.0)

@@ -1,0 +1,267 @@
+"""One model's queued jobs, shared fairly between the identities that queued them.
+
+Each identity (``JobSpec.tenant``: an API key's name, else the request's ``user``, else one
+anonymous identity) has its own FIFO. Across identities the queue is served by start-time
+fair queueing (SFQ, Goyal et al. 1996), the weighted scheme behind Linux's CFS:
+
+- every identity has a *pass*: the virtual time at which its next job starts;
+- the next job is the head of the identity with the lowest pass (ties: the older job);
+- serving a job advances its identity's pass by the job's cost over its weight, where the cost
+  is the job's denoising work (``JobSpec.work``, megapixel-steps): shares are of GPU time, so
+  four large images cost four times one small one;
+- an identity that had nothing queued starts at the virtual time now (the pass of the last job
+  served) or at its own pass if that is later: idleness earns no credit to spend later as a
+  burst, and one whose every job was dispatched at once still pays for them.
+
+So with equal weights a user with 30 queued jobs and a user with 1 alternate, and weights 3:1
+give a 3:1 split of the work served. SFQ rather than deficit round robin because DRR needs a
+quantum at least one job's cost to stay O(1) per pick, and job costs here span orders of
+magnitude (64x64 in 1 step to 4K in 50); SFQ is exact for any cost and weight, and O(log n) in
+identities per pick with a heap of identities keyed by pass.
+
+Batch mates (queued jobs with the head's batch key) may come from any identity; each is
+charged to its own identity as if it had been served alone, so riding along is not free.
+Finding them scans the queue in fair order until the batch is full: O(queue) at worst when
+few jobs match, as the FIFO's scan was before. A job handed back or requeued goes to the head
+of its identity's FIFO and its charge is refunded, so it is next for its identity and its
+identity is where it stood before the job was taken.
+
+Entries go stale lazily (a job cancelled, expired, claimed or taken as a batch mate from the
+middle of a FIFO stays where it is until it reaches the head): removal is O(1). Each entry
+remembers which enqueueing of its job it stands for, so a job back in line never appears
+twice. Heap entries go stale the same way; a key is re-checked when its entry reaches the top.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from broker.jobs import Job
+
+ANONYMOUS = ""  # the identity of jobs that name none (an old frontend, no key and no user)
+
+# (pass, seq of its head job, entry number): the key an identity is ordered by, and the entry
+# number that makes the tuple unique and tells a current heap entry from a stale one.
+_Key = tuple[float, int, int]
+
+
+def tenant_of(job: Job) -> str:
+    return job.spec.tenant or ANONYMOUS
+
+
+def charge(job: Job) -> float:
+    """The virtual time a job costs its identity: its work over its weight."""
+    return job.spec.work / job.spec.weight
+
+
+@dataclass(eq=False)
+class _Flow:
+    """One identity's FIFO in one model's queue."""
+
+    tenant: str
+    start: float  # the virtual time its next job starts at: its pass
+    entries: deque[tuple[int, Job]] = field(default_factory=deque)  # (enqueueing, job)
+    live: int = 0  # entries that stand for a queued job
+    entry: int = -1  # the number of its current heap entry
+
+
+class FairQueue:
+    """Owns one model's queued jobs; only the broker thread touches it.
+
+    ``is_gone(job)`` says whether the job table forgot the job or it is no longer queued.
+    """
+
+    def __init__(self, is_gone: Callable[[Job], bool]) -> None:
+        self._is_gone = is_gone
+        self._flows: dict[str, _Flow] = {}
+        self._heap: list[tuple[float, int, int, _Flow]] = []
+        self._vtime = 0.0  # the pass the last job served started at
+        # Identities with nothing queued whose pass is still ahead of the virtual time: they
+        # owe for what they were served, so one that queues again starts at its pass, not
+        # now. Forgotten once the virtual time reaches them (roughly in order of that).
+        self._idle: deque[_Flow] = deque()
+        self._numbers = itertools.count()
+
+    # ---------------------------------------------------------------- in and out
+
+    def push(self, job: Job, *, at_head: bool = False) -> None:
+        """Queue ``job`` at the tail of its identity's FIFO, or at its head (back in line)."""
+        tenant = tenant_of(job)
+        flow = self._flows.get(tenant)
+        if flow is None:
+            flow = self._flows[tenant] = _Flow(tenant, self._vtime)
+        elif not flow.live:  # idle time earns no credit; what it owes, it still owes
+            flow.start = max(flow.start, self._vtime)
+        job.enqueued = next(self._numbers)
+        if at_head:
+            flow.entries.appendleft((job.enqueued, job))
+            flow.start -= charge(job)  # its charge back: it is next, as it was
+        else:
+            flow.entries.append((job.enqueued, job))
+        flow.live += 1
+        if at_head or flow.entry < 0:  # its key changed, or it has none yet
+            self._reindex(flow)
+
+    def discard(self, job: Job) -> None:
+        """Count out a queued job the table forgot or a worker claimed; its entry goes stale."""
+        flow = self._flows.get(tenant_of(job))
+        if flow is not None:
+            job.enqueued = -1
+            self._count_out(flow)
+
+    def take(self, batch: list[Job]) -> None:
+        """Take ``batch`` (its head first) out of line and charge each job to its identity."""
+        head = self._flows[tenant_of(batch[0])]
+        self._vtime = max(self._vtime, head.start)
+        self._forget_idle()
+        for job in batch:
+            flow = self._flows[tenant_of(job)]
+            job.enqueued = -1
+            flow.start += charge(job)
+            self._count_out(flow)
+            if flow.live:
+                self._reindex(flow)
+
+    def drop(self) -> list[Job]:
+        """Every queued job, oldest first; the queue is empty after."""
+        jobs = sorted(self.ordered(), key=lambda job: job.seq)
+        self._flows.clear()
+        self._heap.clear()
+        self._idle.clear()
+        return jobs
+
+    # ---------------------------------------------------------------- fair order
+
+    def first(self, accepts: Callable[[Job], bool]) -> Job | None:
+        """The first queued job in fair order that ``accepts``; O(log identities) when the
+        next one does."""
+        return next((job for job in self.ordered() if accepts(job)), None)
+
+    def place(self, job: Job, limit: int) -> int | None:
+        """``job``'s place in fair order (0 = next), if it is among the first ``limit``."""
+        flow = self._flows.get(tenant_of(job))
+        if flow is None or flow.live > limit:  # its own identity's jobs alone put it past
+            return None
+        ahead = itertools.islice(self.ordered(), limit)
+        return next((place for place, queued in enumerate(ahead) if queued is job), None)
+
+    def ordered(self) -> Iterator[Job]:
+        """The queued jobs in the order they will be served if no others come.
+
+        Simulates the picks without changing anything: identities come off the heap best
+        first (a walk of the heap's array from its root), each one's jobs in FIFO order with
+        its pass advancing as serving them would advance it. Getting the first k costs
+        O(k log k) plus the stale entries passed, however many identities there are. Nothing
+        may change the queue while a caller iterates.
+        """
+        self._settle_top()  # stale entries at the top would be walked past on every call
+        frontier: list[tuple[_Key, int]] = [(self._heap[0][:3], 0)] if self._heap else []
+        running: list[tuple[_Key, Job, Iterator[Job], _Flow]] = []
+        while True:
+            # A heap entry's key is a lower bound of its identity's true key: pull in every
+            # identity that may come before the best one being simulated.
+            while frontier and (not running or frontier[0][0] <= running[0][0]):
+                _, index = heapq.heappop(frontier)
+                self._spread(frontier, index)
+                flow = self._heap[index][3]
+                if self._heap[index][2] == flow.entry and self._flows.get(flow.tenant) is flow:
+                    jobs = self._live_jobs(flow)
+                    if (job := next(jobs, None)) is not None:
+                        key = (flow.start, job.seq, next(self._numbers))
+                        heapq.heappush(running, (key, job, jobs, flow))
+            if not running:
+                return
+            (start, _, _), job, jobs, flow = heapq.heappop(running)
+            yield job
+            if (after := next(jobs, None)) is not None:
+                key = (start + charge(job), after.seq, next(self._numbers))
+                heapq.heappush(running, (key, after, jobs, flow))
+
+    def _spread(self, frontier: list[tuple[_Key, int]], index: int) -> None:
+        for child in (2 * index + 1, 2 * index + 2):
+            if child < len(self._heap):
+                heapq.heappush(frontier, (self._heap[child][:3], child))
+
+    def _live_jobs(self, flow: _Flow) -> Iterator[Job]:
+        return (job for number, job in flow.entries if self._stands(number, job))
+
+    # ---------------------------------------------------------------- upkeep
+
+    def _stands(self, number: int, job: Job) -> bool:
+        """Whether an entry still stands for its job: its latest enqueueing, still queued."""
+        return job.enqueued == number and not self._is_gone(job)
+
+    def _count_out(self, flow: _Flow) -> None:
+        flow.live -= 1
+        if flow.live > 0:
+            return
+        flow.live = 0
+        flow.entries.clear()  # all stale
+        flow.entry = -1  # its heap entries too
+        if flow.start <= self._vtime:
+            del self._flows[flow.tenant]
+        else:
+            self._idle.append(flow)
+
+    def _forget_idle(self) -> None:
+        """Forget the idle identities the virtual time has caught up with: they owe nothing."""
+        while self._idle and (self._idle[0].live or self._idle[0].start <= self._vtime):
+            flow = self._idle.popleft()
+            if not flow.live and self._flows.get(flow.tenant) is flow:
+                del self._flows[flow.tenant]
+
+    def _reindex(self, flow: _Flow) -> None:
+        """Drop the stale entries at the head of ``flow`` and push its key as it is now.
+
+        Its entry at the top of the heap (the identity just served) is replaced rather than
+        left stale: stale entries with low keys are what every walk of the heap passes.
+        """
+        while flow.entries and not self._stands(*flow.entries[0]):
+            flow.entries.popleft()
+        if not flow.entries:
+            return
+        on_top = bool(self._heap) and self._heap[0][2] == flow.entry
+        flow.entry = next(self._numbers)
+        entry = (flow.start, flow.entries[0][1].seq, flow.entry, flow)
+        if on_top:
+            heapq.heapreplace(self._heap, entry)
+            return
+        heapq.heappush(self._heap, entry)
+        if len(self._heap) > 2 * len(self._flows) + 1024:
+            self._compact()
+
+    def _settle_top(self) -> None:
+        """Pop stale heap entries until the top is an identity's current, true key."""
+        while self._heap:
+            start, seq, number, flow = self._heap[0]
+            if number != flow.entry or self._flows.get(flow.tenant) is not flow:
+                heapq.heappop(self._heap)
+                continue
+            while flow.entries and not self._stands(*flow.entries[0]):
+                flow.entries.popleft()
+            if not flow.entries:  # a miscount: nothing of it is queued after all
+                heapq.heappop(self._heap)
+                del self._flows[flow.tenant]
+                flow.entry = -1
+                continue
+            if (start, seq) == (flow.start, flow.entries[0][1].seq):
+                return
+            self._reindex(flow)  # replaces its entry on top
+
+    def _compact(self) -> None:
+        """Rebuild the heap from the identities' current keys (stale entries pile up when
+        keys change faster than the top is reached)."""
+        self._heap = []
+        for flow in self._flows.values():
+            while flow.entries and not self._stands(*flow.entries[0]):
+                flow.entries.popleft()
+            if flow.entries:
+                flow.entry = next(self._numbers)
+                self._heap.append((flow.start, flow.entries[0][1].seq, flow.entry, flow))
+        heapq.heapify(self._heap)
