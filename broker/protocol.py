@@ -51,6 +51,9 @@ MAX_LORA_SCALE = 4.0  # |scale|: past it an adapter only breaks the image
 # and its virtual time (work / weight per job) would overflow.
 MIN_WEIGHT = 0.001
 MAX_WEIGHT = 1000.0
+# Priority classes, highest first (broker/fair_queue.py): a higher class is served before a
+# lower one, which still gets a guaranteed share so that it never starves.
+PRIORITIES = ("interactive", "batch")
 
 
 class ProtocolError(ValueError):
@@ -83,6 +86,7 @@ class ErrorCode(enum.StrEnum):
 
     MODEL_NOT_FOUND = "model_not_found"
     QUEUE_FULL = "queue_full"
+    QUOTA_EXCEEDED = "quota_exceeded"  # an identity's limit: its message names which
     NO_WORKER = "no_worker"
     TIMEOUT = "timeout"
     WORKER_LOST = "worker_lost"
@@ -112,6 +116,16 @@ LoraName = Annotated[str, Meta(min_length=1, max_length=MAX_LORA_NAME)]
 
 # --------------------------------------------------------------------------------------------
 # Records carried inside headers (dataclasses: callers use dataclasses.replace on them)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quota:
+    """An identity's limits (an API key's, from the keys file), enforced by the broker so that
+    no frontend can be used to get round them; None: no limit of that kind."""
+
+    max_queued: Annotated[int, Meta(ge=1)] | None = None  # jobs waiting at once, per model
+    max_running: Annotated[int, Meta(ge=1)] | None = None  # jobs on workers at once, per model
+    per_minute: Annotated[int, Meta(ge=1)] | None = None  # submissions, as a token bucket
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +161,8 @@ class JobSpec:
     # again (a broker or frontend restart) is queued for the same identity, as one job.
     tenant: Id | None = None
     weight: Annotated[float, Meta(ge=MIN_WEIGHT, le=MAX_WEIGHT)] = 1.0
+    priority: Text = PRIORITIES[0]  # its identity's class, one of PRIORITIES
+    quota: Quota | None = None  # its identity's limits (keys with limits only)
 
     @property
     def n(self) -> int:
@@ -178,6 +194,7 @@ class JobSpec:
         """The job as a plain map (encode() takes the JobSpec itself)."""
         data = {name: getattr(self, name) for name in _JOB_FIELDS}
         data["seeds"] = list(self.seeds)
+        data["quota"] = dataclasses.asdict(self.quota) if self.quota is not None else None
         return data
 
     @classmethod
@@ -366,6 +383,8 @@ class Failed(_Header, tag=MsgType.FAILED.value):
     message: Text
     retryable: bool = False
     incarnation: OptId = UNSET
+    # Seconds until a retry can succeed, where the broker knows (an identity's rate limit).
+    retry_after: Annotated[float, Meta(ge=0, le=86400)] | UnsetType = UNSET
 
 
 class Ready(_Header, tag=MsgType.READY.value):
@@ -501,6 +520,8 @@ def _check_job(spec: JobSpec) -> None:
                             f"{MAX_LORA_SCALE:g}")  # NaN fails the comparison too
     if len({name for name, _ in spec.loras}) != len(spec.loras):
         raise ProtocolError("job.loras names each adapter once")
+    if spec.priority not in PRIORITIES:
+        raise ProtocolError(f"job.priority is one of {', '.join(PRIORITIES)}")
 
 
 def _check_frames(name: str, specs: Sequence[JobSpec], payloads: Sequence[Any]) -> None:
@@ -603,10 +624,13 @@ def jobs(specs: Sequence[JobSpec], incarnation: str | None = None,
 
 
 def failed(job_id: str, code: ErrorCode, message: str, *, retryable: bool = False,
-           incarnation: str | None = None) -> list[Any]:
-    fields = {"job_id": job_id, "code": code.value, "message": message, "retryable": retryable}
+           incarnation: str | None = None, retry_after: float | None = None) -> list[Any]:
+    fields: dict[str, Any] = {"job_id": job_id, "code": code.value, "message": message,
+                              "retryable": retryable}
     if incarnation is not None:
         fields["incarnation"] = incarnation
+    if retry_after is not None:
+        fields["retry_after"] = round(retry_after, 3)
     return encode(MsgType.FAILED, fields)
 
 

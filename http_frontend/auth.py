@@ -1,11 +1,14 @@
 """API keys for /v1/*: `Authorization: Bearer KEY`, compared in constant time.
 
-A key may carry attributes in the keys file: ``KEY name=alice admin weight=2``. The name is who
-owns the jobs made with the key (records store it, never the key); an admin key sees every
-identity's jobs; the weight is the key's share of each model's queue against the other
-identities with jobs queued there (broker/fair_queue.py), 1 unless set. Every request gets
-``req.context.identity``: its key's, or, on a server without keys, an open identity that sees
-everything (without keys there is nothing to keep apart: anyone can call the API).
+A key may carry attributes in the keys file:
+``KEY name=alice admin weight=2 class=batch max_queued=20 max_running=2 per_minute=30``.
+The name is who owns the jobs made with the key (records store it, never the key); an admin
+key sees every identity's jobs. The rest is the key's ``Share`` of the cluster, which the
+broker enforces (broker/fair_queue.py, broker/quotas.py): its weight against the other
+identities with jobs queued for a model (1 unless set), its priority class (``interactive``
+unless set), and its limits. Every request gets ``req.context.identity``: its key's, or, on a
+server without keys, an open identity that sees everything (without keys there is nothing to
+keep apart: anyone can call the API).
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import falcon
 
-from broker.protocol import MAX_WEIGHT, MIN_WEIGHT
+from broker.protocol import MAX_WEIGHT, MIN_WEIGHT, PRIORITIES, Quota
 from http_frontend.errors import APIError
 
 PROTECTED_PREFIX = "/v1/"
@@ -30,24 +34,36 @@ _NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 
 
 @dataclass(frozen=True)
+class Share:
+    """What an identity may have of the cluster: the JobSpec fields its jobs carry."""
+
+    weight: float = 1.0  # its share of a model's queue against the other identities'
+    priority: str = PRIORITIES[0]
+    quota: Quota | None = None  # keys with limits only
+
+
+DEFAULT_SHARE = Share()
+
+
+@dataclass(frozen=True)
 class ApiKey:
     secret: str
     name: str
     admin: bool = False
-    weight: float = 1.0  # its share of a queue against other identities'
+    share: Share = DEFAULT_SHARE
 
     def __repr__(self) -> str:  # never print the secret
-        return f"ApiKey(name={self.name!r}, admin={self.admin}, weight={self.weight:g})"
+        return f"ApiKey(name={self.name!r}, admin={self.admin}, share={self.share})"
 
 
 @dataclass(frozen=True)
 class Identity:
     """Who a request is: ``key`` names its API key (None on a server without keys);
-    ``sees_all``: may read and cancel every identity's jobs; ``weight``: its share of a queue."""
+    ``sees_all``: may read and cancel every identity's jobs; ``share``: its key's."""
 
     key: str | None
     sees_all: bool
-    weight: float = 1.0
+    share: Share = DEFAULT_SHARE
 
     def owner(self, user: str | None) -> str | None:
         """The owner a new job is recorded under: the key's name, else the request's
@@ -64,23 +80,39 @@ def default_name(secret: str) -> str:
 
 
 def parse_key_line(line: str) -> ApiKey | None:
-    """One keys-file line: ``KEY [name=NAME] [admin] [weight=N]``; None for a blank or
-    comment line. ValueError names what is wrong (never the key)."""
+    """One keys-file line: ``KEY [name=NAME] [admin] [weight=N] [class=CLASS]
+    [max_queued=N] [max_running=N] [per_minute=N]``; None for a blank or comment line.
+    ValueError names what is wrong (never the key)."""
     words = line.split("#", 1)[0].split()
     if not words:
         return None
-    secret, name, admin, weight = words[0], None, False, 1.0
+    secret, name, admin = words[0], None, False
+    share: dict[str, Any] = {}
+    limits: dict[str, int] = {}
     for position, word in enumerate(words[1:], 2):
+        attribute, _, value = word.partition("=")
         if word == "admin":
             admin = True
-        elif word.startswith("name=") and _NAME.fullmatch(word[5:]):
-            name = word[5:]
-        elif word.startswith("weight="):
-            weight = parse_weight(word[7:], position)
+        elif attribute == "name" and _NAME.fullmatch(value):
+            name = value
+        elif attribute == "weight":
+            share["weight"] = parse_weight(value, position)
+        elif attribute == "class":
+            share["priority"] = _priority(value, position)
+        elif attribute in _LIMITS:
+            limits[attribute] = _limit(attribute, value, position)
         else:  # not shown: it may be a second key pasted on the line
             raise ValueError(f"word {position} is not a key attribute: use name=NAME "
-                             f"(letters, digits, . _ @ -, at most 64), admin and weight=N")
-    return ApiKey(secret, name or default_name(secret), admin, weight)
+                             f"(letters, digits, . _ @ -, at most 64), admin, weight=N, "
+                             f"class={'|'.join(PRIORITIES)}, and limits "
+                             f"{'=N, '.join(_LIMITS)}=N")
+    if limits:
+        share["quota"] = Quota(**limits)
+    return ApiKey(secret, name or default_name(secret), admin, Share(**share))
+
+
+_LIMITS = ("max_queued", "max_running", "per_minute")
+_MAX_LIMIT = 1_000_000
 
 
 def parse_weight(text: str, position: int) -> float:
@@ -93,6 +125,19 @@ def parse_weight(text: str, position: int) -> float:
         raise ValueError(f"word {position}: weight=N takes a number from {MIN_WEIGHT:g} to "
                          f"{MAX_WEIGHT:g}")
     return weight
+
+
+def _priority(text: str, position: int) -> str:
+    if text not in PRIORITIES:
+        raise ValueError(f"word {position}: class= takes {' or '.join(PRIORITIES)}")
+    return text
+
+
+def _limit(attribute: str, text: str, position: int) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= _MAX_LIMIT:
+        raise ValueError(f"word {position}: {attribute}=N takes a whole number from 1 to "
+                         f"{_MAX_LIMIT}")
+    return int(text)
 
 
 def load_keys(keys: list[str] | None, keys_file: str | None) -> list[ApiKey]:
@@ -117,7 +162,7 @@ class ApiKeyAuth:
     """Falcon middleware: a request to /v1/* needs one of the keys; the rest stays open."""
 
     def __init__(self, keys: list[ApiKey]) -> None:
-        self._keys = [(k.secret.encode(), Identity(k.name, k.admin, k.weight)) for k in keys]
+        self._keys = [(k.secret.encode(), Identity(k.name, k.admin, k.share)) for k in keys]
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         if not req.path.startswith(PROTECTED_PREFIX) or req.method == "OPTIONS" \

@@ -25,6 +25,7 @@ from typing import Any
 
 from broker import logs
 from broker.protocol import ErrorCode, JobSpec, Message
+from http_frontend.auth import DEFAULT_SHARE, Share
 from http_frontend.database import DatabaseError
 from http_frontend.errors import JobError
 from http_frontend.image_store import ImageStore, StoreError, new_name
@@ -44,7 +45,7 @@ class Caller:
     owner: str | None  # the identity a new job is recorded under (API key name, else `user`)
     base_url: str  # scheme://host[:port] that image URLs start with
     idempotency_key: str | None = None
-    weight: float = 1.0  # its share of a queue (its API key's weight=N)
+    share: Share = DEFAULT_SHARE  # its API key's weight, class and limits
 
 
 @dataclass(eq=False)

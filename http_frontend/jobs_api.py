@@ -109,7 +109,7 @@ class JobsAPI:
     def submit(self, body: Any, caller: Caller) -> tuple[int, dict[str, Any]]:
         """(HTTP status, the job): 202 for a new job, 200 for the one a repeated
         Idempotency-Key names."""
-        return self._submit(self.service.prepare(body, user=caller.owner, weight=caller.weight),
+        return self._submit(self.service.prepare(body, user=caller.owner, share=caller.share),
                             caller)
 
     def submit_prepared(self, prepared: Prepared, caller: Caller

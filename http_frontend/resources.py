@@ -94,7 +94,7 @@ def caller(req: falcon.Request, body: Any, history: History) -> Caller:
     user = body.get("user") if isinstance(body, dict) else None
     identity = identity_of(req)
     owner = identity.owner(user if isinstance(user, str) else None)
-    return Caller(owner, base_url(req, history), idempotency_key(req), identity.weight)
+    return Caller(owner, base_url(req, history), idempotency_key(req), identity.share)
 
 
 def base_url(req: falcon.Request, history: History) -> str:
@@ -128,7 +128,7 @@ class ImageGenerations:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = read_json(req, self.max_body)
         who = caller(req, body, self.service.history)
-        prepared = self.service.prepare(body, user=who.owner, weight=who.weight)
+        prepared = self.service.prepare(body, user=who.owner, share=who.share)
         req.context.generation_model = prepared.job.model  # for dc_request_duration_seconds
         if prepared.stream:
             stream_events(resp, self.service.stream_openai(prepared, who, client_gone(req)))
@@ -181,7 +181,7 @@ def read_and_prepare_edit(req: falcon.Request, service: ImageService, max_body: 
     try:
         upload = read_edit(req, max_body=max_body, fetcher=fetcher)
         who = caller(req, upload.fields, service.history)
-        return who, service.prepare_edit(upload, user=who.owner, weight=who.weight)
+        return who, service.prepare_edit(upload, user=who.owner, share=who.share)
     finally:
         release()
 

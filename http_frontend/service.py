@@ -26,6 +26,7 @@ from broker.protocol import MAX_ID, ErrorCode, JobSpec, Message
 from gpu_worker.models import ModelSpec
 from http_frontend import edit_jobs, loras, model_resolver, request_ids, schema, streaming
 from http_frontend import history as history_module
+from http_frontend.auth import DEFAULT_SHARE, Share
 from http_frontend.broker_client import EXPIRY_SLACK, BrokerClient
 from http_frontend.database import open_database
 from http_frontend.edit_requests import EditUpload
@@ -185,19 +186,20 @@ class ImageService:
 
     # ---------------------------------------------------------------- preparing
 
-    def prepare(self, body: Any, *, user: str | None = None, weight: float = 1.0) -> Prepared:
+    def prepare(self, body: Any, *, user: str | None = None,
+                share: Share = DEFAULT_SHARE) -> Prepared:
         """Validate ``body`` against its model and build the job; nothing is sent yet.
         ``user``: who sends it (``Caller.owner``: the API key's name when keys are on), the
         job's user in every program's logs and its identity in the broker's fair sharing;
-        else the body's own ``user`` field. ``weight``: that identity's share."""
+        else the body's own ``user`` field. ``share``: that identity's (its key's)."""
         request = self._request(body)
         spec = model_resolver.spec_for(self.broker.status(), self.model_name(request.model))
         loras.check_available(self.broker.status(), spec.name, request.loras)
         fitted = schema.fit_to_model(request, spec)
-        return Prepared(fitted, self._job(fitted, spec, user, weight), body)
+        return Prepared(fitted, self._job(fitted, spec, user, share), body)
 
     def prepare_edit(self, upload: EditUpload, *, user: str | None = None,
-                     weight: float = 1.0) -> Prepared:
+                     share: Share = DEFAULT_SHARE) -> Prepared:
         """Validate an edit (``edit_requests.read_edit``'s upload): its fields as for a
         generation, its images decoded and checked, its size the first image's fitted to
         the model unless ``size`` says otherwise; the frames it travels with made."""
@@ -217,7 +219,7 @@ class ImageService:
             frames = edit.frames(fitted.width, fitted.height)
         finally:
             self._decodes.release()
-        job = dataclasses.replace(self._job(fitted, spec, user, weight), inputs=len(edit.images),
+        job = dataclasses.replace(self._job(fitted, spec, user, share), inputs=len(edit.images),
                                   mask=edit.mask is not None, strength=edit.strength)
         return Prepared(fitted, job, upload.recorded(), inputs=frames)
 
@@ -269,7 +271,7 @@ class ImageService:
                                f"{shown}; name one in 'model'", "missing_required_parameter")
 
     def _job(self, fitted: schema.FittedRequest, spec: ModelSpec,
-             user: str | None, weight: float) -> JobSpec:
+             user: str | None, share: Share) -> JobSpec:
         req = fitted.request
         first_seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
         timeout = req.timeout or self.config.default_timeout
@@ -282,7 +284,8 @@ class ImageService:
             guidance=fitted.guidance, output_format=req.output_format,
             output_compression=req.output_compression, timeout=timeout,
             user=user, previews=req.partial_images, loras=req.loras,
-            tenant=tenant_for(user), weight=weight,
+            tenant=tenant_for(user), weight=share.weight, priority=share.priority,
+            quota=share.quota,
         )
 
     # ---------------------------------------------------------------- running

@@ -183,7 +183,7 @@ def test_unknown_header_fields_are_ignored() -> None:
 
 
 def test_unknown_job_fields_are_ignored() -> None:
-    msg = protocol.decode([header("submit", job=job_map(lora="x", priority=3))])
+    msg = protocol.decode([header("submit", job=job_map(lora="x", nsfw_filter=3))])
     assert msg["job"] == MIN_SPEC
 
 

@@ -8,8 +8,10 @@ from pathlib import Path
 import falcon.testing
 import pytest
 
+from broker import protocol
+from broker.protocol import Quota
 from http_frontend.app import FrontendConfig, create_app
-from http_frontend.auth import default_name, load_keys
+from http_frontend.auth import Share, default_name, load_keys
 from tests.http_frontend.test_app import FakeBroker
 from tests.openapi_spec import validate
 
@@ -126,7 +128,7 @@ def test_keys_file_weights(tmp_path: Path) -> None:
     keys_file.write_text("sk-alice name=alice weight=3\nsk-bob name=bob weight=0.5 admin\n"
                          "sk-carol name=carol\nsk-plain\n")
     keys = load_keys(None, str(keys_file))
-    assert [(k.name, k.admin, k.weight) for k in keys] == [
+    assert [(k.name, k.admin, k.share.weight) for k in keys] == [
         ("alice", False, 3.0), ("bob", True, 0.5), ("carol", False, 1.0),
         (default_name("sk-plain"), False, 1.0)]
 
@@ -171,3 +173,39 @@ def test_without_keys_the_identity_is_the_requests_user(body, tenant) -> None:
     assert resp.status_code == 200, resp.text
     (job,) = broker.submitted
     assert (job.tenant, job.weight) == (tenant, 1.0)
+
+
+def test_keys_file_classes_and_limits_reach_the_job(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("sk-bulk name=bulk class=batch max_queued=20 max_running=2 "
+                         "per_minute=30 weight=0.5\nsk-plain\n")
+    keys = load_keys(None, str(keys_file))
+    assert keys[0].share == Share(weight=0.5, priority="batch",
+                                  quota=Quota(max_queued=20, max_running=2, per_minute=30))
+    assert keys[1].share == Share()  # interactive, weight 1, no limits
+    broker = FakeBroker()
+    client = falcon.testing.TestClient(create_app(FrontendConfig(api_keys=tuple(keys)), broker))
+    resp = client.simulate_post("/v1/images/generations", headers=bearer("sk-bulk"),
+                                json={"prompt": "a fox", "size": "64x64"})
+    assert resp.status_code == 200, resp.text
+    (job,) = broker.submitted
+    assert (job.priority, job.quota) == ("batch", Quota(max_queued=20, max_running=2,
+                                                        per_minute=30))
+    assert protocol.JobSpec.from_wire(job.to_wire()) == job  # it travels as it is
+
+
+@pytest.mark.parametrize(("word", "says"), [
+    ("class=urgent", "class= takes interactive or batch"),
+    ("max_queued=0", "max_queued=N takes a whole number from 1"),
+    ("max_running=-1", "max_running=N takes a whole number"),
+    ("per_minute=2.5", "per_minute=N takes a whole number"),
+    ("per_minute=99999999", "per_minute=N takes a whole number"),
+    ("priority=batch", "is not a key attribute"),
+])
+def test_keys_file_refuses_bad_classes_and_limits_without_showing_the_key(
+        tmp_path: Path, word: str, says: str) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"sk-secret-key name=a {word}\n")
+    with pytest.raises(ValueError, match=f"line 1: word 3.*{says}") as caught:
+        load_keys(None, str(keys_file))
+    assert "sk-" not in str(caught.value)
