@@ -123,9 +123,11 @@ class Quota:
     """An identity's limits (an API key's, from the keys file), enforced by the broker so that
     no frontend can be used to get round them; None: no limit of that kind."""
 
-    max_queued: Annotated[int, Meta(ge=1)] | None = None  # jobs waiting at once, per model
-    max_running: Annotated[int, Meta(ge=1)] | None = None  # jobs on workers at once, per model
-    per_minute: Annotated[int, Meta(ge=1)] | None = None  # submissions, as a token bucket
+    # Across all models: jobs waiting at once, jobs on workers at once, and submissions a
+    # minute (a token bucket: that many at once, then one every 60/per_minute seconds).
+    max_queued: Annotated[int, Meta(ge=1)] | None = None
+    max_running: Annotated[int, Meta(ge=1)] | None = None
+    per_minute: Annotated[int, Meta(ge=1)] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
