@@ -45,6 +45,10 @@ class Leases:
         for job in batch:
             job.worker = worker.identity
             job.lease = stamp
+            # Leased again to a worker told to stop it before (it moved, then came back):
+            # the slot is this lease's now, and a heartbeat not listing the stopped run must
+            # not free it (settle), or the job would sit leased to no one until its deadline.
+            worker.ending.pop(job.id, None)
         worker.running.update(job.id for job in batch)
         self._workers.offer(worker, dispatched=now)
 

@@ -119,6 +119,22 @@ def test_stop_of_a_queued_job_tells_nobody(t: Table) -> None:
     assert t.leases.stop(a, NOW) is None
 
 
+def test_a_job_leased_back_to_the_worker_stopping_it_stays_leased_there(t: Table) -> None:
+    """Found by the state machine below: a claim moves a job from ``early``, which is told to
+    stop it; the claimant goes, the job is queued again and leased back to ``early``. A
+    heartbeat of ``early`` that does not list the stopped run must not free the new lease,
+    or the job would sit leased to a worker that no longer counts it, until its deadline."""
+    early, holder = t.worker("early"), t.worker("holder", session="h")
+    (a,) = t.queue("a")
+    t.lease(early)
+    t.leases.claim(holder, "a", NOW)  # early: CANCEL, its slot ``ending``
+    t.leases.drop_worker(holder, lost=False)  # handed back, unstarted
+    assert a.state is JobState.QUEUED and a.worker is None and "a" in early.ending
+    t.lease(early)
+    t.leases.settle(early, [], NOW + 10, after=2.0)  # a heartbeat from before the new JOBS
+    assert held_by(a, early) and early.ending == {}
+
+
 def test_settle_frees_a_stopped_job_an_old_worker_never_answered(t: Table) -> None:
     w = t.worker("w", capacity=2)
     a, b = t.queue("a", "b")
