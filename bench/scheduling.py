@@ -22,7 +22,9 @@ schedule shows up as latency instead of being hidden (no coordinated omission).
 Then, in-process, the broker's dispatch cost under fair sharing (broker/fair_queue.py): the
 same number of queued jobs held by one identity and by many (``--users``, 1,000 by default),
 dispatched one batch at a time as the broker's lease round does (``JobTable.head`` for the
-next job, then ``take_batch``). It prints microseconds per job and the ratio to one identity.
+next job, then ``take_batch``). It prints microseconds per job and the ratio to one identity;
+the many identities once more split between both priority classes (every other identity's
+key ``class=batch``), so the minimum share's turns come throughout.
 
 ``_common`` (next to this file) puts the repository root on sys.path, so it is imported
 before the ``broker`` and ``gpu_worker`` packages.
@@ -640,17 +642,21 @@ def targets(by_key: dict[tuple[int, str, str], Outcome]) -> None:
 # ------------------------------------------------------------------------------ fair sharing
 
 
-def _dispatch_cost(identities: int, jobs: int, max_batch: int) -> tuple[float, int, float]:
-    """Microseconds per job to dispatch ``jobs`` queued jobs spread over ``identities``, the
-    batches it took, and microseconds per job to queue them (``add`` tells each its fair
-    place): JobTable alone, as the broker thread drives it."""
+def _dispatch_cost(identities: int, jobs: int, max_batch: int,
+                   classes: int = 1) -> tuple[float, int, float]:
+    """Microseconds per job to dispatch ``jobs`` queued jobs spread over ``identities`` (in
+    the first ``classes`` of PRIORITIES, identity by identity), the batches it took, and
+    microseconds per job to queue them (``add`` tells each its fair place): JobTable alone,
+    as the broker thread drives it."""
     table = JobTable(max_queue=jobs, max_attempts=3)
     spec = JobSpec(id="x", model=MODEL, prompt="p", width=512, height=512, steps=20,
                    seeds=(1,))
     queued = time.perf_counter()
     for i in range(jobs):  # round-robin arrivals: every identity has jobs queued throughout
         tenant = f"user-{i % identities}"
-        table.add(Job(spec=dataclasses.replace(spec, id=f"j{i}", tenant=tenant),
+        priority = protocol.PRIORITIES[i % identities % classes]
+        table.add(Job(spec=dataclasses.replace(spec, id=f"j{i}", tenant=tenant,
+                                               priority=priority),
                       client=b"c", deadline=1e9))
     add_cost = (time.perf_counter() - queued) / jobs * 1e6
     batches = 0
@@ -669,14 +675,16 @@ def dispatch_report(args: argparse.Namespace) -> None:
     rows = []
     for max_batch in (1, 4):
         base = 0.0
-        for identities in sorted({1, 10, args.users}):
-            cost, batches, add_cost = min(_dispatch_cost(identities, args.fair_jobs, max_batch)
-                                          for _ in range(3))
+        cases = [(identities, 1) for identities in sorted({1, 10, args.users})]
+        for identities, classes in [*cases, (max(args.users, 2), 2)]:
+            cost, batches, add_cost = min(
+                _dispatch_cost(identities, args.fair_jobs, max_batch, classes)
+                for _ in range(3))
             base = base or cost
-            rows.append([identities, max_batch, batches, f"{cost:.1f}", f"{cost / base:.2f}",
-                         f"{add_cost:.1f}"])
-    print(table(["identities", "max_batch", "batches", "dispatch us/job", "vs 1 identity",
-                 "queue us/job"], rows))
+            rows.append([identities, classes, max_batch, batches, f"{cost:.1f}",
+                         f"{cost / base:.2f}", f"{add_cost:.1f}"])
+    print(table(["identities", "classes", "max_batch", "batches", "dispatch us/job",
+                 "vs 1 identity", "queue us/job"], rows))
     print("  dispatch us/job = JobTable.head(model, 1) + take_batch per batch, over the jobs "
           "it took; the ratio is the price of sharing among that many identities")
     print("  queue us/job = JobTable.add, which finds the job's place in fair order among "

@@ -31,6 +31,7 @@ from broker.counters import JobCounters
 from broker.jobs import Job, JobState, JobTable
 from broker.leases import Leases
 from broker.protocol import ErrorCode, Message, MsgType, ProtocolError
+from broker.quotas import Quotas
 from broker.registry import WorkerRecord, WorkerRegistry, WorkerState
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,11 @@ class Broker:
         self.config = config
         self._clock = clock
         self._ctx: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context.instance()
-        self.jobs = JobTable(max_queue=config.max_queue, max_attempts=config.max_attempts)
+        # Each identity's limits (broker/quotas.py): an identity running as many jobs as it
+        # may is passed over by dispatch until one of them ends.
+        self.quotas = Quotas()
+        self.jobs = JobTable(max_queue=config.max_queue, max_attempts=config.max_attempts,
+                             usage=self.quotas)
         self.workers = WorkerRegistry(
             liveness=config.heartbeat_interval * config.heartbeat_liveness)
         self.counters = JobCounters(started=time.time())
@@ -238,6 +243,7 @@ class Broker:
                   inputs=tuple(inputs))
         if self.leases.take_claimed(job):
             # A worker re-registered holding this job (we restarted): it stays there.
+            self.quotas.count_claimed(job, now)
             self._tell_position(client, spec.id, 0)
             return
         if not self.workers.serves(spec.model) and now >= self._startup_grace_until:
@@ -262,6 +268,8 @@ class Broker:
             self._refuse(client, spec, ErrorCode.QUEUE_FULL,
                          "the broker holds as many edit images as it may; try again shortly")
             return
+        if self._over_quota(client, spec, now):
+            return
         # Behind every job still queued, and every one a worker holds but has not started.
         held = self.leases.waiting(spec.model)
         work_ahead = (self._running_work(spec.model) + sum(j.spec.work for j in held)
@@ -272,6 +280,18 @@ class Broker:
                       extra=logs.job_fields(spec))
         if self._tell_position(client, spec.id, position, work_ahead):
             job.told = position
+
+    def _over_quota(self, client: bytes, spec: protocol.JobSpec, now: float) -> bool:
+        """Refuse a new job over one of its identity's limits (broker/quotas.py); whether it
+        was. Right after a start, while frontends send their waiting jobs again, nothing is
+        refused: those are jobs admitted before the restart, which counted then."""
+        enforce = now >= self._startup_grace_until
+        refusal = self.quotas.admit(spec, now, enforce=enforce)
+        if refusal is None:
+            return False
+        self._refuse(client, spec, ErrorCode.QUOTA_EXCEEDED, refusal.message,
+                     retry_after=refusal.retry_after)
+        return True
 
     def _reattach(self, client: bytes, owner: str, job: Job) -> None:
         """A resubmission: its owner's answers go to the connection it came from."""
@@ -510,6 +530,7 @@ class Broker:
         if now >= self._next_liveness_check:
             self._next_liveness_check = now + self.config.heartbeat_interval / 4
             self._purge_dead_workers(now)
+            self.quotas.forget_idle(now)
         for job in self.jobs.expired(now):
             self._queue_moved.add(job.model)
             self._stop_running(job, now)
@@ -682,16 +703,18 @@ class Broker:
             spec.id, code, message, retryable=retryable, incarnation=self.incarnation))
 
     def _refuse(self, client: bytes, spec: protocol.JobSpec, code: ErrorCode,
-                message: str) -> None:
-        """Turn a submission away (no worker, a full queue): counted, and worth retrying.
-        Logged at DEBUG: under overload every refused submit would cost the broker thread a
-        log write, and the frontend logs the job's end anyway."""
+                message: str, *, retry_after: float | None = None) -> None:
+        """Turn a submission away (no worker, a full queue, a quota): counted, and worth
+        retrying, after ``retry_after`` seconds where the broker knows. Logged at DEBUG: under
+        overload every refused submit would cost the broker thread a log write, and the
+        frontend logs the job's end anyway."""
         self.counters.failed(spec.model, code)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("job %s refused: %s: %s", spec.id, code.value, message,
                       extra=logs.job_fields(spec))
         self._send(self.client_socket, client, protocol.failed(
-            spec.id, code, message, retryable=True, incarnation=self.incarnation))
+            spec.id, code, message, retryable=True, incarnation=self.incarnation,
+            retry_after=retry_after))
 
     def _tell_position(self, client: bytes, job_id: str, position: int,
                        work_ahead: float | None = None) -> bool:

@@ -1,8 +1,23 @@
-"""One model's queued jobs, shared fairly between the identities that queued them.
+"""One model's queued jobs, served by priority class, and fairly between identities within one.
 
-Each identity (``JobSpec.tenant``: an API key's name, else the request's ``user``, else one
-anonymous identity) has its own FIFO. Across identities the queue is served by start-time
-fair queueing (SFQ, Goyal et al. 1996), the weighted scheme behind Linux's CFS:
+**Classes.** Every job has a priority class (``JobSpec.priority``, one of
+``protocol.PRIORITIES``, highest first: ``interactive``, then ``batch``), its identity's class
+as the keys file names it. A job of a higher class is dispatched before any job of a lower one,
+with one exception so that nothing starves: a lower class with jobs queued gets a guaranteed
+minimum share. A class passed over for ``LOWER_CLASS_EVERY - 1`` jobs in a row while it had jobs
+queued is *due*, and the next pick is its (the highest due class first). So under a flood of
+interactive jobs, batch jobs still get one dispatch in every ``LOWER_CLASS_EVERY``, and when
+no interactive job is queued they get every one. The rule counts jobs, not work: it is a
+guarantee of progress, not a split of GPU time (weights within a class do that), and counting
+is what makes it exact and easy to predict. It counts every job dispatched, batch mates
+included, so with batches the due class's turn comes at the first batch after nine jobs of
+other classes. A class's count restarts when one of its jobs is dispatched or it has none
+queued: waiting with nothing queued earns no turn.
+
+**Identities, within a class.** Each identity (``JobSpec.tenant``: an API key's name, else
+the request's ``user``, else one anonymous identity) has its own FIFO per class. Across
+identities a class is served by start-time fair queueing (SFQ, Goyal et al. 1996), the
+weighted scheme behind Linux's CFS:
 
 - every identity has a *pass*: the virtual time at which its next job starts;
 - the next job is the head of the identity with the lowest pass (ties: the older job);
@@ -17,14 +32,25 @@ So with equal weights a user with 30 queued jobs and a user with 1 alternate, an
 give a 3:1 split of the work served. SFQ rather than deficit round robin because DRR needs a
 quantum at least one job's cost to stay O(1) per pick, and job costs here span orders of
 magnitude (64x64 in 1 step to 4K in 50); SFQ is exact for any cost and weight, and O(log n) in
-identities per pick with a heap of identities keyed by pass.
+identities per pick with a heap of identities keyed by pass. Each class has its own virtual
+time and its own flows, so a job's class is its own: an identity whose key changed class has
+jobs in two lines, each served in its own class. The classes being a fixed few, a pick costs
+O(log identities) still.
 
-Batch mates (queued jobs with the head's batch key) may come from any identity; each is
-charged to its own identity as if it had been served alone, so riding along is not free.
-Finding them scans the queue in fair order until the batch is full: O(queue) at worst when
-few jobs match, as the FIFO's scan was before. A job handed back or requeued goes to the head
-of its identity's FIFO and its charge is refunded, so it is next for its identity and its
-identity is where it stood before the job was taken.
+**Identities at their running limit.** ``blocked(tenant)`` (the broker's quotas) says an
+identity already runs as many jobs as it may: ``first()`` and batch-mate selection pass over
+its jobs, which stay queued where they are, and it is not charged for them. Its pass stays
+where it was meanwhile, so when a job of its ends its next one is first in its class: an
+identity held back by its limit runs at its limit. Passing over blocked identities costs a
+pick O(blocked identities), not O(their jobs). Queue positions (``ordered()``) ignore
+``blocked``: they are a forecast, and the limit is the identity's own to wait for.
+
+Batch mates (queued jobs with the head's batch key) may come from any class and identity; each
+is charged to its own identity in its own class as if it had been served alone, so riding along
+is not free. Finding them scans the queue in fair order until the batch is full: O(queue) at
+worst when few jobs match, as the FIFO's scan was before. A job handed back or requeued goes
+to the head of its identity's FIFO in its class and its charge is refunded, so it is next for
+its identity and its identity is where it stood before the job was taken.
 
 Entries go stale lazily (a job cancelled, expired, claimed or taken as a batch mate from the
 middle of a FIFO stays where it is until it reaches the head): removal is O(1). Each entry
@@ -41,10 +67,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from broker.protocol import PRIORITIES
+
 if TYPE_CHECKING:
     from broker.jobs import Job
 
 ANONYMOUS = ""  # the identity of jobs that name none (an old frontend, no key and no user)
+
+# A lower class's guaranteed minimum share: at least one job in every this many dispatched
+# while it has jobs queued. 10 keeps a flood of interactive jobs at least 90% of the dispatches
+# (an interactive job waits at most one batch job per nine ahead of it) and moves batch work on
+# at a tenth of the cluster's pace however long the flood lasts.
+LOWER_CLASS_EVERY = 10
+
+_RANKS = {name: rank for rank, name in enumerate(PRIORITIES)}  # 0 = the highest class
 
 # (pass, seq of its head job, entry number): the key an identity is ordered by, and the entry
 # number that makes the tuple unique and tells a current heap entry from a stale one.
@@ -55,14 +91,23 @@ def tenant_of(job: Job) -> str:
     return job.spec.tenant or ANONYMOUS
 
 
+def rank_of(job: Job) -> int:
+    """The job's class as an index into PRIORITIES (0 = highest); the protocol checks it."""
+    return _RANKS.get(job.spec.priority, 0)
+
+
 def charge(job: Job) -> float:
     """The virtual time a job costs its identity: its work over its weight."""
     return job.spec.work / job.spec.weight
 
 
+def _never_blocked(tenant: str) -> bool:
+    return False
+
+
 @dataclass(eq=False)
 class _Flow:
-    """One identity's FIFO in one model's queue."""
+    """One identity's FIFO in one class of one model's queue."""
 
     tenant: str
     start: float  # the virtual time its next job starts at: its pass
@@ -74,11 +119,122 @@ class _Flow:
 class FairQueue:
     """Owns one model's queued jobs; only the broker thread touches it.
 
-    ``is_gone(job)`` says whether the job table forgot the job or it is no longer queued.
+    ``is_gone(job)`` says whether the job table forgot the job or it is no longer queued;
+    ``blocked(tenant)`` whether an identity may start no job now (its running limit).
     """
 
-    def __init__(self, is_gone: Callable[[Job], bool]) -> None:
+    def __init__(self, is_gone: Callable[[Job], bool],
+                 blocked: Callable[[str], bool] | None = None) -> None:
+        self._blocked = blocked or _never_blocked
+        numbers = itertools.count()  # one count for every class: enqueueings stay unique
+        self._classes = [_ClassQueue(is_gone, numbers) for _ in PRIORITIES]
+        # Per class, the jobs dispatched in a row while it had jobs queued and none of them
+        # was its (LOWER_CLASS_EVERY). The highest class is never due: it is served by default.
+        self._passed = [0] * len(PRIORITIES)
+
+    # ---------------------------------------------------------------- in and out
+
+    def push(self, job: Job, *, at_head: bool = False) -> None:
+        """Queue ``job`` at the tail of its identity's FIFO, or at its head (back in line)."""
+        self._classes[rank_of(job)].push(job, at_head=at_head)
+
+    def discard(self, job: Job) -> None:
+        """Count out a queued job the table forgot or a worker claimed; its entry goes stale."""
+        self._classes[rank_of(job)].discard(job)
+
+    def take(self, batch: list[Job]) -> None:
+        """Take ``batch`` (its head first) out of line and charge each job to its identity."""
+        self._classes[rank_of(batch[0])].start(batch[0])
+        for job in batch:
+            queued = [line.live > 0 for line in self._classes]
+            _count_pick(self._passed, queued, rank_of(job))
+            self._classes[rank_of(job)].take(job)
+
+    def drop(self) -> list[Job]:
+        """Every queued job, oldest first; the queue is empty after."""
+        jobs = sorted(self.ordered(), key=lambda job: job.seq)
+        for line in self._classes:
+            line.clear()
+        self._passed = [0] * len(PRIORITIES)
+        return jobs
+
+    # ---------------------------------------------------------------- fair order
+
+    def first(self, accepts: Callable[[Job], bool]) -> Job | None:
+        """The first job in dispatch order (identities at their running limit passed over)
+        that ``accepts``; O(log identities) when the next one does."""
+        return next((job for job in self.dispatchable() if accepts(job)), None)
+
+    def place(self, job: Job, limit: int) -> int | None:
+        """``job``'s place in fair order (0 = next), if it is among the first ``limit``."""
+        if self._classes[rank_of(job)].queued_for(job) > limit:
+            return None  # its own identity's jobs alone put it past
+        ahead = itertools.islice(self.ordered(), limit)
+        return next((place for place, queued in enumerate(ahead) if queued is job), None)
+
+    def ordered(self) -> Iterator[Job]:
+        """The queued jobs in the order they will be served if no others come.
+
+        Identities at their running limit are in it where their pass puts them: positions are
+        a forecast, and whether a limit still holds when a job's turn comes is not known now.
+        Nothing may change the queue while a caller iterates.
+        """
+        return self._merged(None)
+
+    def dispatchable(self) -> Iterator[Job]:
+        """The queued jobs that may start now, in the order they would: ``ordered()`` without
+        the identities at their running limit."""
+        return self._merged(self._blocked)
+
+    def _merged(self, skip: Callable[[str], bool] | None) -> Iterator[Job]:
+        """Simulate the picks across classes: each class's own fair order, merged by class
+        with the minimum share counted as ``take`` counts it."""
+        queued = [line for line in self._classes if line.live]
+        if len(queued) <= 1:  # one class: its own order is the whole order
+            return queued[0].ordered(skip) if queued else iter(())
+        return self._interleaved(skip)
+
+    def _interleaved(self, skip: Callable[[str], bool] | None) -> Iterator[Job]:
+        # A class's next job is looked at only when its turn may have come, so a pick costs
+        # what the one class it serves costs. ``left`` counts what each class has queued,
+        # skipped identities' jobs included, as ``take`` counts it.
+        lines = [line.ordered(skip) for line in self._classes]  # lazy: nothing runs yet
+        left = [line.live for line in self._classes]
+        nexts: list[Job | None] = [None] * len(lines)
+        peeked = [False] * len(lines)
+        passed = list(self._passed)
+
+        def peek(rank: int) -> Job | None:
+            if not peeked[rank]:
+                nexts[rank], peeked[rank] = next(lines[rank], None), True
+            return nexts[rank]
+
+        while True:
+            due = (rank for rank in range(1, len(lines))
+                   if left[rank] and passed[rank] >= LOWER_CLASS_EVERY - 1)
+            ranks = itertools.chain(due, (rank for rank in range(len(lines)) if left[rank]))
+            rank = next((rank for rank in ranks if peek(rank) is not None), None)
+            if rank is None or (job := nexts[rank]) is None:
+                return
+            yield job
+            _count_pick(passed, [bool(count) for count in left], rank)
+            left[rank] -= 1
+            peeked[rank] = False
+
+
+def _count_pick(passed: list[int], queued: list[bool], served: int) -> None:
+    """Count one job of class ``served`` dispatched: every other class that had jobs queued
+    was passed over once more; the served class and the empty ones start again from 0."""
+    for rank, waiting in enumerate(queued):
+        passed[rank] = passed[rank] + 1 if waiting and rank != served else 0
+
+
+class _ClassQueue:
+    """One class's jobs: a FIFO per identity, served across identities by SFQ."""
+
+    def __init__(self, is_gone: Callable[[Job], bool], numbers: Iterator[int]) -> None:
         self._is_gone = is_gone
+        self._numbers = numbers
         self._flows: dict[str, _Flow] = {}
         self._heap: list[tuple[float, int, int, _Flow]] = []
         self._vtime = 0.0  # the pass the last job served started at
@@ -86,12 +242,9 @@ class FairQueue:
         # owe for what they were served, so one that queues again starts at its pass, not
         # now. Forgotten once the virtual time reaches them (roughly in order of that).
         self._idle: deque[_Flow] = deque()
-        self._numbers = itertools.count()
+        self.live = 0  # the jobs queued in this class
 
-    # ---------------------------------------------------------------- in and out
-
-    def push(self, job: Job, *, at_head: bool = False) -> None:
-        """Queue ``job`` at the tail of its identity's FIFO, or at its head (back in line)."""
+    def push(self, job: Job, *, at_head: bool) -> None:
         tenant = tenant_of(job)
         flow = self._flows.get(tenant)
         if flow is None:
@@ -105,60 +258,50 @@ class FairQueue:
         else:
             flow.entries.append((job.enqueued, job))
         flow.live += 1
+        self.live += 1
         if at_head or flow.entry < 0:  # its key changed, or it has none yet
             self._reindex(flow)
 
     def discard(self, job: Job) -> None:
-        """Count out a queued job the table forgot or a worker claimed; its entry goes stale."""
         flow = self._flows.get(tenant_of(job))
         if flow is not None:
             job.enqueued = -1
             self._count_out(flow)
 
-    def take(self, batch: list[Job]) -> None:
-        """Take ``batch`` (its head first) out of line and charge each job to its identity."""
-        head = self._flows[tenant_of(batch[0])]
-        self._vtime = max(self._vtime, head.start)
+    def start(self, head: Job) -> None:
+        """Advance the virtual time to the pass ``head``'s identity serves it at."""
+        self._vtime = max(self._vtime, self._flows[tenant_of(head)].start)
         self._forget_idle()
-        for job in batch:
-            flow = self._flows[tenant_of(job)]
-            job.enqueued = -1
-            flow.start += charge(job)
-            self._count_out(flow)
-            if flow.live:
-                self._reindex(flow)
 
-    def drop(self) -> list[Job]:
-        """Every queued job, oldest first; the queue is empty after."""
-        jobs = sorted(self.ordered(), key=lambda job: job.seq)
+    def take(self, job: Job) -> None:
+        """Take ``job`` out of line and charge it to its identity."""
+        flow = self._flows[tenant_of(job)]
+        job.enqueued = -1
+        flow.start += charge(job)
+        self._count_out(flow)
+        if flow.live:
+            self._reindex(flow)
+
+    def queued_for(self, job: Job) -> int:
+        """The jobs ``job``'s identity has queued in this class."""
+        flow = self._flows.get(tenant_of(job))
+        return flow.live if flow is not None else 0
+
+    def clear(self) -> None:
         self._flows.clear()
         self._heap.clear()
         self._idle.clear()
-        return jobs
+        self.live = 0
 
-    # ---------------------------------------------------------------- fair order
-
-    def first(self, accepts: Callable[[Job], bool]) -> Job | None:
-        """The first queued job in fair order that ``accepts``; O(log identities) when the
-        next one does."""
-        return next((job for job in self.ordered() if accepts(job)), None)
-
-    def place(self, job: Job, limit: int) -> int | None:
-        """``job``'s place in fair order (0 = next), if it is among the first ``limit``."""
-        flow = self._flows.get(tenant_of(job))
-        if flow is None or flow.live > limit:  # its own identity's jobs alone put it past
-            return None
-        ahead = itertools.islice(self.ordered(), limit)
-        return next((place for place, queued in enumerate(ahead) if queued is job), None)
-
-    def ordered(self) -> Iterator[Job]:
-        """The queued jobs in the order they will be served if no others come.
+    def ordered(self, skip: Callable[[str], bool] | None) -> Iterator[Job]:
+        """This class's queued jobs in the order it will serve them, identities that ``skip``
+        says to pass over left out.
 
         Simulates the picks without changing anything: identities come off the heap best
         first (a walk of the heap's array from its root), each one's jobs in FIFO order with
         its pass advancing as serving them would advance it. Getting the first k costs
-        O(k log k) plus the stale entries passed, however many identities there are. Nothing
-        may change the queue while a caller iterates.
+        O(k log k) plus the stale entries and skipped identities passed, however many
+        identities there are. Nothing may change the queue while a caller iterates.
         """
         self._settle_top()  # stale entries at the top would be walked past on every call
         frontier: list[tuple[_Key, int]] = [(self._heap[0][:3], 0)] if self._heap else []
@@ -170,7 +313,8 @@ class FairQueue:
                 _, index = heapq.heappop(frontier)
                 self._spread(frontier, index)
                 flow = self._heap[index][3]
-                if self._heap[index][2] == flow.entry and self._flows.get(flow.tenant) is flow:
+                if self._heap[index][2] == flow.entry and self._flows.get(flow.tenant) is flow \
+                        and (skip is None or not skip(flow.tenant)):
                     jobs = self._live_jobs(flow)
                     if (job := next(jobs, None)) is not None:
                         key = (flow.start, job.seq, next(self._numbers))
@@ -199,6 +343,7 @@ class FairQueue:
 
     def _count_out(self, flow: _Flow) -> None:
         flow.live -= 1
+        self.live -= 1
         if flow.live > 0:
             return
         flow.live = 0
@@ -248,6 +393,8 @@ class FairQueue:
             if not flow.entries:  # a miscount: nothing of it is queued after all
                 heapq.heappop(self._heap)
                 del self._flows[flow.tenant]
+                self.live -= flow.live
+                flow.live = 0
                 flow.entry = -1
                 continue
             if (start, seq) == (flow.start, flow.entries[0][1].seq):

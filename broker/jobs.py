@@ -1,6 +1,7 @@
 """The broker's job table: every job it holds, one fair queue per model, attempts and deadlines.
 
-How a model's queue is shared between the identities that queued jobs: broker/fair_queue.py.
+How a model's queue is ordered by priority class and shared between the identities that
+queued jobs, and how identities at their running limit wait: broker/fair_queue.py.
 
 Which worker holds a running job is the lease's business: broker/leases.py.
 """
@@ -12,7 +13,7 @@ import heapq
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from broker.fair_queue import FairQueue
 from broker.protocol import JobSpec
@@ -61,17 +62,36 @@ class Job:
         return self.spec.model
 
 
+class Usage(Protocol):
+    """Each identity's jobs against its limits (broker/quotas.py): told of every job whose
+    state changes here, and asked who may start no more."""
+
+    def recount(self, job: Job, *, held: bool) -> None: ...
+
+    def running_full(self, tenant: str, starting: int = 0) -> bool: ...
+
+
 class JobTable:
     """Owns job state; only the broker thread touches it.
+
+    Every change of a job's state happens here, and ``usage`` hears of each one: it counts
+    each identity's queued and running jobs for its limits, and no path of the broker can
+    change a job's state without it knowing.
 
     Queues hold Job objects and are cleaned lazily: a cancelled or expired job stays in its
     queue until it reaches the head, so removal is O(1) and dispatch skips stale entries. They
     hold objects, not ids, so a stale entry never stands for a later job that reuses its id.
     """
 
-    def __init__(self, *, max_queue: int, max_attempts: int) -> None:
+    def __init__(self, *, max_queue: int, max_attempts: int, usage: Usage | None = None,
+                 blocked: Callable[[str], bool] | None = None) -> None:
         self.max_queue = max_queue
         self.max_attempts = max_attempts
+        self._usage = usage
+        # Called with a job's identity (``spec.tenant or ""``): True while it runs as many
+        # jobs as its quota allows, so none of its queued jobs may start now. None: never;
+        # by default, what ``usage`` says.
+        self._blocked = blocked if blocked is not None or usage is None else usage.running_full
         self._jobs: dict[str, Job] = {}
         self._queues: dict[str, FairQueue] = {}
         self._queued: dict[str, int] = {}  # model -> number of QUEUED jobs
@@ -130,9 +150,10 @@ class JobTable:
         job.started = False
         queue = self._queues.get(job.model)
         if queue is None:
-            queue = self._queues[job.model] = FairQueue(self._is_stale)
+            queue = self._queues[job.model] = FairQueue(self._is_stale, self._blocked)
         queue.push(job, at_head=at_head)
         self._count(job, 1)
+        self._moved(job)
 
     def _count(self, job: Job, sign: int) -> None:
         """Count ``job`` in (1) or out of (-1) its model's queued jobs and their work."""
@@ -149,7 +170,8 @@ class JobTable:
 
         They are RUNNING from now on; ``Leases.lease`` gives them to ``worker`` once they are
         sent. Jobs that already failed on ``worker``, or that ``runnable`` says it cannot run
-        (it lacks their LoRA adapters), are left for another worker.
+        (it lacks their LoRA adapters), are left for another worker; jobs of identities at
+        their running limit (``blocked``) stay queued in their place for later.
         """
         queue = self._queues.get(model)
         if queue is None or not self.queue_depth(model):
@@ -161,16 +183,17 @@ class JobTable:
         batch = [head]
         if max_batch > 1:
             key = head.spec.batch_key()
-            for job in queue.ordered():
+            for job in queue.dispatchable():
                 if len(batch) >= max_batch:
                     break
                 if job is not head and job.failed_on != worker \
-                        and job.spec.batch_key() == key:
+                        and job.spec.batch_key() == key and not self._full_with(job, batch):
                     batch.append(job)
         queue.take(batch)
         for job in batch:
             self._count(job, -1)
             job.state = JobState.RUNNING
+            self._moved(job)
         return batch
 
     def drop_queue(self, model: str) -> list[Job]:
@@ -180,12 +203,14 @@ class JobTable:
         for job in dropped:
             del self._jobs[job.id]
             self.input_bytes -= job.input_bytes
+            self._moved(job)
         self._queued[model] = 0
         self._queued_work[model] = 0.0
         return dropped
 
     def head(self, model: str, limit: int) -> list[Job]:
-        """The first ``limit`` queued jobs of ``model``, in the order they will be served."""
+        """The first ``limit`` queued jobs of ``model``, in the order they will be served
+        (identities at their running limit included where their turn falls: a forecast)."""
         queue = self._queues.get(model)
         return list(itertools.islice(queue.ordered(), limit)) if queue is not None else []
 
@@ -197,11 +222,13 @@ class JobTable:
         if job.state is JobState.QUEUED:
             self._dequeue(job)  # its queue entry is stale from now on
         job.state = JobState.RUNNING
+        self._moved(job)
 
     def add_running(self, job: Job) -> None:
         """Take a new job that a worker already runs: RUNNING at once, never queued."""
         self._track(job)
         job.state = JobState.RUNNING
+        self._moved(job)
 
     def finish(self, job_id: str) -> Job | None:
         """Forget a job (answered, cancelled or failed); return it if it was known."""
@@ -210,7 +237,22 @@ class JobTable:
             self.input_bytes -= job.input_bytes
         if job is not None and job.state is JobState.QUEUED:
             self._dequeue(job)
+        if job is not None:
+            self._moved(job)
         return job
+
+    def _full_with(self, job: Job, batch: list[Job]) -> bool:
+        """Whether ``job``'s identity would pass its running limit if ``job`` started with
+        ``batch``: a batch mate must not take it past, as its batch's head could not."""
+        if self._usage is None:
+            return False
+        tenant = job.spec.tenant or ""
+        starting = sum(1 for other in batch if (other.spec.tenant or "") == tenant)
+        return self._usage.running_full(tenant, starting)
+
+    def _moved(self, job: Job) -> None:
+        if self._usage is not None:
+            self._usage.recount(job, held=self._jobs.get(job.id) is job)
 
     def _dequeue(self, job: Job) -> None:
         """Count a queued job out that leaves its queue other than by dispatch."""

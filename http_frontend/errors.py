@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,13 +42,17 @@ class JobError:
     code: str
     message: str
     retryable: bool = False
+    # Seconds until a retry can succeed, where the broker knows (an identity's rate limit);
+    # None: the frontend's own hint (ServiceConfig.retry_after) goes in Retry-After.
+    retry_after: float | None = None
 
     @classmethod
     def from_failed(cls, failed: Message) -> JobError:
         """The error a FAILED message from the broker carries."""
         if failed.type is not MsgType.FAILED:
             raise ValueError(f"not a FAILED message: {failed.type.value}")
-        return cls(failed["code"], failed["message"], bool(failed.get("retryable", False)))
+        return cls(failed["code"], failed["message"], bool(failed.get("retryable", False)),
+                   failed.get("retry_after"))
 
 
 # Failures this frontend finds itself, before or without the broker.
@@ -89,6 +94,7 @@ def invalid(param: str | None, message: str, code: str = "invalid_value") -> API
 _JOB_FAILURES: dict[str, tuple[int, str]] = {
     ErrorCode.MODEL_NOT_FOUND.value: (404, INVALID_REQUEST),
     ErrorCode.QUEUE_FULL.value: (429, "rate_limit_error"),
+    ErrorCode.QUOTA_EXCEEDED.value: (429, "rate_limit_error"),  # its message names the limit
     ErrorCode.NO_WORKER.value: (503, SERVER_ERROR),
     ErrorCode.BROKER_UNAVAILABLE.value: (503, SERVER_ERROR),
     ErrorCode.SHUTTING_DOWN.value: (503, SERVER_ERROR),
@@ -98,8 +104,9 @@ _JOB_FAILURES: dict[str, tuple[int, str]] = {
     ErrorCode.INVALID_REQUEST.value: (400, INVALID_REQUEST),
 }
 # Failures a client may retry after a while: these answers say how long (Retry-After).
-_RETRY_LATER = {ErrorCode.QUEUE_FULL.value, ErrorCode.NO_WORKER.value,
-                ErrorCode.BROKER_UNAVAILABLE.value, ErrorCode.SHUTTING_DOWN.value}
+_RETRY_LATER = {ErrorCode.QUEUE_FULL.value, ErrorCode.QUOTA_EXCEEDED.value,
+                ErrorCode.NO_WORKER.value, ErrorCode.BROKER_UNAVAILABLE.value,
+                ErrorCode.SHUTTING_DOWN.value}
 UNKNOWN_FAILURE = "unknown_error"
 
 
@@ -107,7 +114,8 @@ def job_failure(error: JobError, *, retry_after: int | None = None,
                 cancelled_here: bool = False) -> APIError:
     """The APIError for a job that failed with ``error``.
 
-    ``retry_after``: the seconds to send in Retry-After, for the codes a later retry can help.
+    ``retry_after``: the seconds to send in Retry-After, for the codes a later retry can help,
+    unless the error knows better (``JobError.retry_after``: whole seconds, rounded up).
     ``cancelled_here``: this frontend cancelled the job itself (its client left or asked), so
     "cancelled" is the client's own doing (499). Any other "cancelled", and any code this
     table does not know, is the cluster's failure: a 500.
@@ -125,6 +133,8 @@ def job_failure(error: JobError, *, retry_after: int | None = None,
     status, kind = _JOB_FAILURES[code]
     param = "model" if code in (ErrorCode.MODEL_NOT_FOUND.value, ErrorCode.NO_WORKER.value) \
         else None
+    if error.retry_after is not None:
+        retry_after = max(1, math.ceil(error.retry_after))  # Retry-After takes whole seconds
     headers = {"Retry-After": str(retry_after)} \
         if retry_after is not None and code in _RETRY_LATER else None
     return APIError(status, message, type=kind, param=param, code=code, headers=headers)

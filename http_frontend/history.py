@@ -307,12 +307,13 @@ def with_input_names(request: dict[str, Any], names: list[str], job: JobSpec
     return recorded
 
 
-REFUSALS = (ErrorCode.QUEUE_FULL, ErrorCode.NO_WORKER, ErrorCode.BROKER_UNAVAILABLE)
+REFUSALS = (ErrorCode.QUEUE_FULL, ErrorCode.QUOTA_EXCEEDED, ErrorCode.NO_WORKER,
+            ErrorCode.BROKER_UNAVAILABLE)
 
 
 def _refused(tracked: Tracked) -> bool:
     """Whether the client was told "not now" for a job it was never told exists: refused
-    (queue full, no worker, no broker) before its first step, or stopped by this server's
+    (queue full, a quota, no worker, no broker) before its first step, or stopped by this server's
     shutdown. A retry may run it."""
     pending = tracked.pending
     error = pending.error
