@@ -739,6 +739,7 @@ class Broker:
             "workers": [w.describe(now, stats=stats) for w in self.workers],
             "queues": self.jobs.depths(),
             "counters": self.counters.snapshot(),
+            "identities": self.jobs.load_by_identity(protocol.MAX_IDENTITIES_LISTED),
         }
 
     def _status_reply(self, now: float) -> list[Any]:

@@ -122,6 +122,17 @@ class JobTable:
     def models_waiting(self) -> list[str]:
         return [model for model, n in self._queued.items() if n]
 
+    def load_by_identity(self, limit: int) -> list[dict[str, Any]]:
+        """Each identity's queued and running jobs per model, the busiest ``limit`` first
+        (STATUS_REPLY, /v1/cluster, the metrics). O(jobs held): asked a few times a second."""
+        load: dict[tuple[str, str], list[int]] = {}
+        for job in self._jobs.values():
+            counts = load.setdefault((job.model, job.spec.tenant or ""), [0, 0])
+            counts[job.state is JobState.RUNNING] += 1
+        busiest = sorted(load.items(), key=lambda item: (-sum(item[1]), item[0]))[:limit]
+        return [{"model": model, "identity": identity, "queued": queued, "running": running}
+                for (model, identity), (queued, running) in busiest]
+
     def is_full(self, model: str) -> bool:
         return self.queue_depth(model) >= self.max_queue
 

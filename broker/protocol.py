@@ -287,6 +287,21 @@ def loras_from_wire(data: Any) -> dict[str, LoraInfo]:
     return loras
 
 
+class IdentityLoad(msgspec.Struct, frozen=True, kw_only=True):
+    """One identity's jobs of one model (STATUS_REPLY): its name ("" is the anonymous one),
+    never a key."""
+
+    model: Text
+    identity: Id
+    queued: Count
+    running: Count
+
+
+# Identities a STATUS_REPLY lists at most, the busiest first: its size stays bounded however
+# many identities have jobs.
+MAX_IDENTITIES_LISTED = 100
+
+
 class BrokerCounters(msgspec.Struct, frozen=True, kw_only=True):
     """What a broker counted since it started, per model (STATUS_REPLY).
 
@@ -360,6 +375,8 @@ class StatusReply(_Header, tag=MsgType.STATUS_REPLY.value):
     queues: Annotated[dict[str, int], Meta(max_length=MAX_LIST)]  # model -> queue depth
     incarnation: OptId = UNSET
     counters: BrokerCounters | UnsetType = UNSET
+    identities: Annotated[list[IdentityLoad], Meta(max_length=MAX_IDENTITIES_LISTED)] \
+        | UnsetType = UNSET
 
 
 class Progress(_Header, tag=MsgType.PROGRESS.value):

@@ -29,7 +29,15 @@ import zmq
 
 from broker import defaults, logs, protocol
 from broker.connection import Connection
-from broker.protocol import BrokerCounters, ErrorCode, JobSpec, Message, MsgType, ProtocolError
+from broker.protocol import (
+    BrokerCounters,
+    ErrorCode,
+    IdentityLoad,
+    JobSpec,
+    Message,
+    MsgType,
+    ProtocolError,
+)
 from http_frontend.errors import BROKER_UNREACHABLE, JobError
 from http_frontend.pending import PendingJob
 
@@ -49,6 +57,8 @@ class ClusterStatus:
     # the broker took to answer it.
     round_trip: float | None = None
     counters: BrokerCounters | None = None  # None from brokers that send none (older ones)
+    # Each identity's jobs per model, the busiest first (none from older brokers).
+    identities: list[IdentityLoad] = dataclasses.field(default_factory=list)
 
     def served_models(self) -> dict[str, list[dict[str, Any]]]:
         """Model name -> the ready workers serving it."""
@@ -172,7 +182,8 @@ class BrokerClient:
                     self._status = ClusterStatus(
                         msg["workers"], msg["queues"], received,
                         round_trip=received - sent if sent is not None else None,
-                        counters=msg.get("counters"))
+                        counters=msg.get("counters"),
+                        identities=msg.get("identities") or [])
             elif msg.type in (MsgType.ACCEPTED, MsgType.PROGRESS, MsgType.RESULT,
                               MsgType.FAILED):
                 self._deliver(msg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from http_frontend import loras, model_resolver
+from http_frontend.auth import Identity
 from http_frontend.broker_client import BrokerClient, ClusterStatus
 from http_frontend.errors import BROKER_UNREACHABLE, APIError, job_failure
 
@@ -65,9 +66,17 @@ class ClusterView:
         """GET /v1/loras."""
         return loras.listing(self._status())
 
-    def cluster(self) -> dict[str, Any]:
+    def cluster(self, identity: Identity) -> dict[str, Any]:
+        """GET /v1/cluster: the workers, the queues, and each identity's jobs per model (the
+        busiest the broker lists); a key that does not see every identity's jobs sees its
+        own line only, never the other identities' names."""
         status = self._status()
-        return {"workers": status.workers, "queues": status.queues}
+        shown = [load for load in status.identities
+                 if identity.sees_all or load.identity == identity.key]
+        return {"workers": status.workers, "queues": status.queues,
+                "identities": [{"model": load.model, "identity": load.identity or None,
+                                "queued": load.queued, "running": load.running}
+                               for load in shown]}
 
     def _status(self) -> ClusterStatus:
         status = self.broker.status()

@@ -24,7 +24,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from broker.protocol import BrokerCounters, ErrorCode, JobSpec, ProtocolError, WorkerStats
+from broker.protocol import (
+    BrokerCounters,
+    ErrorCode,
+    IdentityLoad,
+    JobSpec,
+    ProtocolError,
+    WorkerStats,
+)
 from http_frontend import model_resolver, streaming
 from http_frontend.broker_client import BrokerClient
 from http_frontend.errors import UNKNOWN_FAILURE
@@ -198,7 +205,8 @@ class ClusterCollector(Collector):
             depth.add_metric([model], status.queues.get(model, 0))
         for (model, state), count in sorted(tally.items()):
             workers.add_metric([model, state], count)
-        families += [depth, workers, *_worker_families(status.workers)]
+        families += [depth, workers, *_worker_families(status.workers),
+                     _identity_jobs(status.identities)]
         if status.counters is not None:
             families += _broker_counters(status.counters)
         if status.round_trip is not None:
@@ -251,6 +259,18 @@ def _worker_stats(workers: list[dict[str, Any]]) -> Iterator[tuple[str, str, Wor
         except ProtocolError:
             continue  # none sent (an older worker), or not stats
         yield worker_id, str(models[0]), stats  # one pipeline per worker: one model
+
+
+def _identity_jobs(identities: list[IdentityLoad]) -> GaugeMetricFamily:
+    """Each identity's queued and running jobs per model: its name ("" for the anonymous
+    one), never its key; the busiest 100 the broker lists, so the series stay bounded."""
+    jobs = GaugeMetricFamily("dc_identity_jobs", "Jobs of each identity (API key name, else "
+                             "the request's user) per model, queued or running; the busiest "
+                             "100", labels=["model", "identity", "state"])
+    for load in identities:
+        jobs.add_metric([load.model, load.identity, "queued"], load.queued)
+        jobs.add_metric([load.model, load.identity, "running"], load.running)
+    return jobs
 
 
 def _broker_counters(counters: BrokerCounters) -> list[Metric]:

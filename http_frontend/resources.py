@@ -329,7 +329,7 @@ class Cluster:
         self.view = view
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = self.view.cluster()
+        resp.media = self.view.cluster(identity_of(req))
 
     on_head = on_get
 

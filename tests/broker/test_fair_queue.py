@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from broker import protocol
 from broker.jobs import Job, JobTable
 from tests.broker.fakes import BrokerHarness, make_spec
 from tests.broker.test_queue_positions import Heard, busy_worker
@@ -245,3 +246,23 @@ def test_the_broker_tells_fair_positions_and_a_resubmission_counts_once(
         "b0", "a2", "b1", "a3", "a4", "a5"]
     worker.result(flood[0])
     assert [s.id for s in worker.take()] == ["b0"]
+
+
+def test_each_identitys_load_is_listed_busiest_first_and_bounded() -> None:
+    """What STATUS_REPLY carries for /v1/cluster and the metrics: names, counts by state."""
+    table = JobTable(max_queue=100, max_attempts=3)
+    for index in range(3):
+        table.add(Job(spec=make_spec(f"a{index}", tenant="alice"), client=b"c", deadline=1e9))
+    table.add(Job(spec=make_spec("b0", tenant="bob"), client=b"c", deadline=1e9))
+    table.add(Job(spec=make_spec("n0"), client=b"c", deadline=1e9))
+    table.take_batch("tiny", b"w", 1)  # one of them runs
+    load = table.load_by_identity(limit=10)
+    assert sum(line["running"] for line in load) == 1
+    assert load[0]["identity"] == "alice" and load[0]["queued"] + load[0]["running"] == 3
+    assert {line["identity"] for line in load} == {"alice", "bob", ""}
+    assert len(table.load_by_identity(limit=2)) == 2
+    reply = protocol.encode(protocol.MsgType.STATUS_REPLY,
+                            {"workers": [], "queues": {}, "identities": load})
+    decoded = protocol.decode(reply)["identities"]
+    assert [(line.identity, line.queued + line.running) for line in decoded] == \
+        [(line["identity"], line["queued"] + line["running"]) for line in load]

@@ -123,6 +123,11 @@ def check_max_queued(one: httpx.Client, two: httpx.Client) -> None:
         assert assert_quota_429(refused, "max_queued=2") == 5  # the frontend's hint
         assert refused.json()["error"]["message"].startswith(
             "queuer has 2 jobs queued, its limit (max_queued=2)")
+    # /v1/cluster shows the key its own line, by name, from either frontend.
+    mine = [{"model": "tiny", "identity": "queuer", "queued": 2, "running": 0}]
+    for http in (one, two):
+        wait_until(lambda http=http: http.get("/v1/cluster", headers=bearer("sk-queue-key"))
+                   .json()["identities"] == mine, 10, "the key's own line in /v1/cluster")
     streamed = two.post("/v1/images/generations", json={**SMALL, "stream": True},
                         headers=bearer("sk-queue-key"))
     assert_quota_429(streamed, "max_queued")

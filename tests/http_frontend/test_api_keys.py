@@ -209,3 +209,21 @@ def test_keys_file_refuses_bad_classes_and_limits_without_showing_the_key(
     with pytest.raises(ValueError, match=f"line 1: word 3.*{says}") as caught:
         load_keys(None, str(keys_file))
     assert "sk-" not in str(caught.value)
+
+
+def test_the_cluster_view_shows_a_key_its_own_line_and_an_admin_every_line(
+        tmp_path: Path) -> None:
+    """Identities by name, never by key; a plain key never learns the other names."""
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("sk-alice name=alice\nsk-ops name=ops admin\n")
+    broker = FakeBroker()
+    broker.identities = [
+        protocol.IdentityLoad(model="tiny", identity="bob", queued=5, running=1),
+        protocol.IdentityLoad(model="tiny", identity="alice", queued=2, running=0)]
+    config = FrontendConfig(api_keys=tuple(load_keys(None, str(keys_file))))
+    client = falcon.testing.TestClient(create_app(config, broker))
+    mine = client.simulate_get("/v1/cluster", headers=bearer("sk-alice")).json["identities"]
+    assert mine == [{"model": "tiny", "identity": "alice", "queued": 2, "running": 0}]
+    every = client.simulate_get("/v1/cluster", headers=bearer("sk-ops")).json["identities"]
+    assert [line["identity"] for line in every] == ["bob", "alice"]
+    assert "sk-" not in client.simulate_get("/v1/cluster", headers=bearer("sk-ops")).text

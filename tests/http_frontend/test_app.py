@@ -45,6 +45,7 @@ class FakeBroker:
     def __init__(self, workers: list[dict[str, Any]] | None = None) -> None:
         self.workers = [worker("w1", "tiny")] if workers is None else workers
         self.queues: dict[str, int] = {}
+        self.identities: list[protocol.IdentityLoad] = []
         self.reachable = True
         self.fail_with: ErrorCode | None = None
         self.raise_on_submit: BaseException | None = None
@@ -60,7 +61,8 @@ class FakeBroker:
     def status(self) -> ClusterStatus | None:
         if not self.reachable:
             return None
-        return ClusterStatus(self.workers, self.queues, time.monotonic())
+        return ClusterStatus(self.workers, self.queues, time.monotonic(),
+                             identities=self.identities)
 
     owner = "frontend-under-test"
 

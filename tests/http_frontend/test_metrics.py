@@ -16,7 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker import protocol
-from broker.protocol import BrokerCounters, ErrorCode, JobSpec, Message, MsgType
+from broker.protocol import BrokerCounters, ErrorCode, IdentityLoad, JobSpec, Message, MsgType
 from http_frontend.__main__ import load_metrics_token, parse_args
 from http_frontend.app import FrontendConfig, create_app
 from http_frontend.auth import ApiKey
@@ -350,3 +350,15 @@ def test_the_metrics_token_comes_from_the_flag_or_the_first_line_of_its_file(
         load_metrics_token(None, str(token_file))
     args = parse_args(["--metrics-token-file", str(token_file)])
     assert args.metrics_token is None and args.metrics_token_file == str(token_file)
+
+
+def test_each_identitys_jobs_are_gauged_by_name(frontend: Frontend) -> None:
+    frontend.broker.identities = [
+        IdentityLoad(model="tiny", identity="alice", queued=20, running=1),
+        IdentityLoad(model="tiny", identity="", queued=2, running=0)]
+    samples = scrape(frontend.client)
+    assert value(samples, "dc_identity_jobs", model="tiny", identity="alice",
+                 state="queued") == 20
+    assert value(samples, "dc_identity_jobs", model="tiny", identity="alice",
+                 state="running") == 1
+    assert value(samples, "dc_identity_jobs", model="tiny", identity="", state="queued") == 2
