@@ -7,6 +7,11 @@ const TEXT = {
   cancelling: "Cancelling", completed: "Your images are ready", failed: "Your run failed",
 };
 const GOING = ["sending", "queued", "running", "cancelling"];
+// What "in view" leaves out: the top bar, and the button's band at the foot of the screen
+// with a little above it. A card whose top edge peeks out over the button by a few pixels is
+// not in view: the button must still show (a phone's form can end just there).
+const TOP_HIDDEN = 64;
+const BOTTOM_HIDDEN = 104;
 let newest = null;  // the newest run's card
 let inView = false;
 let seen = true;  // whether the newest card has been in view since it started or ended
@@ -18,7 +23,7 @@ const observer = new IntersectionObserver((entries) => {
     if (inView) seen = true;
   }
   render();
-}, { rootMargin: "-64px 0px -72px 0px" });  // under the top bar or this button is not in view
+}, { rootMargin: `-${TOP_HIDDEN}px 0px -${BOTTOM_HIDDEN}px 0px` });
 
 function render() {
   const button = $("jump-results");
@@ -38,7 +43,7 @@ function follow() {
     newest = card;
     // Measured now, so the button does not flash up until the observer first reports.
     const where = card?.getBoundingClientRect();
-    inView = Boolean(where && where.bottom > 64 && where.top < innerHeight - 72);
+    inView = Boolean(where && where.bottom > TOP_HIDDEN && where.top < innerHeight - BOTTOM_HIDDEN);
     seen = inView;
     if (card) observer.observe(card);
   }
