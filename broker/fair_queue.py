@@ -26,7 +26,12 @@ weighted scheme behind Linux's CFS:
   four large images cost four times one small one;
 - an identity that had nothing queued starts at the virtual time now (the pass of the last job
   served) or at its own pass if that is later: idleness earns no credit to spend later as a
-  burst, and one whose every job was dispatched at once still pays for them.
+  burst, and one whose every job was dispatched at once still pays for them. Such idle
+  debtors are remembered until the virtual time reaches them, at most ``IDLE_REMEMBERED``
+  per class (past it, those that owe least are let off first), so identities that each send
+  one job cannot grow the broker's memory for ever;
+- the virtual time and every pass are moved back together past ``REBASE_AT``, so that a
+  small job's charge still moves a pass however long the broker has run.
 
 So with equal weights a user with 30 queued jobs and a user with 1 alternate, and weights 3:1
 give a 3:1 split of the work served. SFQ rather than deficit round robin because DRR needs a
@@ -49,8 +54,10 @@ Batch mates (queued jobs with the head's batch key) may come from any class and 
 is charged to its own identity in its own class as if it had been served alone, so riding along
 is not free. Finding them scans the queue in fair order until the batch is full: O(queue) at
 worst when few jobs match, as the FIFO's scan was before. A job handed back or requeued goes
-to the head of its identity's FIFO in its class and its charge is refunded, so it is next for
-its identity and its identity is where it stood before the job was taken.
+to the head of its identity's FIFO in its class and the charge it paid (``Job.charged``) is
+refunded, once, so it is next for its identity and its identity is where it stood before the
+job was taken; a job this queue never dispatched (claimed by a worker after a restart) paid
+nothing here and gets nothing back.
 
 Entries go stale lazily (a job cancelled, expired, claimed or taken as a batch mate from the
 middle of a FIFO stays where it is until it reaches the head): removal is O(1). Each entry
@@ -79,6 +86,20 @@ ANONYMOUS = ""  # the identity of jobs that name none (an old frontend, no key a
 # (an interactive job waits at most one batch job per nine ahead of it) and moves batch work on
 # at a tenth of the cluster's pace however long the flood lasts.
 LOWER_CLASS_EVERY = 10
+
+# Idle identities that still owe (their pass ahead of the virtual time) remembered per class.
+# Past this many, those that owe least are forgotten first: one that comes back starts at the
+# virtual time, let off what it owed. Without a bound, callers that each send one job under a
+# new ``user`` (or one identity that owes far ahead, holding up the rest) grow it for ever
+# while the virtual time stands still.
+IDLE_REMEMBERED = 1024
+
+# Once a class's virtual time passes this, it and every pass are moved back by it. A float's
+# precision falls as it grows: past some 1e10 the charge of a small job at a large weight no
+# longer changes a pass at all, and that identity would be served ahead of its equals while
+# it has jobs queued. Below 2**30 a pass is exact to some 1e-7 (a 64x64 step at weight 1000
+# costs 4e-6), and moving back costs O(identities) once per 2**30 of virtual time.
+REBASE_AT = float(2**30)
 
 _RANKS = {name: rank for rank, name in enumerate(PRIORITIES)}  # 0 = the highest class
 
@@ -240,8 +261,10 @@ class _ClassQueue:
         self._vtime = 0.0  # the pass the last job served started at
         # Identities with nothing queued whose pass is still ahead of the virtual time: they
         # owe for what they were served, so one that queues again starts at its pass, not
-        # now. Forgotten once the virtual time reaches them (roughly in order of that).
-        self._idle: deque[_Flow] = deque()
+        # now. A heap of (its pass when it went idle, number, flow): forgotten once the
+        # virtual time reaches them, or, past IDLE_REMEMBERED, those that owe least first.
+        # An entry whose flow queued again or went idle again since is stale.
+        self._idle: list[tuple[float, int, _Flow]] = []
         self.live = 0  # the jobs queued in this class
 
     def push(self, job: Job, *, at_head: bool) -> None:
@@ -254,7 +277,10 @@ class _ClassQueue:
         job.enqueued = next(self._numbers)
         if at_head:
             flow.entries.appendleft((job.enqueued, job))
-            flow.start -= charge(job)  # its charge back: it is next, as it was
+            # Its charge back, once: it is next, as it was. A job this queue never charged (a
+            # worker claimed it after a restart) has nothing to give back.
+            flow.start -= job.charged
+            job.charged = 0.0
         else:
             flow.entries.append((job.enqueued, job))
         flow.live += 1
@@ -272,12 +298,15 @@ class _ClassQueue:
         """Advance the virtual time to the pass ``head``'s identity serves it at."""
         self._vtime = max(self._vtime, self._flows[tenant_of(head)].start)
         self._forget_idle()
+        if self._vtime >= REBASE_AT:
+            self._rebase()
 
     def take(self, job: Job) -> None:
         """Take ``job`` out of line and charge it to its identity."""
         flow = self._flows[tenant_of(job)]
         job.enqueued = -1
-        flow.start += charge(job)
+        job.charged = charge(job)
+        flow.start += job.charged
         self._count_out(flow)
         if flow.live:
             self._reindex(flow)
@@ -351,15 +380,36 @@ class _ClassQueue:
         flow.entry = -1  # its heap entries too
         if flow.start <= self._vtime:
             del self._flows[flow.tenant]
-        else:
-            self._idle.append(flow)
+            return
+        heapq.heappush(self._idle, (flow.start, next(self._numbers), flow))
+        if len(self._idle) > IDLE_REMEMBERED:
+            self._forget_idle(keep=IDLE_REMEMBERED)
 
-    def _forget_idle(self) -> None:
-        """Forget the idle identities the virtual time has caught up with: they owe nothing."""
-        while self._idle and (self._idle[0].live or self._idle[0].start <= self._vtime):
-            flow = self._idle.popleft()
-            if not flow.live and self._flows.get(flow.tenant) is flow:
+    def _forget_idle(self, *, keep: int | None = None) -> None:
+        """Forget the idle identities the virtual time has caught up with (they owe nothing),
+        and, down to ``keep`` entries, those that owe least."""
+        while self._idle:
+            start, _, flow = self._idle[0]
+            current = (not flow.live and flow.start == start
+                       and self._flows.get(flow.tenant) is flow)
+            if current and start > self._vtime and (keep is None or len(self._idle) <= keep):
+                return
+            heapq.heappop(self._idle)
+            if current:
                 del self._flows[flow.tenant]
+
+    def _rebase(self) -> None:
+        """Move the virtual time back to 0 and every pass with it: the order stays."""
+        base, self._vtime = self._vtime, 0.0
+        for flow in self._flows.values():
+            flow.start -= base
+        # Stale entries too: they are told from current ones by number, and by their key
+        # compared with their flow's, moved by the same subtraction.
+        self._heap = [(start - base, seq, number, flow)
+                      for start, seq, number, flow in self._heap]
+        heapq.heapify(self._heap)  # rounding may tie keys that were apart: heapify again
+        self._idle = [(start - base, number, flow) for start, number, flow in self._idle]
+        heapq.heapify(self._idle)
 
     def _reindex(self, flow: _Flow) -> None:
         """Drop the stale entries at the head of ``flow`` and push its key as it is now.

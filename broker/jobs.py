@@ -48,6 +48,9 @@ class Job:
     started: bool = False  # its worker said it runs it (a PROGRESS): no place in line now
     inputs: tuple[Any, ...] = ()  # an edit's frames (JobSpec.frames), as the SUBMIT had them
     enqueued: int = -1  # which enqueueing its queue entry stands for (FairQueue sets it)
+    # What its identity was charged when the fair queue last dispatched it, refunded once if
+    # it comes back unfinished; 0 for a job never dispatched here (claimed after a restart).
+    charged: float = 0.0
 
     @property
     def id(self) -> str:

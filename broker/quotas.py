@@ -48,28 +48,33 @@ class _Usage:
     filled_at: float  # when ``tokens`` was last brought up to date
     queued: int = 0
     running: int = 0
+    # The bucket's size: the latest per_minute any job carried. A job without one (from a
+    # frontend whose keys file gives the key no rate) lifts the limit for itself, but the
+    # bucket goes on refilling at the rate it had, so that the next job with the rate finds
+    # what was left, not a full bucket bought by one job through another frontend.
+    bucket: int | None = None
 
     @property
     def idle(self) -> bool:
         return not self.queued and not self.running
 
     def refill(self, now: float) -> None:
-        capacity = self.capacity
-        if capacity is None:
+        bucket = self.bucket
+        if bucket is None:
             return
-        rate = capacity / 60.0
+        rate = bucket / 60.0
         # A clock that went back (a test's) must not take tokens away.
-        self.tokens = min(float(capacity), self.tokens + max(0.0, now - self.filled_at) * rate)
+        self.tokens = min(float(bucket), self.tokens + max(0.0, now - self.filled_at) * rate)
         self.filled_at = now
 
     @property
     def capacity(self) -> int | None:
+        """The rate in force: the latest job's per_minute."""
         return None if self.limits is None else self.limits.per_minute
 
     def bucket_full(self, now: float) -> bool:
         self.refill(now)
-        capacity = self.capacity
-        return capacity is None or self.tokens >= capacity
+        return self.bucket is None or self.tokens >= self.bucket
 
 
 def tenant_of(spec: JobSpec) -> str:
@@ -105,7 +110,7 @@ class Quotas:
             return None
         refusal = self._over_queued(spec, usage) or self._over_rate(spec, usage, now)
         if refusal is None and usage.capacity is not None:
-            usage.tokens -= 1.0
+            usage.tokens -= 1.0  # the bucket is the rate in force: the latest job set both
         return refusal
 
     def _track_limits(self, spec: JobSpec, now: float) -> _Usage | None:
@@ -117,17 +122,19 @@ class Quotas:
             if spec.quota is None:
                 return None  # the usual case, and the cheapest: nothing to count
             capacity = spec.quota.per_minute
-            usage = self._usage[tenant] = _Usage(spec.quota, float(capacity or 0), now)
+            usage = self._usage[tenant] = _Usage(spec.quota, float(capacity or 0), now,
+                                                 bucket=capacity)
             self._idle.add(tenant)
             return usage
         usage.refill(now)
-        had_rate = usage.capacity is not None
+        had_bucket = usage.bucket is not None
         usage.limits = spec.quota
         capacity = usage.capacity
         if capacity is not None:
-            # A new rate starts full, as for a new identity; a lowered one keeps no more.
-            usage.tokens = min(usage.tokens, float(capacity)) if had_rate else float(capacity)
+            # A first rate starts full, as for a new identity; a lowered one keeps no more.
+            usage.tokens = min(usage.tokens, float(capacity)) if had_bucket else float(capacity)
             usage.filled_at = now
+            usage.bucket = capacity
         return usage
 
     @staticmethod

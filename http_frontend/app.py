@@ -54,7 +54,10 @@ class FrontendConfig:
 def create_app(config: FrontendConfig, broker: BrokerClient, *, service: ImageService | None = None,
                jobs: JobsAPI | None = None) -> falcon.App[falcon.Request, falcon.Response]:
     service = service or ImageService(broker, config.service)
-    metrics = Metrics(broker, open_streams=lambda: service.open_streams)
+    # With API keys, a plain key never sees other identities' names (/v1/cluster): an open
+    # /metrics must not show them either; a metrics token makes it the operator's.
+    metrics = Metrics(broker, open_streams=lambda: service.open_streams,
+                      name_identities=not config.api_keys or config.metrics_token is not None)
     service.watch_jobs(metrics.job_submitted)
     # Metrics first: it counts the requests the others refuse. Request ids next: every
     # answer carries one, those refused by the middleware after it included.

@@ -89,8 +89,13 @@ def parse_key_line(line: str) -> ApiKey | None:
     secret, name, admin = words[0], None, False
     share: dict[str, Any] = {}
     limits: dict[str, int] = {}
+    given: set[str] = set()
     for position, word in enumerate(words[1:], 2):
         attribute, _, value = word.partition("=")
+        if attribute in given and attribute in _VALUED:
+            # ``weight=1 ... weight=4`` is a mistake either way: never take one silently.
+            raise ValueError(f"word {position}: {attribute}= is given twice")
+        given.add(attribute)
         if word == "admin":
             admin = True
         elif attribute == "name" and _NAME.fullmatch(value):
@@ -112,6 +117,7 @@ def parse_key_line(line: str) -> ApiKey | None:
 
 
 _LIMITS = ("max_queued", "max_running", "per_minute")
+_VALUED = ("name", "weight", "class", *_LIMITS)  # the attributes with a value
 _MAX_LIMIT = 1_000_000
 
 
@@ -134,7 +140,8 @@ def _priority(text: str, position: int) -> str:
 
 
 def _limit(attribute: str, text: str, position: int) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= _MAX_LIMIT:
+    # ASCII digits only: str.isdigit() also takes "²", which int() then refuses.
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= _MAX_LIMIT:
         raise ValueError(f"word {position}: {attribute}=N takes a whole number from 1 to "
                          f"{_MAX_LIMIT}")
     return int(text)

@@ -68,7 +68,10 @@ _WORKER_COUNTERS = (
 class Metrics:
     """One app's metrics: what its middleware and job hooks count, and the cluster gauges."""
 
-    def __init__(self, broker: BrokerClient, *, open_streams: Callable[[], int]) -> None:
+    def __init__(self, broker: BrokerClient, *, open_streams: Callable[[], int],
+                 name_identities: bool = True) -> None:
+        """``name_identities``: export each identity's jobs by name (dc_identity_jobs); off
+        where /metrics is open to callers the API keys would not show those names to."""
         self.broker = broker
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -88,7 +91,8 @@ class Metrics:
         self.job_errors = Counter("dc_job_errors", "Jobs that ended without images, by "
                                   "failure code", ["model", "code"], registry=self.registry)
         self.registry.register(ClusterCollector(broker, open_streams=open_streams,
-                                                guard=self._guard))
+                                                guard=self._guard,
+                                                name_identities=name_identities))
         self._failed: set[str] = set()  # the hooks that failed, each logged once
 
     def render(self) -> bytes:
@@ -174,10 +178,12 @@ class ClusterCollector(Collector):
     frontend (dashboards take one frontend's value, or the max, never the sum)."""
 
     def __init__(self, broker: BrokerClient, *, open_streams: Callable[[], int],
-                 guard: Callable[[str, Callable[[], Any]], None]) -> None:
+                 guard: Callable[[str, Callable[[], Any]], None],
+                 name_identities: bool = True) -> None:
         self.broker = broker
         self.open_streams = open_streams
         self.guard = guard
+        self.name_identities = name_identities
 
     def collect(self) -> Iterator[Metric]:
         found: list[Metric] = []
@@ -205,8 +211,9 @@ class ClusterCollector(Collector):
             depth.add_metric([model], status.queues.get(model, 0))
         for (model, state), count in sorted(tally.items()):
             workers.add_metric([model, state], count)
-        families += [depth, workers, *_worker_families(status.workers),
-                     _identity_jobs(status.identities)]
+        families += [depth, workers, *_worker_families(status.workers)]
+        if self.name_identities:
+            families.append(_identity_jobs(status.identities))
         if status.counters is not None:
             families += _broker_counters(status.counters)
         if status.round_trip is not None:
