@@ -30,15 +30,11 @@ from gpu_worker.pipeline import LoadOptions, PipelineRunner
 from gpu_worker.tiny import build_tiny_pipeline
 from tests.cluster import REPO
 from tests.gpu_worker.lora_fixtures import make_lora, seed_hub_cache
+from tests.gpu_worker.test_loras import sd_dir
+
+__all__ = ["sd_dir"]  # the tiny SD pipeline saved once per module, as a fixture here too
 
 EX_CONFIG = 78  # launcher.supervisor.EXIT_CONFIG: "cannot start as configured"
-
-
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("sd") / "model"
-    build_tiny_pipeline().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -9,46 +9,23 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from broker.protocol import JobSpec
-from gpu_worker import models, prompt_syntax
+from gpu_worker import prompt_syntax
 from gpu_worker.editing import EditInputs
 from gpu_worker.pipeline import LoadOptions, PipelineRunner
 from gpu_worker.prompt_embeds import MAX_TOKENS, _capped, _token_count
 from gpu_worker.prompt_syntax import Fragment, PromptSyntaxError
-from tests.gpu_worker.families import sd as sd_family
-from tests.gpu_worker.families import sdxl as sdxl_family
 from tests.gpu_worker.lora_fixtures import lora_folder
+from tests.gpu_worker.test_prompt_embeds import runner, sd, sdxl
+
+__all__ = ["runner", "sd", "sdxl"]  # the tiny SD and SDXL runners, as fixtures here too
 
 LONG = " ".join(["a red lighthouse on a rocky shore at dusk"] * 12)  # past 77 CLIP tokens
-
-
-def runner_for(build, tmp_path_factory: pytest.TempPathFactory) -> PipelineRunner:
-    path: Path = tmp_path_factory.mktemp("model") / "model"
-    build(path)
-    made = PipelineRunner(models.resolve(str(path)), LoadOptions(threads=1))
-    assert made.prompt_encoder is not None
-    return made
-
-
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory: pytest.TempPathFactory) -> PipelineRunner:
-    return runner_for(sd_family.build, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory: pytest.TempPathFactory) -> PipelineRunner:
-    return runner_for(sdxl_family.build, tmp_path_factory)
-
-
-@pytest.fixture(params=["sd", "sdxl"])
-def runner(request: pytest.FixtureRequest) -> PipelineRunner:
-    return request.getfixturevalue(request.param)
 
 
 def job(prompt: str, negative: str | None = None, *, job_id: str = "j", seed: int = 1,
