@@ -79,7 +79,6 @@ from broker.protocol import PRIORITIES
 if TYPE_CHECKING:
     from broker.jobs import Job
 
-ANONYMOUS = ""  # the identity of jobs that name none (an old frontend, no key and no user)
 
 # A lower class's guaranteed minimum share: at least one job in every this many dispatched
 # while it has jobs queued. 10 keeps a flood of interactive jobs at least 90% of the dispatches
@@ -107,9 +106,6 @@ _RANKS = {name: rank for rank, name in enumerate(PRIORITIES)}  # 0 = the highest
 # number that makes the tuple unique and tells a current heap entry from a stale one.
 _Key = tuple[float, int, int]
 
-
-def tenant_of(job: Job) -> str:
-    return job.spec.tenant or ANONYMOUS
 
 
 def rank_of(job: Job) -> int:
@@ -268,7 +264,7 @@ class _ClassQueue:
         self.live = 0  # the jobs queued in this class
 
     def push(self, job: Job, *, at_head: bool) -> None:
-        tenant = tenant_of(job)
+        tenant = job.spec.identity
         flow = self._flows.get(tenant)
         if flow is None:
             flow = self._flows[tenant] = _Flow(tenant, self._vtime)
@@ -289,21 +285,21 @@ class _ClassQueue:
             self._reindex(flow)
 
     def discard(self, job: Job) -> None:
-        flow = self._flows.get(tenant_of(job))
+        flow = self._flows.get(job.spec.identity)
         if flow is not None:
             job.enqueued = -1
             self._count_out(flow)
 
     def start(self, head: Job) -> None:
         """Advance the virtual time to the pass ``head``'s identity serves it at."""
-        self._vtime = max(self._vtime, self._flows[tenant_of(head)].start)
+        self._vtime = max(self._vtime, self._flows[head.spec.identity].start)
         self._forget_idle()
         if self._vtime >= REBASE_AT:
             self._rebase()
 
     def take(self, job: Job) -> None:
         """Take ``job`` out of line and charge it to its identity."""
-        flow = self._flows[tenant_of(job)]
+        flow = self._flows[job.spec.identity]
         job.enqueued = -1
         job.charged = charge(job)
         flow.start += job.charged
@@ -313,7 +309,7 @@ class _ClassQueue:
 
     def queued_for(self, job: Job) -> int:
         """The jobs ``job``'s identity has queued in this class."""
-        flow = self._flows.get(tenant_of(job))
+        flow = self._flows.get(job.spec.identity)
         return flow.live if flow is not None else 0
 
     def clear(self) -> None:

@@ -91,7 +91,7 @@ class JobTable:
         self.max_queue = max_queue
         self.max_attempts = max_attempts
         self._usage = usage
-        # Called with a job's identity (``spec.tenant or ""``): True while it runs as many
+        # Called with a job's identity (``spec.identity``): True while it runs as many
         # jobs as its quota allows, so none of its queued jobs may start now. None: never;
         # by default, what ``usage`` says.
         self._blocked = blocked if blocked is not None or usage is None else usage.running_full
@@ -130,7 +130,7 @@ class JobTable:
         (STATUS_REPLY, /v1/cluster, the metrics). O(jobs held): asked a few times a second."""
         load: dict[tuple[str, str], list[int]] = {}
         for job in self._jobs.values():
-            counts = load.setdefault((job.model, job.spec.tenant or ""), [0, 0])
+            counts = load.setdefault((job.model, job.spec.identity), [0, 0])
             counts[job.state is JobState.RUNNING] += 1
         busiest = sorted(load.items(), key=lambda item: (-sum(item[1]), item[0]))[:limit]
         return [{"model": model, "identity": identity, "queued": queued, "running": running}
@@ -260,8 +260,8 @@ class JobTable:
         ``batch``: a batch mate must not take it past, as its batch's head could not."""
         if self._usage is None:
             return False
-        tenant = job.spec.tenant or ""
-        starting = sum(1 for other in batch if (other.spec.tenant or "") == tenant)
+        tenant = job.spec.identity
+        starting = sum(1 for other in batch if other.spec.identity == tenant)
         return self._usage.running_full(tenant, starting)
 
     def _moved(self, job: Job) -> None:

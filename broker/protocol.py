@@ -171,6 +171,12 @@ class JobSpec:
         return len(self.seeds)
 
     @property
+    def identity(self) -> str:
+        """Who it is queued and counted for: its tenant, "" for the one anonymous identity
+        (broker/fair_queue.py, broker/quotas.py)."""
+        return self.tenant or ""
+
+    @property
     def frames(self) -> int:
         """The payload frames it travels with: its inputs and its mask."""
         return self.inputs + int(self.mask)

@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from broker.jobs import Job, JobState
 from broker.protocol import JobSpec, Quota
 
-ANONYMOUS = ""  # the identity of jobs without a tenant (JobSpec.tenant None)
-
 
 @dataclass(frozen=True)
 class Refusal:
@@ -77,10 +75,6 @@ class _Usage:
         return self.bucket is None or self.tokens >= self.bucket
 
 
-def tenant_of(spec: JobSpec) -> str:
-    """The identity a job counts for, as the fair queue names it."""
-    return spec.tenant or ANONYMOUS
-
 
 class Quotas:
     """Every limited identity's usage; ``admit`` a new job, ``recount`` a job that moved."""
@@ -116,7 +110,7 @@ class Quotas:
     def _track_limits(self, spec: JobSpec, now: float) -> _Usage | None:
         """The usage record of ``spec``'s identity, under the limits ``spec`` carries (the
         latest job's limits win); None for an identity without limits and without one."""
-        tenant = tenant_of(spec)
+        tenant = spec.identity
         usage = self._usage.get(tenant)
         if usage is None:
             if spec.quota is None:
@@ -165,7 +159,7 @@ class Quotas:
         state = job.state if held else None
         if was is state:
             return
-        tenant = tenant_of(job.spec)
+        tenant = job.spec.identity
         usage = self._usage.get(tenant)
         if was is None and usage is None:
             return  # an identity without limits: never counted
