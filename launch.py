@@ -20,7 +20,8 @@ from typing import Any
 
 from broker import logs
 from broker.__main__ import add_broker_arguments
-from broker.auth import create_keys
+from broker.auth import FRONTENDS_DIR, WORKERS_DIR, create_keys
+from broker.connection import CurveKeys
 from gpu_worker import models
 from gpu_worker.__main__ import add_worker_arguments
 from http_frontend.__main__ import (
@@ -28,12 +29,13 @@ from http_frontend.__main__ import (
     check_frontend_arguments,
     describe_storage,
 )
-from launcher import flags
+from launcher import environment, flags
 from launcher import status as cluster_status
 from launcher.cluster import (
     ProcessSpec,
     address_in_use,
     cpu_worker_threads,
+    group_gpus,
     parse_model_counts,
     place_workers,
     visible_gpus,
@@ -44,19 +46,24 @@ from launcher.supervisor import EXIT_CONFIG, Supervisor
 
 log = logging.getLogger("launch")
 LOCAL_WORKER_KEY = "local"  # the key pair this host's own workers use with --curve
+LOCAL_FRONTEND_KEY = "local"  # and its own frontend (DIR/frontends/local), made when missing
 
 # What launch.py starts; every flag of each is a launch.py flag too, but for those it computes.
 BROKER = flags.Program(
     "broker", "broker", add_broker_arguments,
     overrides={"curve": {"help": "keys from `launch.py keys DIR`: the worker endpoint takes "
-                                 "only CURVE-encrypted workers whose key is in DIR/workers/ "
-                                 f"(this host's workers use the '{LOCAL_WORKER_KEY}' pair)"}})
+                                 "only CURVE-encrypted workers whose key is in DIR/workers/, "
+                                 "the client endpoint only frontends whose key is in "
+                                 "DIR/frontends/ (this host's workers and frontend use the "
+                                 f"'{LOCAL_WORKER_KEY}' pairs; the frontend's is made when "
+                                 "missing)"}})
 WORKER = flags.Program(  # a worker of this cluster, on one of this host's devices
     "worker", "gpu_worker", add_worker_arguments,
     set_by_launch=frozenset({"broker", "model", "device", "threads", "broker_key", "key"}))
 FRONTEND = flags.Program(
     "frontend", "http_frontend", add_frontend_arguments, check=check_frontend_arguments,
-    set_by_launch=frozenset({"broker", "default_model", "drain_timeout"}))
+    set_by_launch=frozenset({"broker", "default_model", "drain_timeout", "broker_key",
+                             "key"}))
 JOINING_WORKER = flags.Program(  # `launch.py worker`: for a broker elsewhere
     "worker", "gpu_worker", add_worker_arguments,
     set_by_launch=frozenset({"model", "threads"}),
@@ -71,7 +78,29 @@ def local_worker_keys(args: argparse.Namespace) -> dict[str, str]:
     if not args.curve:
         return {}
     return {"broker_key": str(Path(args.curve) / "broker.key"),
-            "key": str(Path(args.curve) / "workers" / f"{LOCAL_WORKER_KEY}.key_secret")}
+            "key": str(Path(args.curve) / WORKERS_DIR / f"{LOCAL_WORKER_KEY}.key_secret")}
+
+
+def local_frontend_keys(args: argparse.Namespace) -> dict[str, str]:
+    """The CURVE key files this host's frontend uses with --curve DIR: its 'local' pair."""
+    if not args.curve:
+        return {}
+    return {"broker_key": str(Path(args.curve) / "broker.key"),
+            "key": str(Path(args.curve) / FRONTENDS_DIR / f"{LOCAL_FRONTEND_KEY}.key_secret")}
+
+
+def ensure_local_frontend_key(args: argparse.Namespace) -> None:
+    """Write DIR/frontends/local when --curve DIR has none (a folder made before frontends
+    needed keys): its own frontend is as trusted as the head that holds broker.key_secret."""
+    folder = Path(args.curve or ".")
+    # Without broker.key the broker refuses to start and says so; a new pair made here
+    # would not be the one the workers hold.
+    if not args.curve or not (folder / "broker.key").exists() or \
+            (folder / FRONTENDS_DIR / f"{LOCAL_FRONTEND_KEY}.key").exists():
+        return
+    create_keys(folder, [], frontends=[LOCAL_FRONTEND_KEY])
+    print(f"Wrote the key pair of this host's frontend: {args.curve}/{FRONTENDS_DIR}/"
+          f"{LOCAL_FRONTEND_KEY}.key(_secret)", flush=True)
 
 
 def wanted_workers(args: argparse.Namespace, gpus: list[str]) -> list[tuple[str, int]]:
@@ -87,16 +116,19 @@ def worker_specs(args: argparse.Namespace, program: flags.Program, broker: str,
     """One worker per GPU used, else CPU workers that share the cores."""
     if gpus is None:
         gpus = visible_gpus(args.num_gpus)
-    placed = place_workers(wanted_workers(args, gpus), gpus)
+    per_worker = args.gpus_per_worker
+    groups = group_gpus(gpus, per_worker)
+    placed = place_workers(wanted_workers(args, groups), groups)
     if args.worker_id and len(placed) > 1:
         raise ValueError(f"--worker-id names one worker, but {len(placed)} would start")
-    threads = cpu_worker_threads(len(placed))
+    threads = cpu_worker_threads(len(placed) * per_worker)  # a group is that many processes
     specs = []
     for i, (model, gpu) in enumerate(placed):
         values: dict[str, Any] = {"broker": broker, "model": model, **computed}
         if gpu is not None:
-            # Each worker sees exactly one GPU, so its device is always cuda:0.
-            specs.append(ProcessSpec(f"worker-gpu{gpu}",
+            # Each worker sees exactly its GPUs, so its device is always cuda:0 (its group's
+            # first; a group's ranks take cuda:1 and on).
+            specs.append(ProcessSpec(f"worker-gpu{gpu.replace(',', '-')}",
                                      flags.argv(program, args, **values, device="cuda:0"),
                                      env={"CUDA_VISIBLE_DEVICES": gpu}))
         else:
@@ -116,7 +148,8 @@ def cluster_specs(args: argparse.Namespace) -> list[ProcessSpec]:
         # the workers' own default), never to whichever model a worker announced first.
         default_model=wanted_workers(args, gpus)[0][0],
         # Leave the broker time to stop after the frontend drained.
-        drain_timeout=max(1.0, args.grace - 2.0)), listens=(http_address(args),))
+        drain_timeout=max(1.0, args.grace - 2.0), **local_frontend_keys(args)),
+        listens=(http_address(args),))
     connect = args.workers.replace("*", "127.0.0.1").replace("0.0.0.0", "127.0.0.1")
     return [broker, *worker_specs(args, WORKER, connect, gpus, **local_worker_keys(args)),
             frontend]
@@ -145,6 +178,11 @@ def run_cluster(args: argparse.Namespace) -> int:
     except ValueError as exc:
         complain(args, "launch.py", str(exc))
         return 2
+    try:
+        ensure_local_frontend_key(args)
+    except OSError as exc:
+        complain(args, "launch.py", f"cannot write the frontend's CURVE key: {exc}")
+        return EXIT_CONFIG
     # Say so at once rather than start children that cannot bind. Racy (the port can be taken
     # in between): then the child exits with EXIT_CONFIG and the supervisor stops, below.
     taken = addresses_in_use(args)
@@ -193,8 +231,11 @@ def report_ready(args: argparse.Namespace, workers: int, supervisor: Supervisor)
     """Print the URL once every worker has warmed up and the frontend sees them all."""
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/"
     started = time.monotonic()
+    keys = local_frontend_keys(args)  # it asks the broker as this host's frontend
     ready = wait_until_ready(args.clients.replace("*", "127.0.0.1"), workers,
-                             timeout=args.ready_timeout, should_stop=supervisor.stopping)
+                             timeout=args.ready_timeout, should_stop=supervisor.stopping,
+                             curve=CurveKeys.from_files(keys["broker_key"], keys["key"])
+                             if keys else None)
     ready = ready and wait_for_frontend(url, workers, timeout=30.0,
                                         should_stop=supervisor.stopping)
     if ready:
@@ -227,9 +268,11 @@ def run_workers(args: argparse.Namespace) -> int:
 
 
 def make_keys(args: argparse.Namespace) -> int:
-    names = args.worker or [LOCAL_WORKER_KEY, "worker-1"]
+    workers, frontends = args.worker or [], args.frontend or []
+    if not workers and not frontends:
+        workers, frontends = [LOCAL_WORKER_KEY, "worker-1"], [LOCAL_FRONTEND_KEY]
     try:
-        written = create_keys(Path(args.dir), names, force=args.force)
+        written = create_keys(Path(args.dir), workers, frontends=frontends, force=args.force)
     except (FileExistsError, OSError) as exc:
         complain(args, "launch.py keys", str(exc))
         return 2
@@ -238,6 +281,9 @@ def make_keys(args: argparse.Namespace) -> int:
     print(f"\nOn the head: python launch.py --curve {args.dir} --workers tcp://0.0.0.0:5556\n"
           "On a GPU host, with broker.key and one worker pair copied there:\n"
           "  python launch.py worker --broker tcp://HEAD:5556 --broker-key broker.key "
+          "--key NAME.key_secret\n"
+          "A frontend on another host, with broker.key and one frontend pair copied there:\n"
+          "  python -m http_frontend --broker tcp://HEAD:5555 --broker-key broker.key "
           "--key NAME.key_secret")
     return 0
 
@@ -284,6 +330,24 @@ def _add_placement_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, each flag not given taken from its variable (docs/configuration.md)."""
+    parser, commands = make_parser()
+    scheme = environment_scheme(commands)
+    args = environment.parse(parser, argv, scheme)
+    if args.command in STARTED:
+        refused = flags.refused(STARTED[args.command], taken_by(commands[args.command], scheme),
+                                os.environ)
+        if refused:
+            environment.fail(parser, "; ".join(refused))
+    return args
+
+
+# A parser for each command whose flags the environment may set (None: the cluster itself);
+# `keys` and `models`, typed by hand, take none.
+Commands = dict[str | None, argparse.ArgumentParser]
+
+
+def make_parser() -> tuple[argparse.ArgumentParser, Commands]:
     parser = argparse.ArgumentParser(
         description="Start a diffusion-cluster on this host, or join one. Every flag of the "
                     "broker, the workers and the frontend is a flag here too.",
@@ -301,15 +365,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flags.add_program_arguments(worker, [JOINING_WORKER])
     sub.add_parser("models", help="list the model registry")
     keys = sub.add_parser(
-        "keys", help="write CURVE key pairs for the broker and worker hosts",
+        "keys", help="write CURVE key pairs for the broker, worker hosts and frontends",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Write DIR/broker.key(_secret) and DIR/workers/NAME.key(_secret); the "
-                    "broker (--curve DIR) lets in every worker whose public key is in "
-                    "DIR/workers/. Secret files are mode 0600.")
+        description="Write DIR/broker.key(_secret), DIR/workers/NAME.key(_secret) and "
+                    "DIR/frontends/NAME.key(_secret); the broker (--curve DIR) lets in every "
+                    "worker whose public key is in DIR/workers/ and every frontend whose "
+                    "public key is in DIR/frontends/. Secret files are mode 0600.")
     keys.add_argument("dir", help="where to write the keys")
     keys.add_argument("--worker", action="append", default=None, metavar="NAME",
                       help="a worker key pair to write (repeatable); default: "
                            f"'{LOCAL_WORKER_KEY}' (this host's workers) and 'worker-1'")
+    keys.add_argument("--frontend", action="append", default=None, metavar="NAME",
+                      help="a frontend key pair to write (repeatable), for a frontend on "
+                           f"another host; default: '{LOCAL_FRONTEND_KEY}' (this host's "
+                           "frontend) when no --worker or --frontend is given")
     keys.add_argument("--force", action="store_true", help="replace existing key pairs")
     state = sub.add_parser(
         "status", help="show a running cluster: workers, queues, recent throughput",
@@ -331,7 +400,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ready-timeout", type=float, default=600.0,
                         help="seconds to wait for every worker's warm-up")
     flags.add_program_arguments(parser, [BROKER, WORKER, FRONTEND])
-    return parser.parse_args(argv)
+    return parser, {None: parser, "worker": worker, "status": state}
+
+
+# The programs each command starts: their variables launch.py does not take are refused.
+STARTED = {None: [BROKER, WORKER, FRONTEND], "worker": [JOINING_WORKER]}
+
+
+def environment_scheme(commands: Commands) -> environment.Scheme:
+    """launch.py's variables: a program's flag has the program's own (DC_WORKER_MAX_BATCH),
+    --model the workers' (DC_WORKER_MODEL), launch.py's own flags and those that set every
+    program (--heartbeat, --log-level, --log-format) DC_LAUNCH_*."""
+    names = {**flags.variables([BROKER, WORKER, FRONTEND]), **flags.variables([JOINING_WORKER])}
+    for parser in commands.values():
+        for action in environment.options(parser):
+            names.setdefault(action.dest, environment.variable("launch", action.dest))
+    names["model"] = environment.variable(WORKER.name, "model")  # what every worker serves
+    return environment.Scheme(
+        names, tuple(environment.prefix(name) for name in ("launch", "broker", "worker",
+                                                           "frontend")),
+        others=flags.every_variable([BROKER, WORKER, FRONTEND]),
+        commands=frozenset(command for command in commands if command))
+
+
+def taken_by(parser: argparse.ArgumentParser, scheme: environment.Scheme) -> set[str]:
+    """The variables one command's flags take."""
+    return {scheme.names[action.dest] for action in environment.options(parser)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import sys
 
 from broker import defaults, logs
 from broker.broker import Broker, BrokerConfig
+from launcher import environment
 
 
 def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,11 +34,11 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="edit images, in MiB, the broker holds for its queued and running "
                              "jobs together; past it, edits are refused as queue_full")
     parser.add_argument("--curve", metavar="DIR", default=None,
-                        help="CURVE keys from `launch.py keys DIR`: workers must encrypt and "
-                             "hold a key listed in DIR/workers/ (reloaded on SIGHUP and when "
-                             "the folder changes)")
+                        help="CURVE keys from `launch.py keys DIR`: both endpoints encrypt, "
+                             "workers must hold a key listed in DIR/workers/ and frontends one "
+                             "in DIR/frontends/ (reloaded on SIGHUP and when a folder changes)")
     parser.add_argument("--insecure", action="store_true",
-                        help="allow a plain-TCP worker endpoint beyond loopback")
+                        help="allow a plain-TCP worker or client endpoint beyond loopback")
     logs.add_log_arguments(parser)
 
 
@@ -48,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_broker_arguments(parser)
-    return parser.parse_args(argv)
+    return environment.parse_args(parser, argv, "broker")
 
 
 def main(argv: list[str] | None = None) -> int:

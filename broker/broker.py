@@ -4,7 +4,7 @@ One thread owns both ROUTER sockets, the job table, the worker registry and the 
 between them (broker/leases.py: the only code that changes who holds a job). ``run()`` calls
 ``tick()`` until stopped; each tick polls the sockets once and routes what arrived, then
 purges what expired, sends heartbeats and dispatches, so tests can drive it step by step.
-CURVE on the worker socket (broker/auth.py) only adds sockets to the poll. Its status
+CURVE on both sockets (broker/auth.py) only adds sockets to the poll. Its status
 reply carries each worker's last stats and the jobs it counted (broker/counters.py), which
 every frontend exports as metrics.
 """
@@ -41,6 +41,7 @@ POSITION_INTERVAL = 0.5  # seconds between position announcements
 LORA_LOOKAHEAD = 8  # free workers looked at for one with a job's adapters loaded
 MAX_FAILURE_MESSAGE = 1000  # characters of a worker's failure message passed to the client
 MAX_STEPS = 10_000
+MAX_WATCHERS = 16  # other frontends' connections a job's progress is relayed to
 # Plain ints, not zmq's IntFlag members: combining enum flags runs Python code on every frame.
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE | zmq.NOBLOCK)
@@ -60,8 +61,8 @@ class BrokerConfig:
     # rather than let a burst of large uploads take the broker's memory.
     max_input_bytes: int = defaults.MAX_INPUT_BYTES
     max_worker_frame: int = 256 << 20  # a 4K PNG is tens of MB
-    curve_dir: str | None = None  # CURVE keys (launch.py keys): encrypt and authenticate workers
-    insecure: bool = False  # allow a plain-TCP worker endpoint beyond loopback
+    curve_dir: str | None = None  # CURVE keys (launch.py keys): both endpoints, each its own keys
+    insecure: bool = False  # allow plain-TCP endpoints beyond loopback
 
 
 class Broker:
@@ -103,7 +104,10 @@ class Broker:
         self._poller.register(self.worker_socket, zmq.POLLIN)
         self.curve: CurveServer | None = None
         if config.curve_dir:
-            self.curve = CurveServer(self._ctx, Path(config.curve_dir), self.worker_socket)
+            # Both endpoints: a frontend on another host must not be the way around the
+            # workers' keys (an open client endpoint lets anyone submit and cancel jobs).
+            self.curve = CurveServer(self._ctx, Path(config.curve_dir), self.worker_socket,
+                                     frontends=self.client_socket)
             for sock in self.curve.sockets:
                 self._poller.register(sock, zmq.POLLIN)
 
@@ -117,19 +121,28 @@ class Broker:
         return sock
 
     def bind(self) -> None:
-        """Bind both endpoints; refuse a plain worker endpoint beyond loopback unless told."""
-        if not is_loopback(self.config.workers) and self.curve is None:
-            if not self.config.insecure:
-                raise ValueError(f"the worker endpoint {self.config.workers} is reachable from "
-                                 "other hosts: secure it with --curve DIR (see `launch.py "
-                                 "keys`), or pass --insecure on a network you trust")
-            log.warning("the worker endpoint %s takes plain TCP from any host (--insecure): "
-                        "anyone who reaches it can take jobs and send results",
-                        self.config.workers)
+        """Bind both endpoints; refuse a plain one beyond loopback unless told."""
+        self._check_exposure("worker", self.config.workers, "take jobs and send results")
+        self._check_exposure("client", self.config.clients,
+                             "submit jobs, and cancel any job whose id it learns")
         self.client_socket.bind(self.config.clients)
         self.worker_socket.bind(self.config.workers)
         log.info("broker: clients on %s, workers on %s%s", self.client_endpoint,
                  self.worker_endpoint, " (CURVE)" if self.curve else "")
+
+    def _check_exposure(self, what: str, endpoint: str, harm: str) -> None:
+        """Refuse a plain-TCP endpoint other hosts can reach, unless --insecure (warned).
+
+        Loopback and ipc:// stay plain without keys: only this host's processes reach them
+        (a single node, the tests)."""
+        if is_loopback(endpoint) or self.curve is not None:
+            return
+        if not self.config.insecure:
+            raise ValueError(f"the {what} endpoint {endpoint} is reachable from other hosts: "
+                             "secure it with --curve DIR (see `launch.py keys`), or pass "
+                             "--insecure on a network you trust")
+        log.warning("the %s endpoint %s takes plain TCP from any host (--insecure): anyone "
+                    "who reaches it can %s", what, endpoint, harm)
 
     @property
     def client_endpoint(self) -> str:
@@ -148,7 +161,7 @@ class Broker:
             self.curve.self_test(self._poll, timeout=timeout)
 
     def request_reload(self) -> None:
-        """Re-read the worker allow-list at the next tick; safe from a signal handler."""
+        """Re-read the allow-lists at the next tick; safe from a signal handler."""
         if self.curve is not None:
             self.curve.request_reload()
 
@@ -228,6 +241,8 @@ class Broker:
         elif msg.type is MsgType.STATUS:
             self._send(self.client_socket, client,
                        self._status_reply(now))
+        elif msg.type is MsgType.WATCH:
+            self._on_watch(client, msg["job_id"])
         else:
             self._drop(client.hex(), f"{msg.type.value} is not a client message")
 
@@ -303,13 +318,37 @@ class Broker:
                 incarnation=self.incarnation))
             return
         job.client = client
-        places = list(self._places(job.model))
-        # Not in the line: running (0), or queued deeper than the line is told (its end).
-        position, work_ahead = next(
-            ((place, ahead) for place, waiting, ahead in places if waiting is job),
-            (len(places) if job.state is JobState.QUEUED else 0, None))
+        position, work_ahead = self._place_of(job)
         if self._tell_position(client, job.id, position, work_ahead):
             job.told = position
+
+    def _place_of(self, job: Job) -> tuple[int, float | None]:
+        """(position, work ahead) of a job, for a frontend that asks anew."""
+        places = list(self._places(job.model))
+        # Not in the line: running (0), or queued deeper than the line is told (its end).
+        return next(((place, ahead) for place, waiting, ahead in places if waiting is job),
+                    (len(places) if job.state is JobState.QUEUED else 0, None))
+
+    def _on_watch(self, client: bytes, job_id: str) -> None:
+        """Another frontend follows a job (the jobs API on a shared database): relay its
+        place in line and its progress there too. Any admitted frontend may, as any may
+        cancel it; a job not here is ignored (the watcher follows its record)."""
+        job = self.jobs.get(job_id)
+        if job is None or client == job.client:
+            return
+        if client not in job.watchers:
+            if len(job.watchers) >= MAX_WATCHERS:
+                job.watchers.pop(0)  # the oldest: likely a connection gone since
+            job.watchers.append(client)
+        if not job.started:
+            position, work_ahead = self._place_of(job)
+            self._tell_position(client, job.id, position, work_ahead)
+
+    def _relay(self, job: Job, frames: list[Any]) -> None:
+        """Send a message about ``job`` to its watchers; one that is gone is forgotten."""
+        for watcher in list(job.watchers):
+            if not self._send(self.client_socket, watcher, frames):
+                job.watchers.remove(watcher)
 
     def _on_cancel(self, owner: str, job_id: str, now: float) -> None:
         job = self.jobs.get(job_id)
@@ -456,6 +495,8 @@ class Broker:
                     # A preview is encoded apart and may come after later steps: not back.
                     job.done_share = max(job.done_share, share) if msg.payloads else share
                 self._forward(job.client, msg)
+                if job.watchers:
+                    self._relay(job, msg.frames())
             return
         self.leases.release(worker, job_id)  # a RESULT or FAILED: the worker is done with it
         # Its next batch starts: the jobs waiting behind this one move up.
@@ -651,6 +692,8 @@ class Broker:
                 if job.told != position and self._tell_position(job.client, job.id, position,
                                                                 work_ahead):
                     job.told = position  # a message that did not go out is tried again
+                    if job.watchers:
+                        self._relay(job, self._position(job.id, position, work_ahead))
         self._queue_moved.clear()
 
     def _line(self, model: str) -> list[Job]:
@@ -724,10 +767,15 @@ class Broker:
         Sent when a job is taken, and again when its place changes:
         one message, one meaning, whether the frontend has heard of the job before or not.
         True when it went out."""
+        return self._send(self.client_socket, client,
+                          self._position(job_id, position, work_ahead))
+
+    def _position(self, job_id: str, position: int, work_ahead: float | None) -> list[Any]:
+        """The ACCEPTED that tells a job's place (``_tell_position``)."""
         fields: dict[str, Any] = {"job_id": job_id, "position": position}
         if work_ahead is not None:
             fields["work_ahead"] = round(work_ahead, 3)
-        return self._send(self.client_socket, client, self._msg(MsgType.ACCEPTED, fields))
+        return self._msg(MsgType.ACCEPTED, fields)
 
     def _msg(self, msg_type: MsgType, fields: dict[str, Any] | None = None) -> list[Any]:
         """A message of ours: it names this broker's incarnation."""

@@ -12,7 +12,7 @@ import enum
 import heapq
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from broker.fair_queue import FairQueue
@@ -51,6 +51,9 @@ class Job:
     # What its identity was charged when the fair queue last dispatched it, refunded once if
     # it comes back unfinished; 0 for a job never dispatched here (claimed after a restart).
     charged: float = 0.0
+    # Other frontends' connections following it (WATCH): they get its PROGRESS and place in
+    # line too, never its outcome, which its owner settles in the shared job records.
+    watchers: list[bytes] = field(default_factory=list)
 
     @property
     def id(self) -> str:

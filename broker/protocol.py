@@ -65,6 +65,7 @@ class MsgType(enum.StrEnum):
     SUBMIT = "submit"
     CANCEL = "cancel"
     STATUS = "status"
+    WATCH = "watch"  # relay a job's progress here too: another frontend follows it
     # broker -> frontend
     ACCEPTED = "accepted"
     STATUS_REPLY = "status_reply"
@@ -165,6 +166,8 @@ class JobSpec:
     weight: Annotated[float, Meta(ge=MIN_WEIGHT, le=MAX_WEIGHT)] = 1.0
     priority: Text = PRIORITIES[0]  # its identity's class, one of PRIORITIES
     quota: Quota | None = None  # its identity's limits (keys with limits only)
+    # False: run without the worker's step cache (gpu_worker/step_cache.py), for exact images.
+    step_cache: bool = True
 
     @property
     def n(self) -> int:
@@ -196,7 +199,7 @@ class JobSpec:
     def batch_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys can run in one pipeline call."""
         return (self.model, self.width, self.height, self.steps, self.guidance, self.previews,
-                self.inputs, self.mask, self.strength, self.loras)
+                self.inputs, self.mask, self.strength, self.loras, self.step_cache)
 
     def to_wire(self) -> dict[str, Any]:
         """The job as a plain map (encode() takes the JobSpec itself)."""
@@ -367,6 +370,10 @@ class Status(_Header, tag=MsgType.STATUS.value):
     pass
 
 
+class Watch(_Header, tag=MsgType.WATCH.value):
+    job_id: Id
+
+
 class Accepted(_Header, tag=MsgType.ACCEPTED.value):
     job_id: Id
     position: int
@@ -459,6 +466,7 @@ _HEADERS: dict[MsgType, tuple[type[_Header], range]] = {
     MsgType.SUBMIT: (Submit, range(0, MAX_JOB_FRAMES + 1)),  # an edit's inputs
     MsgType.CANCEL: (Cancel, range(0, 1)),
     MsgType.STATUS: (Status, range(0, 1)),
+    MsgType.WATCH: (Watch, range(0, 1)),
     MsgType.ACCEPTED: (Accepted, range(0, 1)),
     MsgType.STATUS_REPLY: (StatusReply, range(0, 1)),
     MsgType.PROGRESS: (Progress, range(0, 2)),
@@ -479,8 +487,9 @@ def _names(cls: type[_Header]) -> tuple[str, ...]:
 # The fields of each type (for the docs' test): msg type -> (field names, payload counts).
 _MESSAGES = {t: (_names(cls), counts) for t, (cls, counts) in _HEADERS.items()}
 _BY_CLASS = {cls: (t, _names(cls), counts) for t, (cls, counts) in _HEADERS.items()}
-_DECODER = msgspec.msgpack.Decoder(Submit | Cancel | Status | Accepted | StatusReply | Progress
-                                   | Result | Failed | Ready | Heartbeat | Bye | Jobs | Reconnect)
+_DECODER = msgspec.msgpack.Decoder(Submit | Cancel | Status | Watch | Accepted | StatusReply
+                                   | Progress | Result | Failed | Ready | Heartbeat | Bye | Jobs
+                                   | Reconnect)
 _ENCODER = msgspec.msgpack.Encoder()
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from broker import defaults, logs
+from broker.connection import CurveKeys
 from http_frontend import request_ids
 from http_frontend import server as http_server
 from http_frontend.app import UPLOAD_PATHS, FrontendConfig, create_app
@@ -38,6 +39,7 @@ from http_frontend.keeper import Keeper
 from http_frontend.model_resolver import parse_alias
 from http_frontend.records import JobRecords
 from http_frontend.service import ImageService, ServiceConfig
+from launcher import environment
 
 log = logging.getLogger("http_frontend")
 
@@ -50,6 +52,13 @@ def add_frontend_arguments(parser: argparse.ArgumentParser) -> None:
     """The frontend's flags; launch.py composes them with the broker's and the worker's."""
     parser.add_argument("--broker", default=defaults.CLIENTS_ENDPOINT,
                         help="the broker's client endpoint")
+    parser.add_argument("--broker-key", default=None, metavar="FILE",
+                        help="the broker's public key (broker.key from `launch.py keys`), for "
+                             "a broker run with --curve; with --key, the link is "
+                             "CURVE-encrypted and authenticated")
+    parser.add_argument("--key", default=None, metavar="FILE",
+                        help="this frontend's secret key file (frontends/NAME.key_secret from "
+                             "`launch.py keys DIR --frontend NAME`, mode 0600)")
     parser.add_argument("--host", default=defaults.HTTP_HOST,
                         help="address to listen on (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=defaults.HTTP_PORT, help="port to listen on")
@@ -199,7 +208,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_frontend_arguments(parser)
-    args = parser.parse_args(argv)
+    args = environment.parse_args(parser, argv, "frontend")
     try:
         check_frontend_arguments(args)
     except ValueError as exc:
@@ -297,6 +306,16 @@ def load_metrics_token(token: str | None, token_file: str | None) -> str | None:
     return token.strip()
 
 
+def load_broker_keys(broker_key: str | None, key: str | None) -> CurveKeys | None:
+    """The CURVE keys of --broker-key and --key (None without them); ValueError or OSError
+    says why they cannot be used."""
+    if bool(broker_key) != bool(key):
+        raise ValueError("--broker-key and --key go together")
+    if broker_key is None or key is None:
+        return None
+    return CurveKeys.from_files(broker_key, key)
+
+
 def raise_open_files_limit(needed: int) -> None:
     """Lift the soft limit on open files to ``needed`` (connections are files)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -343,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         log.error("cannot start: cannot read the metrics token: %s", exc)
         return os.EX_CONFIG
+    try:
+        broker_keys = load_broker_keys(args.broker_key, args.key)
+    except (OSError, ValueError) as exc:
+        log.error("cannot start: cannot read the broker keys: %s", exc)
+        return os.EX_CONFIG
     raise_open_files_limit(args.connection_limit + args.threads + 128)
     owner = args.frontend_id or f"{socket.gethostname()}:{args.port}"
     try:
@@ -350,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DatabaseError, StoreError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return os.EX_UNAVAILABLE  # the supervisor tries again: a database may be starting
-    broker = BrokerClient(args.broker, owner=owner, heartbeat=args.heartbeat)
+    broker = BrokerClient(args.broker, owner=owner, heartbeat=args.heartbeat,
+                          curve=broker_keys)
     config = FrontendConfig(
         service=ServiceConfig(default_model=args.default_model, default_timeout=args.timeout,
                               max_waiting=args.threads - args.reserved_threads,

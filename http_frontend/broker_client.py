@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 
 from broker import defaults, logs, protocol
-from broker.connection import Connection
+from broker.connection import Connection, CurveKeys
 from broker.protocol import (
     BrokerCounters,
     ErrorCode,
@@ -75,18 +75,24 @@ class BrokerClient:
     """The frontend's one connection to the broker.
 
     ``owner`` is this frontend's stable id (kept across its restarts): the broker lets only
-    the owner of a job re-attach to it or cancel it.
+    the owner of a job re-attach to it or cancel it. ``curve``: this frontend's key pair and
+    the broker's public key, for a broker whose client endpoint requires CURVE.
     """
 
     def __init__(self, endpoint: str, *, owner: str | None = None,
                  heartbeat: float = defaults.HEARTBEAT_INTERVAL,
                  liveness: int = defaults.HEARTBEAT_LIVENESS,
-                 context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+                 context: zmq.Context[zmq.Socket[bytes]] | None = None,
+                 curve: CurveKeys | None = None) -> None:
         self.endpoint = endpoint
+        self.curve = curve
         self.owner = owner or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self.heartbeat = heartbeat
         self.liveness = liveness
         self._pending: dict[str, PendingJob] = {}
+        # Jobs another frontend submitted that a stream here follows (watch): only their
+        # place in line and progress come here, never their outcome.
+        self._watching: dict[str, PendingJob] = {}
         self._lock = threading.Lock()  # guards _pending and _status
         self._status: ClusterStatus | None = None
         self._was_connected = False  # I/O thread only
@@ -99,7 +105,10 @@ class BrokerClient:
         self._conn = Connection(
             endpoint, self, name="broker-client", heartbeat=heartbeat, liveness=liveness,
             context=context or zmq.Context.instance(), redial=False, immediate=True,
-            reconnect_max=2.0, notice_reconnects=True)
+            reconnect_max=2.0, notice_reconnects=True, curve=curve,
+            on_refused=self._explain_refusal)
+        # A refused handshake looks like a broker that is down (503s); the log says why.
+        self._refused = protocol.DropLog(log, "the broker refused this frontend at")
 
     # ---------------------------------------------------------------- called from any thread
 
@@ -168,6 +177,22 @@ class BrokerClient:
         with self._lock:
             self._pending.pop(job_id, None)
 
+    def watch(self, job_id: str) -> PendingJob:
+        """Follow a job another frontend submitted (one sharing the job records): the broker
+        relays its place in line and its progress to the returned PendingJob, which never
+        ends (the job's record says when it did); ``unwatch`` when done with it. A broker
+        that does not have the job, or predates WATCH, sends nothing."""
+        with self._lock:
+            watched = self._watching.setdefault(job_id, PendingJob(job_id))
+        self._conn.send(protocol.encode(MsgType.WATCH, {"job_id": job_id}))
+        return watched
+
+    def unwatch(self, job_id: str) -> None:
+        """Stop taking in a watched job's news (the broker forgets the watcher with the
+        job)."""
+        with self._lock:
+            self._watching.pop(job_id, None)
+
     # ---------------------------------------------------------------- the transport's hooks
 
     def on_connect(self) -> None:
@@ -200,6 +225,7 @@ class BrokerClient:
         """
         try:
             self._resubmit()
+            self._watch_again()
         except Exception:  # as in on_message: the thread every request needs lives on
             log.exception("error resubmitting the waiting jobs to broker %s", self.endpoint)
 
@@ -215,6 +241,17 @@ class BrokerClient:
                         self.endpoint, len(self._pending))
         self._was_connected = connected
         return None
+
+    def _explain_refusal(self, event: int) -> None:
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            reason = (f"our key {self.curve.public.decode() if self.curve else ''} is not on "
+                      "its allow-list (copy NAME.key into the broker's keys/frontends/; a "
+                      "worker's key does not open the client endpoint)")
+        elif self.curve is None:
+            reason = "it probably requires CURVE: pass --broker-key and --key"
+        else:
+            reason = "the CURVE handshake failed: check --broker-key is the broker's broker.key"
+        self._refused(self.endpoint, reason)
 
     def _resubmit(self) -> None:
         """Send every waiting job again, with the time it has left."""
@@ -239,11 +276,21 @@ class BrokerClient:
         if sent:
             log.info("resubmitted %d waiting job(s) to broker %s", sent, self.endpoint)
 
+    def _watch_again(self) -> None:
+        """Ask again for the jobs watched here: a new connection is a new watcher."""
+        with self._lock:
+            watched = list(self._watching)
+        for job_id in watched:
+            self._conn.send_now(protocol.encode(MsgType.WATCH, {"job_id": job_id}))
+
     def _deliver(self, msg: Message) -> None:
         final = msg.type in (MsgType.RESULT, MsgType.FAILED)
         with self._lock:
             pending = self._pending.pop(msg["job_id"], None) if final else \
                 self._pending.get(msg["job_id"])
+            watched = None if final else self._watching.get(msg["job_id"])
+        if watched is not None and pending is None:
+            watched.update(msg)
         if pending is None:
             return
         if msg.type is MsgType.RESULT and pending.spec is not None:

@@ -4,7 +4,8 @@
 in the job records (http_frontend/history.py), so any frontend sharing the database answers
 ``GET /v1/jobs/{id}``, lists it, watches it and cancels it, for the identity that made it. The
 frontend that submitted a job also follows it live (``LiveJob``): queue position, steps,
-previews; a watcher elsewhere sees its record change instead (``_watch_record``).
+previews; a watcher elsewhere sees its record change, and between changes the queue position,
+steps and previews the broker relays to it (``_watch_record``, WATCH).
 
 ``DELETE`` cancels a job that is still running (the broker is told under the owner the job
 was submitted with, whichever frontend submitted it) and removes a finished job's record and
@@ -24,11 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker import logs
-from broker.protocol import ErrorCode, JobSpec
+from broker.protocol import ErrorCode, JobSpec, Message, MsgType
 from http_frontend import streaming
 from http_frontend.auth import Identity
 from http_frontend.errors import APIError, JobError, invalid
 from http_frontend.history import Caller, Tracked, error_of
+from http_frontend.pending import PendingJob
 from http_frontend.queue_wait import estimate_wait
 from http_frontend.records import ACTIVE, TERMINAL, Record
 from http_frontend.service import DEADLINE_SLACK, ClientGone, ImageService, Prepared
@@ -272,15 +274,29 @@ class JobsAPI:
 
     def _watch_record(self, record: Record, client_gone: ClientGone | None, base_url: str
                       ) -> Iterator[bytes]:
-        """A job another frontend follows: its record's changes, until it ends."""
+        """A job another frontend follows: its record's changes until it ends, and between
+        them the place in line, steps and previews the broker relays here (WATCH)."""
+        broker = self.service.broker
+        relayed = broker.watch(record.id) if record.status not in TERMINAL else None
+        try:
+            yield from self._record_events(record, relayed, client_gone, base_url)
+        finally:
+            if relayed is not None:
+                broker.unwatch(record.id)
+
+    def _record_events(self, record: Record, relayed: PendingJob | None,
+                       client_gone: ClientGone | None, base_url: str) -> Iterator[bytes]:
         shown = None
+        stepped = False  # a relayed step said it runs: the record's "step 0" would go back
+        cursor = 0
         deadline = record.deadline + DEADLINE_SLACK
         quiet_since = time.monotonic()
         while True:
             if record.status != shown:
                 shown = record.status
-                quiet_since = time.monotonic()
-                yield self._record_event(record, base_url)
+                if not (record.status == "running" and stepped):
+                    quiet_since = time.monotonic()
+                    yield self._record_event(record, base_url)
                 if record.status in TERMINAL:
                     return
             if time.time() >= deadline or (client_gone is not None and client_gone()):
@@ -288,12 +304,35 @@ class JobsAPI:
             if time.monotonic() - quiet_since >= self.service.config.keepalive:
                 quiet_since = time.monotonic()
                 yield streaming.KEEPALIVE
-            time.sleep(RECORD_POLL)
+            if relayed is None:
+                time.sleep(RECORD_POLL)
+            else:
+                events, cursor = relayed.events_after(cursor, RECORD_POLL)
+                for event in events:
+                    sse = self._relayed_event(record, event) \
+                        if isinstance(event, Message) else None
+                    if sse is not None:
+                        stepped = stepped or sse.startswith((b"event: progress",
+                                                             b"event: preview"))
+                        quiet_since = time.monotonic()
+                        yield sse
             found = self.history.records.get(record.id)
             if found is None:  # deleted meanwhile
                 yield streaming.sse("cancelled", {"id": record.id})
                 return
             record = found
+
+    def _relayed_event(self, record: Record, event: Message) -> bytes | None:
+        """The jobs API's event for a place in line or a step the broker relayed; what ends
+        the job comes from its record."""
+        if event.type not in (MsgType.ACCEPTED, MsgType.PROGRESS):
+            return None
+        if event.type is MsgType.ACCEPTED and record.status != "queued":
+            return None  # a place told before it started, read after the record moved on
+        return streaming.job_event(
+            record.id, event, completed=lambda _: {},
+            failure=lambda error: self._error(record.model, error),
+            wait=lambda position, work_ahead: self._wait(record.job, position, work_ahead))
 
     def _record_event(self, record: Record, base_url: str) -> bytes:
         if record.status == "queued":

@@ -14,10 +14,12 @@ from collections.abc import Callable
 import zmq
 
 from broker import protocol
+from broker.connection import CurveKeys
 from broker.protocol import MsgType, ProtocolError
 from launcher.supervisor import ProcessSpec
 
-__all__ = ["ProcessSpec", "address_in_use", "cpu_worker_threads", "parse_model_counts",
+__all__ = ["ProcessSpec", "address_in_use", "cpu_worker_threads", "group_gpus",
+           "parse_model_counts",
            "place_workers", "visible_gpus", "wait_for_frontend", "wait_until_ready"]
 
 
@@ -44,10 +46,16 @@ def cpu_worker_threads(workers: int) -> int:
 
 
 def wait_until_ready(clients_endpoint: str, workers: int, *, timeout: float,
-                     should_stop: Callable[[], bool]) -> bool:
-    """Poll the broker until ``workers`` workers have registered (after their warm-up)."""
+                     should_stop: Callable[[], bool], curve: CurveKeys | None = None) -> bool:
+    """Poll the broker until ``workers`` workers have registered (after their warm-up).
+
+    ``curve``: a frontend's keys, for a broker whose client endpoint requires CURVE."""
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_public)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, curve.secret)
     sock.connect(clients_endpoint)
     deadline = time.monotonic() + timeout
     try:
@@ -99,6 +107,18 @@ def parse_model_counts(text: str) -> list[tuple[str, int]]:
     if not placed:
         raise ValueError("--models names no model")
     return placed
+
+
+def group_gpus(gpus: list[str], per_worker: int) -> list[str]:
+    """The GPUs in groups of ``per_worker`` (--gpus-per-worker), each as one
+    CUDA_VISIBLE_DEVICES value ("0,1"); GPUs left over, fewer than a group, stay unused."""
+    if per_worker < 1:
+        raise ValueError("--gpus-per-worker must be at least 1")
+    if gpus and len(gpus) < per_worker:
+        raise ValueError(f"--gpus-per-worker {per_worker}, but only {len(gpus)} GPU(s) are "
+                         f"visible")
+    return [",".join(gpus[i:i + per_worker])
+            for i in range(0, len(gpus) - per_worker + 1, per_worker)]
 
 
 def place_workers(wanted: list[tuple[str, int]], gpus: list[str]) -> list[tuple[str, str | None]]:

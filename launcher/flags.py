@@ -4,7 +4,9 @@ Each program (broker, worker, frontend) declares its flags once, in an ``add_*_a
 function. launch.py offers every one of them under the same name, except those it computes
 for each process itself (``set_by_launch``: where a worker connects, its device), and passes
 what the user gave through to the process, so a flag added to a program later is reachable
-from launch.py without a change here.
+from launch.py without a change here. The same goes for their environment variables
+(launcher/environment.py): launch.py reads each program's own (DC_WORKER_MAX_BATCH means the
+same to it as to a worker), and its processes, which inherit its environment, read them again.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
+
+from launcher import environment
 
 # Flags that mean the same to every program that has them, so one launch.py flag sets them all.
 SHARED = frozenset({"heartbeat", "log_level", "log_format"})
@@ -100,9 +104,45 @@ def _check_shared(first: tuple[str, Flag], name: str, flag: Flag) -> None:
                          f"({earlier.default!r}, {flag.default!r}); take it from one place")
 
 
+def variables(programs: list[Program]) -> dict[str, str]:
+    """dest -> variable, for the flags ``add_program_arguments`` offers for ``programs``: each
+    program's own variable, but launch.py's for a SHARED flag, which sets every program."""
+    return {flag.dest: environment.variable("launch" if flag.dest in SHARED else program.name,
+                                            flag.dest)
+            for program in programs for flag in program.offered()}
+
+
+def every_variable(programs: list[Program]) -> frozenset[str]:
+    """The variables of every flag of ``programs``, those launch.py sets itself too."""
+    return frozenset(environment.variable(program.name, flag.dest)
+                     for program in programs for flag in program.flags)
+
+
+def refused(programs: list[Program], taken: set[str], environ: Mapping[str, str]) -> list[str]:
+    """A line for each variable set for a flag of ``programs`` that launch.py, which takes the
+    variables ``taken``, does not: one of a flag it sets for each process itself, or for all
+    of them at once. Its processes inherit its environment and would read it behind its back,
+    and launch.py refuses the same flag on its command line."""
+    lines = []
+    for program in programs:
+        for flag in program.flags:
+            name = environment.variable(program.name, flag.dest)
+            if name in taken or not environment.is_set(name, environ):
+                continue
+            if flag.dest in SHARED:
+                why = (f"launch.py sets {flag.option} of every program at once: use "
+                       f"{environment.variable('launch', flag.dest)}")
+            else:
+                why = f"launch.py sets the {program.name}'s {flag.option} itself"
+            lines.append(f"{name}: {why}")
+    return lines
+
+
 def argv(program: Program, args: argparse.Namespace, **computed: Any) -> list[str]:
     """The command line of one ``program`` process: its flags the user gave on launch.py
-    (those not at their default) and those launch.py ``computed`` for it (None: left out)."""
+    (those not at their default) and those launch.py ``computed`` for it (None: left out).
+    A value launch.py read from the program's own variable is left out too: the process
+    reads that variable itself, so a secret never reaches a command line (``ps`` shows it)."""
     unknown = computed.keys() - {flag.dest for flag in program.flags}
     if unknown:
         raise TypeError(f"{program.name} has no flag for {sorted(unknown)}")
@@ -113,10 +153,14 @@ def argv(program: Program, args: argparse.Namespace, **computed: Any) -> list[st
         namespace = argparse.Namespace(**{flag.dest: flag.default if values[flag.dest] is None
                                           else values[flag.dest] for flag in program.flags})
         program.check(namespace)
+    own = environment.prefix(program.name)
+    inherited = {dest for dest, name in environment.taken_from(args).items()
+                 if name.startswith(own) and dest not in computed}
     line = [sys.executable, "-m", program.module]
     for flag in program.flags:
         value = values[flag.dest]
-        if value is None or (value == flag.default and flag.dest not in computed):
+        if value is None or (value == flag.default and flag.dest not in computed) or \
+                flag.dest in inherited:
             continue
         if flag.kind == "store_true":
             line += [flag.option] if value else []

@@ -3,7 +3,7 @@
 ``validate(instance, "ImagesResponse")`` checks ``instance`` against
 ``#/components/schemas/ImagesResponse`` of ``tests/data/openai-images-openapi.yaml`` (the subset
 of OpenAI's openai-openapi spec that the tests use, kept in the repository so a clone alone
-passes; ``DC_OPENAPI_SPEC`` names another file) with a Draft 2020-12 validator, and raises
+passes; ``DCTEST_OPENAPI_SPEC`` names another file) with a Draft 2020-12 validator, and raises
 ``SpecValidationError`` listing every violation.
 
 The spec is OpenAPI 3.1, which is JSON Schema 2020-12 except for OpenAPI 3.0's ``nullable: true``
@@ -44,8 +44,8 @@ class SpecValidationError(AssertionError):
 
 
 def spec_path() -> Path:
-    """The spec file: $DC_OPENAPI_SPEC, else the repository's own copy under tests/data/."""
-    override = os.environ.get("DC_OPENAPI_SPEC")
+    """The spec file: $DCTEST_OPENAPI_SPEC, else the repository's own copy under tests/data/."""
+    override = os.environ.get("DCTEST_OPENAPI_SPEC")
     if override:
         return Path(override)
     return SPEC_FILE

@@ -115,19 +115,19 @@ def test_spec_path_follows_the_environment_override(tmp_path, monkeypatch):
                   "required": ["x"]}}}}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
-    monkeypatch.setenv("DC_OPENAPI_SPEC", str(path))
+    monkeypatch.setenv("DCTEST_OPENAPI_SPEC", str(path))
     assert openapi_spec.spec_path() == path
     validate({"x": None}, "Thing")
     with pytest.raises(SpecValidationError):
         validate({"x": "1"}, "Thing")
     validate({"x": 2}, "Thing", path=path)
-    monkeypatch.delenv("DC_OPENAPI_SPEC")
+    monkeypatch.delenv("DCTEST_OPENAPI_SPEC")
     assert openapi_spec.spec_path() == openapi_spec.SPEC_FILE
 
 
 def test_the_spec_is_the_repositorys_own_copy(monkeypatch):
     # A fresh clone passes alone: nothing beside the checkout is needed.
-    monkeypatch.delenv("DC_OPENAPI_SPEC", raising=False)
+    monkeypatch.delenv("DCTEST_OPENAPI_SPEC", raising=False)
     path = openapi_spec.spec_path()
     assert path.is_file()
     assert path.resolve().is_relative_to(TESTS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import stat
@@ -142,7 +143,8 @@ def test_self_test_passes_and_catches_a_domain_mismatch(
     good.close()
     # The server socket asks ZAP for one domain, the handler answers another: everyone
     # would be refused. The self-test must say so instead of starting.
-    monkeypatch.setattr(auth, "ZAP_DOMAIN", "some-other-domain")
+    monkeypatch.setattr(auth, "WORKERS",
+                        dataclasses.replace(auth.WORKERS, domain="some-other-domain"))
     other_ctx = zmq.Context()  # one ZAP handler per context; the first one's is closing
     broken = Broker(BrokerConfig(clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
                                  curve_dir=str(keys)), other_ctx)

@@ -56,6 +56,7 @@ EVERY_TYPE: list[tuple[MsgType, dict[str, Any], list[bytes]]] = [
     (MsgType.SUBMIT, {"job": FULL_SPEC.to_wire()}, []),
     (MsgType.CANCEL, {"job_id": "job-42"}, []),
     (MsgType.STATUS, {}, []),
+    (MsgType.WATCH, {"job_id": "job-42"}, []),
     (MsgType.ACCEPTED, {"job_id": "job-42", "position": 3}, []),
     (MsgType.STATUS_REPLY, {"workers": [{"worker_id": "w1", "running": ["a"]}],
                             "queues": {"tiny": 2}}, []),

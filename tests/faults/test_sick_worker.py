@@ -27,7 +27,7 @@ def test_a_worker_that_fails_every_job_is_quarantined_and_the_queue_is_served(
         sick = subprocess.Popen(
             [sys.executable, "-m", "gpu_worker", "--broker", cluster.workers_endpoint,
              "--model", "tiny", "--device", "cpu", "--threads", "1", "--worker-id", "sick"],
-            cwd=REPO, env={**cluster_env(cache_dir), "DC_FAULT_FAIL_EVERY_JOB": "1"},
+            cwd=REPO, env={**cluster_env(cache_dir), "DCTEST_FAULT_FAIL_EVERY_JOB": "1"},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         sick_log = OutputLog(sick)
         wait_until(lambda: len(cluster.cluster_status()["workers"]) == 2, 60, "the sick worker")

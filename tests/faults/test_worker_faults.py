@@ -38,7 +38,7 @@ def post_async(pool: concurrent.futures.Executor, cluster: Cluster, body: dict):
 @pytest.fixture
 def cluster(cache_dir: Path) -> Iterator[Cluster]:
     running = Cluster(cache_dir, workers=2, heartbeat=HEARTBEAT,
-                      env={"DC_FAULT_CRASH_ON_PROMPT": "crash-the-worker"})
+                      env={"DCTEST_FAULT_CRASH_ON_PROMPT": "crash-the-worker"})
     try:
         running.wait_ready()
         yield running

@@ -136,3 +136,28 @@ def test_broker_and_frontend_name_the_addresses_they_listen_on(
     assert by_name["broker"].listens == ("tcp://127.0.0.1:7000", "tcp://0.0.0.0:7001")
     assert by_name["frontend"].listens == ("[::]:9000",)
     assert by_name["worker-cpu0"].listens == ()
+
+
+def test_gpus_per_worker_groups_the_gpus_each_group_one_worker(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    specs = plan(monkeypatch, ["0", "1", "2", "3", "4"], "--gpus-per-worker", "2")
+    workers = [s for s in specs if s.name.startswith("worker")]
+    # Five GPUs make two groups of two; the fifth alone could not hold a group.
+    assert [w.env["CUDA_VISIBLE_DEVICES"] for w in workers] == ["0,1", "2,3"]
+    assert [w.name for w in workers] == ["worker-gpu0-1", "worker-gpu2-3"]
+    for worker in workers:
+        assert worker.argv[worker.argv.index("--device") + 1] == "cuda:0"
+        assert worker.argv[worker.argv.index("--gpus-per-worker") + 1] == "2"
+
+
+def test_a_group_larger_than_the_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="--gpus-per-worker 4, but only 2 GPU"):
+        plan(monkeypatch, ["0", "1"], "--gpus-per-worker", "4")
+
+
+def test_cpu_groups_share_the_cores_between_all_their_processes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cluster.os, "cpu_count", lambda: 8)
+    specs = plan(monkeypatch, [], "--gpus-per-worker", "2", "--num-workers", "2")
+    workers = [s for s in specs if s.name.startswith("worker")]
+    assert [w.argv[w.argv.index("--threads") + 1] for w in workers] == ["2", "2"]

@@ -234,7 +234,10 @@ class MultiHost:
         # Port 0: the frontend binds a free port and logs it; nothing can take it in between.
         self.frontend = self.start(
             "frontend", None, "-m", "http_frontend", "--broker", self.clients_endpoint,
-            "--host", "127.0.0.1", "--port", "0", "--heartbeat", str(HEARTBEAT))
+            "--host", "127.0.0.1", "--port", "0", "--heartbeat", str(HEARTBEAT),
+            # The client endpoint requires CURVE too when the broker runs with --curve.
+            "--broker-key", str(self.keys / "broker.key"),
+            "--key", str(self.keys / "frontends" / "head.key_secret"))
         self.port = bound_http_port(self.frontend.log)
 
     def start_worker(self, host: str, worker_id: str, key: str | None, *extra: str) -> Proc:
@@ -306,7 +309,8 @@ def multihost(cache_dir: Path) -> Iterator[MultiHost]:
     cluster = MultiHost(Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")), cache_dir)
     try:
         subprocess.run([sys.executable, str(REPO / "launch.py"), "keys", str(cluster.keys),
-                        "--worker", "host-a", "--worker", "host-b", "--worker", "rogue"],
+                        "--worker", "host-a", "--worker", "host-b", "--worker", "rogue",
+                        "--frontend", "head"],
                        cwd=REPO, env=cluster_env(cache_dir), check=True, capture_output=True,
                        timeout=60)
         # rogue keeps a valid-looking pair, but its public key is not on the allow-list.
