@@ -7,7 +7,13 @@ fixtures: prompts are padded to the real sequence lengths (CLIP 77, T5 256), so 
 encoders do the real amount of work.
 
 ``depth`` (tests and CPU smoke runs only) keeps every width but cuts every stack of layers to
-that many, so the whole path runs on a laptop; figures from such a build are not real-size.
+that many, so the whole path runs on a laptop; ``tiny`` cuts the widths too (a miniature of
+the same classes: a generation in a fraction of a second on a CPU). Figures from either are
+not real-size.
+
+Every component is built from one seed, so two builds of a model have the same weights: the
+speed settings of gpu.py and quality.py each get a fresh denoiser (quantising, compiling and
+step caching change it in place) and share the rest.
 """
 
 from __future__ import annotations
@@ -88,14 +94,48 @@ SDXL_TURBO_SCHEDULER = {
 }
 
 
+# Miniatures (``tiny=True``): the same classes, schedulers and tokenizers, every width and depth
+# cut so that a whole generation takes a fraction of a second on a CPU. For CPU smoke runs and
+# tests of the scripts; their figures say nothing about a real model.
+TINY_FLUX_TRANSFORMER = {
+    **FLUX_SCHNELL_TRANSFORMER, "attention_head_dim": 16, "num_attention_heads": 2,
+    "joint_attention_dim": 32, "pooled_projection_dim": 32, "num_layers": 2,
+    "num_single_layers": 2, "axes_dims_rope": (4, 6, 6),
+}
+_TINY_VAE = {"block_out_channels": (8,) * 4, "layers_per_block": 1, "norm_num_groups": 4,
+             "mid_block_add_attention": False}
+TINY_FLUX_VAE = {**FLUX_VAE, **_TINY_VAE}
+TINY_SDXL_VAE = {**SDXL_VAE, **_TINY_VAE}
+# Real vocabularies (the tokenizers' ids must fit), everything else small.
+TINY_CLIP = {**CLIP_L, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "projection_dim": 32}
+TINY_CLIP_G = {**TINY_CLIP, "hidden_act": "gelu"}
+TINY_T5 = {**T5_XXL, "d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 4, "num_layers": 2,
+           "relative_attention_num_buckets": 8, "relative_attention_max_distance": 32}
+TINY_SDXL_UNET = {
+    **SDXL_UNET, "attention_head_dim": (2, 4), "block_out_channels": (16, 32),
+    "cross_attention_dim": 64,  # both CLIPs' hidden states, concatenated
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "layers_per_block": 1,
+    "norm_num_groups": 8, "transformer_layers_per_block": (1, 1), "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 6 * 8 + 32,  # micro-conditioning + pooled text
+}
+
+SEED = 0  # every component is built from this seed: the same weights in every build
+
+# component name -> a function that builds it (on the current default device and dtype)
+Factories = dict[str, Callable[[], Any]]
+
+
 @dataclass(frozen=True)
 class RealSize:
     """How to build one model, and the setting bench/gpu.py runs it at."""
     name: str  # the registry alias whose defaults the worker uses
     size: int
     steps: int
-    modules: Callable[[int | None], dict[str, Any]]  # depth -> the nn.Modules, on the device
+    factories: Callable[[int | None, bool], Factories]  # (depth, tiny) -> component builders
     assemble: Callable[[dict[str, Any]], Any]  # modules -> the pipeline (scheduler, tokenizers)
+    denoiser: str  # the component quantising, compiling and step caching change in place
 
 
 # -------------------------------------------------------------------------- building
@@ -119,14 +159,37 @@ def on_device(device: str, dtype: Any) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def build(model: RealSize, device: str, dtype: Any, depth: int | None = None) -> Any:
-    """The pipeline with random weights, every module on ``device`` in ``dtype``, in eval mode."""
-    with on_device(device, dtype):
-        modules = model.modules(depth)
-    for module in modules.values():
-        module.to(device=device, dtype=dtype).eval()
+def build(model: RealSize, device: str, dtype: Any, depth: int | None = None, *,
+          tiny: bool = False, reuse: dict[str, Any] | None = None) -> Any:
+    """The pipeline with seeded random weights, every module on ``device`` in ``dtype``, in
+    eval mode.
+
+    ``reuse``: modules of an earlier build of the same model to share instead of building
+    them again (see ``components``).
+    """
+    modules = {**(reuse or {}), **components(model, device, dtype, depth, tiny=tiny,
+                                             leave_out=tuple(reuse or ()))}
     # Schedulers and tokenizers are made outside: they compute with numpy, in float32.
     return model.assemble(modules)
+
+
+def components(model: RealSize, device: str, dtype: Any, depth: int | None = None, *,
+               tiny: bool = False, leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The model's modules but those in ``leave_out``, each built from the same seed: every
+    build of a component has the same weights. bench/gpu.py and bench/quality.py build the
+    others once and a fresh denoiser per setting (the one component a setting changes in
+    place), so the images of every setting can be compared."""
+    return {name: _seeded(factory, device, dtype)
+            for name, factory in model.factories(depth, tiny).items() if name not in leave_out}
+
+
+def _seeded(factory: Callable[[], Any], device: str, dtype: Any) -> Any:
+    import torch
+
+    torch.manual_seed(SEED)  # the same weights whatever was built before
+    with on_device(device, dtype):
+        module = factory()
+    return module.to(device=device, dtype=dtype).eval()
 
 
 def _cut(config: dict[str, Any], depth: int | None, *keys: str) -> dict[str, Any]:
@@ -146,22 +209,23 @@ def _clip(config: dict[str, Any], depth: int | None, *, projection: bool) -> Any
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(text)
 
 
-def _t5(depth: int | None) -> Any:
+def _t5(config: dict[str, Any], depth: int | None) -> Any:
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(T5Config(**_cut(T5_XXL, depth, "num_layers"), is_encoder_decoder=False,
+    return T5EncoderModel(T5Config(**_cut(config, depth, "num_layers"), is_encoder_decoder=False,
                                    use_cache=False))
 
 
-def flux_schnell_modules(depth: int | None = None) -> dict[str, Any]:
+def flux_schnell_factories(depth: int | None = None, tiny: bool = False) -> Factories:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
+    transformer = TINY_FLUX_TRANSFORMER if tiny else FLUX_SCHNELL_TRANSFORMER
     return {
-        "transformer": FluxTransformer2DModel(
-            **_cut(FLUX_SCHNELL_TRANSFORMER, depth, "num_layers", "num_single_layers")),
-        "vae": AutoencoderKL(**FLUX_VAE),
-        "text_encoder": _clip(CLIP_L, depth, projection=False),
-        "text_encoder_2": _t5(depth),
+        "transformer": lambda: FluxTransformer2DModel(
+            **_cut(transformer, depth, "num_layers", "num_single_layers")),
+        "vae": lambda: AutoencoderKL(**(TINY_FLUX_VAE if tiny else FLUX_VAE)),
+        "text_encoder": lambda: _clip(TINY_CLIP if tiny else CLIP_L, depth, projection=False),
+        "text_encoder_2": lambda: _t5(TINY_T5 if tiny else T5_XXL, depth),
     }
 
 
@@ -175,17 +239,19 @@ def flux_schnell_pipeline(modules: dict[str, Any]) -> Any:
                         **modules)
 
 
-def sdxl_turbo_modules(depth: int | None = None) -> dict[str, Any]:
+def sdxl_turbo_factories(depth: int | None = None, tiny: bool = False) -> Factories:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    unet_config = dict(SDXL_UNET)
+    unet_config = dict(TINY_SDXL_UNET if tiny else SDXL_UNET)
     if depth is not None:
-        unet_config.update(transformer_layers_per_block=(depth,) * 3, layers_per_block=depth)
+        blocks = len(unet_config["block_out_channels"])
+        unet_config.update(transformer_layers_per_block=(depth,) * blocks, layers_per_block=depth)
     return {
-        "unet": UNet2DConditionModel(**unet_config),
-        "vae": AutoencoderKL(**SDXL_VAE),
-        "text_encoder": _clip(CLIP_L, depth, projection=False),
-        "text_encoder_2": _clip(CLIP_BIG_G, depth, projection=True),
+        "unet": lambda: UNet2DConditionModel(**unet_config),
+        "vae": lambda: AutoencoderKL(**(TINY_SDXL_VAE if tiny else SDXL_VAE)),
+        "text_encoder": lambda: _clip(TINY_CLIP if tiny else CLIP_L, depth, projection=False),
+        "text_encoder_2": lambda: _clip(TINY_CLIP_G if tiny else CLIP_BIG_G, depth,
+                                        projection=True),
     }
 
 
@@ -200,8 +266,9 @@ def sdxl_turbo_pipeline(modules: dict[str, Any]) -> Any:
 
 
 MODELS = {
-    "flux-schnell": RealSize("flux-schnell", size=1024, steps=4, modules=flux_schnell_modules,
-                             assemble=flux_schnell_pipeline),
-    "sdxl-turbo": RealSize("sdxl-turbo", size=512, steps=1, modules=sdxl_turbo_modules,
-                           assemble=sdxl_turbo_pipeline),
+    "flux-schnell": RealSize("flux-schnell", size=1024, steps=4,
+                             factories=flux_schnell_factories, assemble=flux_schnell_pipeline,
+                             denoiser="transformer"),
+    "sdxl-turbo": RealSize("sdxl-turbo", size=512, steps=1, factories=sdxl_turbo_factories,
+                           assemble=sdxl_turbo_pipeline, denoiser="unet"),
 }

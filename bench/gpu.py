@@ -13,10 +13,20 @@ operations a GPU's peak figure counts. Achieved FLOP/s = FLOPs per image x image
 fraction is that over the GPU's dense bf16 peak from the vendor's datasheet (--peak-tflops for
 a GPU not in the table).
 
+Every speed setting of the worker gets its rows (``--setting``, repeatable; default all: plain,
+each step cache, each quantisation the device can run, regional compile; bench/_settings.py),
+each on a fresh denoiser with the same weights. ``x plain`` is its images/s over plain's at the
+same batch size. TFLOP/s and the fraction of peak are given only for settings that do the
+plain model's dense arithmetic (plain, compile): a step cache skips some of it and a quantised
+model runs int8 or float8 matmuls, so "—" there. A setting the device or the model cannot run
+says "not run" and why (quantize.check, the step cache's own check: the worker's refusals).
+
     .venv/bin/python bench/gpu.py                      # FLUX.1-schnell 1024² x4, SDXL-Turbo 512² x1
     .venv/bin/python bench/gpu.py --models sdxl-turbo --batches 1,4 --repeats 5
     .venv/bin/python bench/gpu.py --device cpu --depth 1 --size 128 --batches 1,2 --repeats 1
                                                        # smoke run on a laptop (not real-size)
+    .venv/bin/python bench/gpu.py --device cpu --tiny --compile-backend eager
+                                                       # every setting on miniatures (wiring)
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +45,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import _real_size
+import _settings
 from _common import print_header, table
 
 from broker.protocol import JobSpec
@@ -191,37 +203,81 @@ def time_batch(runner: Any, jobs: list[JobSpec], repeats: int, device: str) -> R
     return Row(len(jobs), seconds, memory)
 
 
-def measure(model: _real_size.RealSize, args: argparse.Namespace) -> None:
-    import torch
-
+def measure(model: _real_size.RealSize, args: argparse.Namespace) -> bool:
+    """Time every setting of ``model``, print the table; whether it was interrupted."""
     from gpu_worker import models
-    from gpu_worker.pipeline import LoadOptions, PipelineRunner, dtype_for
 
     spec = models.resolve(model.name)
+    build = _settings.Build.of(args, spec)
     size, steps = args.size or model.size, args.steps or model.steps
-    dtype = dtype_for(spec, args.device)
-    print(f"\n{model.name}: building at {'depth ' + str(args.depth) if args.depth else 'real size'}"
-          f" on {args.device} in {str(dtype).removeprefix('torch.')} ...", flush=True)
+    print(f"\n{model.name}: building at {build.scale} on {args.device} in "
+          f"{str(build.dtype).removeprefix('torch.')} ...", flush=True)
     started = time.perf_counter()
-    pipe = _real_size.build(model, args.device, dtype, args.depth)
-    params = {name: sum(p.numel() for p in module.parameters())
-              for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
-    runner = PipelineRunner(spec, LoadOptions(device=args.device, threads=args.threads,
-                                              compile=args.compile), pipe=pipe)
-    print(f"  built in {time.perf_counter() - started:.1f} s; parameters: " + ", ".join(
-        f"{name} {count / 1e9:.2f} B" for name, count in params.items()), flush=True)
+    shared = _settings.shared_components(model, build)
+    print(f"  shared components built in {time.perf_counter() - started:.1f} s", flush=True)
+    job = jobs_for(spec, 1, size, steps)[0]
+    results: list[Result] = []
+    flops: FlopCount | None = None
+    interrupted = False
+    try:
+        for setting in args.settings:
+            why = _settings.why_not(setting, args.device)
+            if why:
+                results.append(Result(setting, [], skipped=why))
+                continue
+            print(f"  {setting.label} ...", flush=True)
+            with _settings.released(args.device):
+                runner, why = _settings.try_runner(model, setting, shared, build)
+                if runner is None:
+                    results.append(Result(setting, [], skipped=why))
+                    continue
+                try:
+                    if flops is None and setting.dense:
+                        flops = describe(runner, job, build.dtype)
+                    results.append(Result(setting, time_batches(runner, spec, size, steps,
+                                                                args)))
+                except Exception as exc:  # one setting's failure is a finding, not the end
+                    traceback.print_exc()
+                    results.append(Result(setting, [], skipped=f"{setting.label}: {exc!r}",
+                                          failed=True))
+                del runner
+    except KeyboardInterrupt:  # gpu_run.sh's time limit: still print what was measured
+        interrupted = True
+        print(f"\ninterrupted: the table holds the {len(results)} setting(s) done",
+              flush=True)
+    peak, source = peak_tflops(args.device, args.peak_tflops)
+    report(model.name, size, steps, results, flops, peak, source)
+    del shared
+    return interrupted
 
-    flops = count_flops(runner, jobs_for(spec, 1, size, steps)[0])
+
+def describe(runner: Any, job: JobSpec, dtype: Any) -> FlopCount:
+    """Print the model's parameters and FLOPs (counted once, on the first dense setting)."""
+    import torch
+
+    params = {name: sum(p.numel() for p in module.parameters())
+              for name, module in runner.pipe.components.items()
+              if isinstance(module, torch.nn.Module)}
+    print("    parameters: " + ", ".join(f"{name} {_count(count)}"
+                                         for name, count in params.items()), flush=True)
+    flops = count_flops(runner, job)
     parts = ", ".join(f"{name} {value / flops.total:.0%}"
                       for name, value in sorted(flops.by_component.items(), key=lambda kv: -kv[1]))
-    print(f"  one image at {size}x{size}, {steps} step(s): {flops.total / 1e12:.2f} TFLOP "
-          f"({parts})", flush=True)
+    print(f"    one image at {job.width}x{job.height}, {job.steps} step(s): "
+          f"{flops.total / 1e12:.2f} TFLOP ({parts})", flush=True)
     vae = getattr(runner.pipe, "vae", None)
     if getattr(getattr(vae, "config", None), "force_upcast", False) and dtype == torch.float16:
-        print("  note: this VAE decodes in float32 (force_upcast), yet its FLOPs are counted "
+        print("    note: this VAE decodes in float32 (force_upcast), yet its FLOPs are counted "
               "against the bf16 peak: 'of peak' understates the denoiser", flush=True)
+    return flops
 
-    peak, source = peak_tflops(args.device, args.peak_tflops)
+
+def _count(parameters: int) -> str:
+    return f"{parameters / 1e9:.2f} B" if parameters >= 1e8 else f"{parameters / 1e6:.2f} M"
+
+
+def time_batches(runner: Any, spec: Any, size: int, steps: int,
+                 args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     for batch in args.batches:
         if rows and rows[-1].error:
@@ -229,37 +285,83 @@ def measure(model: _real_size.RealSize, args: argparse.Namespace) -> None:
             # (SDXL's VAE upcasts to float32 to decode): stop here.
             rows.append(Row(batch, [], None, error="skipped"))
             continue
-        print(f"  batch {batch} ...", flush=True)
+        print(f"    batch {batch} ...", end=" ", flush=True)
         rows.append(time_batch(runner, jobs_for(spec, batch, size, steps), args.repeats,
                                args.device))
-    report(model.name, size, steps, rows, flops, peak, source)
-    del runner, pipe
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
+        # Each figure as it comes: a run stopped by a time limit still tells what it measured.
+        print(rows[-1].error or f"{rows[-1].per_call:.3f} s/call", flush=True)
+    return rows
 
 
-def report(name: str, size: int, steps: int, rows: list[Row], flops: FlopCount,
+@dataclass
+class Result:
+    """One setting's rows, or why it did not run."""
+    setting: _settings.Setting
+    rows: list[Row]
+    skipped: str = ""  # why it did not run, or how it failed
+    failed: bool = False  # it started and raised
+
+
+NOT_DENSE = ("—: a step cache skips work and quantisation runs int8 or float8 matmuls, so the "
+             "plain model's FLOPs over their time are not what they did: TFLOP/s and % of "
+             "dense bf16 peak are given only for settings with neither (plain, compile)")
+
+
+def report(name: str, size: int, steps: int, results: list[Result], flops: FlopCount | None,
            peak: float | None, source: str) -> None:
+    plain = next((r for r in results if r.setting.label == _settings.PLAIN and not r.skipped),
+                 None)
+    plain_rate = {row.batch: row.images_per_second for row in plain.rows if not row.error} \
+        if plain else {}
+    cells, notes = [], []
+    for result in results:
+        if result.skipped:
+            notes.append(result.skipped)
+            cells.append([name, result.setting.label, f"{size}²", steps, "-",
+                          f"{'failed' if result.failed else 'not run'} [{len(notes)}]"]
+                         + [""] * 7)
+            continue
+        cells += setting_cells(name, size, steps, result, flops, peak, plain_rate)
+    print()
+    print(table(["model", "setting", "size", "steps", "batch", "s/call", "s/image", "images/s",
+                 "x batch 1", "x plain", "TFLOP/s", "of peak", "peak GiB"], cells))
+    counted = (f"FLOPs per image counted once at batch 1: {flops.total / 1e12:.2f} TFLOP"
+               if flops else "FLOPs not counted: no setting without a step cache or "
+                             "quantisation ran")
+    print(f"peak: {f'{peak:g} TFLOP/s' if peak else 'unknown'} ({source}); {counted}")
+    if any(not r.setting.dense and not r.skipped for r in results):
+        print(NOT_DENSE)
+    for number, note in enumerate(notes, 1):
+        print(f"[{number}] {note}")
+
+
+def setting_cells(name: str, size: int, steps: int, result: Result, flops: FlopCount | None,
+                  peak: float | None, plain_rate: dict[int, float]) -> list[list[Any]]:
+    rows = result.rows
     base = next((row.images_per_second for row in rows if row.batch == 1 and not row.error),
                 None)
     cells = []
     for row in rows:
+        head = [name, result.setting.label, f"{size}²", steps, row.batch]
         if row.error:
-            cells.append([name, f"{size}²", steps, row.batch, row.error, "", "", "", "", "", ""])
+            cells.append([*head, row.error] + [""] * 7)
             continue
-        achieved = flops.total * row.images_per_second / 1e12
+        achieved = flops.total * row.images_per_second / 1e12 if flops else None
+        if not result.setting.dense:
+            flop_cells = ["—", "—"]
+        else:
+            flop_cells = [f"{achieved:.1f}" if achieved is not None else "-",
+                          f"{achieved / peak:.1%}" if achieved is not None and peak else "-"]
+        reference = plain_rate.get(row.batch)
         cells.append([
-            name, f"{size}²", steps, row.batch, f"{row.per_call:.3f}",
-            f"{row.per_call / row.batch:.3f}", f"{row.images_per_second:.2f}",
-            f"{row.images_per_second / base:.2f}" if base else "-", f"{achieved:.1f}",
-            f"{achieved / peak:.1%}" if peak else "-",
+            *head, f"{row.per_call:.3f}", f"{row.per_call / row.batch:.3f}",
+            f"{row.images_per_second:.2f}",
+            f"{row.images_per_second / base:.2f}" if base else "-",
+            f"{row.images_per_second / reference:.2f}" if reference else "-",
+            *flop_cells,
             f"{row.peak_memory / 2**30:.1f}" if row.peak_memory is not None else "-",
         ])
-    print()
-    print(table(["model", "size", "steps", "batch", "s/call", "s/image", "images/s",
-                 "x batch 1", "TFLOP/s", "of peak", "peak GiB"], cells))
-    print(f"peak: {f'{peak:g} TFLOP/s' if peak else 'unknown'} ({source}); FLOPs per image "
-          f"counted once at batch 1: {flops.total / 1e12:.2f} TFLOP")
+    return cells
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -277,11 +379,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 peak, for a GPU not in the table")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the denoiser, as the worker's --compile does")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
-    parser.add_argument("--depth", type=int, default=None,
-                        help="cut every stack of layers to this many (smoke runs; the "
-                             "figures are then not real-size)")
+                        help="compile every setting too, as the worker's --compile does "
+                             "(plain becomes compile, int8 int8+compile, ...)")
+    _settings.add_arguments(parser)
     args = parser.parse_args(argv)
     unknown = set(args.models.split(",")) - set(_real_size.MODELS)
     if unknown:
@@ -289,31 +389,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batches = [int(b) for b in args.batches.split(",")]
     if min(args.batches) < 1 or args.repeats < 1:
         parser.error("batch sizes and --repeats must be at least 1")
+    try:
+        args.settings = _settings.expand(args.setting or [], compile_each=args.compile)
+    except _settings.SettingError as exc:
+        parser.error(str(exc))
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import diffusers
     import torch
 
     from gpu_worker.pipeline import quiet_libraries
 
     quiet_libraries()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("no CUDA device: this benchmark needs a GPU (or --device cpu with --depth for a "
-              "smoke run)", file=sys.stderr)
+        print("no CUDA device: this benchmark needs a GPU (or --device cpu with --tiny or "
+              "--depth for a smoke run)", file=sys.stderr)
         return 2
     print_header("GPU: real-size models with random weights")
-    gpu = (torch.cuda.get_device_name(torch.device(args.device))
-           if args.device.startswith("cuda") else "none")
-    print(f"torch {torch.__version__} (CUDA {torch.version.cuda or '-'}), diffusers "
-          f"{diffusers.__version__}; device {args.device}: {gpu}")
-    if args.depth:
-        print(f"note: --depth {args.depth} cuts every layer stack; these are NOT real-size "
-              "figures")
+    print(_settings.stack_line(args.device))
+    if args.depth or args.tiny:
+        print("note: --depth / --tiny cut the models; these are NOT real-size figures")
     for name in args.models.split(","):
-        measure(_real_size.MODELS[name], args)
+        if measure(_real_size.MODELS[name], args):
+            return 130
     return 0
 
 

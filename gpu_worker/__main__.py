@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import urllib.parse
@@ -12,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from broker import defaults, logs
-from gpu_worker import models
+from gpu_worker import compiling, models, parallel, quantize, step_cache
+from launcher import environment
 
 if TYPE_CHECKING:
     from gpu_worker.loras import AdapterFile
@@ -45,7 +47,34 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload", action="store_true",
                         help="model CPU offload, for GPUs too small to hold the model")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the denoiser (slow start, faster steps)")
+                        help="torch.compile the denoiser (slower start, faster steps); the "
+                             "warm-up compiles its sizes, later compiles are logged")
+    parser.add_argument("--compile-scope", choices=compiling.SCOPES, default="regional",
+                        help="with --compile: the denoiser's repeated blocks, compiled once "
+                             "and reused (seconds), or the full denoiser (minutes)")
+    parser.add_argument("--warm-up-size", action="append", default=None, metavar="WxH",
+                        help="a size the warm-up runs (repeatable; with --compile each is "
+                             "compiled at batch sizes 1 and 2); default: the model's default "
+                             "size, or every size it takes where it takes only a few")
+    parser.add_argument("--step-cache", default=step_cache.AUTO,
+                        metavar="METHOD[:KEY=VALUE,...]",
+                        help="skip denoiser work on steps that change little: none, "
+                             "first-block[:threshold=T], taylorseer[:interval=N,warmup=N,"
+                             "order=N], mag[:threshold=T,max-skip=N,retention=R] (FLUX.1 "
+                             "only); auto is the model family's registry default, none for "
+                             "every family today (docs/performance.md); requests may turn it "
+                             "off with \"step_cache\": false")
+    parser.add_argument("--gpus-per-worker", type=int, default=1, metavar="N",
+                        help="split each image across N devices, --device and the next "
+                             "N-1 (cuda:0 and cuda:1 for 2), with context parallelism: "
+                             "one worker, N processes; FLUX.1, FLUX.2 and Qwen-Image")
+    parser.add_argument("--context-parallel", choices=parallel.MODES, default="ulysses",
+                        help="with --gpus-per-worker: how attention is split; ulysses needs "
+                             "the model's attention heads to divide by N, ring needs CUDA")
+    parser.add_argument("--quantize", choices=quantize.CHOICES, default=quantize.NONE,
+                        help="quantise the denoiser with torchao: fp8 needs a CUDA GPU of "
+                             "compute capability 8.9+ (Ada, Hopper, Blackwell); the others "
+                             "run anywhere (docs/performance.md)")
     parser.add_argument("--lora-dir", default=None, metavar="DIR",
                         help="LoRA adapters this worker can apply: the .safetensors files under "
                              "DIR (subfolders too), named by their path there; files added or "
@@ -104,6 +133,19 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
                          "compiled denoiser would recompile whenever the adapters change")
     if args.lora_cache < 1 or args.lora_cache_mb <= 0:
         raise ValueError("--lora-cache and --lora-cache-mb must be positive")
+    if args.quantize != quantize.NONE and args.offload:
+        raise ValueError("--quantize cannot be used with --offload yet: quantised weights "
+                         "moving between CPU and GPU on every call are not tested")
+    if args.step_cache != step_cache.AUTO:
+        step_cache.StepCacheSetting.parse(args.step_cache)  # its text: checked before loading
+    quantize.check(args.quantize, device, loras=bool(args.lora_dir or args.lora_repo))
+    if args.gpus_per_worker != 1:
+        parallel.check_mode(parallel.GroupPlan(
+            parallel.group_devices(device, args.gpus_per_worker), args.context_parallel))
+        if args.step_cache not in (step_cache.AUTO, step_cache.NONE):
+            raise ValueError("--step-cache cannot be used with --gpus-per-worker: the ranks "
+                             "would decide apart which steps to skip")
+    warm_up_sizes = tuple(_size(text) for text in args.warm_up_size or ())
     lora_repos = _lora_repos(args.lora_repo or [], json_logs=args.log_format == "json")
     curve = CurveKeys.from_files(args.broker_key, args.key) if args.key else None
     marking = _marking(args)
@@ -111,11 +153,23 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
                         worker_id=args.worker_id, max_batch=args.max_batch,
                         heartbeat=args.heartbeat, threads=args.threads,
                         cache_dir=args.cache_dir, warm_up=not args.no_warm_up,
-                        offload=args.offload, compile=args.compile, curve=curve,
+                        offload=args.offload, compile=args.compile,
+                        compile_scope=args.compile_scope, warm_up_sizes=warm_up_sizes,
+                        step_cache=args.step_cache, quantize=args.quantize,
+                        gpus_per_worker=args.gpus_per_worker,
+                        context_parallel=args.context_parallel, log_level=args.log_level,
+                        log_format=args.log_format, curve=curve,
                         lora_dir=args.lora_dir, lora_repos=lora_repos,
                         lora_cache=args.lora_cache,
                         lora_cache_bytes=int(args.lora_cache_mb * (1 << 20)),
                         image_metadata=not args.no_image_metadata, marking=marking)
+
+
+def _size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", text.strip())  # ASCII digits only
+    if match is None or not all(0 < int(side) <= 16384 for side in match.groups()):
+        raise ValueError(f"--warm-up-size {text!r} is not WIDTHxHEIGHT (up to 16384 each)")
+    return int(match[1]), int(match[2])
 
 
 def _lora_repos(specs: list[str], *, json_logs: bool) -> tuple[AdapterFile, ...]:
@@ -151,7 +205,7 @@ def _marking(args: argparse.Namespace) -> Marking:
                          f"{exc}") from exc
 
 
-def _route_library_logs() -> None:
+def route_library_logs() -> None:
     """diffusers and transformers print through stderr handlers of their own: send their
     records through the root logger's, so that every line is JSON."""
     import diffusers
@@ -160,6 +214,12 @@ def _route_library_logs() -> None:
     for library in (diffusers.utils.logging, transformers.utils.logging):
         library.disable_default_handler()
         library.enable_propagation()
+    # torch prints its own warnings (torch.compile's, and those that importing torchao
+    # raises) through a handler of its own on the "torch" logger: through the root's instead.
+    torch_logger = logging.getLogger("torch")
+    for handler in list(torch_logger.handlers):
+        torch_logger.removeHandler(handler)
+    torch_logger.propagate = True
     # A model's first download draws huggingface_hub's progress bars on stderr: not JSON.
     from huggingface_hub.utils.tqdm import disable_progress_bars
 
@@ -177,15 +237,22 @@ def run_worker(args: argparse.Namespace) -> int:
     from gpu_worker.loras import LoraSetupError
     from gpu_worker.worker import Worker
 
+    setup_errors = (LoraSetupError, step_cache.StepCacheError, quantize.QuantizeError,
+                    parallel.ParallelError)
+
     worker = Worker(config)
     logs.add_static_fields(worker_id=worker.worker_id)  # the default id is made just now
+    if config.quantize == quantize.NONE:
+        # diffusers imports torchao whenever it is installed; without --quantize its warnings
+        # about GPU kernels it could not load (on any CPU host) concern nothing this runs.
+        logging.getLogger("torchao").setLevel(logging.ERROR)
     if args.log_format == "json":
-        _route_library_logs()
+        route_library_logs()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
     try:
         worker.run()
-    except LoraSetupError as exc:  # an adapter the operator named does not fit the model
+    except setup_errors as exc:  # a flag that does not fit the model: a restart fails again
         logging.getLogger(__name__).error("cannot start: %s", exc)
         return os.EX_CONFIG
     except Exception as exc:  # load failures: one clear line, then a non-zero exit
@@ -201,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_worker_arguments(parser)
-    return run_worker(parser.parse_args(argv))
+    return run_worker(environment.parse_args(parser, argv, "worker"))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,10 @@ class ModelSpec:
     # Reads Automatic1111's (word:1.3) weights and prompts past 77 CLIP tokens (SD, SDXL:
     # gpu_worker/prompt_embeds.py); elsewhere brackets are text.
     prompt_weighting: bool = False
+    # Step caching a worker uses with --step-cache auto (gpu_worker/step_cache.py syntax; ""
+    # is none). A worker announces the one it runs. No family turns one on: each costs some
+    # quality, measured only on real weights (docs/performance.md, "Step caching").
+    step_cache: str = ""
     resolution_binning: bool = False  # the family snaps sizes to trained aspect buckets
     legacy_callback: bool = False  # progress through callback=/callback_steps, not _on_step_end
     decoder_steps: int = 0  # two-stage pipelines: the second stage's fixed step count

@@ -5,8 +5,10 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,13 +17,16 @@ import torch
 from PIL import Image
 
 from broker.protocol import JobSpec
-from gpu_worker import models, prompt_syntax
+from gpu_worker import compiling, models, prompt_syntax
 from gpu_worker.editing import EditInputs, EditPipelines, composite, usable_modes
 from gpu_worker.loras import AdapterFile, LoraLibrary
 from gpu_worker.models import ModelSpec
+from gpu_worker.parallel import EXIT_GROUP_BROKEN, Group, ParallelError
 from gpu_worker.preview import PreviewMaker, preview_steps
 from gpu_worker.prompt_embeds import MAX_TOKENS, PromptEncoder
 from gpu_worker.prompts import cut_warnings, truncation_warnings
+from gpu_worker.quantize import quantize_denoiser
+from gpu_worker.step_cache import AUTO, StepCache, StepCacheSetting
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,12 @@ class LoadOptions:
     threads: int | None = None  # torch threads on CPU; None keeps torch's default
     offload: bool = False
     compile: bool = False
+    compile_scope: str = "regional"  # the repeated blocks, or the "full" denoiser
+    compile_backend: str = "inductor"  # torch.compile's; tests use "eager" (compiling.py)
+    # Sizes the warm-up runs (with --compile: each at batch 1 and 2); () is the model's own.
+    warm_up_sizes: tuple[tuple[int, int], ...] = ()
+    step_cache: str = AUTO  # gpu_worker/step_cache.py; auto: the family's registry default
+    quantize: str = "none"  # the denoiser's weights (gpu_worker/quantize.py)
     lora_dir: Path | None = None  # LoRA adapters this worker can apply (gpu_worker/loras.py)
     lora_repos: tuple[AdapterFile, ...] = ()  # and those of --lora-repo, resolved
     lora_cache: int = 8  # adapters kept in memory at most
@@ -68,12 +79,15 @@ def dtype_for(spec: ModelSpec, device: str) -> torch.dtype:
 class PipelineRunner:
     """One pipeline on one device. Not thread-safe: one thread calls generate()."""
 
-    def __init__(self, spec: ModelSpec, options: LoadOptions, *, pipe: Any = None) -> None:
+    def __init__(self, spec: ModelSpec, options: LoadOptions, *, pipe: Any = None,
+                 group: Group | None = None) -> None:
         """Load ``spec``'s pipeline, or wrap ``pipe``, one already built in memory (bench/gpu.py
         builds real-size architectures with random weights); either way it is placed on the
-        device with the same settings."""
+        device with the same settings. In a worker group (gpu_worker/parallel.py) every rank
+        builds one, on its own device, and its denoiser is split across the group."""
         self.options = options
-        self.device = options.device
+        self.group = group
+        self.device = group.device if group is not None else options.device
         if options.threads and not self.device.startswith("cuda"):
             torch.set_num_threads(options.threads)
         if (options.lora_dir is not None or options.lora_repos) and options.compile:
@@ -81,11 +95,25 @@ class PipelineRunner:
             # into one is not wired here: refused at start rather than slow or wrong later.
             raise ValueError("--compile cannot be used with LoRA adapters yet: choose one")
         self.pipe = self._place(self._load(spec) if pipe is None else pipe)
+        if group is not None:
+            group.parallelise(self.pipe)
+        self.step_cache = StepCache(self.pipe, self._step_cache_setting(spec))
+        if group is not None and self.step_cache.enabled:
+            # Each rank would decide to skip from its own part of the sequence: one skipping
+            # a block another runs leaves them at different collectives.
+            raise ParallelError("--step-cache cannot be used with --gpus-per-worker: the "
+                                "ranks would decide apart which steps to skip")
+        self.compile_log: compiling.CompileLog | None = None
+        if options.compile:
+            compiling.compile_denoiser(self.pipe, options.compile_scope,
+                                       options.compile_backend)
+            self.compile_log = compiling.CompileLog()
         self.loras = LoraLibrary(self.pipe, options.lora_dir, repos=options.lora_repos,
                                  max_loaded=options.lora_cache,
                                  max_bytes=options.lora_cache_bytes)
         self._trained_sample_size: int | None = getattr(self.pipe, "default_sample_size", None)
-        self.spec = usable_modes(self._fit_spec(spec), self.pipe)
+        self.spec = usable_modes(self._fit_spec(spec), self.pipe).with_defaults(
+            step_cache=str(self.step_cache.setting) if self.step_cache.enabled else "")
         self.prompt_encoder = PromptEncoder(self.pipe) if self.spec.prompt_weighting else None
         self.edits = EditPipelines(self.pipe, self.spec)
         self.previews = PreviewMaker(self.pipe, self.spec.family, offloaded=options.offload)
@@ -115,7 +143,14 @@ class PipelineRunner:
         else:
             pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
+        quantize_denoiser(pipe, self.options.quantize, self.device,  # before any compiling
+                          loras=self.options.lora_dir is not None or bool(self.options.lora_repos))
         return pipe
+
+    def _step_cache_setting(self, spec: ModelSpec) -> StepCacheSetting:
+        """--step-cache, or with auto the registry's default for the model's family."""
+        text = self.options.step_cache
+        return StepCacheSetting.parse(spec.step_cache if text == AUTO else text)
 
     def _fit_spec(self, spec: ModelSpec) -> ModelSpec:
         """Adjust the spec to the pipeline that actually loaded."""
@@ -189,20 +224,33 @@ class PipelineRunner:
                 denoiser.fuse_qkv_projections()
             except Exception as exc:  # some attention processors cannot be fused
                 log.info("fused QKV not available for %s: %s", type(denoiser).__name__, exc)
-        if self.options.compile and denoiser is not None:
-            denoiser.compile(fullgraph=False)
 
     # ---------------------------------------------------------------- running
 
     def warm_up(self) -> float:
-        """Run one small generation so the first real job does not pay for lazy set-up."""
-        width, height = self.spec.default_size
-        job = JobSpec(id="warm-up", model=self.spec.name, prompt="warm-up", width=width,
-                      height=height, steps=min(self.spec.default_steps, 2), seeds=(0,),
-                      guidance=self.spec.default_guidance)
+        """Run small generations so the first real jobs do not pay for lazy set-up: one, or
+        with --compile each warm-up size at batch sizes 1 and 2. dynamo makes a dimension
+        dynamic the second time it changes, so larger batches reuse the second's code, and
+        after two sizes so does any size."""
+        sizes = self.warm_up_sizes()
+        shapes = [(size, batch) for size in sizes for batch in (1, 2)] \
+            if self.compile_log is not None else [(sizes[0], 1)]
         started = time.perf_counter()
-        self.generate(job)
+        for (width, height), batch in shapes:
+            job = JobSpec(id="warm-up", model=self.spec.name, prompt="warm-up", width=width,
+                          height=height, steps=min(self.spec.default_steps, 2),
+                          seeds=tuple(range(batch)), guidance=self.spec.default_guidance)
+            self.generate(job)
+        if self.compile_log is not None:
+            log.info("warm-up ran %s at batch sizes 1 and 2; a size it did not run may compile "
+                     "on its first job (logged; from the second size on, dynamo compiles for "
+                     "any size)", ", ".join(f"{w}x{h}" for w, h in sizes))
         return time.perf_counter() - started
+
+    def warm_up_sizes(self) -> list[tuple[int, int]]:
+        """--warm-up-size, else the only sizes the model takes, else its default size."""
+        return list(self.options.warm_up_sizes or self.spec.allowed_sizes
+                    or (self.spec.default_size,))
 
     def prompt_warnings(self, job: JobSpec) -> list[str]:
         """What the client should know of how its prompts were read (cut short by CLIP)."""
@@ -249,6 +297,24 @@ class PipelineRunner:
         in the batch (see docs/performance.md for how close batched pixels are to solo ones).
         Edits take their decoded ``inputs`` by job id.
         """
+        if self.group is None:
+            return self.run_call(jobs, inputs, on_step)
+        self.group.announce(jobs, inputs or {})
+        try:
+            return self.run_call(jobs, inputs, on_step)
+        except Interrupted:
+            raise  # agreed by every rank at the same step
+        except Exception:
+            # The other ranks may be waiting at a collective this rank will never reach.
+            log.exception("a call failed in this worker's group: the group ends, to be "
+                          "started again")
+            os._exit(EXIT_GROUP_BROKEN)
+
+    def run_call(self, jobs: list[JobSpec], inputs: Mapping[str, EditInputs] | None = None,
+                 on_step: StepCallback | None = None) -> list[list[Image.Image]]:
+        """generate_batch's work on this rank: what a group's followers run as told."""
+        if on_step is None and self.group is not None:
+            on_step = _go_on  # every rank asks the leader after every step
         head = jobs[0]
         if head.mode == "edit" and self.spec.edit_by_reference and len(jobs) > 1:
             return self._in_turn(jobs, [[job] for job in jobs], on_step, inputs or {})
@@ -270,7 +336,8 @@ class PipelineRunner:
         self._tile_vae_for(head)
         if self.spec.sized_by_area:
             self._set_area(head)
-        with torch.inference_mode():
+        self.step_cache.prepare(head)
+        with torch.inference_mode(), self._compile_watch(jobs):
             images = to_pil(pipe(**kwargs).images)
         split, start = [], 0
         for job in jobs:
@@ -280,6 +347,14 @@ class PipelineRunner:
             split.append(made)
             start += job.n
         return split
+
+    def _compile_watch(self, jobs: list[JobSpec]) -> AbstractContextManager[None]:
+        """With --compile, logs a call that compiled, with its shape."""
+        if self.compile_log is None:
+            return nullcontext()
+        head, images = jobs[0], sum(job.n for job in jobs)
+        return self.compile_log.watch(f"{head.width}x{head.height}, {images} image(s), "
+                                      f"{head.steps} steps, {head.mode}")
 
     def _in_turn(self, jobs: list[JobSpec], groups: list[list[JobSpec]],
                  on_step: StepCallback | None, inputs: Mapping[str, EditInputs]
@@ -305,8 +380,7 @@ class PipelineRunner:
                         shifted[place] = preview
                 return on_step is None or on_step(offset * total + done, len(groups) * total,
                                                   shifted)
-            for job, images in zip(group, self.generate_batch(group, step, inputs),
-                                   strict=True):
+            for job, images in zip(group, self.run_call(group, inputs, step), strict=True):
                 made[job.id] = images
         return [made[job.id] for job in jobs]
 
@@ -408,8 +482,10 @@ class PipelineRunner:
             step_seconds = time.perf_counter() - last
             previews = (self._previews(latents, job, first=done == 1,
                                        step_seconds=step_seconds)
-                        if done in with_previews else [])
+                        if done in with_previews and self._leads() else [])
             wanted = on_step(min(done, total), total, previews)
+            if self.group is not None:
+                wanted = self.group.agree(wanted)
             last = time.perf_counter()
             if not wanted:
                 # Raising leaves the pipeline at once; no VAE decode for an abandoned job.
@@ -428,6 +504,10 @@ class PipelineRunner:
         if "prior_callback_on_step_end" in params:
             hooks["prior_callback_on_step_end"] = on_step_end
         return hooks
+
+    def _leads(self) -> bool:
+        """Whether this rank answers for the call: alone, or a group's leader."""
+        return self.group is None or self.group.leader
 
     def _previews(self, latents: Any, job: JobSpec, *, first: bool,
                   step_seconds: float) -> list[Image.Image]:
@@ -455,6 +535,10 @@ class PipelineRunner:
             vae.enable_tiling()
         else:
             vae.disable_tiling()
+
+
+def _go_on(done: int, total: int, previews: Sequence[Image.Image | None]) -> bool:
+    return True
 
 
 def to_pil(images: Any) -> list[Image.Image]:

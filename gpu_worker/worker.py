@@ -27,6 +27,7 @@ from gpu_worker.encode import Generation, ImageMetadata, encode_image
 from gpu_worker.link import BrokerLink
 from gpu_worker.loras import AdapterFile, LoraError
 from gpu_worker.marking import Marking
+from gpu_worker.parallel import Group, GroupPlan, group_devices
 from gpu_worker.pipeline import Interrupted, LoadOptions, PipelineRunner, StepCallback
 from gpu_worker.prompt_syntax import PromptSyntaxError
 from gpu_worker.stats import StatsRecorder
@@ -37,9 +38,10 @@ VERSION = "0.1.0"
 
 # Fault injection for the reliability tests: a job whose prompt contains this text kills the
 # worker process outright, as a driver crash or the OOM killer would. Unset in production.
-CRASH_PROMPT_ENV = "DC_FAULT_CRASH_ON_PROMPT"
+# DCTEST_, not DC_: every DC_WORKER_* variable configures the worker (docs/configuration.md).
+CRASH_PROMPT_ENV = "DCTEST_FAULT_CRASH_ON_PROMPT"
 # And one whose every job fails at once, as on a broken driver or a full disk.
-FAIL_EVERY_JOB_ENV = "DC_FAULT_FAIL_EVERY_JOB"
+FAIL_EVERY_JOB_ENV = "DCTEST_FAULT_FAIL_EVERY_JOB"
 PREVIEW_QUALITY = 70  # previews are glimpses: small and quick beat faithful
 
 
@@ -56,6 +58,14 @@ class WorkerConfig:
     warm_up: bool = True
     offload: bool = False
     compile: bool = False
+    compile_scope: str = "regional"  # gpu_worker/compiling.py
+    warm_up_sizes: tuple[tuple[int, int], ...] = ()  # () : the model's own
+    step_cache: str = "auto"  # gpu_worker/step_cache.py
+    quantize: str = "none"  # gpu_worker/quantize.py
+    gpus_per_worker: int = 1  # >1: a group splitting each image (gpu_worker/parallel.py)
+    context_parallel: str = "ulysses"  # the group's attention: ulysses or ring
+    log_level: str = "INFO"  # --log-level and --log-format: a group's followers log alike
+    log_format: str = "text"
     lora_dir: str | None = None  # LoRA adapters it can apply (gpu_worker/loras.py)
     lora_repos: tuple[AdapterFile, ...] = ()  # and those of --lora-repo, resolved
     lora_cache: int = 8  # adapters kept in memory at most, and their weights' bytes
@@ -133,11 +143,28 @@ class Worker:
         lora_dir = Path(self.config.lora_dir) if self.config.lora_dir else None
         options = LoadOptions(device=self.config.device, cache_dir=self.config.cache_dir,
                               threads=self.config.threads, offload=self.config.offload,
-                              compile=self.config.compile, lora_dir=lora_dir,
+                              compile=self.config.compile,
+                              compile_scope=self.config.compile_scope,
+                              warm_up_sizes=self.config.warm_up_sizes,
+                              step_cache=self.config.step_cache,
+                              quantize=self.config.quantize, lora_dir=lora_dir,
                               lora_repos=self.config.lora_repos,
                               lora_cache=self.config.lora_cache,
                               lora_cache_bytes=self.config.lora_cache_bytes)
-        runner = PipelineRunner(self.spec, options)
+        group = None
+        if self.config.gpus_per_worker > 1:
+            plan = GroupPlan(group_devices(self.config.device, self.config.gpus_per_worker),
+                             self.config.context_parallel, log_level=self.config.log_level,
+                             log_format=self.config.log_format)
+            group = Group.lead(plan, self.spec, options)
+        try:
+            runner = PipelineRunner(self.spec, options, group=group)
+        except BaseException:
+            if group is not None:
+                group.close()  # the followers fail the same way: no group to restart
+            raise
+        if group is not None:
+            group.started()
         self.spec = runner.spec  # what the loaded pipeline really takes
         self.runner = runner
         if self.config.warm_up:
@@ -277,6 +304,9 @@ class Worker:
             self._previewer.shutdown(wait=True)
             self._encoder.shutdown(wait=True)
             self.link.stop(bye=True)
+            group = getattr(self.runner, "group", None)
+            if group is not None:
+                group.close()
             log.info("worker %s stopped", self.worker_id)
 
     def _lora_listing(self) -> Callable[[], dict[str, Any]] | None:

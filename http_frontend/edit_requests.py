@@ -32,7 +32,7 @@ MAX_IMAGES = 16  # OpenAI's image[] limit
 MAX_FIELD_BYTES = 256 * 1024  # a text field: the prompt is the longest
 _INTEGERS = ("n", "steps", "seed", "partial_images", "output_compression", "width", "height")
 _NUMBERS = ("guidance", "strength", "timeout")
-_BOOLEANS = ("stream",)
+_BOOLEANS = ("stream", "step_cache")
 _JSON_FIELDS = ("loras",)  # a list in a form field: its JSON text
 _INTEGER = re.compile(r"-?[0-9]{1,30}")  # ASCII digits only, and never int()'s 4300-digit limit
 

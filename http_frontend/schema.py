@@ -65,6 +65,7 @@ class ImageRequest:
     strength: float | None = None  # edits only: 0..1, how far from the input image
     # LoRA adapters, (name, scale) sorted by name: `loras` and the prompt's <lora:...> tags.
     loras: tuple[tuple[str, float], ...] = ()
+    step_cache: bool = True  # false: without the worker's step cache, for exact images
 
 
 def _is_int(value: Any) -> TypeGuard[int]:
@@ -144,6 +145,9 @@ def parse_request(body: Any) -> ImageRequest:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise invalid("stream", "'stream' must be true or false", "invalid_type")
+    step_cache = body.get("step_cache")
+    if step_cache is not None and not isinstance(step_cache, bool):
+        raise invalid("step_cache", "'step_cache' must be true or false", "invalid_type")
     guidance = body.get("guidance")
     if guidance is not None and (not _is_number(guidance) or not 0 <= guidance <= 100):
         raise invalid("guidance", "'guidance' must be a number between 0 and 100")
@@ -185,6 +189,7 @@ def parse_request(body: Any) -> ImageRequest:
         "timeout": float(timeout) if timeout is not None else None,
         "strength": float(strength) if strength is not None else None,
         "loras": lora_uses,
+        "step_cache": step_cache,
     }
     request = ImageRequest(**{k: v for k, v in values.items() if v is not None})
     if request.seed is not None and request.seed + request.n - 1 > MAX_SEED:

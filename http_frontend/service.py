@@ -285,7 +285,7 @@ class ImageService:
             output_compression=req.output_compression, timeout=timeout,
             user=user, previews=req.partial_images, loras=req.loras,
             tenant=tenant_for(user), weight=share.weight, priority=share.priority,
-            quota=share.quota,
+            quota=share.quota, step_cache=req.step_cache,
         )
 
     # ---------------------------------------------------------------- running

@@ -58,12 +58,13 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_smoke_run_on_cpu_prints_a_row_per_batch_and_the_flops() -> None:
     done = _run("--device", "cpu", "--depth", "1", "--size", "64", "--batches", "1,2",
-                "--repeats", "1", "--threads", "1", "--models", "sdxl-turbo")
+                "--repeats", "1", "--threads", "1", "--models", "sdxl-turbo",
+                "--setting", "plain")
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "NOT real-size" in out
-    rows = re.findall(r"^sdxl-turbo\s+64²\s+1\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out,
-                      re.MULTILINE)
+    rows = re.findall(r"^sdxl-turbo\s+plain\s+64²\s+1\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)",
+                      out, re.MULTILINE)
     assert [int(batch) for batch, *_ in rows] == [1, 2]
     for batch, per_call, per_image, rate in rows:
         assert float(per_call) > 0
@@ -78,11 +79,46 @@ def test_smoke_run_on_cpu_prints_a_row_per_batch_and_the_flops() -> None:
         "unet", "vae", "text_encoder", "text_encoder_2"}
 
 
+SETTINGS = ("plain", "step-cache=first-block:threshold=0.08", "quantize=int8-weight-only",
+            "quantize=fp8", "compile")
+
+
+def test_each_setting_gets_its_rows_and_peak_only_where_the_work_is_dense(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import gpu
+
+    args = ["--device", "cpu", "--tiny", "--size", "32", "--batches", "1", "--repeats", "1",
+            "--models", "flux-schnell", "--compile-backend", "eager", "--peak-tflops", "1"]
+    for setting in SETTINGS:
+        args += ["--setting", setting]
+    assert gpu.main(args) == 0
+    out = capsys.readouterr().out
+    cells = {row[1]: row for row in (line.split() for line in out.splitlines())
+             if row and row[0] == "flux-schnell" and len(row) > 5}
+    assert list(cells) == list(SETTINGS)
+    # columns: model setting size steps batch s/call s/image images/s x1 x-plain TFLOP/s peak GiB
+    for setting in ("plain", "compile"):
+        assert float(cells[setting][10]) >= 0 and cells[setting][11].endswith("%"), setting
+    assert cells["plain"][9] == "1.00"
+    for setting in ("step-cache=first-block:threshold=0.08", "quantize=int8-weight-only"):
+        assert cells[setting][10:12] == ["—", "—"], setting
+        assert float(cells[setting][9]) > 0
+    assert cells["quantize=fp8"][5:] == ["not", "run", "[1]"]
+    assert "[1] --quantize fp8 runs float8 matmuls" in out
+    assert "given only for settings with neither (plain, compile)" in out
+
+
 def test_without_cuda_it_says_so_and_exits_2() -> None:
     done = _run("--models", "sdxl-turbo")
     assert done.returncode == 2
     assert "needs a GPU" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_setting_that_does_not_read_is_refused() -> None:
+    done = _run("--models", "sdxl-turbo", "--setting", "turbo=on")
+    assert done.returncode == 2
+    assert "is not plain, step-cache=METHOD" in done.stderr
 
 
 def test_unknown_model_is_refused() -> None:

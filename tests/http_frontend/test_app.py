@@ -209,6 +209,14 @@ def test_a_model_outside_the_registry_uses_the_limits_its_worker_announced(clien
     assert error["param"] == "steps"
 
 
+def test_step_cache_false_goes_to_the_worker_on_the_job(client, broker):
+    assert post(client, {"prompt": "a fox", "step_cache": False}).status_code == 200
+    assert post(client, {"prompt": "a fox"}).status_code == 200
+    assert [job.step_cache for job in broker.submitted] == [False, True]
+    error = error_of(post(client, {"prompt": "a fox", "step_cache": "no"}), 400)
+    assert error["param"] == "step_cache"
+
+
 def test_spec_sizes_are_echoed_and_the_openai_sdk_fields_accepted(client, broker):
     broker.workers = [worker("w1", "sdxl")]
     result = post(client, {"prompt": "a fox", "model": "sdxl", "size": "1024x1024",

@@ -127,6 +127,10 @@ BAD_FIELDS = [
     (body(timeout="10"), "timeout"),
     (body(timeout=math.nan), "timeout"),
     (body(timeout=math.inf), "timeout"),
+    # step_cache
+    (body(step_cache="false"), "step_cache"),
+    (body(step_cache=0), "step_cache"),
+    (body(step_cache=[]), "step_cache"),
 ]
 
 
@@ -283,6 +287,12 @@ def test_model_limit_edges_are_accepted():
 
 def test_too_few_pixels_is_a_400():
     assert_bad(lambda: fit(SDXL, size="32x32"), "size")
+
+
+def test_step_cache_is_on_unless_a_request_turns_it_off():
+    assert fit(TINY).request.step_cache is True
+    assert fit(TINY, step_cache=None).request.step_cache is True
+    assert fit(TINY, step_cache=False).request.step_cache is False
 
 
 def test_stream_and_partial_images_are_taken():
