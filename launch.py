@@ -111,6 +111,14 @@ def wanted_workers(args: argparse.Namespace, gpus: list[str]) -> list[tuple[str,
     return [(model, len(gpus) if gpus else args.num_workers)]
 
 
+# CPU workers share the host's cores with each other and with the broker and frontend. torch's
+# threads (GNU OpenMP) spin at every barrier by default, taking cores from the threads that
+# have work: a 20-step tiny job took 7-27 s instead of about 1 s on a busy 2-core host. They
+# wait passively instead, unless the environment says otherwise.
+CPU_WORKER_ENV = {"CUDA_VISIBLE_DEVICES": "",
+                  "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
 def worker_specs(args: argparse.Namespace, program: flags.Program, broker: str,
                  gpus: list[str] | None = None, **computed: str) -> list[ProcessSpec]:
     """One worker per GPU used, else CPU workers that share the cores."""
@@ -134,7 +142,7 @@ def worker_specs(args: argparse.Namespace, program: flags.Program, broker: str,
         else:
             specs.append(ProcessSpec(f"worker-cpu{i}", flags.argv(
                 program, args, **values, device="cpu", threads=threads),
-                env={"CUDA_VISIBLE_DEVICES": ""}))
+                env=CPU_WORKER_ENV))
     return specs
 
 

@@ -51,8 +51,13 @@ def cluster_env(cache_dir: Path) -> dict[str, str]:
     """The environment of a test cluster's processes: the shared tiny-model cache, and a
     data directory (job records, images) of its own, so no test resumes another's jobs."""
     data_dir = tempfile.mkdtemp(prefix="data-", dir=cache_dir)
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-            "DC_CACHE_DIR": str(cache_dir), "DC_DATA_DIR": data_dir,
+    # torch's CPU threads (GNU OpenMP) spin at every barrier by default. A test runs several
+    # workers beside a frontend, a broker, a browser and pytest on few cores: spinning
+    # threads take the cores from the ones with work, and a 256x256 tiny job of 20 steps
+    # took 10-20 s instead of 1 s. Waiting passively changes how idle threads wait, nothing
+    # a test checks. One set in the environment wins.
+    return {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1", "DC_CACHE_DIR": str(cache_dir), "DC_DATA_DIR": data_dir,
             "CUDA_VISIBLE_DEVICES": ""}
 
 

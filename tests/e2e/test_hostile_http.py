@@ -8,6 +8,7 @@ finishes one, so generations wait as long as a test wants.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import json
 import signal
@@ -272,13 +273,16 @@ def test_health_never_waits_behind_generations(frontend: Frontend,
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         waiting.append(sock)
     try:
-        refused = []
-        for sock in waiting:
+        def answer(sock: socket.socket) -> tuple | None:
             sock.settimeout(2.0)
             try:
-                refused.append(read_response(sock))
+                return read_response(sock)
             except TimeoutError:
-                continue  # still waiting for its image, as it should
+                return None  # still waiting for its image, as it should
+
+        # Each socket gets its 2 s, all at once: not 2 s after the one before it.
+        with concurrent.futures.ThreadPoolExecutor(len(waiting)) as pool:
+            refused = [got for got in pool.map(answer, waiting) if got is not None]
         assert len(refused) == 4, refused
         for status, headers, raw in refused:
             error = openai_error(status, headers, raw, 429)

@@ -132,11 +132,12 @@ def test_launch_help_and_models() -> None:
     assert "flux-schnell" in models.stdout and "tiny" in models.stdout
 
 
-def test_worker_joins_a_running_cluster(cache_dir: Path) -> None:
-    cluster = Cluster(cache_dir, workers=1)
+def test_worker_joins_a_running_cluster(solo_cluster: Cluster, cache_dir: Path) -> None:
+    # The shared one-worker cluster (its tests leave it idle): the joiner leaves it again.
+    cluster = solo_cluster
+    assert len(ready_workers(cluster.url)) == 1
     joiner = None
     try:
-        cluster.wait_ready()
         joiner = subprocess.Popen(
             [sys.executable, "launch.py", "worker", "--broker", cluster.workers_endpoint,
              "--model", "tiny", "--device", "cpu", "--heartbeat", str(HEARTBEAT)],
@@ -147,14 +148,16 @@ def test_worker_joins_a_running_cluster(cache_dir: Path) -> None:
         joiner_pids = descendants(joiner.pid)
         joined = next(w for w in ready_workers(cluster.url)
                       if int(w["worker_id"].split("-")[-2]) in joiner_pids)
-        # Two slow jobs at once: the first worker is busy, so the joiner must take one.
+        # Two jobs at once: the first worker is busy with one (a job of a second or so is
+        # plenty: the broker leases the other at once, to the least loaded worker), so the
+        # joiner must take the other.
         with httpx.Client(timeout=120) as http:
             import concurrent.futures
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
                 answers = list(pool.map(
                     lambda i: http.post(f"{cluster.url}/v1/images/generations",
-                                        json={"prompt": f"p{i}", "size": "256x256",
-                                              "steps": 20}), range(2)))
+                                        json={"prompt": f"p{i}", "size": "128x128",
+                                              "steps": 10}), range(2)))
         assert all(a.status_code == 200 for a in answers)
         assert joined["worker_id"] in {a.json()["worker_id"] for a in answers}, \
             joiner_log.text()
@@ -162,7 +165,9 @@ def test_worker_joins_a_running_cluster(cache_dir: Path) -> None:
         if joiner is not None:
             joiner.send_signal(signal.SIGTERM)
             joiner.wait(15)
-        cluster.stop()
+            # Gone (its BYE) before the next test that shares the cluster counts workers.
+            wait_until(lambda: len(cluster.cluster_status()["workers"]) == 1, 30,
+                       "the joiner to leave the cluster")
 
 
 def test_a_child_that_dies_while_others_load_is_restarted(cache_dir: Path) -> None:

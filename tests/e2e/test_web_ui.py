@@ -1,7 +1,7 @@
 """The web UI in real headless Chromium against a real cluster.
 
 One browser page for the module; each test leaves it usable for the next. Screenshots of every
-state go to test-artifacts/ (DC_TEST_ARTIFACTS overrides) for a person to look at.
+state go to test-artifacts/ (DCTEST_ARTIFACTS overrides) for a person to look at.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from tests.cluster import Cluster, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(os.environ.get("DC_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] /
+ARTIFACTS = Path(os.environ.get("DCTEST_ARTIFACTS", Path(__file__).resolve().parents[2] /
                                 "test-artifacts"))
 DESKTOP = {"width": 1280, "height": 860}
 PHONE = {"width": 390, "height": 844}

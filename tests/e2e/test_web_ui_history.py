@@ -142,7 +142,7 @@ def test_another_device_sees_the_history_and_watches_a_running_job(browser, page
         assert loaded_thumbnail(other, entry_of(other, earlier["id"])).get_attribute("src") \
             == earlier["images"][0]["url"]
 
-        set_settings(page, prompt="a very slow glacier", size="768x768", steps=50)
+        set_settings(page, prompt="a very slow glacier", size="512x512", steps=50)
         page.click("#go")
         page.wait_for_function("/^Step [0-9]+ of 50$/.test("
                                "document.querySelector('#runs .run .run-status').textContent)",
@@ -165,7 +165,7 @@ def test_another_device_sees_the_history_and_watches_a_running_job(browser, page
         # no wait, which the server does not report.
         status = run.locator(".run-status").inner_text()
         assert re.fullmatch(r"1 image · made in \d+(\.\d)? s", status), status
-        assert run.locator("figure img").first.evaluate("img => img.naturalWidth") == 768
+        assert run.locator("figure img").first.evaluate("img => img.naturalWidth") == 512
         assert not entry_of(other, job_id).count()  # its card shows it; the list does not
         assert not other.errors, other.errors
     finally:

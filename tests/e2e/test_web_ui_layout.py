@@ -35,7 +35,8 @@ SLOW = {"size": "512x512", "steps": 40}  # a tiny job that runs for seconds on a
 
 
 @pytest.fixture
-def laptop(browser, cluster: Cluster) -> Iterator:
+def laptop(browser, cluster: Cluster, doomed_cluster: Cluster) -> Iterator:
+    """(Asking for doomed_cluster starts it loading meanwhile, from the module's first test.)"""
     page = open_page(browser, cluster.url, LAPTOP)
     yield page
     page.context.close()

@@ -161,3 +161,12 @@ def test_cpu_groups_share_the_cores_between_all_their_processes(
     specs = plan(monkeypatch, [], "--gpus-per-worker", "2", "--num-workers", "2")
     workers = [s for s in specs if s.name.startswith("worker")]
     assert [w.argv[w.argv.index("--threads") + 1] for w in workers] == ["2", "2"]
+
+
+def test_cpu_workers_wait_passively_between_parallel_regions(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    specs = plan(monkeypatch, [], "--num-workers", "2")
+    workers = [s for s in specs if s.name.startswith("worker")]
+    assert len(workers) == 2
+    assert all(w.env["OMP_WAIT_POLICY"] == "PASSIVE" for w in workers)
+    assert all(w.env["CUDA_VISIBLE_DEVICES"] == "" for w in workers)
