@@ -10,7 +10,7 @@ run:
 
 test:
 	scripts/bootstrap test
-	HF_HUB_OFFLINE=1 $(PY) -m pytest $(ARGS)
+	HF_HUB_OFFLINE=1 PY=$(PY) scripts/test-suite $(ARGS)
 
 lint:
 	scripts/bootstrap test

@@ -22,9 +22,21 @@ HEARTBEAT = 0.5
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: all bound at once, so the OS cannot hand out one twice
+    (one after another, a port just closed can come back: a cluster's two broker endpoints
+    once got the same one)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def bound_broker_endpoints(log: OutputLog, timeout: float = 30.0) -> tuple[str, str]:
@@ -139,9 +151,9 @@ class Cluster:
 
     def __init__(self, cache_dir: Path, *, workers: int = 2, extra: list[str] | None = None,
                  heartbeat: float = HEARTBEAT, env: dict[str, str] | None = None):
-        self.port = free_port()
-        self.clients = f"tcp://127.0.0.1:{free_port()}"
-        self.workers_endpoint = f"tcp://127.0.0.1:{free_port()}"
+        self.port, clients_port, workers_port = free_ports(3)
+        self.clients = f"tcp://127.0.0.1:{clients_port}"
+        self.workers_endpoint = f"tcp://127.0.0.1:{workers_port}"
         self.url = f"http://127.0.0.1:{self.port}"
         self.cache_dir = cache_dir
         self.argv = [sys.executable, str(REPO / "launch.py"), "--port", str(self.port),

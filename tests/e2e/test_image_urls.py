@@ -147,13 +147,15 @@ def test_the_sdk_retrying_after_its_timeout_gets_the_one_job(cluster: Cluster) -
     http_client = httpx.Client(event_hooks={"request": [attempts.append]})
     client = openai_client(cluster.url, timeout=1.0, http_client=http_client
                            ).with_options(max_retries=6)
+    # Long enough to outlive the 1 s timeout on any machine: 512x512, 40 steps (a 256x256 job
+    # took under a second once CPU workers stopped spinning).
     answer = client.images.generate(
-        model="tiny", prompt="outlives-the-timeout", size="256x256", response_format="url",
+        model="tiny", prompt="outlives-the-timeout", size="512x512", response_format="url",
         extra_body={"steps": 40, "seed": 31}, extra_headers={"Idempotency-Key": "sdk-1"})
     assert len(attempts) >= 2  # it did time out and retry
     assert {a.headers["idempotency-key"] for a in attempts} == {"sdk-1"}
     assert answer.data[0].model_extra["seed"] == 31
-    assert png_size_of(answer.data[0].url) == (256, 256)
+    assert png_size_of(answer.data[0].url) == (512, 512)
     with cluster.client() as http:
         jobs = http.get("/v1/jobs", params={"q": "outlives-the-timeout"}).json()["data"]
     assert [(j["status"], j["seeds"]) for j in jobs] == [("succeeded", [31])]
