@@ -205,27 +205,6 @@ def _marking(args: argparse.Namespace) -> Marking:
                          f"{exc}") from exc
 
 
-def route_library_logs() -> None:
-    """diffusers and transformers print through stderr handlers of their own: send their
-    records through the root logger's, so that every line is JSON."""
-    import diffusers
-    import transformers
-
-    for library in (diffusers.utils.logging, transformers.utils.logging):
-        library.disable_default_handler()
-        library.enable_propagation()
-    # torch prints its own warnings (torch.compile's, and those that importing torchao
-    # raises) through a handler of its own on the "torch" logger: through the root's instead.
-    torch_logger = logging.getLogger("torch")
-    for handler in list(torch_logger.handlers):
-        torch_logger.removeHandler(handler)
-    torch_logger.propagate = True
-    # A model's first download draws huggingface_hub's progress bars on stderr: not JSON.
-    from huggingface_hub.utils.tqdm import disable_progress_bars
-
-    disable_progress_bars()
-
-
 def run_worker(args: argparse.Namespace) -> int:
     logs.configure("worker", args.log_level, args.log_format,
                    **({"worker_id": args.worker_id} if args.worker_id else {}))
@@ -247,6 +226,8 @@ def run_worker(args: argparse.Namespace) -> int:
         # about GPU kernels it could not load (on any CPU host) concern nothing this runs.
         logging.getLogger("torchao").setLevel(logging.ERROR)
     if args.log_format == "json":
+        from gpu_worker.pipeline import route_library_logs
+
         route_library_logs()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())

@@ -265,12 +265,10 @@ def follow(plan: GroupPlan, rank: int, spec: Any, options: Any, leader: Connecti
     import torch.distributed as dist
 
     from broker import logs
-    from gpu_worker.pipeline import Interrupted, PipelineRunner
+    from gpu_worker.pipeline import Interrupted, PipelineRunner, route_library_logs
 
     logs.configure("worker", plan.log_level, plan.log_format, group_rank=rank)
     if plan.log_format == "json":
-        from gpu_worker.__main__ import route_library_logs
-
         route_library_logs()
     logging.getLogger("torchao").setLevel(logging.ERROR)  # the leader says what matters
     _exit_with_parent()

@@ -585,3 +585,24 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+def route_library_logs() -> None:
+    """diffusers and transformers print through stderr handlers of their own: send their
+    records through the root logger's, so that every line is JSON."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers.utils.logging, transformers.utils.logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+    # torch prints its own warnings (torch.compile's, and those that importing torchao
+    # raises) through a handler of its own on the "torch" logger: through the root's instead.
+    torch_logger = logging.getLogger("torch")
+    for handler in list(torch_logger.handlers):
+        torch_logger.removeHandler(handler)
+    torch_logger.propagate = True
+    # A model's first download draws huggingface_hub's progress bars on stderr: not JSON.
+    from huggingface_hub.utils.tqdm import disable_progress_bars
+
+    disable_progress_bars()
